@@ -1,0 +1,20 @@
+//! The wire model of Drover: every type that crosses the network between the
+//! server, the agents and the CLI, plus the small pure rules about them
+//! (label syntax, agent health).
+//!
+//! Key design decision: this crate has no HTTP, SQL or async code, so the
+//! agent can depend on it and stay small. OpenAPI schemas are derived only
+//! when the server turns on the `openapi` feature.
+
+pub mod agent;
+pub mod api;
+pub mod error;
+pub mod labels;
+
+pub use error::{ErrorBody, ErrorCode, ErrorDetail};
+
+/// Prefix of every REST path.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// The version of this build, reported by agents in their heartbeats.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,415 @@
+//! Agents: enrollment, refresh-token rotation, heartbeats, labels, revocation.
+
+use chrono::{DateTime, Utc};
+use drover_proto::agent::Inventory;
+use drover_proto::labels::Labels;
+
+use crate::auth::{labels_from_json, labels_to_json};
+use crate::{from_ms, on_pool, to_ms, Error, Result, Store};
+
+/// An agent as stored.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    pub id: String,
+    pub hostname: String,
+    pub labels: Labels,
+    pub group: Option<String>,
+    pub agent_version: Option<String>,
+    pub enrolled_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub inventory: Option<Inventory>,
+    /// The refresh-token family the agent may use; `None` once ended.
+    pub session_id: Option<String>,
+    pub session_ended_reason: Option<String>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_reason: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    id: String,
+    hostname: String,
+    labels: String,
+    grp: Option<String>,
+    agent_version: Option<String>,
+    enrolled_at: i64,
+    last_seen_at: Option<i64>,
+    inventory: Option<String>,
+    session_id: Option<String>,
+    session_ended_reason: Option<String>,
+    revoked_at: Option<i64>,
+    revoked_reason: Option<String>,
+}
+
+const AGENT_COLUMNS: &str = "id, hostname, labels, grp, agent_version, enrolled_at, last_seen_at, inventory, \
+                             session_id, session_ended_reason, revoked_at, revoked_reason";
+
+impl TryFrom<AgentRow> for AgentRecord {
+    type Error = Error;
+    fn try_from(r: AgentRow) -> Result<AgentRecord> {
+        let inventory = match r.inventory {
+            Some(s) => Some(serde_json::from_str(&s).map_err(|e| Error::Corrupt {
+                what: "agent inventory",
+                detail: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(AgentRecord {
+            labels: labels_from_json(&r.labels)?,
+            id: r.id,
+            hostname: r.hostname,
+            group: r.grp,
+            agent_version: r.agent_version,
+            enrolled_at: from_ms(r.enrolled_at),
+            last_seen_at: r.last_seen_at.map(from_ms),
+            inventory,
+            session_id: r.session_id,
+            session_ended_reason: r.session_ended_reason,
+            revoked_at: r.revoked_at.map(from_ms),
+            revoked_reason: r.revoked_reason,
+        })
+    }
+}
+
+/// What enrollment records about a new agent.
+#[derive(Debug, Clone)]
+pub struct NewAgent<'a> {
+    pub id: &'a str,
+    pub hostname: &'a str,
+    pub agent_version: &'a str,
+    pub session_id: &'a str,
+    pub refresh_token_hash: &'a str,
+    pub refresh_expires_at: DateTime<Utc>,
+}
+
+/// The result of trading a bootstrap token.
+#[derive(Debug)]
+pub enum EnrollOutcome {
+    Enrolled(AgentRecord),
+    TokenUnknown,
+    TokenUsed { used_at: DateTime<Utc> },
+    TokenExpired { expired_at: DateTime<Utc> },
+}
+
+/// The result of presenting a refresh token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The token was valid; the new one is now the only valid one.
+    Rotated { agent_id: String, session_id: String },
+    /// The token had already been rotated: the agent's session is ended.
+    Reused { agent_id: String },
+    Unknown,
+    Expired,
+    AgentRevoked { reason: Option<String> },
+    SessionEnded { reason: Option<String> },
+}
+
+/// Counts of agents by health, as of one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentCounts {
+    pub online: i64,
+    pub stale: i64,
+    pub offline: i64,
+    pub revoked: i64,
+}
+
+impl Store {
+    /// Trades a bootstrap token (by hash) for a new agent and its first
+    /// refresh token, atomically: a token enrolls at most one agent.
+    pub async fn enroll_agent(
+        &self,
+        bootstrap_hash: &str,
+        agent: NewAgent<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<EnrollOutcome> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let claimed: Option<(String, Option<String>)> = sqlx::query_as(
+                "UPDATE bootstrap_tokens SET used_at = $1, used_by_agent = $2 \
+                 WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+                 RETURNING labels, grp",
+            )
+            .bind(to_ms(now))
+            .bind(agent.id)
+            .bind(bootstrap_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((labels, grp)) = claimed else {
+                let found: Option<(Option<i64>, i64)> = sqlx::query_as(
+                    "SELECT used_at, expires_at FROM bootstrap_tokens WHERE token_hash = $1",
+                )
+                .bind(bootstrap_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                return Ok(match found {
+                    None => EnrollOutcome::TokenUnknown,
+                    Some((Some(used), _)) => EnrollOutcome::TokenUsed { used_at: from_ms(used) },
+                    Some((None, expires)) => EnrollOutcome::TokenExpired { expired_at: from_ms(expires) },
+                });
+            };
+            sqlx::query(
+                "INSERT INTO agents (id, hostname, labels, grp, agent_version, enrolled_at, session_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(agent.id)
+            .bind(agent.hostname)
+            .bind(&labels)
+            .bind(&grp)
+            .bind(agent.agent_version)
+            .bind(to_ms(now))
+            .bind(agent.session_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO agent_refresh_tokens (token_hash, agent_id, session_id, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(agent.refresh_token_hash)
+            .bind(agent.id)
+            .bind(agent.session_id)
+            .bind(to_ms(now))
+            .bind(to_ms(agent.refresh_expires_at))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(EnrollOutcome::Enrolled(AgentRecord {
+                id: agent.id.to_owned(),
+                hostname: agent.hostname.to_owned(),
+                labels: labels_from_json(&labels)?,
+                group: grp,
+                agent_version: Some(agent.agent_version.to_owned()),
+                enrolled_at: now,
+                last_seen_at: None,
+                inventory: None,
+                session_id: Some(agent.session_id.to_owned()),
+                session_ended_reason: None,
+                revoked_at: None,
+                revoked_reason: None,
+            }))
+        })
+    }
+
+    /// Presents a refresh token (by hash). If it is the current one of a live
+    /// session, it is marked used and `new_hash` becomes the current one.
+    /// If it was already used, the whole session is ended (reuse detection).
+    pub async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<RefreshOutcome> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let claimed: Option<(String, String, i64)> = sqlx::query_as(
+                "UPDATE agent_refresh_tokens SET used_at = $1 \
+                 WHERE token_hash = $2 AND used_at IS NULL \
+                 RETURNING agent_id, session_id, expires_at",
+            )
+            .bind(to_ms(now))
+            .bind(old_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((agent_id, session_id, expires_at)) = claimed else {
+                let found: Option<(String, String)> = sqlx::query_as(
+                    "SELECT agent_id, session_id FROM agent_refresh_tokens WHERE token_hash = $1",
+                )
+                .bind(old_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((agent_id, session_id)) = found else {
+                    tx.rollback().await?;
+                    return Ok(RefreshOutcome::Unknown);
+                };
+                // A rotated token came back: whoever holds the family is not
+                // to be trusted any more. End the session it belongs to.
+                sqlx::query(
+                    "UPDATE agents SET session_id = NULL, session_ended_reason = $1 \
+                     WHERE id = $2 AND session_id = $3",
+                )
+                .bind("refresh token reuse detected")
+                .bind(&agent_id)
+                .bind(&session_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(RefreshOutcome::Reused { agent_id });
+            };
+            let state: Option<(Option<String>, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+                "SELECT session_id, session_ended_reason, revoked_at, revoked_reason FROM agents WHERE id = $1",
+            )
+            .bind(&agent_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let outcome = match state {
+                None => RefreshOutcome::Unknown,
+                Some((_, _, Some(_), reason)) => RefreshOutcome::AgentRevoked { reason },
+                Some((current, reason, None, _)) if current.as_deref() != Some(session_id.as_str()) => {
+                    RefreshOutcome::SessionEnded { reason }
+                }
+                Some(_) if expires_at <= to_ms(now) => RefreshOutcome::Expired,
+                Some(_) => RefreshOutcome::Rotated { agent_id: agent_id.clone(), session_id: session_id.clone() },
+            };
+            if !matches!(outcome, RefreshOutcome::Rotated { .. }) {
+                tx.rollback().await?;
+                return Ok(outcome);
+            }
+            sqlx::query(
+                "INSERT INTO agent_refresh_tokens (token_hash, agent_id, session_id, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(new_hash)
+            .bind(&agent_id)
+            .bind(&session_id)
+            .bind(to_ms(now))
+            .bind(to_ms(new_expires_at))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(outcome)
+        })
+    }
+
+    /// Records a heartbeat if the agent exists, is not revoked and `session_id`
+    /// is its current session. Returns false otherwise (ask `agent` why).
+    pub async fn record_heartbeat(
+        &self,
+        agent_id: &str,
+        session_id: &str,
+        inventory: &Inventory,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let json = serde_json::to_string(inventory).map_err(|e| Error::Corrupt {
+            what: "agent inventory",
+            detail: e.to_string(),
+        })?;
+        let sql = "UPDATE agents SET last_seen_at = $1, inventory = $2, agent_version = $3, hostname = $4 \
+                   WHERE id = $5 AND session_id = $6 AND revoked_at IS NULL";
+        let done = on_pool!(self, p => sqlx::query(sql)
+            .bind(to_ms(now))
+            .bind(json)
+            .bind(&inventory.agent_version)
+            .bind(&inventory.hostname)
+            .bind(agent_id)
+            .bind(session_id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done== 1)
+    }
+
+    /// One agent by its full id.
+    pub async fn agent(&self, id: &str) -> Result<Option<AgentRecord>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1");
+        let row: Option<AgentRow> =
+            on_pool!(self, p => sqlx::query_as(&sql).bind(id).fetch_optional(p).await)?;
+        row.map(AgentRecord::try_from).transpose()
+    }
+
+    /// All agents, oldest enrollment first.
+    pub async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY enrolled_at, id");
+        let rows: Vec<AgentRow> = on_pool!(self, p => sqlx::query_as(&sql).fetch_all(p).await)?;
+        rows.into_iter().map(AgentRecord::try_from).collect()
+    }
+
+    /// Resolves a full agent id or a unique prefix of one (at least 4 chars).
+    pub async fn resolve_agent_id(&self, id_or_prefix: &str) -> Result<String> {
+        let not_found = || Error::NotFound {
+            what: "agent",
+            id: id_or_prefix.to_owned(),
+        };
+        if let Some(a) = self.agent(id_or_prefix).await? {
+            return Ok(a.id);
+        }
+        let valid = id_or_prefix.len() >= 4
+            && id_or_prefix
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == '-');
+        if !valid {
+            return Err(not_found());
+        }
+        let pattern = format!("{}%", id_or_prefix.to_ascii_lowercase());
+        let ids: Vec<String> = on_pool!(self, p => sqlx::query_scalar(
+            "SELECT id FROM agents WHERE id LIKE $1 ORDER BY id LIMIT 2",
+        )
+        .bind(&pattern)
+        .fetch_all(p)
+        .await)?;
+        match ids.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(not_found()),
+            _ => Err(Error::Ambiguous {
+                what: "agent",
+                prefix: id_or_prefix.to_owned(),
+            }),
+        }
+    }
+
+    /// Replaces an agent's labels.
+    pub async fn set_agent_labels(&self, id: &str, labels: &Labels) -> Result<()> {
+        let done = on_pool!(self, p => sqlx::query("UPDATE agents SET labels = $1 WHERE id = $2")
+            .bind(labels_to_json(labels))
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(Error::NotFound {
+                what: "agent",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Revokes an agent: its credentials stop working at its next request.
+    /// Revoking twice keeps the first time and reason.
+    pub async fn revoke_agent(&self, id: &str, reason: &str, now: DateTime<Utc>) -> Result<()> {
+        let sql = "UPDATE agents SET revoked_at = COALESCE(revoked_at, $1), \
+                   revoked_reason = COALESCE(revoked_reason, $2), session_id = NULL, \
+                   session_ended_reason = COALESCE(session_ended_reason, 'agent revoked') \
+                   WHERE id = $3";
+        let done = on_pool!(self, p => sqlx::query(sql)
+            .bind(to_ms(now))
+            .bind(reason)
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(Error::NotFound {
+                what: "agent",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts agents by health: online if seen at or after `online_since`,
+    /// stale if seen at or after `stale_since`, offline otherwise.
+    pub async fn count_agents(
+        &self,
+        online_since: DateTime<Utc>,
+        stale_since: DateTime<Utc>,
+    ) -> Result<AgentCounts> {
+        let sql = "SELECT \
+            COALESCE(SUM(CASE WHEN revoked_at IS NULL AND last_seen_at >= $1 THEN 1 ELSE 0 END), 0), \
+            COALESCE(SUM(CASE WHEN revoked_at IS NULL AND last_seen_at < $1 AND last_seen_at >= $2 THEN 1 ELSE 0 END), 0), \
+            COALESCE(SUM(CASE WHEN revoked_at IS NULL AND (last_seen_at IS NULL OR last_seen_at < $2) THEN 1 ELSE 0 END), 0), \
+            COALESCE(SUM(CASE WHEN revoked_at IS NOT NULL THEN 1 ELSE 0 END), 0) \
+            FROM agents";
+        let (online, stale, offline, revoked): (i64, i64, i64, i64) = on_pool!(self, p => sqlx::query_as(sql)
+            .bind(to_ms(online_since))
+            .bind(to_ms(stale_since))
+            .fetch_one(p)
+            .await)?;
+        Ok(AgentCounts {
+            online,
+            stale,
+            offline,
+            revoked,
+        })
+    }
+}

@@ -1,0 +1,247 @@
+//! Store tests. Every test runs on SQLite and on PostgreSQL.
+
+use chrono::{Duration, Utc};
+use drover_proto::agent::Inventory;
+use drover_proto::api::Role;
+use drover_proto::labels::Labels;
+
+use crate::testing::{TestDb, BACKENDS};
+use crate::*;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn bootstrap(store: &Store, hash: &str, ttl: Duration) -> BootstrapToken {
+    let user = match store.user_by_username("admin").await.unwrap() {
+        Some(u) => u,
+        None => store
+            .create_user("admin", "x", Role::Admin, Utc::now())
+            .await
+            .unwrap(),
+    };
+    let l = labels(&[("role", "web")]);
+    store
+        .insert_bootstrap_token(
+            NewBootstrapToken {
+                token_hash: hash,
+                labels: &l,
+                group: Some("eu"),
+                name: None,
+                created_by: &user.id,
+                expires_at: Utc::now() + ttl,
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap()
+}
+
+fn new_agent<'a>(id: &'a str, refresh: &'a str) -> NewAgent<'a> {
+    NewAgent {
+        id,
+        hostname: "host-1",
+        agent_version: "0.1.0",
+        session_id: "s1",
+        refresh_token_hash: refresh,
+        refresh_expires_at: Utc::now() + Duration::days(1),
+    }
+}
+
+async fn enrolled(store: &Store, id: &str) -> AgentRecord {
+    let b = format!("boot-{id}");
+    let r = format!("r0-{id}");
+    bootstrap(store, &b, Duration::hours(1)).await;
+    match store
+        .enroll_agent(&b, new_agent(id, &r), Utc::now())
+        .await
+        .unwrap()
+    {
+        EnrollOutcome::Enrolled(a) => a,
+        other => panic!("not enrolled: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_reopen() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        store.create_user("admin", "h", Role::Admin, Utc::now()).await.unwrap();
+        store.close().await;
+        let again = db.open().await;
+        assert_eq!(again.count_users().await.unwrap(), 1, "{backend}");
+        assert_eq!(again.backend(), backend);
+    }
+}
+
+#[tokio::test]
+async fn users_are_unique_and_found_by_name_and_token() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let u = store.create_user("ops", "hash", Role::Admin, Utc::now()).await.unwrap();
+        let dup = store.create_user("ops", "hash2", Role::Viewer, Utc::now()).await;
+        assert!(dup.unwrap_err().is_unique_violation(), "{backend}");
+        let found = store.user_by_username("ops").await.unwrap().unwrap();
+        assert_eq!(found.id, u.id);
+        assert_eq!(found.role, Role::Admin);
+        let tid = store
+            .insert_user_token(
+                NewUserToken {
+                    user_id: &u.id,
+                    kind: "api",
+                    token_hash: "th",
+                    name: Some("ci"),
+                    expires_at: None,
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let (t, tu) = store.user_token_by_hash("th").await.unwrap().unwrap();
+        assert_eq!((t.id.as_str(), tu.username.as_str()), (tid.as_str(), "ops"));
+        assert!(store.user_token_by_hash("nope").await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_token_enrolls_once() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        bootstrap(&store, "b1", Duration::hours(1)).await;
+        let out = store.enroll_agent("b1", new_agent("a1", "r1"), Utc::now()).await.unwrap();
+        let EnrollOutcome::Enrolled(agent) = out else { panic!("{backend}: {out:?}") };
+        assert_eq!(agent.labels, labels(&[("role", "web")]));
+        assert_eq!(agent.group.as_deref(), Some("eu"));
+
+        let again = store.enroll_agent("b1", new_agent("a2", "r2"), Utc::now()).await.unwrap();
+        assert!(matches!(again, EnrollOutcome::TokenUsed { .. }), "{backend}: {again:?}");
+        let unknown = store.enroll_agent("zz", new_agent("a3", "r3"), Utc::now()).await.unwrap();
+        assert!(matches!(unknown, EnrollOutcome::TokenUnknown), "{backend}");
+        bootstrap(&store, "old", Duration::seconds(-1)).await;
+        let expired = store.enroll_agent("old", new_agent("a4", "r4"), Utc::now()).await.unwrap();
+        assert!(matches!(expired, EnrollOutcome::TokenExpired { .. }), "{backend}");
+        // Only the first enrollment made an agent.
+        assert_eq!(store.list_agents().await.unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_ends_the_session() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let a = enrolled(&store, "a1").await;
+        let exp = Utc::now() + Duration::days(1);
+        let r1 = store.rotate_refresh_token("r0-a1", "r1", exp, Utc::now()).await.unwrap();
+        assert_eq!(
+            r1,
+            RefreshOutcome::Rotated { agent_id: a.id.clone(), session_id: "s1".into() },
+            "{backend}"
+        );
+        let r2 = store.rotate_refresh_token("r1", "r2", exp, Utc::now()).await.unwrap();
+        assert!(matches!(r2, RefreshOutcome::Rotated { .. }));
+        // r1 was rotated already: presenting it again ends the session.
+        let reuse = store.rotate_refresh_token("r1", "r3", exp, Utc::now()).await.unwrap();
+        assert_eq!(reuse, RefreshOutcome::Reused { agent_id: a.id.clone() });
+        // Even the current token (r2) no longer works.
+        let after = store.rotate_refresh_token("r2", "r4", exp, Utc::now()).await.unwrap();
+        assert!(matches!(after, RefreshOutcome::SessionEnded { .. }), "{backend}: {after:?}");
+        let stored = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(stored.session_id, None);
+        assert_eq!(stored.session_ended_reason.as_deref(), Some("refresh token reuse detected"));
+        let unknown = store.rotate_refresh_token("nope", "r5", exp, Utc::now()).await.unwrap();
+        assert_eq!(unknown, RefreshOutcome::Unknown);
+    }
+}
+
+#[tokio::test]
+async fn expired_refresh_token_is_refused() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        bootstrap(&store, "b", Duration::hours(1)).await;
+        let mut agent = new_agent("a1", "r0");
+        agent.refresh_expires_at = Utc::now() - Duration::seconds(1);
+        store.enroll_agent("b", agent, Utc::now()).await.unwrap();
+        let out = store
+            .rotate_refresh_token("r0", "r1", Utc::now(), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(out, RefreshOutcome::Expired, "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn heartbeat_revocation_and_counts() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let a = enrolled(&store, "a1").await;
+        let b = enrolled(&store, "b1").await;
+        let _never_seen = enrolled(&store, "c1").await;
+        let inv = Inventory {
+            hostname: "web-1".into(),
+            cpu_count: 2,
+            agent_version: "0.1.0".into(),
+            ..Inventory::default()
+        };
+        let now = Utc::now();
+        assert!(store.record_heartbeat(&a.id, "s1", &inv, now).await.unwrap());
+        assert!(store
+            .record_heartbeat(&b.id, "s1", &inv, now - Duration::seconds(60))
+            .await
+            .unwrap());
+        // A heartbeat from another session does not count.
+        assert!(!store.record_heartbeat(&a.id, "other", &inv, now).await.unwrap());
+        let got = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(got.inventory.as_ref(), Some(&inv), "{backend}");
+        assert_eq!(got.hostname, "web-1");
+
+        let counts = store
+            .count_agents(now - Duration::seconds(30), now - Duration::seconds(90))
+            .await
+            .unwrap();
+        assert_eq!(counts, AgentCounts { online: 1, stale: 1, offline: 1, revoked: 0 }, "{backend}");
+
+        store.revoke_agent(&a.id, "stolen laptop", now).await.unwrap();
+        assert!(!store.record_heartbeat(&a.id, "s1", &inv, now).await.unwrap());
+        let revoked = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(revoked.revoked_reason.as_deref(), Some("stolen laptop"));
+        let counts = store
+            .count_agents(now - Duration::seconds(30), now - Duration::seconds(90))
+            .await
+            .unwrap();
+        assert_eq!(counts.revoked, 1);
+        assert_eq!(counts.online, 0);
+        let missing = store.revoke_agent("nope", "x", now).await.unwrap_err();
+        assert!(matches!(missing, Error::NotFound { .. }));
+    }
+}
+
+#[tokio::test]
+async fn labels_and_id_prefixes() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let a = enrolled(&store, "abcd-1111").await;
+        enrolled(&store, "abcd-2222").await;
+        store
+            .set_agent_labels(&a.id, &labels(&[("env", "prod")]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.agent(&a.id).await.unwrap().unwrap().labels,
+            labels(&[("env", "prod")])
+        );
+        assert_eq!(store.resolve_agent_id("abcd-1").await.unwrap(), a.id, "{backend}");
+        assert!(matches!(store.resolve_agent_id("abcd").await, Err(Error::Ambiguous { .. })));
+        assert!(matches!(store.resolve_agent_id("ffff").await, Err(Error::NotFound { .. })));
+        assert!(matches!(store.resolve_agent_id("%").await, Err(Error::NotFound { .. })));
+    }
+}
