@@ -214,10 +214,18 @@ mod tests {
         let cases = [
             (false, None, AgentStatus::Offline),
             (false, Some(now), AgentStatus::Online),
-            (false, Some(now - Duration::seconds(30)), AgentStatus::Online),
+            (
+                false,
+                Some(now - Duration::seconds(30)),
+                AgentStatus::Online,
+            ),
             (false, Some(now - Duration::seconds(31)), AgentStatus::Stale),
             (false, Some(now - Duration::seconds(90)), AgentStatus::Stale),
-            (false, Some(now - Duration::seconds(91)), AgentStatus::Offline),
+            (
+                false,
+                Some(now - Duration::seconds(91)),
+                AgentStatus::Offline,
+            ),
             // A clock slightly ahead on the agent's side is still online.
             (false, Some(now + Duration::seconds(5)), AgentStatus::Online),
             (true, Some(now), AgentStatus::Revoked),

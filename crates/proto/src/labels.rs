@@ -70,7 +70,9 @@ pub fn check_labels(labels: &Labels) -> Result<(), LabelError> {
 
 /// Parses one `key=value` argument as typed on a command line.
 pub fn parse_pair(s: &str) -> Result<(String, String), LabelError> {
-    let (k, v) = s.split_once('=').ok_or_else(|| LabelError::Pair(s.to_owned()))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| LabelError::Pair(s.to_owned()))?;
     check_key(k)?;
     check_value(k, v)?;
     Ok((k.to_owned(), v.to_owned()))
@@ -103,8 +105,14 @@ mod tests {
         assert_eq!(parse_pair("env=prod"), Ok(("env".into(), "prod".into())));
         assert_eq!(parse_pair("env="), Ok(("env".into(), String::new())));
         assert!(matches!(parse_pair("env"), Err(LabelError::Pair(_))));
-        assert!(matches!(parse_pair("env=$(id)"), Err(LabelError::Value { .. })));
-        assert!(matches!(parse_pair("env=a/b"), Err(LabelError::Value { .. })));
+        assert!(matches!(
+            parse_pair("env=$(id)"),
+            Err(LabelError::Value { .. })
+        ));
+        assert!(matches!(
+            parse_pair("env=a/b"),
+            Err(LabelError::Value { .. })
+        ));
     }
 
     #[test]

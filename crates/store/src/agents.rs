@@ -41,7 +41,8 @@ struct AgentRow {
     revoked_reason: Option<String>,
 }
 
-const AGENT_COLUMNS: &str = "id, hostname, labels, grp, agent_version, enrolled_at, last_seen_at, inventory, \
+const AGENT_COLUMNS: &str =
+    "id, hostname, labels, grp, agent_version, enrolled_at, last_seen_at, inventory, \
                              session_id, session_ended_reason, revoked_at, revoked_reason";
 
 impl TryFrom<AgentRow> for AgentRecord {
@@ -95,13 +96,22 @@ pub enum EnrollOutcome {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// The token was valid; the new one is now the only valid one.
-    Rotated { agent_id: String, session_id: String },
+    Rotated {
+        agent_id: String,
+        session_id: String,
+    },
     /// The token had already been rotated: the agent's session is ended.
-    Reused { agent_id: String },
+    Reused {
+        agent_id: String,
+    },
     Unknown,
     Expired,
-    AgentRevoked { reason: Option<String> },
-    SessionEnded { reason: Option<String> },
+    AgentRevoked {
+        reason: Option<String>,
+    },
+    SessionEnded {
+        reason: Option<String>,
+    },
 }
 
 /// Counts of agents by health, as of one instant.
@@ -296,7 +306,7 @@ impl Store {
             .execute(p)
             .await
             .map(|r| r.rows_affected()))?;
-        Ok(done== 1)
+        Ok(done == 1)
     }
 
     /// One agent by its full id.

@@ -140,7 +140,8 @@ impl Store {
     }
 
     pub async fn user_by_username(&self, username: &str) -> Result<Option<User>> {
-        let sql = "SELECT id, username, password_hash, role, created_at FROM users WHERE username = $1";
+        let sql =
+            "SELECT id, username, password_hash, role, created_at FROM users WHERE username = $1";
         let row: Option<UserRow> =
             on_pool!(self, p => sqlx::query_as(sql).bind(username).fetch_optional(p).await)?;
         row.map(User::try_from).transpose()
@@ -154,7 +155,11 @@ impl Store {
     }
 
     /// Records a user token and returns its id.
-    pub async fn insert_user_token(&self, t: NewUserToken<'_>, now: DateTime<Utc>) -> Result<String> {
+    pub async fn insert_user_token(
+        &self,
+        t: NewUserToken<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<String> {
         let id = new_id();
         let sql = "INSERT INTO user_tokens (id, user_id, kind, token_hash, name, created_at, expires_at) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7)";

@@ -28,6 +28,7 @@ use sqlx::{PgPool, SqlitePool};
 pub use agents::{AgentCounts, AgentRecord, EnrollOutcome, NewAgent, RefreshOutcome};
 pub use auth::{BootstrapToken, NewBootstrapToken, NewUserToken, User, UserToken};
 pub use error::Error;
+pub use sqlx::Error as SqlxError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -171,7 +172,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
     }

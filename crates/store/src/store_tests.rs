@@ -70,7 +70,10 @@ async fn migrations_apply_once_and_reopen() {
     for backend in BACKENDS {
         let db = TestDb::new(backend).await;
         let store = db.open().await;
-        store.create_user("admin", "h", Role::Admin, Utc::now()).await.unwrap();
+        store
+            .create_user("admin", "h", Role::Admin, Utc::now())
+            .await
+            .unwrap();
         store.close().await;
         let again = db.open().await;
         assert_eq!(again.count_users().await.unwrap(), 1, "{backend}");
@@ -83,8 +86,13 @@ async fn users_are_unique_and_found_by_name_and_token() {
     for backend in BACKENDS {
         let db = TestDb::new(backend).await;
         let store = db.open().await;
-        let u = store.create_user("ops", "hash", Role::Admin, Utc::now()).await.unwrap();
-        let dup = store.create_user("ops", "hash2", Role::Viewer, Utc::now()).await;
+        let u = store
+            .create_user("ops", "hash", Role::Admin, Utc::now())
+            .await
+            .unwrap();
+        let dup = store
+            .create_user("ops", "hash2", Role::Viewer, Utc::now())
+            .await;
         assert!(dup.unwrap_err().is_unique_violation(), "{backend}");
         let found = store.user_by_username("ops").await.unwrap().unwrap();
         assert_eq!(found.id, u.id);
@@ -114,18 +122,38 @@ async fn bootstrap_token_enrolls_once() {
         let db = TestDb::new(backend).await;
         let store = db.open().await;
         bootstrap(&store, "b1", Duration::hours(1)).await;
-        let out = store.enroll_agent("b1", new_agent("a1", "r1"), Utc::now()).await.unwrap();
-        let EnrollOutcome::Enrolled(agent) = out else { panic!("{backend}: {out:?}") };
+        let out = store
+            .enroll_agent("b1", new_agent("a1", "r1"), Utc::now())
+            .await
+            .unwrap();
+        let EnrollOutcome::Enrolled(agent) = out else {
+            panic!("{backend}: {out:?}")
+        };
         assert_eq!(agent.labels, labels(&[("role", "web")]));
         assert_eq!(agent.group.as_deref(), Some("eu"));
 
-        let again = store.enroll_agent("b1", new_agent("a2", "r2"), Utc::now()).await.unwrap();
-        assert!(matches!(again, EnrollOutcome::TokenUsed { .. }), "{backend}: {again:?}");
-        let unknown = store.enroll_agent("zz", new_agent("a3", "r3"), Utc::now()).await.unwrap();
+        let again = store
+            .enroll_agent("b1", new_agent("a2", "r2"), Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            matches!(again, EnrollOutcome::TokenUsed { .. }),
+            "{backend}: {again:?}"
+        );
+        let unknown = store
+            .enroll_agent("zz", new_agent("a3", "r3"), Utc::now())
+            .await
+            .unwrap();
         assert!(matches!(unknown, EnrollOutcome::TokenUnknown), "{backend}");
         bootstrap(&store, "old", Duration::seconds(-1)).await;
-        let expired = store.enroll_agent("old", new_agent("a4", "r4"), Utc::now()).await.unwrap();
-        assert!(matches!(expired, EnrollOutcome::TokenExpired { .. }), "{backend}");
+        let expired = store
+            .enroll_agent("old", new_agent("a4", "r4"), Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            matches!(expired, EnrollOutcome::TokenExpired { .. }),
+            "{backend}"
+        );
         // Only the first enrollment made an agent.
         assert_eq!(store.list_agents().await.unwrap().len(), 1);
     }
@@ -138,24 +166,53 @@ async fn refresh_rotates_and_reuse_ends_the_session() {
         let store = db.open().await;
         let a = enrolled(&store, "a1").await;
         let exp = Utc::now() + Duration::days(1);
-        let r1 = store.rotate_refresh_token("r0-a1", "r1", exp, Utc::now()).await.unwrap();
+        let r1 = store
+            .rotate_refresh_token("r0-a1", "r1", exp, Utc::now())
+            .await
+            .unwrap();
         assert_eq!(
             r1,
-            RefreshOutcome::Rotated { agent_id: a.id.clone(), session_id: "s1".into() },
+            RefreshOutcome::Rotated {
+                agent_id: a.id.clone(),
+                session_id: "s1".into()
+            },
             "{backend}"
         );
-        let r2 = store.rotate_refresh_token("r1", "r2", exp, Utc::now()).await.unwrap();
+        let r2 = store
+            .rotate_refresh_token("r1", "r2", exp, Utc::now())
+            .await
+            .unwrap();
         assert!(matches!(r2, RefreshOutcome::Rotated { .. }));
         // r1 was rotated already: presenting it again ends the session.
-        let reuse = store.rotate_refresh_token("r1", "r3", exp, Utc::now()).await.unwrap();
-        assert_eq!(reuse, RefreshOutcome::Reused { agent_id: a.id.clone() });
+        let reuse = store
+            .rotate_refresh_token("r1", "r3", exp, Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(
+            reuse,
+            RefreshOutcome::Reused {
+                agent_id: a.id.clone()
+            }
+        );
         // Even the current token (r2) no longer works.
-        let after = store.rotate_refresh_token("r2", "r4", exp, Utc::now()).await.unwrap();
-        assert!(matches!(after, RefreshOutcome::SessionEnded { .. }), "{backend}: {after:?}");
+        let after = store
+            .rotate_refresh_token("r2", "r4", exp, Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            matches!(after, RefreshOutcome::SessionEnded { .. }),
+            "{backend}: {after:?}"
+        );
         let stored = store.agent(&a.id).await.unwrap().unwrap();
         assert_eq!(stored.session_id, None);
-        assert_eq!(stored.session_ended_reason.as_deref(), Some("refresh token reuse detected"));
-        let unknown = store.rotate_refresh_token("nope", "r5", exp, Utc::now()).await.unwrap();
+        assert_eq!(
+            stored.session_ended_reason.as_deref(),
+            Some("refresh token reuse detected")
+        );
+        let unknown = store
+            .rotate_refresh_token("nope", "r5", exp, Utc::now())
+            .await
+            .unwrap();
         assert_eq!(unknown, RefreshOutcome::Unknown);
     }
 }
@@ -192,13 +249,19 @@ async fn heartbeat_revocation_and_counts() {
             ..Inventory::default()
         };
         let now = Utc::now();
-        assert!(store.record_heartbeat(&a.id, "s1", &inv, now).await.unwrap());
+        assert!(store
+            .record_heartbeat(&a.id, "s1", &inv, now)
+            .await
+            .unwrap());
         assert!(store
             .record_heartbeat(&b.id, "s1", &inv, now - Duration::seconds(60))
             .await
             .unwrap());
         // A heartbeat from another session does not count.
-        assert!(!store.record_heartbeat(&a.id, "other", &inv, now).await.unwrap());
+        assert!(!store
+            .record_heartbeat(&a.id, "other", &inv, now)
+            .await
+            .unwrap());
         let got = store.agent(&a.id).await.unwrap().unwrap();
         assert_eq!(got.inventory.as_ref(), Some(&inv), "{backend}");
         assert_eq!(got.hostname, "web-1");
@@ -207,10 +270,25 @@ async fn heartbeat_revocation_and_counts() {
             .count_agents(now - Duration::seconds(30), now - Duration::seconds(90))
             .await
             .unwrap();
-        assert_eq!(counts, AgentCounts { online: 1, stale: 1, offline: 1, revoked: 0 }, "{backend}");
+        assert_eq!(
+            counts,
+            AgentCounts {
+                online: 1,
+                stale: 1,
+                offline: 1,
+                revoked: 0
+            },
+            "{backend}"
+        );
 
-        store.revoke_agent(&a.id, "stolen laptop", now).await.unwrap();
-        assert!(!store.record_heartbeat(&a.id, "s1", &inv, now).await.unwrap());
+        store
+            .revoke_agent(&a.id, "stolen laptop", now)
+            .await
+            .unwrap();
+        assert!(!store
+            .record_heartbeat(&a.id, "s1", &inv, now)
+            .await
+            .unwrap());
         let revoked = store.agent(&a.id).await.unwrap().unwrap();
         assert_eq!(revoked.revoked_reason.as_deref(), Some("stolen laptop"));
         let counts = store
@@ -239,9 +317,22 @@ async fn labels_and_id_prefixes() {
             store.agent(&a.id).await.unwrap().unwrap().labels,
             labels(&[("env", "prod")])
         );
-        assert_eq!(store.resolve_agent_id("abcd-1").await.unwrap(), a.id, "{backend}");
-        assert!(matches!(store.resolve_agent_id("abcd").await, Err(Error::Ambiguous { .. })));
-        assert!(matches!(store.resolve_agent_id("ffff").await, Err(Error::NotFound { .. })));
-        assert!(matches!(store.resolve_agent_id("%").await, Err(Error::NotFound { .. })));
+        assert_eq!(
+            store.resolve_agent_id("abcd-1").await.unwrap(),
+            a.id,
+            "{backend}"
+        );
+        assert!(matches!(
+            store.resolve_agent_id("abcd").await,
+            Err(Error::Ambiguous { .. })
+        ));
+        assert!(matches!(
+            store.resolve_agent_id("ffff").await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.resolve_agent_id("%").await,
+            Err(Error::NotFound { .. })
+        ));
     }
 }

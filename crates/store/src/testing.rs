@@ -99,7 +99,10 @@ mod tests {
     #[test]
     fn replaces_database_name() {
         use super::with_database;
-        assert_eq!(with_database("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
+        assert_eq!(
+            with_database("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
         assert_eq!(with_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
         assert_eq!(
             with_database("postgres://u@h:1/p?sslmode=disable", "x"),

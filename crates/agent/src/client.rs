@@ -1,0 +1,143 @@
+//! The agent's side of the protocol over HTTP. Outbound connections only.
+
+use std::time::Duration;
+
+use drover_proto::agent::{
+    Credentials, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, RefreshRequest,
+};
+use drover_proto::{ErrorBody, ErrorCode, API_PREFIX};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the server at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("server answered {status}: {code}: {message}")]
+    Refused {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+        /// From a 429/503 Retry-After header.
+        retry_after: Option<Duration>,
+    },
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// True when the credentials can never work again.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, ClientError::Refused { status: 401, code, .. } if code.is_terminal_for_agent())
+    }
+
+    pub fn is_token_expired(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Refused {
+                code: ErrorCode::TokenExpired,
+                ..
+            }
+        )
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A client for one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    pub fn new(server: &str) -> Result<Client, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            // Idle connections are dropped quickly so that a moved server
+            // (new address behind the same name) is found on reconnect.
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("building the HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            base: server.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
+        let url = format!("{}{API_PREFIX}{path}", self.base);
+        let mut req = self.http.post(&url).json(body);
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json()
+                .await
+                .map_err(|e| ClientError::Protocol(format!("{url}: {e}")));
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp.text().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => (b.error.code, b.error.message),
+            Err(_) => (ErrorCode::Unknown, text.chars().take(200).collect()),
+        };
+        Err(ClientError::Refused {
+            status: status.as_u16(),
+            code,
+            message,
+            retry_after,
+        })
+    }
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, ClientError> {
+        self.post("/agent/enroll", None, req).await
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Credentials, ClientError> {
+        let req = RefreshRequest {
+            refresh_token: refresh_token.to_owned(),
+        };
+        self.post("/agent/refresh", None, &req).await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        access_token: &str,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post("/agent/heartbeat", Some(access_token), req).await
+    }
+}

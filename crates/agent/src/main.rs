@@ -1,0 +1,225 @@
+//! `drover-agent`: enroll, run, status, version.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use drover_agent::config::LogFormat;
+use drover_agent::state::StateDir;
+use drover_agent::{AgentArgs, AgentConfig, EnrollOptions, Error};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status when the server refused the credentials for good; a service
+/// manager should not restart the agent on it (RestartPreventExitStatus=3).
+const EXIT_REJECTED: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "drover-agent", version, about = "The Drover node agent")]
+struct Cli {
+    #[command(flatten)]
+    args: AgentArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trade a one-time bootstrap token for this machine's identity.
+    Enroll {
+        /// The bootstrap token from `drover token create`.
+        #[arg(long, env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Replace an identity already in the state dir.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the agent (enrolling first when --token is given and the state
+    /// dir holds no identity yet).
+    Run {
+        #[arg(long, env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Show the agent's identity and last contact from local state, without
+    /// asking the server.
+    Status {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print the agent's version.
+    Version,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn init_logging(config: &AgentConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(real_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let rejected = e
+                .downcast_ref::<Error>()
+                .is_some_and(|e| matches!(e, Error::CredentialsRejected(_)));
+            if rejected {
+                ExitCode::from(EXIT_REJECTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Version = cli.command {
+        println!("drover-agent {}", drover_agent::VERSION);
+        return Ok(());
+    }
+    let config = AgentConfig::load(&cli.args)?;
+    match cli.command {
+        Command::Version => Ok(()),
+        Command::Status { output } => status(&config, output),
+        Command::Enroll { token, force } => {
+            init_logging(&config);
+            let dir = StateDir::open(&config.state_dir)?;
+            let server = config.server.clone().ok_or(Error::NoServer)?;
+            let creds = drover_agent::enroll(
+                &dir,
+                &EnrollOptions {
+                    server,
+                    token,
+                    force,
+                },
+            )
+            .await?;
+            println!("{}", creds.agent_id);
+            eprintln!(
+                "enrolled as agent {} with {}; start it with: drover-agent run --state-dir {}",
+                creds.agent_id,
+                creds.server,
+                dir.path().display()
+            );
+            Ok(())
+        }
+        Command::Run { token } => {
+            init_logging(&config);
+            let dir = StateDir::open(&config.state_dir)?;
+            if let (Some(token), None) = (token, dir.credentials()?) {
+                let server = config.server.clone().ok_or(Error::NoServer)?;
+                drover_agent::enroll(
+                    &dir,
+                    &EnrollOptions {
+                        server,
+                        token,
+                        force: false,
+                    },
+                )
+                .await?;
+            }
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            drover_agent::run(&config, shutdown).await?;
+            Ok(())
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: stop cleanly. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            return;
+        }
+    };
+    for round in 0..2 {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        if round == 0 {
+            tracing::info!("shutting down (signal again to exit at once)");
+            shutdown.cancel();
+        } else {
+            std::process::exit(130);
+        }
+    }
+}
+
+fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
+    let Some(dir) = StateDir::existing(&config.state_dir) else {
+        anyhow::bail!(Error::NotEnrolled(config.state_dir.clone()));
+    };
+    let creds = dir.credentials().context("reading credentials")?;
+    let local = dir.local_state().context("reading local state")?;
+    let Some(creds) = creds else {
+        anyhow::bail!(Error::NotEnrolled(config.state_dir.clone()));
+    };
+    let view = serde_json::json!({
+        "agent_id": creds.agent_id,
+        "server": config.server.clone().unwrap_or(creds.server),
+        "state_dir": dir.path(),
+        "enrolled_at": creds.enrolled_at,
+        "last_contact_at": local.last_contact_at,
+        "last_error": local.last_error,
+        "last_error_at": local.last_error_at,
+        "heartbeat_interval_secs": local.heartbeat_interval_secs,
+        "credentials_rejected": local.credentials_rejected,
+        "version": drover_agent::VERSION,
+    });
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Text => {
+            let show = |v: &serde_json::Value| match v {
+                serde_json::Value::Null => "-".to_owned(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            for key in [
+                "agent_id",
+                "server",
+                "state_dir",
+                "enrolled_at",
+                "last_contact_at",
+                "last_error",
+                "last_error_at",
+                "heartbeat_interval_secs",
+                "credentials_rejected",
+                "version",
+            ] {
+                println!("{:<24} {}", format!("{key}:"), show(&view[key]));
+            }
+        }
+    }
+    Ok(())
+}

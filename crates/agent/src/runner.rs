@@ -1,0 +1,229 @@
+//! The agent's main loop: heartbeat at the interval the server prescribes,
+//! refresh credentials before they expire, back off with jitter while the
+//! server is unreachable, and stop for good when it refuses the credentials.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use drover_proto::agent::{HeartbeatRequest, HeartbeatResponse};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Client, ClientError};
+use crate::config::AgentConfig;
+use crate::inventory::Collector;
+use crate::state::{LocalState, StateDir, StoredCredentials};
+use crate::Error;
+
+/// Refresh the access token when it has less than this left.
+const REFRESH_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
+/// Rewrite the local state at least this often while all is well.
+const STATE_WRITE_EVERY: chrono::Duration = chrono::Duration::seconds(60);
+
+/// Exponential backoff with jitter: each wait is drawn between half and all
+/// of a ceiling that doubles from 1 s up to the configured cap.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    ceiling: Duration,
+    max: Duration,
+    pub(crate) failures: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(max: Duration) -> Backoff {
+        Backoff {
+            ceiling: Duration::from_secs(1),
+            max,
+            failures: 0,
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        self.failures += 1;
+        let ceiling = self.ceiling.min(self.max);
+        self.ceiling = (self.ceiling * 2).min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.ceiling = Duration::from_secs(1);
+        self.failures = 0;
+    }
+}
+
+/// Spreads heartbeats of many agents: ±10 % of the interval.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
+
+pub(crate) struct Runner {
+    client: Client,
+    dir: StateDir,
+    creds: StoredCredentials,
+    local: LocalState,
+    collector: Collector,
+    backoff: Backoff,
+    last_state_write: Option<chrono::DateTime<Utc>>,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        config: &AgentConfig,
+        dir: StateDir,
+        creds: StoredCredentials,
+        local: LocalState,
+    ) -> Result<Runner, Error> {
+        // A server given in the config overrides the one of enrollment, so a
+        // moved server needs no re-enrollment.
+        let server = config
+            .server
+            .clone()
+            .unwrap_or_else(|| creds.server.clone());
+        Ok(Runner {
+            client: Client::new(&server)?,
+            dir,
+            creds,
+            local,
+            collector: Collector::new(),
+            backoff: Backoff::new(config.max_backoff),
+            last_state_write: None,
+        })
+    }
+
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        tracing::info!(
+            agent = %self.creds.agent_id,
+            server = %self.client.server(),
+            state_dir = %self.dir.path().display(),
+            "agent running"
+        );
+        loop {
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.beat() => r,
+            };
+            let wait = match outcome {
+                Ok(resp) => {
+                    self.contact_ok(resp.heartbeat_interval_secs);
+                    jittered(Duration::from_secs(resp.heartbeat_interval_secs.max(1)))
+                }
+                Err(e) if e.is_terminal() => {
+                    let why = e.to_string();
+                    tracing::error!(error = %why, "credentials refused for good; stopping");
+                    self.local.credentials_rejected = Some(why.clone());
+                    self.local.last_error = Some(why.clone());
+                    self.local.last_error_at = Some(Utc::now());
+                    self.save_state();
+                    return Err(Error::CredentialsRejected(why));
+                }
+                Err(e) => {
+                    let wait = self.backoff.next().max(e.retry_after().unwrap_or_default());
+                    tracing::warn!(
+                        error = %e,
+                        failures = self.backoff.failures,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "heartbeat failed"
+                    );
+                    self.local.last_error = Some(e.to_string());
+                    self.local.last_error_at = Some(Utc::now());
+                    self.save_state();
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        self.save_state();
+        tracing::info!("agent stopped");
+        Ok(())
+    }
+
+    async fn beat(&mut self) -> Result<HeartbeatResponse, ClientError> {
+        if self.creds.access_expires_at - Utc::now() < REFRESH_MARGIN {
+            self.refresh().await?;
+        }
+        let req = HeartbeatRequest {
+            inventory: self.collector.collect(self.dir.path()),
+        };
+        match self.client.heartbeat(&self.creds.access_token, &req).await {
+            Err(e) if e.is_token_expired() => {
+                self.refresh().await?;
+                self.client.heartbeat(&self.creds.access_token, &req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn refresh(&mut self) -> Result<(), ClientError> {
+        let fresh = self.client.refresh(&self.creds.refresh_token).await?;
+        self.creds.access_token = fresh.access_token;
+        self.creds.access_expires_at = fresh.access_expires_at;
+        self.creds.refresh_token = fresh.refresh_token;
+        // The old refresh token is spent: if this write fails, a restart
+        // would present it again and the server would end the session.
+        if let Err(e) = self.dir.save_credentials(&self.creds) {
+            tracing::error!(error = %e, "could not persist rotated credentials");
+        }
+        tracing::debug!("credentials refreshed");
+        Ok(())
+    }
+
+    fn contact_ok(&mut self, interval_secs: u64) {
+        let now = Utc::now();
+        if self.backoff.failures > 0 {
+            tracing::info!(
+                failures = self.backoff.failures,
+                "reconnected to the server"
+            );
+        }
+        self.backoff.reset();
+        let had_error = self.local.last_error.is_some();
+        self.local.agent_id = Some(self.creds.agent_id.clone());
+        self.local.server = Some(self.client.server().to_owned());
+        self.local.last_contact_at = Some(now);
+        self.local.last_error = None;
+        self.local.heartbeat_interval_secs = Some(interval_secs);
+        let due = self
+            .last_state_write
+            .is_none_or(|t| now - t >= STATE_WRITE_EVERY);
+        if had_error || due {
+            self.save_state();
+        }
+    }
+
+    fn save_state(&mut self) {
+        match self.dir.save_local_state(&self.local) {
+            Ok(()) => self.last_state_write = Some(Utc::now()),
+            Err(e) => tracing::warn!(error = %e, "could not write local state"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(8));
+        let ceilings = [1, 2, 4, 8, 8, 8];
+        for c in ceilings {
+            let d = b.next();
+            let c = Duration::from_secs(c);
+            assert!(d >= c / 2 && d <= c, "{d:?} not in [{:?}, {c:?}]", c / 2);
+        }
+        assert_eq!(b.failures, 6);
+        b.reset();
+        assert!(b.next() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn heartbeats_are_spread() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11));
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! A small typed client of the REST API for the CLI.
+
+use anyhow::{anyhow, Context};
+use drover_proto::{ErrorBody, API_PREFIX};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The server to talk to and the token to present.
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    pub server: String,
+    token: Option<String>,
+}
+
+/// A refusal from the server, with its stable code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} ({code}, HTTP {status})")]
+pub struct ApiFailure {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl Api {
+    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Api {
+            http,
+            server: server.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    fn require_token(&self) -> anyhow::Result<&str> {
+        self.token.as_deref().ok_or_else(|| {
+            anyhow!(
+                "not logged in to {}: run drover login (or set DROVER_TOKEN)",
+                self.server
+            )
+        })
+    }
+
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+        authenticated: bool,
+    ) -> anyhow::Result<Resp> {
+        let url = format!("{}{API_PREFIX}{path}", self.server);
+        let mut req = self.http.request(method, &url);
+        if authenticated {
+            req = req.bearer_auth(self.require_token()?);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json()
+                .await
+                .with_context(|| format!("unexpected answer from {url}"));
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => ApiFailure {
+                status: status.as_u16(),
+                code: b.error.code.to_string(),
+                message: b.error.message,
+            }
+            .into(),
+            Err(_) => anyhow!("server answered {status}: {}", text.trim()),
+        })
+    }
+
+    pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Resp> {
+        self.call::<(), Resp>(Method::GET, path, None, true).await
+    }
+
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> anyhow::Result<Resp> {
+        self.call(Method::POST, path, Some(body), true).await
+    }
+
+    pub async fn patch<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> anyhow::Result<Resp> {
+        self.call(Method::PATCH, path, Some(body), true).await
+    }
+}

@@ -1,0 +1,118 @@
+//! `drover`: the server (`drover server`), the all-in-one local mode
+//! (`drover up`) and the operator CLI. Parses arguments, then hands off.
+
+mod client;
+mod ops;
+mod output;
+mod profile;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover_server::ServerArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Run work on a fleet of machines and watch it happen"
+)]
+struct Cli {
+    /// Server URL [default: the profile's, else http://127.0.0.1:7070].
+    #[arg(long, env = "DROVER_SERVER", global = true, value_name = "URL")]
+    server: Option<String>,
+    /// API or session token [default: the profile's].
+    #[arg(
+        long,
+        env = "DROVER_TOKEN",
+        global = true,
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// Saved profile to use.
+    #[arg(
+        long,
+        env = "DROVER_PROFILE",
+        global = true,
+        default_value = "default",
+        value_name = "NAME"
+    )]
+    profile: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control-plane server.
+    Server(ServerArgs),
+    /// Run a server on SQLite plus one local agent: a whole Drover in one command.
+    Up(ServerArgs),
+    /// Log in with a password and save the session in the profile.
+    Login(ops::LoginArgs),
+    /// Create tokens.
+    #[command(subcommand)]
+    Token(ops::TokenCommand),
+    /// Inspect and manage enrolled agents.
+    #[command(subcommand)]
+    Agents(ops::AgentsCommand),
+    /// Print the version.
+    Version,
+}
+
+/// Lets `drover agents list | head` end quietly: with the default SIGPIPE
+/// action the process exits when the reader goes away, as a Unix filter
+/// should, instead of panicking on the failed write.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; setting a
+    // signal disposition to SIG_DFL has no other effect on Rust's runtime.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn main() -> ExitCode {
+    #[cfg(unix)]
+    restore_sigpipe();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let target = ops::Target {
+        server: cli.server,
+        token: cli.token,
+        profile: cli.profile,
+    };
+    match cli.command {
+        Command::Server(args) => serve::server(args).await,
+        Command::Up(args) => serve::up(args, &target).await,
+        Command::Login(args) => ops::login(&target, args).await,
+        Command::Token(cmd) => ops::token(&target, cmd).await,
+        Command::Agents(cmd) => ops::agents(&target, cmd).await,
+        Command::Version => {
+            println!("drover {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

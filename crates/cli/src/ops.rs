@@ -1,0 +1,379 @@
+//! Operator commands that talk to a running server over its REST API.
+
+use std::io::IsTerminal;
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use drover_proto::api::{
+    Agent, CreateTokenRequest, CreatedToken, LabelAgentRequest, LoginRequest, LoginResponse,
+    RevokeAgentRequest, TokenKind,
+};
+use drover_proto::labels::{check_key, parse_pair, Labels};
+use reqwest::Method;
+
+use crate::client::Api;
+use crate::output::{self, Output};
+use crate::profile::{self, Profile, ProfileFile};
+
+/// The server URL used when neither flag, variable nor profile names one.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+
+/// Which server and credentials the command uses.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub profile: String,
+}
+
+impl Target {
+    /// Resolves server and token: flag or variable, else the profile. The
+    /// profile's token is used only with the profile's own server.
+    pub fn api(&self) -> anyhow::Result<Api> {
+        let file = ProfileFile::load(&profile::path())?;
+        let saved = file.profiles.get(&self.profile);
+        let server = self
+            .server
+            .clone()
+            .or_else(|| saved.map(|p| p.server.clone()))
+            .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        let token = self.token.clone().or_else(|| {
+            saved
+                .filter(|p| same_server(&p.server, &server))
+                .and_then(|p| p.token.clone())
+        });
+        Api::new(&server, token)
+    }
+}
+
+fn same_server(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoginArgs {
+    /// User name.
+    #[arg(long, short, default_value = "admin")]
+    username: String,
+    /// Read the password from standard input instead of prompting.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+pub async fn login(target: &Target, args: LoginArgs) -> anyhow::Result<()> {
+    let api = target.api()?;
+    let password = if args.password_stdin || !std::io::stdin().is_terminal() {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        rpassword::prompt_password(format!(
+            "Password for {} at {}: ",
+            args.username, api.server
+        ))
+        .context("reading the password")?
+    };
+    let resp: LoginResponse = api
+        .call(
+            Method::POST,
+            "/auth/login",
+            Some(&LoginRequest {
+                username: args.username,
+                password,
+            }),
+            false,
+        )
+        .await?;
+    let path = profile::path();
+    let mut file = ProfileFile::load(&path)?;
+    file.profiles.insert(
+        target.profile.clone(),
+        Profile {
+            server: api.server.clone(),
+            token: Some(resp.token),
+        },
+    );
+    file.save(&path)?;
+    eprintln!(
+        "logged in to {} as {} until {}; session saved in {} (profile '{}')",
+        api.server,
+        resp.username,
+        resp.expires_at.format("%Y-%m-%d %H:%M UTC"),
+        path.display(),
+        target.profile
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time bootstrap token for enrolling an agent (default),
+    /// or an API token for CI with --kind api. Prints the token on stdout.
+    Create {
+        #[arg(long, value_enum, default_value_t = Kind::Bootstrap)]
+        kind: Kind,
+        /// Lifetime, e.g. 30m, 1h, 7d [bootstrap default: 1h; api: none].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// A label the enrolled agent gets (repeatable): --label role=web.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// The group the enrolled agent joins.
+        #[arg(long)]
+        group: Option<String>,
+        /// A note to recognise the token by.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Kind {
+    Bootstrap,
+    Api,
+}
+
+fn parse_labels(pairs: &[String]) -> anyhow::Result<Labels> {
+    let mut labels = Labels::new();
+    for p in pairs {
+        let (k, v) = parse_pair(p)?;
+        labels.insert(k, v);
+    }
+    Ok(labels)
+}
+
+pub async fn token(target: &Target, cmd: TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::Create {
+        kind,
+        ttl,
+        labels,
+        group,
+        name,
+        output,
+    } = cmd;
+    let req = CreateTokenRequest {
+        kind: match kind {
+            Kind::Bootstrap => TokenKind::Bootstrap,
+            Kind::Api => TokenKind::Api,
+        },
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+        labels: parse_labels(&labels)?,
+        group,
+        name,
+    };
+    let api = target.api()?;
+    let created: CreatedToken = api.post("/tokens", &req).await?;
+    match output {
+        Output::Json => output::json(&created)?,
+        Output::Text => {
+            println!("{}", created.token);
+            let expiry = created
+                .expires_at
+                .map(|t| format!("expires {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+                .unwrap_or_else(|| "does not expire".to_owned());
+            match created.kind {
+                TokenKind::Bootstrap => eprintln!(
+                    "one-time bootstrap token {} ({expiry}); enroll with:\n  drover-agent enroll --server {} --token <TOKEN>",
+                    created.id, api.server
+                ),
+                TokenKind::Api => eprintln!(
+                    "API token {} ({expiry}); use it with DROVER_TOKEN=<TOKEN> or --token",
+                    created.id
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentsCommand {
+    /// List enrolled agents and their health.
+    List {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show one agent with its inventory.
+    Show {
+        /// Agent id or a unique prefix of it.
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Set labels (KEY=VALUE) and remove them (--remove KEY).
+    Label {
+        id: String,
+        #[arg(value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long, value_name = "KEY")]
+        remove: Vec<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Revoke an agent: its next request is refused and it stops.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+fn labels_text(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "-".to_owned();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_agent(a: &Agent) {
+    let now = Utc::now();
+    let row = |k: &str, v: String| println!("{:<16} {v}", format!("{k}:"));
+    row("id", a.id.clone());
+    row("hostname", a.hostname.clone());
+    row("status", a.status.as_str().to_owned());
+    row("labels", labels_text(&a.labels));
+    row("group", a.group.clone().unwrap_or_else(|| "-".to_owned()));
+    row(
+        "version",
+        a.agent_version.clone().unwrap_or_else(|| "-".to_owned()),
+    );
+    row("enrolled", a.enrolled_at.to_rfc3339());
+    row("last seen", output::ago(a.last_seen_at, now));
+    if let Some(t) = a.revoked_at {
+        row(
+            "revoked",
+            format!(
+                "{} ({})",
+                t.to_rfc3339(),
+                a.revoked_reason.as_deref().unwrap_or("-")
+            ),
+        );
+    }
+    if let Some(inv) = &a.inventory {
+        row("os", format!("{} {}", inv.os, inv.os_version));
+        row("kernel", inv.kernel.clone());
+        row("arch", inv.arch.clone());
+        row("cpus", inv.cpu_count.to_string());
+        row(
+            "load",
+            format!(
+                "{:.2} {:.2} {:.2}",
+                inv.load_avg[0], inv.load_avg[1], inv.load_avg[2]
+            ),
+        );
+        row(
+            "memory",
+            format!(
+                "{} used of {}",
+                output::bytes(inv.memory_used_bytes),
+                output::bytes(inv.memory_total_bytes)
+            ),
+        );
+        row(
+            "disk",
+            format!(
+                "{} free of {}",
+                output::bytes(inv.disk_available_bytes),
+                output::bytes(inv.disk_total_bytes)
+            ),
+        );
+        row("agent uptime", format!("{}s", inv.agent_uptime_secs));
+        row("system uptime", format!("{}s", inv.system_uptime_secs));
+    }
+}
+
+fn agent_path(id: &str) -> anyhow::Result<String> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("'{id}' is not an agent id");
+    }
+    Ok(format!("/agents/{id}"))
+}
+
+pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        AgentsCommand::List { output } => {
+            let agents: Vec<Agent> = api.get("/agents").await?;
+            match output {
+                Output::Json => output::json(&agents)?,
+                Output::Text => {
+                    let now = Utc::now();
+                    let rows: Vec<Vec<String>> = agents
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                a.id.clone(),
+                                a.hostname.clone(),
+                                a.status.as_str().to_owned(),
+                                output::ago(a.last_seen_at, now),
+                                a.group.clone().unwrap_or_else(|| "-".to_owned()),
+                                labels_text(&a.labels),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &["ID", "HOSTNAME", "STATUS", "LAST SEEN", "GROUP", "LABELS"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        AgentsCommand::Show { id, output } => {
+            let a: Agent = api.get(&agent_path(&id)?).await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => print_agent(&a),
+            }
+        }
+        AgentsCommand::Label {
+            id,
+            set,
+            remove,
+            output,
+        } => {
+            if set.is_empty() && remove.is_empty() {
+                bail!("nothing to change: give KEY=VALUE pairs and/or --remove KEY");
+            }
+            for k in &remove {
+                check_key(k)?;
+            }
+            let req = LabelAgentRequest {
+                set: parse_labels(&set)?,
+                remove,
+            };
+            let a: Agent = api
+                .patch(&format!("{}/labels", agent_path(&id)?), &req)
+                .await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => println!("{}\t{}", a.id, labels_text(&a.labels)),
+            }
+        }
+        AgentsCommand::Revoke { id, reason, output } => {
+            let a: Agent = api
+                .post(
+                    &format!("{}/revoke", agent_path(&id)?),
+                    &RevokeAgentRequest { reason },
+                )
+                .await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => {
+                    println!("{}", a.id);
+                    eprintln!("agent {} revoked: its next request will be refused", a.id);
+                }
+            }
+        }
+    }
+    Ok(())
+}

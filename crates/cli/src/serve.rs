@@ -1,0 +1,257 @@
+//! `drover server` and `drover up`: start the server (and, for `up`, one
+//! local agent) and stop cleanly on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use drover_agent::state::StateDir;
+use drover_agent::{AgentConfig, EnrollOptions};
+use drover_proto::api::{CreateTokenRequest, TokenKind};
+use drover_server::config::LogFormat;
+use drover_server::{AdminInit, Server, ServerArgs, ServerConfig, ADMIN_USER};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::ops::Target;
+use crate::profile::{self, Profile, ProfileFile};
+
+/// How long in-flight work may take to finish after a stop signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+fn init_logging(config: &ServerConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+/// Cancels `shutdown` at the first SIGINT/SIGTERM; exits at the second.
+fn watch_signals(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        for round in 0..2 {
+            #[cfg(unix)]
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            if round == 0 {
+                tracing::info!("shutting down (signal again to exit at once)");
+                shutdown.cancel();
+            } else {
+                eprintln!("exiting at once");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// Prints the first admin's password, once, outside the logs.
+fn announce_admin(init: &AdminInit) {
+    match init {
+        AdminInit::CreatedWithGeneratedPassword(password) => {
+            eprintln!();
+            eprintln!("  Created user '{ADMIN_USER}' with password: {password}");
+            eprintln!("  It is shown only this once. (Set DROVER_ADMIN_PASSWORD before the first start to choose it.)");
+            eprintln!();
+        }
+        AdminInit::CreatedWithGivenPassword => {
+            eprintln!(
+                "  Created user '{ADMIN_USER}' with the password from DROVER_ADMIN_PASSWORD."
+            );
+        }
+        AdminInit::Existing => {}
+    }
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (is another server running? choose one with --listen)")
+    })
+}
+
+/// The URL a local client uses to reach a listener.
+fn local_url(addr: SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => "127.0.0.1".to_owned(),
+            SocketAddr::V6(_) => "[::1]".to_owned(),
+        }
+    } else {
+        match addr {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        }
+    };
+    format!("http://{host}:{}", addr.port())
+}
+
+/// Waits for the server task to finish, at most the grace period.
+async fn finish(
+    task: tokio::task::JoinHandle<Result<(), drover_server::Error>>,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+        Ok(Ok(result)) => result.context("server"),
+        Ok(Err(e)) => Err(anyhow::anyhow!("server task failed: {e}")),
+        Err(_) => {
+            tracing::warn!("in-flight requests did not finish in time; exiting");
+            Ok(())
+        }
+    }
+}
+
+pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&args)?;
+    init_logging(&config);
+    let server = Server::open(config).await?;
+    announce_admin(&server.ensure_admin().await?);
+    let listener = bind(server.config().listen).await?;
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone());
+    let task = tokio::spawn(server.serve(listener, shutdown.clone()));
+    shutdown.cancelled().await;
+    finish(task).await
+}
+
+pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&args)?;
+    init_logging(&config);
+    let data_dir = config.data_dir.clone();
+    let server = Server::open(config).await?;
+    let admin = server.ensure_admin().await?;
+    let listener = bind(server.config().listen).await?;
+    let url = local_url(listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone());
+    let handle = server.clone();
+    let server_task = tokio::spawn(server.serve(listener, shutdown.clone()));
+
+    // The local agent keeps its identity in the data dir, so a second start
+    // reuses it instead of enrolling another agent.
+    let agent_dir = data_dir.join("agent");
+    let dir = StateDir::open(&agent_dir)?;
+    let agent_id = match dir.credentials()? {
+        Some(c) => c.agent_id,
+        None => {
+            let token = handle
+                .create_token(
+                    ADMIN_USER,
+                    &CreateTokenRequest {
+                        kind: TokenKind::Bootstrap,
+                        ttl_secs: Some(300),
+                        labels: [("local".to_owned(), "true".to_owned())].into(),
+                        group: Some("local".to_owned()),
+                        name: Some("drover up".to_owned()),
+                    },
+                )
+                .await?;
+            let creds = drover_agent::enroll(
+                &dir,
+                &EnrollOptions {
+                    server: url.clone(),
+                    token: token.token,
+                    force: false,
+                },
+            )
+            .await
+            .context("enrolling the local agent")?;
+            creds.agent_id
+        }
+    };
+    let agent_config = AgentConfig {
+        // The server may listen elsewhere than at the last start.
+        server: Some(url.clone()),
+        state_dir: agent_dir,
+        log_format: drover_agent::config::LogFormat::Human,
+        log_level: String::new(),
+        max_backoff: Duration::from_secs(5),
+    };
+    let agent_shutdown = shutdown.clone();
+    let agent_task =
+        tokio::spawn(async move { drover_agent::run(&agent_config, agent_shutdown).await });
+
+    let profile_path = write_profile(&handle, target, &url).await?;
+    eprintln!();
+    eprintln!("  Drover is running at {url}");
+    match &admin {
+        AdminInit::CreatedWithGeneratedPassword(_) | AdminInit::CreatedWithGivenPassword => {
+            announce_admin(&admin)
+        }
+        AdminInit::Existing => eprintln!(
+            "  Log in as '{ADMIN_USER}' with the password shown at the first start (data in {}).",
+            data_dir.display()
+        ),
+    }
+    eprintln!("  Local agent: {agent_id}");
+    eprintln!(
+        "  CLI profile '{}' saved in {}: try `drover agents list` in another terminal.",
+        target.profile,
+        profile_path.display()
+    );
+    eprintln!("  Press Ctrl-C to stop.");
+    eprintln!();
+
+    shutdown.cancelled().await;
+    match tokio::time::timeout(SHUTDOWN_GRACE, agent_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "local agent stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "local agent task failed"),
+        _ => {}
+    }
+    finish(server_task).await
+}
+
+/// Saves a CLI profile for this server with an API token of the admin, unless
+/// the profile already holds a token this server accepts.
+async fn write_profile(
+    server: &Server,
+    target: &Target,
+    url: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = profile::path();
+    let mut file = ProfileFile::load(&path)?;
+    if let Some(p) = file.profiles.get(&target.profile) {
+        if p.server.trim_end_matches('/') == url {
+            if let Some(token) = &p.token {
+                let hash = drover_server::auth::hash_token(token);
+                if server.store().user_token_by_hash(&hash).await?.is_some() {
+                    return Ok(path);
+                }
+            }
+        }
+    }
+    let token = server
+        .create_token(
+            ADMIN_USER,
+            &CreateTokenRequest {
+                kind: TokenKind::Api,
+                name: Some("drover up CLI profile".to_owned()),
+                ..CreateTokenRequest::default()
+            },
+        )
+        .await?;
+    file.profiles.insert(
+        target.profile.clone(),
+        Profile {
+            server: url.to_owned(),
+            token: Some(token.token),
+        },
+    );
+    file.save(&path)?;
+    Ok(path)
+}

@@ -1,0 +1,383 @@
+//! Secrets and identities: random tokens stored only as hashes, argon2
+//! passwords, agent access JWTs, and the extractors that authenticate users
+//! and agents on each request.
+
+use std::path::Path;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use drover_proto::api::Role;
+use drover_proto::ErrorCode;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// What a token is for; its prefix makes leaked tokens recognisable.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenPrefix {
+    Bootstrap,
+    Session,
+    Api,
+    Refresh,
+}
+
+impl TokenPrefix {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenPrefix::Bootstrap => "drv_b_",
+            TokenPrefix::Session => "drv_s_",
+            TokenPrefix::Api => "drv_a_",
+            TokenPrefix::Refresh => "drv_r_",
+        }
+    }
+}
+
+/// Errors while setting up or using secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("the operating system's random source failed: {0}")]
+    Random(String),
+    #[error("signing key file {path}: {source}")]
+    KeyFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("signing key file {path} is corrupt: expected 64 hex characters")]
+    KeyCorrupt { path: String },
+    #[error("hashing a password failed: {0}")]
+    Hash(String),
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], SecretError> {
+    let mut buf = [0u8; N];
+    getrandom::getrandom(&mut buf).map_err(|e| SecretError::Random(e.to_string()))?;
+    Ok(buf)
+}
+
+/// A new random token (256 bits) with its kind's prefix.
+pub fn new_token(prefix: TokenPrefix) -> Result<String, SecretError> {
+    let bytes = random_bytes::<32>()?;
+    Ok(format!(
+        "{}{}",
+        prefix.as_str(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
+}
+
+/// A random password for the first admin, easy to copy.
+pub fn new_password() -> Result<String, SecretError> {
+    let bytes = random_bytes::<18>()?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The form in which tokens are stored and looked up.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Hashes a password with argon2id and a random salt.
+pub fn hash_password(password: &str) -> Result<String, SecretError> {
+    let salt_bytes = random_bytes::<16>()?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| SecretError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| SecretError::Hash(e.to_string()))
+}
+
+/// Checks a password against a stored hash; a corrupt hash never matches.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// The HMAC key that signs agent access tokens.
+#[derive(Clone)]
+pub struct SigningKey {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(..)")
+    }
+}
+
+impl SigningKey {
+    /// Reads the key file, or creates it (mode 0600) with a new random key.
+    pub fn load_or_create(path: &Path) -> Result<SigningKey, SecretError> {
+        let io_err = |source| SecretError::KeyFile {
+            path: path.display().to_string(),
+            source,
+        };
+        let key = match std::fs::read_to_string(path) {
+            Ok(text) => hex::decode(text.trim())
+                .ok()
+                .filter(|k| k.len() == 32)
+                .ok_or_else(|| SecretError::KeyCorrupt {
+                    path: path.display().to_string(),
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = random_bytes::<32>()?.to_vec();
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(io_err)?;
+                }
+                write_private(path, hex::encode(&key).as_bytes()).map_err(io_err)?;
+                tracing::info!(path = %path.display(), "created a new signing key");
+                key
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        Ok(SigningKey::from_bytes(&key))
+    }
+
+    pub fn from_bytes(key: &[u8]) -> SigningKey {
+        SigningKey {
+            encoding: EncodingKey::from_secret(key),
+            decoding: DecodingKey::from_secret(key),
+        }
+    }
+}
+
+/// Writes a new file readable by its owner only; fails if it exists.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Claims of an agent access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentClaims {
+    /// The agent id.
+    pub sub: String,
+    /// The session (refresh-token family) this token belongs to.
+    pub sid: String,
+    pub iat: i64,
+    pub exp: i64,
+    /// Always "agent": keeps other kinds of JWT from being accepted here.
+    pub typ: String,
+}
+
+/// Signs an access token for an agent session.
+pub fn issue_agent_token(
+    key: &SigningKey,
+    agent_id: &str,
+    session_id: &str,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<String, ApiError> {
+    let claims = AgentClaims {
+        sub: agent_id.to_owned(),
+        sid: session_id.to_owned(),
+        iat: now.timestamp(),
+        exp: expires_at.timestamp(),
+        typ: "agent".to_owned(),
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key.encoding)
+        .map_err(|e| ApiError::internal("signing an access token", &e))
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let value = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized(ErrorCode::Unauthorized, "missing Authorization header")
+    })?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                ErrorCode::Unauthorized,
+                "Authorization header must be 'Bearer TOKEN'",
+            )
+        })
+}
+
+/// An agent that presented a valid, unexpired access token. Whether the
+/// agent is still allowed (not revoked, session alive) is checked against
+/// the store by the handler, in the same query that does its work.
+#[derive(Debug, Clone)]
+pub struct AgentToken(pub AgentClaims);
+
+impl FromRequestParts<AppState> for AgentToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let data =
+            jsonwebtoken::decode::<AgentClaims>(token, &state.signing_key.decoding, &validation)
+                .map_err(|e| match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::unauthorized(
+                        ErrorCode::TokenExpired,
+                        "access token expired: refresh it",
+                    ),
+                    _ => ApiError::unauthorized(
+                        ErrorCode::Unauthorized,
+                        "invalid agent access token",
+                    ),
+                })?;
+        if data.claims.typ != "agent" {
+            return Err(ApiError::unauthorized(
+                ErrorCode::Unauthorized,
+                "invalid agent access token",
+            ));
+        }
+        Ok(AgentToken(data.claims))
+    }
+}
+
+/// Why a store refused an agent whose token was otherwise valid.
+pub async fn explain_agent_refusal(state: &AppState, claims: &AgentClaims) -> ApiError {
+    match state.store.agent(&claims.sub).await {
+        Ok(Some(a)) if a.revoked_at.is_some() => ApiError::unauthorized(
+            ErrorCode::AgentRevoked,
+            format!(
+                "agent {} was revoked: {}",
+                a.id,
+                a.revoked_reason
+                    .unwrap_or_else(|| "no reason given".to_owned())
+            ),
+        ),
+        Ok(Some(a)) => ApiError::unauthorized(
+            ErrorCode::SessionRevoked,
+            format!(
+                "the session of agent {} was ended: {}",
+                a.id,
+                a.session_ended_reason
+                    .unwrap_or_else(|| "superseded".to_owned())
+            ),
+        ),
+        Ok(None) => ApiError::unauthorized(ErrorCode::AgentRevoked, "agent no longer exists"),
+        Err(e) => e.into(),
+    }
+}
+
+/// A logged-in user (session token) or a user's API token.
+#[derive(Debug, Clone)]
+pub struct UserAuth {
+    pub user_id: String,
+    pub username: String,
+    pub role: Role,
+}
+
+impl UserAuth {
+    /// Refuses anyone but an admin.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "user '{}' is {}; this needs admin",
+                self.username,
+                self.role.as_str()
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for UserAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        let found = state.store.user_token_by_hash(&hash_token(token)).await?;
+        let Some((t, user)) = found else {
+            return Err(ApiError::unauthorized(
+                ErrorCode::Unauthorized,
+                "unknown token: log in again",
+            ));
+        };
+        if t.revoked_at.is_some() {
+            return Err(ApiError::unauthorized(
+                ErrorCode::Unauthorized,
+                "token was revoked",
+            ));
+        }
+        if t.expires_at.is_some_and(|e| e <= Utc::now()) {
+            return Err(ApiError::unauthorized(
+                ErrorCode::TokenExpired,
+                "token expired: run drover login again",
+            ));
+        }
+        Ok(UserAuth {
+            user_id: user.id,
+            username: user.username,
+            role: user.role,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_prefixed_random_and_hashed() {
+        let a = new_token(TokenPrefix::Bootstrap).unwrap();
+        let b = new_token(TokenPrefix::Bootstrap).unwrap();
+        assert!(a.starts_with("drv_b_"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 6 + 43);
+        assert_eq!(hash_token(&a).len(), 64);
+        assert_ne!(hash_token(&a), hash_token(&b));
+    }
+
+    #[test]
+    fn passwords_verify_only_themselves() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("correct horse", "not a hash"));
+    }
+
+    #[test]
+    fn signing_key_is_created_private_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/signing.key");
+        let k1 = SigningKey::load_or_create(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let k2 = SigningKey::load_or_create(&path).unwrap();
+        let now = Utc::now();
+        let t = issue_agent_token(&k1, "a", "s", now, now + chrono::Duration::minutes(1)).unwrap();
+        let v = Validation::new(Algorithm::HS256);
+        assert!(jsonwebtoken::decode::<AgentClaims>(&t, &k2.decoding, &v).is_ok());
+        std::fs::write(&path, "zz").unwrap();
+        assert!(matches!(
+            SigningKey::load_or_create(&path),
+            Err(SecretError::KeyCorrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,361 @@
+//! Server configuration: `drover.toml`, `DROVER_*` variables and flags.
+//! A flag beats its variable, which beats the file, which beats the default.
+//! This is the only module that reads the environment (through clap).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default address of `drover server` and `drover up` (and of the CLI).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// Flags (each also a `DROVER_*` variable) of `drover server` and `drover up`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// Configuration file (TOML). Missing is fine unless given explicitly.
+    #[arg(long, env = "DROVER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "DROVER_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the SQLite database, the signing key and local state
+    /// [default: the platform data dir, e.g. ~/.local/share/drover].
+    #[arg(long, env = "DROVER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL, sqlite://FILE or postgres://... [default: SQLite in the data dir].
+    #[arg(
+        long,
+        env = "DROVER_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Log format: human or json.
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or drover_server=debug.
+    #[arg(long, env = "DROVER_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// How often agents heartbeat [default: 10s].
+    #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Silence after which an agent is stale [default: 3 heartbeat intervals].
+    #[arg(long, env = "DROVER_STALE_AFTER", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub stale_after: Option<Duration>,
+    /// Silence after which an agent is offline [default: 9 heartbeat intervals].
+    #[arg(long, env = "DROVER_OFFLINE_AFTER", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub offline_after: Option<Duration>,
+    /// Lifetime of an agent's access JWT [default: 15m].
+    #[arg(long, env = "DROVER_AGENT_ACCESS_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub agent_access_ttl: Option<Duration>,
+    /// Lifetime of an agent's refresh token; renewed at each rotation [default: 30d].
+    #[arg(long, env = "DROVER_AGENT_REFRESH_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub agent_refresh_ttl: Option<Duration>,
+    /// Lifetime of a `drover login` session [default: 12h].
+    #[arg(long, env = "DROVER_SESSION_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub session_ttl: Option<Duration>,
+    /// Largest request body accepted, in bytes [default: 1048576].
+    #[arg(long, env = "DROVER_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// File holding the JWT signing key; created (mode 0600) when missing
+    /// [default: DATA_DIR/signing.key]. Replicas must share it.
+    #[arg(long, env = "DROVER_SIGNING_KEY_FILE", value_name = "FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Password of the admin user created at the first start; generated and
+    /// printed once when unset. Only read from the environment.
+    #[arg(skip)]
+    pub admin_password: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// The same options as a `drover.toml` file; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    stale_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    offline_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    agent_access_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    agent_refresh_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    session_ttl: Option<Duration>,
+    max_body_bytes: Option<usize>,
+    signing_key_file: Option<PathBuf>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub heartbeat_interval: Duration,
+    pub stale_after: Duration,
+    pub offline_after: Duration,
+    pub agent_access_ttl: Duration,
+    pub agent_refresh_ttl: Duration,
+    pub session_ttl: Duration,
+    pub max_body_bytes: usize,
+    pub signing_key_file: PathBuf,
+    pub admin_password: Option<String>,
+}
+
+/// A configuration that cannot be used, with the file, line or option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The platform's data directory for Drover (e.g. ~/.local/share/drover).
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .map(|d| d.join("drover"))
+        .unwrap_or_else(|| PathBuf::from("drover-data"))
+}
+
+fn read_file(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            return Ok(FileConfig::default())
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: describe_toml_error(&text, &e),
+    })
+}
+
+/// Renders a TOML error as "line N, column M: what", which names the line.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end_matches('\n').to_owned();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("line {line}, column {col}: {what}")
+        }
+        None => what,
+    }
+}
+
+impl ServerConfig {
+    /// Resolves flags and variables over the file over the defaults.
+    pub fn load(args: &ServerArgs) -> Result<ServerConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path, true)?,
+            None => read_file(Path::new("drover.toml"), false)?,
+        };
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir);
+        let database_url = args
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("drover.db").display()));
+        let heartbeat_interval = args
+            .heartbeat_interval
+            .or(file.heartbeat_interval)
+            .unwrap_or(Duration::from_secs(10));
+        let stale_after = args
+            .stale_after
+            .or(file.stale_after)
+            .unwrap_or(heartbeat_interval * 3);
+        let offline_after = args
+            .offline_after
+            .or(file.offline_after)
+            .unwrap_or(heartbeat_interval * 9);
+        let listen = match args.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("default listen address: {e}")))?,
+        };
+        let config = ServerConfig {
+            listen,
+            signing_key_file: args
+                .signing_key_file
+                .clone()
+                .or(file.signing_key_file)
+                .unwrap_or_else(|| data_dir.join("signing.key")),
+            data_dir,
+            database_url,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            log_level: args
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+            heartbeat_interval,
+            stale_after,
+            offline_after,
+            agent_access_ttl: args
+                .agent_access_ttl
+                .or(file.agent_access_ttl)
+                .unwrap_or(Duration::from_secs(15 * 60)),
+            agent_refresh_ttl: args
+                .agent_refresh_ttl
+                .or(file.agent_refresh_ttl)
+                .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+            session_ttl: args
+                .session_ttl
+                .or(file.session_ttl)
+                .unwrap_or(Duration::from_secs(12 * 3600)),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(1024 * 1024),
+            admin_password: args.admin_password.clone().or_else(|| {
+                std::env::var("DROVER_ADMIN_PASSWORD")
+                    .ok()
+                    .filter(|p| !p.is_empty())
+            }),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.heartbeat_interval < Duration::from_secs(1) {
+            return bad("heartbeat_interval must be at least 1s");
+        }
+        if self.stale_after < self.heartbeat_interval {
+            return bad("stale_after must be at least heartbeat_interval");
+        }
+        if self.offline_after < self.stale_after {
+            return bad("offline_after must be at least stale_after");
+        }
+        if self.agent_access_ttl < Duration::from_secs(1) {
+            return bad("agent_access_ttl must be at least 1s");
+        }
+        if self.agent_refresh_ttl < self.agent_access_ttl {
+            return bad("agent_refresh_ttl must be at least agent_access_ttl");
+        }
+        if self.max_body_bytes < 1024 {
+            return bad("max_body_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+
+    /// The thresholds that turn "last seen" into a health status.
+    pub fn health(&self) -> drover_proto::api::HealthThresholds {
+        drover_proto::api::HealthThresholds {
+            stale_after_ms: self.stale_after.as_millis() as u64,
+            offline_after_ms: self.offline_after.as_millis() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, args: ServerArgs) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.toml");
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::load(&ServerArgs {
+            config: Some(path),
+            ..args
+        })
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let c = load_text(
+            "listen = \"127.0.0.1:9000\"\nheartbeat_interval = \"5s\"\ndata_dir = \"/srv/d\"\n",
+            ServerArgs {
+                listen: Some("127.0.0.1:9100".parse().unwrap()),
+                ..ServerArgs::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9100);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.stale_after, Duration::from_secs(15));
+        assert_eq!(c.database_url, "sqlite:///srv/d/drover.db");
+        assert_eq!(c.signing_key_file, PathBuf::from("/srv/d/signing.key"));
+    }
+
+    #[test]
+    fn unknown_field_names_the_field_and_line() {
+        let err = load_text(
+            "listen = \"127.0.0.1:9000\"\nlisen = 3\n",
+            ServerArgs::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("drover.toml: line 2, column 1"), "{err}");
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_named() {
+        let err = load_text("heartbeat_interval = \"often\"\n", ServerArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
+        let err = load_text(
+            "heartbeat_interval = \"1s\"\nstale_after = \"500ms\"\n",
+            ServerArgs::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("stale_after must be at least heartbeat_interval"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let err = ServerConfig::load(&ServerArgs {
+            config: Some("/nonexistent/drover.toml".into()),
+            ..ServerArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/drover.toml"));
+    }
+}

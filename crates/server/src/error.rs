@@ -1,0 +1,166 @@
+//! The one error type of the HTTP layer. Clients get a stable code and a
+//! message naming what is wrong; internal detail is logged, never returned.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use drover_proto::{ErrorBody, ErrorCode, ErrorDetail};
+use serde::de::DeserializeOwned;
+
+/// An API failure: what the client is told.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidRequest,
+            message,
+        )
+    }
+
+    pub fn unauthorized(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+
+    /// A failure the client cannot fix: logged in full, reported vaguely.
+    pub fn internal(context: &str, err: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(error = %err, "{context}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("internal error while {context}"),
+        )
+    }
+}
+
+impl From<drover_store::Error> for ApiError {
+    fn from(e: drover_store::Error) -> ApiError {
+        use drover_store::Error as E;
+        match &e {
+            E::NotFound { .. } => ApiError::not_found(e.to_string()),
+            E::Ambiguous { .. } => ApiError::invalid(e.to_string()),
+            _ if e.is_unique_violation() => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, "already exists")
+            }
+            E::Database(sqlx_err) if is_unavailable(sqlx_err) => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the database is unavailable, try again",
+                )
+            }
+            _ => ApiError::internal("accessing the database", &e),
+        }
+    }
+}
+
+fn is_unavailable(e: &drover_store::SqlxError) -> bool {
+    matches!(
+        e,
+        drover_store::SqlxError::PoolTimedOut
+            | drover_store::SqlxError::PoolClosed
+            | drover_store::SqlxError::Io(_)
+    )
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A JSON body whose rejections are API errors naming the field at fault
+/// (unknown field, wrong type, missing field) or the size limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            status,
+            ErrorCode::PayloadTooLarge,
+            "request body is larger than the server accepts",
+        );
+    }
+    let message = match &r {
+        JsonRejection::JsonDataError(e) => {
+            // "Failed to deserialize the JSON body into the target type: kind: unknown field ..."
+            let text = e.body_text();
+            text.split_once(": ")
+                .map(|(_, rest)| rest.to_owned())
+                .unwrap_or(text)
+        }
+        _ => r.body_text(),
+    };
+    ApiError::new(status, ErrorCode::InvalidRequest, message)
+}
+
+impl<S, T> axum::extract::OptionalFromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    /// No body (no Content-Type) is `None`; a body must be valid JSON.
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        if req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_none()
+        {
+            return Ok(None);
+        }
+        <ApiJson<T> as FromRequest<S>>::from_request(req, state)
+            .await
+            .map(Some)
+    }
+}

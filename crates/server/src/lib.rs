@@ -1,0 +1,207 @@
+//! The Drover control-plane server as a library: `Server::open` prepares
+//! the store, keys and first admin; `Server::serve` answers HTTP until the
+//! shutdown token is cancelled. The `drover` binary is a thin shell over it.
+//!
+//! Key design decision: the server keeps no state of its own between
+//! requests beyond caches it can lose; the database is the only state shared
+//! between replicas, so any number of servers can front one PostgreSQL.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod state;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use chrono::Utc;
+use drover_proto::api::{CreateTokenRequest, CreatedToken, Role};
+use drover_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::{ServerArgs, ServerConfig};
+
+use crate::auth::SigningKey;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+
+/// Name of the user created at the first start.
+pub const ADMIN_USER: &str = "admin";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] drover_store::Error),
+    #[error(transparent)]
+    Secret(#[from] auth::SecretError),
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("{0}")]
+    Api(#[from] error::ApiError),
+}
+
+/// What happened to the admin user at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminInit {
+    /// Users existed already; nothing changed.
+    Existing,
+    /// The admin was created with the password from the environment.
+    CreatedWithGivenPassword,
+    /// The admin was created with this generated password, shown only now.
+    CreatedWithGeneratedPassword(String),
+}
+
+/// A prepared server: store open, migrations applied, signing key loaded.
+#[derive(Debug, Clone)]
+pub struct Server {
+    state: AppState,
+}
+
+impl Server {
+    /// Opens (creating when missing) the data dir, the database and the key.
+    pub async fn open(config: ServerConfig) -> Result<Server, Error> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let store = Store::open(&drover_store::Options {
+            url: config.database_url.clone(),
+            max_connections: 16,
+        })
+        .await?;
+        let signing_key = SigningKey::load_or_create(&config.signing_key_file)?;
+        tracing::info!(
+            backend = %store.backend(),
+            database = %drover_store::redact(&config.database_url),
+            "store opened"
+        );
+        Ok(Server {
+            state: AppState {
+                store,
+                config: Arc::new(config),
+                signing_key,
+                metrics: Arc::new(Metrics::new()),
+            },
+        })
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.state.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// Creates the admin user if no user exists yet.
+    pub async fn ensure_admin(&self) -> Result<AdminInit, Error> {
+        if self.state.store.count_users().await? > 0 {
+            return Ok(AdminInit::Existing);
+        }
+        let (password, generated) = match &self.state.config.admin_password {
+            Some(p) => (p.clone(), false),
+            None => (auth::new_password()?, true),
+        };
+        let hash = {
+            let password = password.clone();
+            tokio::task::spawn_blocking(move || auth::hash_password(&password))
+                .await
+                .map_err(|e| auth::SecretError::Hash(e.to_string()))??
+        };
+        match self
+            .state
+            .store
+            .create_user(ADMIN_USER, &hash, Role::Admin, Utc::now())
+            .await
+        {
+            Ok(_) => {}
+            // Another replica created it at the same moment.
+            Err(e) if e.is_unique_violation() => return Ok(AdminInit::Existing),
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(user = ADMIN_USER, "created the admin user");
+        Ok(if generated {
+            AdminInit::CreatedWithGeneratedPassword(password)
+        } else {
+            AdminInit::CreatedWithGivenPassword
+        })
+    }
+
+    /// Creates a token for the named user without going through HTTP
+    /// (used by `drover up` for its local agent and CLI profile).
+    pub async fn create_token(
+        &self,
+        username: &str,
+        req: &CreateTokenRequest,
+    ) -> Result<CreatedToken, Error> {
+        let user = self
+            .state
+            .store
+            .user_by_username(username)
+            .await?
+            .ok_or_else(|| error::ApiError::not_found(format!("user '{username}' not found")))?;
+        Ok(routes::tokens::create(&self.state, &user.id, req).await?)
+    }
+
+    /// The whole HTTP application.
+    pub fn router(&self) -> Router {
+        app(self.state.clone())
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` is cancelled, then lets
+    /// in-flight requests finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let addr = listener.local_addr().map_err(Error::Serve)?;
+        tracing::info!(%addr, "listening");
+        let app = self.router();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(Error::Serve)?;
+        self.state.store.close().await;
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Builds the router: the documented API, its OpenAPI document, the probes,
+/// metrics and the body-size limit.
+pub fn app(state: AppState) -> Router {
+    let (api, openapi) = routes::api().split_for_parts();
+    let openapi = Arc::new(openapi);
+    let api = api.route(
+        "/api/v1/openapi.json",
+        axum::routing::get(move || {
+            let doc = openapi.clone();
+            async move { axum::Json(doc.as_ref().clone()) }
+        }),
+    );
+    let metrics = state.metrics.clone();
+    let max_body = state.config.max_body_bytes;
+    api.merge(routes::system::router())
+        .fallback(|| async { error::ApiError::not_found("no such endpoint") })
+        .route_layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

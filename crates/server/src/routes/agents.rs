@@ -1,0 +1,149 @@
+//! The fleet as operators see it: list, show, label, revoke.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use drover_proto::api::{Agent, AgentStatus, LabelAgentRequest, RevokeAgentRequest};
+use drover_proto::labels::{check_key, check_labels};
+use drover_proto::ErrorBody;
+use drover_store::AgentRecord;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::UserAuth;
+use crate::error::{ApiError, ApiJson};
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_agents))
+        .routes(routes!(show_agent))
+        .routes(routes!(label_agent))
+        .routes(routes!(revoke_agent))
+}
+
+/// The API view of a stored agent, with its health as of `now`.
+pub fn to_api(state: &AppState, a: AgentRecord, now: DateTime<Utc>) -> Agent {
+    Agent {
+        status: AgentStatus::derive(
+            a.revoked_at.is_some(),
+            a.last_seen_at,
+            now,
+            state.config.health(),
+        ),
+        id: a.id,
+        hostname: a.hostname,
+        labels: a.labels,
+        group: a.group,
+        agent_version: a.agent_version,
+        enrolled_at: a.enrolled_at,
+        last_seen_at: a.last_seen_at,
+        revoked_at: a.revoked_at,
+        revoked_reason: a.revoked_reason,
+        inventory: a.inventory,
+    }
+}
+
+async fn load(state: &AppState, id_or_prefix: &str) -> Result<AgentRecord, ApiError> {
+    let id = state.store.resolve_agent_id(id_or_prefix).await?;
+    state
+        .store
+        .agent(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent '{id}' not found")))
+}
+
+/// Every enrolled agent, oldest first.
+#[utoipa::path(
+    get, path = "/api/v1/agents", tag = "agents",
+    security(("user" = [])),
+    responses((status = 200, body = [Agent]))
+)]
+async fn list_agents(
+    State(state): State<AppState>,
+    _user: UserAuth,
+) -> Result<Json<Vec<Agent>>, ApiError> {
+    let now = Utc::now();
+    let agents = state.store.list_agents().await?;
+    Ok(Json(
+        agents.into_iter().map(|a| to_api(&state, a, now)).collect(),
+    ))
+}
+
+/// One agent, by id or a unique id prefix.
+#[utoipa::path(
+    get, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    security(("user" = [])),
+    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+)]
+async fn show_agent(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Agent>, ApiError> {
+    let a = load(&state, &id).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Set and remove labels of an agent.
+#[utoipa::path(
+    patch, path = "/api/v1/agents/{id}/labels", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    request_body = LabelAgentRequest,
+    security(("user" = [])),
+    responses((status = 200, body = Agent), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody))
+)]
+async fn label_agent(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<LabelAgentRequest>,
+) -> Result<Json<Agent>, ApiError> {
+    user.require_admin()?;
+    check_labels(&req.set).map_err(|e| ApiError::invalid(e.to_string()))?;
+    for k in &req.remove {
+        check_key(k).map_err(|e| ApiError::invalid(e.to_string()))?;
+        if req.set.contains_key(k) {
+            return Err(ApiError::invalid(format!(
+                "label '{k}' is both set and removed"
+            )));
+        }
+    }
+    let mut a = load(&state, &id).await?;
+    for k in &req.remove {
+        a.labels.remove(k);
+    }
+    a.labels.extend(req.set.clone());
+    state.store.set_agent_labels(&a.id, &a.labels).await?;
+    tracing::info!(by = %user.username, agent = %a.id, labels = ?a.labels, "agent labels changed");
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Revoke an agent: its next request is refused with 401.
+#[utoipa::path(
+    post, path = "/api/v1/agents/{id}/revoke", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    request_body(content = Option<RevokeAgentRequest>),
+    security(("user" = [])),
+    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+)]
+async fn revoke_agent(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+    req: Option<ApiJson<RevokeAgentRequest>>,
+) -> Result<Json<Agent>, ApiError> {
+    user.require_admin()?;
+    let reason = req
+        .and_then(|ApiJson(r)| r.reason)
+        .unwrap_or_else(|| format!("revoked by {}", user.username));
+    if reason.len() > 500 {
+        return Err(ApiError::invalid("reason must be at most 500 bytes"));
+    }
+    let id = state.store.resolve_agent_id(&id).await?;
+    state.store.revoke_agent(&id, &reason, Utc::now()).await?;
+    tracing::info!(by = %user.username, agent = %id, %reason, "agent revoked");
+    let a = load(&state, &id).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}

@@ -1,0 +1,78 @@
+//! Probes and metrics: `/healthz`, `/readyz`, `/metrics`.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use chrono::Utc;
+
+use crate::metrics::{to_prometheus_text, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// The process is up and serving HTTP.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The server can do its work: the database answers.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database unavailable\n".to_owned(),
+            )
+        }
+    }
+}
+
+/// Metrics in OpenMetrics when the scraper asks for it (Prometheus does),
+/// else in the classic Prometheus text format.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let now = Utc::now();
+    match state
+        .store
+        .count_agents(
+            now - state.config.stale_after,
+            now - state.config.offline_after,
+        )
+        .await
+    {
+        Ok(c) => {
+            state.metrics.set_agents("online", c.online);
+            state.metrics.set_agents("stale", c.stale);
+            state.metrics.set_agents("offline", c.offline);
+            state.metrics.set_agents("revoked", c.revoked);
+        }
+        Err(e) => tracing::warn!(error = %e, "counting agents for metrics failed"),
+    }
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    match state.metrics.encode() {
+        Ok(body) if wants_openmetrics => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+            body,
+        )
+            .into_response(),
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            to_prometheus_text(&body),
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
