@@ -229,7 +229,16 @@ async fn write_profile(
         if p.server.trim_end_matches('/') == url {
             if let Some(token) = &p.token {
                 let hash = drover_server::auth::hash_token(token);
-                if server.store().user_token_by_hash(&hash).await?.is_some() {
+                let usable =
+                    server
+                        .store()
+                        .user_token_by_hash(&hash)
+                        .await?
+                        .is_some_and(|(t, _)| {
+                            t.revoked_at.is_none()
+                                && t.expires_at.is_none_or(|e| e > chrono::Utc::now())
+                        });
+                if usable {
                     return Ok(path);
                 }
             }

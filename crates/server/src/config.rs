@@ -169,8 +169,16 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-            format!("line {line}, column {col}: {what}")
+            let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+            let col = before.len() - line_start + 1;
+            // Name the key of the offending line when the message does not.
+            let line_text = text[line_start..].lines().next().unwrap_or("");
+            match line_text.split_once('=') {
+                Some((key, _)) if !what.contains(key.trim()) => {
+                    format!("line {line}, column {col}: {}: {what}", key.trim())
+                }
+                _ => format!("line {line}, column {col}: {what}"),
+            }
         }
         None => what,
     }

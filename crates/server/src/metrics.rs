@@ -136,6 +136,29 @@ impl Default for Metrics {
     }
 }
 
+/// Middleware counting and timing every request by its route template.
+pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    let labels = HttpLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    metrics.http_requests.get_or_create(&labels).inc();
+    metrics
+        .http_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,27 +181,4 @@ mod tests {
         );
         assert!(text.ends_with("# EOF\n"));
     }
-}
-
-/// Middleware counting and timing every request by its route template.
-pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let response = next.run(req).await;
-    let labels = HttpLabels {
-        method,
-        route,
-        status: response.status().as_u16(),
-    };
-    metrics.http_requests.get_or_create(&labels).inc();
-    metrics
-        .http_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    response
 }

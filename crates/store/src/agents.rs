@@ -86,7 +86,7 @@ pub struct NewAgent<'a> {
 /// The result of trading a bootstrap token.
 #[derive(Debug)]
 pub enum EnrollOutcome {
-    Enrolled(AgentRecord),
+    Enrolled(Box<AgentRecord>),
     TokenUnknown,
     TokenUsed { used_at: DateTime<Utc> },
     TokenExpired { expired_at: DateTime<Utc> },
@@ -183,7 +183,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(EnrollOutcome::Enrolled(AgentRecord {
+            Ok(EnrollOutcome::Enrolled(Box::new(AgentRecord {
                 id: agent.id.to_owned(),
                 hostname: agent.hostname.to_owned(),
                 labels: labels_from_json(&labels)?,
@@ -196,7 +196,7 @@ impl Store {
                 session_ended_reason: None,
                 revoked_at: None,
                 revoked_reason: None,
-            }))
+            })))
         })
     }
 
@@ -246,7 +246,9 @@ impl Store {
                 tx.commit().await?;
                 return Ok(RefreshOutcome::Reused { agent_id });
             };
-            let state: Option<(Option<String>, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+            /// session_id, session_ended_reason, revoked_at, revoked_reason
+            type AgentAuthRow = (Option<String>, Option<String>, Option<i64>, Option<String>);
+            let state: Option<AgentAuthRow> = sqlx::query_as(
                 "SELECT session_id, session_ended_reason, revoked_at, revoked_reason FROM agents WHERE id = $1",
             )
             .bind(&agent_id)

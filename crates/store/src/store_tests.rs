@@ -60,7 +60,7 @@ async fn enrolled(store: &Store, id: &str) -> AgentRecord {
         .await
         .unwrap()
     {
-        EnrollOutcome::Enrolled(a) => a,
+        EnrollOutcome::Enrolled(a) => *a,
         other => panic!("not enrolled: {other:?}"),
     }
 }

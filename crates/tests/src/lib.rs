@@ -1,1 +1,441 @@
+//! The harness every integration test uses: it starts the real `drover` and
+//! `drover-agent` binaries on loopback ports with temp dirs, on SQLite or
+//! PostgreSQL, and reads like the spec:
+//!
+//! ```ignore
+//! let mut cluster = Cluster::start(Backend::Sqlite).await;
+//! let agent = cluster.enroll_agent(&[]).await;
+//! cluster.wait_online(&agent.id).await;
+//! ```
+//!
+//! Binaries are taken from the target dir this test binary was built into;
+//! `scripts/test` builds them first. Every process is killed on drop.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use drover_proto::api::{Agent, AgentStatus};
+pub use drover_store::testing::{TestDb, BACKENDS};
+pub use drover_store::Backend;
+use serde::de::DeserializeOwned;
+
+/// The admin password every test cluster is started with.
+pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
+/// Path of a workspace binary next to this test binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/foundation-xxxx -> target/debug/NAME
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --bins), as scripts/test does",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on a pid we own; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Waits for a child to exit, up to `timeout`.
+pub async fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    wait_for("process exit", timeout, || {
+        let status = child.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await
+}
+
+/// Options for the server of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub heartbeat_interval: &'static str,
+    pub agent_access_ttl: Option<&'static str>,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            heartbeat_interval: "1s",
+            agent_access_ttl: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A server process (restartable on the same port and data) and a logged-in
+/// admin for the CLI.
+pub struct Cluster {
+    pub backend: Backend,
+    _db: TestDb,
+    database_url: String,
+    /// Holds the server's data dir and the CLI's HOME.
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+    options: ServerOptions,
+    server: Option<Child>,
+    starts: u32,
+    /// A session token of the admin, for the CLI and API calls.
+    pub admin_token: String,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    pub async fn start(backend: Backend) -> Cluster {
+        Cluster::start_with(backend, ServerOptions::default()).await
+    }
+
+    pub async fn start_with(backend: Backend, options: ServerOptions) -> Cluster {
+        let db = TestDb::new(backend).await;
+        let port = free_port();
+        let mut cluster = Cluster {
+            backend,
+            database_url: db.url.clone(),
+            _db: db,
+            dir: tempfile::tempdir().expect("temp dir"),
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            options,
+            server: None,
+            starts: 0,
+            admin_token: String::new(),
+            http: reqwest::Client::new(),
+        };
+        cluster.start_server().await;
+        cluster.admin_token = cluster.login(ADMIN_PASSWORD).await.expect("admin login");
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Path of the log of the n-th server start (1-based).
+    pub fn server_log(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("server-{start}.log"))
+    }
+
+    /// Starts the server process and waits until it is ready.
+    pub async fn start_server(&mut self) {
+        assert!(self.server.is_none(), "server already running");
+        self.starts += 1;
+        let log = File::create(self.server_log(self.starts)).expect("server log");
+        let mut cmd = Command::new(bin("drover"));
+        cmd.arg("server")
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--database-url", &self.database_url])
+            .args(["--heartbeat-interval", self.options.heartbeat_interval])
+            .args(["--log-format", "json"]);
+        if let Some(ttl) = self.options.agent_access_ttl {
+            cmd.args(["--agent-access-ttl", ttl]);
+        }
+        cmd.args(&self.options.extra_args)
+            .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("HOME", self.dir.path())
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env_remove("DROVER_CONFIG")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.server = Some(cmd.spawn().expect("spawn drover server"));
+        let url = format!("{}/readyz", self.url);
+        let http = self.http.clone();
+        let log_path = self.server_log(self.starts);
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self
+                .server
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "server exited with {status} at start:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                panic!("server not ready after 30s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop_server(&mut self) -> ExitStatus {
+        let mut child = self.server.take().expect("server running");
+        signal(&child, libc::SIGTERM);
+        wait_exit(&mut child, Duration::from_secs(15)).await
+    }
+
+    /// SIGKILL: the server gets no chance to clean up.
+    pub async fn kill_server(&mut self) {
+        let mut child = self.server.take().expect("server running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Logs in through the API; returns the session token.
+    pub async fn login(&self, password: &str) -> Result<String, String> {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/auth/login", self.url))
+            .json(&serde_json::json!({"username": "admin", "password": password}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(body.to_string());
+        }
+        Ok(body["token"].as_str().expect("token").to_owned())
+    }
+
+    /// A `drover` CLI command against this cluster, as the admin.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("drover"));
+        cmd.args(args)
+            .env("DROVER_SERVER", &self.url)
+            .env("DROVER_TOKEN", &self.admin_token)
+            .env("HOME", self.dir.path())
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the CLI and returns its output, whatever the exit status.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().expect("run drover")
+    }
+
+    /// Runs the CLI, requires success, and returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs the CLI with `--output json` and parses stdout.
+    pub fn cli_json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let text = self.cli_ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("drover {all:?}: {e}: {text}"))
+    }
+
+    /// A new one-time bootstrap token; `extra` are flags of `token create`.
+    pub fn bootstrap_token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend(extra);
+        self.cli_ok(&args).trim().to_owned()
+    }
+
+    pub fn agents(&self) -> Vec<Agent> {
+        self.cli_json(&["agents", "list"])
+    }
+
+    pub fn agent(&self, id: &str) -> Agent {
+        self.cli_json(&["agents", "show", id])
+    }
+
+    /// Enrolls and starts a new agent with a fresh token.
+    pub async fn enroll_agent(&self, token_flags: &[&str]) -> AgentProc {
+        let token = self.bootstrap_token(token_flags);
+        let agent = AgentProc::new(&self.url);
+        let out = agent
+            .command(&["enroll", "--token", &token])
+            .output()
+            .expect("enroll");
+        assert!(
+            out.status.success(),
+            "enroll failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut agent = agent;
+        agent.id = String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned();
+        agent.start();
+        agent
+    }
+
+    /// Waits until the agent is listed online with an inventory.
+    pub async fn wait_online(&self, id: &str) -> Agent {
+        wait_for("agent online", Duration::from_secs(20), || {
+            let a = self.agent(id);
+            async move { (a.status == AgentStatus::Online && a.inventory.is_some()).then_some(a) }
+        })
+        .await
+    }
+
+    /// Waits until the agent has been seen after `after`.
+    pub async fn wait_seen_after(&self, id: &str, after: chrono::DateTime<chrono::Utc>) -> Agent {
+        wait_for("a heartbeat", Duration::from_secs(20), || {
+            let a = self.agent(id);
+            async move { a.last_seen_at.is_some_and(|t| t > after).then_some(a) }
+        })
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `drover-agent` with its own state dir.
+pub struct AgentProc {
+    pub id: String,
+    pub server: String,
+    pub state: tempfile::TempDir,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl AgentProc {
+    pub fn new(server: &str) -> AgentProc {
+        let state = tempfile::tempdir().expect("temp dir");
+        // An empty config of its own, so no /etc/drover/agent.yaml interferes.
+        std::fs::write(state.path().join("agent.yaml"), "").expect("agent.yaml");
+        AgentProc {
+            id: String::new(),
+            server: server.to_owned(),
+            state,
+            child: None,
+            runs: 0,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state.path().join("state")
+    }
+
+    /// A `drover-agent` command for this agent's state dir and server.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("drover-agent"));
+        cmd.arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--max-backoff", "2s", "--log-format", "json"])
+            .args(args)
+            .env("DROVER_AGENT_SERVER", &self.server)
+            .env("DROVER_AGENT_CONFIG", self.state.path().join("agent.yaml"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn log_path(&self, run: u32) -> PathBuf {
+        self.state.path().join(format!("agent-{run}.log"))
+    }
+
+    /// The log of the latest run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path(self.runs)).unwrap_or_default()
+    }
+
+    /// Starts `drover-agent run`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        self.runs += 1;
+        let log = File::create(self.log_path(self.runs)).expect("agent log");
+        let child = self
+            .command(&["run"])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn drover-agent");
+        self.child = Some(child);
+    }
+
+    /// Waits for the running agent to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        wait_exit(&mut child, timeout).await
+    }
+
+    pub async fn stop(&mut self) -> ExitStatus {
+        let child = self.child.as_ref().expect("agent running");
+        signal(child, libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    /// `drover-agent status --output json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self
+            .command(&["status", "--output", "json"])
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
