@@ -5,6 +5,10 @@ use std::time::Duration;
 use drover_proto::agent::{
     Credentials, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, RefreshRequest,
 };
+use drover_proto::jobs::{
+    AttemptResult, LeaseRequest, LeaseResponse, LogUpload, PollRequest, PollResponse, ResultAck,
+    StartRequest,
+};
 use drover_proto::{ErrorBody, ErrorCode, API_PREFIX};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -40,6 +44,14 @@ impl ClientError {
                 ..
             }
         )
+    }
+
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -84,10 +96,38 @@ impl Client {
         bearer: Option<&str>,
         body: &Req,
     ) -> Result<Resp, ClientError> {
+        let (url, resp) = self.send(path, bearer, body, None).await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("{url}: {e}")))
+    }
+
+    /// For answers whose body carries nothing the agent needs.
+    async fn post_ignoring_body<Req: Serialize>(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &Req,
+    ) -> Result<(), ClientError> {
+        self.send(path, bearer, body, None).await.map(drop)
+    }
+
+    /// Sends one request and turns a non-2xx answer into `Refused`.
+    /// `timeout` replaces the client's 30 s for this one request.
+    async fn send<Req: Serialize>(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &Req,
+        timeout: Option<Duration>,
+    ) -> Result<(String, reqwest::Response), ClientError> {
         let url = format!("{}{API_PREFIX}{path}", self.base);
         let mut req = self.http.post(&url).json(body);
         if let Some(token) = bearer {
             req = req.bearer_auth(token);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
         }
         let resp = req
             .send()
@@ -98,10 +138,7 @@ impl Client {
             })?;
         let status = resp.status();
         if status.is_success() {
-            return resp
-                .json()
-                .await
-                .map_err(|e| ClientError::Protocol(format!("{url}: {e}")));
+            return Ok((url, resp));
         }
         let retry_after = resp
             .headers()
@@ -139,5 +176,62 @@ impl Client {
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ClientError> {
         self.post("/agent/heartbeat", Some(access_token), req).await
+    }
+
+    /// Long-polls for work; the server may hold it up to `req.wait_ms`, so
+    /// the request may take `timeout`, which must exceed that.
+    pub async fn poll(
+        &self,
+        access_token: &str,
+        req: &PollRequest,
+        timeout: Duration,
+    ) -> Result<PollResponse, ClientError> {
+        let (url, resp) = self
+            .send("/agent/poll", Some(access_token), req, Some(timeout))
+            .await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("{url}: {e}")))
+    }
+
+    /// `attempt_id` must have passed `jobs::valid_attempt_id`: it goes
+    /// into the path as is.
+    pub async fn start(
+        &self,
+        access_token: &str,
+        attempt_id: &str,
+        req: &StartRequest,
+    ) -> Result<(), ClientError> {
+        let path = format!("/agent/attempts/{attempt_id}/start");
+        self.post_ignoring_body(&path, Some(access_token), req)
+            .await
+    }
+
+    pub async fn logs(
+        &self,
+        access_token: &str,
+        attempt_id: &str,
+        req: &LogUpload,
+    ) -> Result<(), ClientError> {
+        let path = format!("/agent/attempts/{attempt_id}/logs");
+        self.post_ignoring_body(&path, Some(access_token), req)
+            .await
+    }
+
+    pub async fn leases(
+        &self,
+        access_token: &str,
+        req: &LeaseRequest,
+    ) -> Result<LeaseResponse, ClientError> {
+        self.post("/agent/leases", Some(access_token), req).await
+    }
+
+    pub async fn result(
+        &self,
+        access_token: &str,
+        req: &AttemptResult,
+    ) -> Result<ResultAck, ClientError> {
+        let path = format!("/agent/attempts/{}/result", req.attempt_id);
+        self.post(&path, Some(access_token), req).await
     }
 }

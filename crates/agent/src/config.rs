@@ -1,6 +1,7 @@
 //! Agent configuration: `agent.yaml`, `DROVER_*` variables and flags.
 //! A flag beats its variable, which beats the file, which beats the default.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,6 +9,13 @@ use serde::Deserialize;
 
 /// Default place of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/drover/agent.yaml";
+
+/// Attempts run at once unless configured otherwise.
+pub const DEFAULT_CAPACITY: u32 = 4;
+
+/// Largest accepted `capacity`: each attempt holds processes, pipes and a
+/// log buffer, so a typo such as 10000 should not be taken at its word.
+const MAX_CAPACITY: u32 = 256;
 
 /// Options shared by `drover-agent run`, `enroll` and `status`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -46,6 +54,27 @@ pub struct AgentArgs {
     /// Longest wait between retries while the server is unreachable [default: 60s].
     #[arg(long, env = "DROVER_AGENT_MAX_BACKOFF", value_parser = humantime::parse_duration, value_name = "DURATION", global = true)]
     pub max_backoff: Option<Duration>,
+    /// An action this agent may run: a name or a glob with '*', e.g. deploy-*;
+    /// repeatable. Replaces allow_actions of agent.yaml [default: none].
+    #[arg(
+        long = "allow-action",
+        env = "DROVER_AGENT_ALLOW_ACTIONS",
+        value_delimiter = ',',
+        value_name = "PATTERN",
+        global = true
+    )]
+    pub allow_actions: Option<Vec<String>>,
+    /// Most attempts run at once [default: 4].
+    #[arg(long, env = "DROVER_AGENT_CAPACITY", value_name = "N", global = true)]
+    pub capacity: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (loopback only) [default: off].
+    #[arg(
+        long,
+        env = "DROVER_AGENT_METRICS_LISTEN",
+        value_name = "ADDR",
+        global = true
+    )]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Log output format.
@@ -67,6 +96,9 @@ struct FileConfig {
     log_level: Option<String>,
     #[serde(default, with = "humantime_serde")]
     max_backoff: Option<Duration>,
+    allow_actions: Option<Vec<String>>,
+    capacity: Option<u32>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration.
@@ -78,6 +110,14 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub max_backoff: Duration,
+    /// Names or globs ('*' matches any run of characters) of the actions
+    /// this agent runs. Empty (the default) refuses every action: running
+    /// work on a machine is opted into on that machine, not by the server.
+    pub allow_actions: Vec<String>,
+    /// Most attempts run at once.
+    pub capacity: u32,
+    /// Where to serve Prometheus metrics; `None` (the default) serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A configuration that cannot be used, naming the file, line or option.
@@ -168,17 +208,50 @@ impl AgentConfig {
                 .max_backoff
                 .or(file.max_backoff)
                 .unwrap_or(Duration::from_secs(60)),
+            allow_actions: args
+                .allow_actions
+                .clone()
+                .or(file.allow_actions)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            capacity: args.capacity.or(file.capacity).unwrap_or(DEFAULT_CAPACITY),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
         };
         if config.max_backoff < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "max_backoff must be at least 1s".to_owned(),
             ));
         }
+        if config.capacity == 0 || config.capacity > MAX_CAPACITY {
+            return Err(ConfigError::Invalid(format!(
+                "capacity must be between 1 and {MAX_CAPACITY}, not {}",
+                config.capacity
+            )));
+        }
+        if let Some(addr) = config.metrics_listen {
+            // The endpoint has no authentication: keep it on the machine.
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics_listen {addr} is not a loopback address (use 127.0.0.1 or [::1])"
+                )));
+            }
+        }
         if let Some(server) = &config.server {
             check_server_url(server)?;
         }
         Ok(config)
     }
+}
+
+/// The PATH given to job processes: the agent's own, or a safe default.
+pub fn process_path() -> String {
+    std::env::var("PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| crate::executor::DEFAULT_PATH.to_owned())
 }
 
 /// Refuses anything but an http(s) URL with a host.
@@ -224,6 +297,53 @@ mod tests {
         assert!(err.contains("agent.yaml"), "{err}");
         assert!(err.contains("pol_interval"), "{err}");
         assert!(err.contains('2'), "line number missing: {err}");
+    }
+
+    #[test]
+    fn job_options_default_and_parse() {
+        let c = load_text("server: http://h:1\n").unwrap();
+        assert!(c.allow_actions.is_empty(), "refuse everything by default");
+        assert_eq!(c.capacity, DEFAULT_CAPACITY);
+        assert_eq!(c.metrics_listen, None);
+        let c = load_text(
+            "allow_actions: [\"deploy-*\", uptime]\ncapacity: 2\nmetrics_listen: 127.0.0.1:9101\n",
+        )
+        .unwrap();
+        assert_eq!(c.allow_actions, vec!["deploy-*", "uptime"]);
+        assert_eq!(c.capacity, 2);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, "allow_actions: [a]\ncapacity: 2\n").unwrap();
+        let c = AgentConfig::load(&AgentArgs {
+            config: Some(path),
+            allow_actions: Some(vec!["b".into(), " c ".into(), "".into()]),
+            capacity: Some(7),
+            ..AgentArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.allow_actions, vec!["b", "c"]);
+        assert_eq!(c.capacity, 7);
+    }
+
+    #[test]
+    fn bad_job_options_are_named() {
+        let cases = [
+            ("capacity: 0\n", "capacity"),
+            ("capacity: 100000\n", "capacity"),
+            ("capacity: -1\n", "agent.yaml"),
+            ("metrics_listen: 0.0.0.0:9101\n", "loopback"),
+            ("metrics_listen: nowhere\n", "agent.yaml"),
+            ("allow_actions: deploy\n", "agent.yaml"),
+        ];
+        for (text, want) in cases {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 
     #[test]

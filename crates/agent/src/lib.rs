@@ -1,19 +1,36 @@
 //! The Drover node agent: enrolls with a one-time bootstrap token, then
-//! heartbeats its inventory to the server, riding out outages with jittered
-//! backoff and keeping everything it knows in its state dir.
+//! heartbeats its inventory to the server and pulls, runs and reports the
+//! jobs it is allowed to run, riding out outages with jittered backoff and
+//! keeping everything it knows in its state dir.
 //!
 //! Key design decision: the agent only ever opens outbound connections and
-//! keeps its own state on disk (atomic writes), so it works behind NAT and
-//! survives restarts of itself and of the server without losing its identity.
-//! It depends on `drover-proto` for the wire model, never on the server.
+//! keeps its own state on disk (atomic writes, results in an outbox until
+//! acknowledged), so it works behind NAT and survives restarts of itself
+//! and of the server without losing its identity or a result. It depends on
+//! `drover-proto` for the wire model, never on the server.
+//!
+//! The tasks of `run`: the heartbeat loop (`runner`), and the poller, lease
+//! renewer, attempt tasks and reporter (`jobs`, which names what each does
+//! on stop), plus the optional metrics endpoint (`metrics`). They share one
+//! `session::Session` for credentials.
 
+pub mod allow;
 pub mod client;
 pub mod config;
+pub mod executor;
 pub mod inventory;
+mod jobs;
+pub mod metrics;
+pub mod outbox;
+#[cfg(test)]
+mod run_tests;
 mod runner;
+mod session;
 pub mod state;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use drover_proto::agent::EnrollRequest;
@@ -47,7 +64,15 @@ pub enum Error {
     NoServer,
     #[error("the server refused this agent's credentials for good: {0}")]
     CredentialsRejected(String),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
+
+/// How long the last outbox drain may take when the agent stops.
+const FINAL_DRAIN: Duration = Duration::from_secs(5);
 
 /// How to enroll.
 #[derive(Debug, Clone)]
@@ -103,6 +128,11 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<StoredCreden
 
 /// Runs the agent until `shutdown` is cancelled, or until the server
 /// refuses its credentials for good (revoked, session ended).
+///
+/// On shutdown it stops polling, cancels running attempts (SIGTERM, then
+/// SIGKILL after their grace), writes their results to the outbox, tries
+/// one last drain for a few seconds, and returns; what is undelivered stays
+/// in the outbox for the next start.
 pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let dir = StateDir::open(&config.state_dir)?;
     let creds = dir
@@ -114,7 +144,84 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
             "{why} (recorded earlier; enroll again with --force and a new bootstrap token)"
         )));
     }
-    runner::Runner::new(config, dir, creds, local)?
+    let outbox = outbox::Outbox::open(&dir)?;
+    // A server given in the config overrides the one of enrollment, so a
+    // moved server needs no re-enrollment.
+    let server = config
+        .server
+        .clone()
+        .unwrap_or_else(|| creds.server.clone());
+    let session = Arc::new(session::Session::new(
+        Client::new(&server)?,
+        dir.clone(),
+        creds,
+    ));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let stop = CancellationToken::new();
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| Error::MetricsListen { addr, source })?;
+            tracing::info!(%addr, "serving metrics at /metrics");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let work_root = dir.path().join("work");
+    // Leftovers of attempts a killed agent could not clean up.
+    let _ = std::fs::remove_dir_all(&work_root);
+    let jobs = Arc::new(jobs::Jobs::new(
+        session.clone(),
+        jobs::JobsConfig {
+            capacity: config.capacity,
+            allow_actions: config.allow_actions.clone(),
+            exec: executor::ExecOptions {
+                work_root,
+                path: config::process_path(),
+            },
+            max_backoff: config.max_backoff,
+        },
+        outbox,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tracing::info!(
+        agent = %session.agent_id(),
+        server = %session.client().server(),
+        state_dir = %dir.path().display(),
+        capacity = config.capacity,
+        allow_actions = ?config.allow_actions,
+        "agent running"
+    );
+    if config.allow_actions.is_empty() {
+        tracing::warn!("allow_actions is empty: every job sent to this agent will be rejected");
+    }
+    let poller = tokio::spawn(jobs.clone().poll_loop());
+    let leases = tokio::spawn(jobs.clone().lease_loop());
+    let reporter = tokio::spawn(jobs.clone().report_loop());
+
+    // The heartbeat loop runs here; it returns on shutdown or rejection.
+    let outcome = runner::Runner::new(config, session.clone(), dir, local)?
         .run(shutdown)
-        .await
+        .await;
+
+    stop.cancel();
+    for task in [poller, leases, reporter] {
+        let _ = task.await;
+    }
+    jobs.stop_attempts().await;
+    if outcome.is_ok() {
+        jobs.final_drain(FINAL_DRAIN).await;
+    }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    session.settle().await;
+    tracing::info!("agent stopped");
+    outcome
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use drover_agent::config::LogFormat;
+use drover_agent::outbox::Outbox;
 use drover_agent::state::StateDir;
 use drover_agent::{AgentArgs, AgentConfig, EnrollOptions, Error};
 use tokio_util::sync::CancellationToken;
@@ -195,6 +196,8 @@ fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
         "last_error_at": local.last_error_at,
         "heartbeat_interval_secs": local.heartbeat_interval_secs,
         "credentials_rejected": local.credentials_rejected,
+        // Results written but not yet acknowledged by the server.
+        "outbox": Outbox::existing(&dir).map_or(0, |o| o.len()),
         "version": drover_agent::VERSION,
     });
     match output {
@@ -215,6 +218,7 @@ fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
                 "last_error_at",
                 "heartbeat_interval_secs",
                 "credentials_rejected",
+                "outbox",
                 "version",
             ] {
                 println!("{:<24} {}", format!("{key}:"), show(&view[key]));

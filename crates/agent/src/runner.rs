@@ -1,21 +1,22 @@
-//! The agent's main loop: heartbeat at the interval the server prescribes,
-//! refresh credentials before they expire, back off with jitter while the
-//! server is unreachable, and stop for good when it refuses the credentials.
+//! The heartbeat loop: heartbeat at the interval the server prescribes,
+//! back off with jitter while the server is unreachable, and stop for good
+//! when it refuses the credentials (refreshing them is the shared
+//! session's job, see `session`). It alone writes the local state.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use drover_proto::agent::{HeartbeatRequest, HeartbeatResponse};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
 use crate::config::AgentConfig;
 use crate::inventory::Collector;
-use crate::state::{LocalState, StateDir, StoredCredentials};
+use crate::session::Session;
+use crate::state::{LocalState, StateDir};
 use crate::Error;
 
-/// Refresh the access token when it has less than this left.
-const REFRESH_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
 /// Rewrite the local state at least this often while all is well.
 const STATE_WRITE_EVERY: chrono::Duration = chrono::Duration::seconds(60);
 
@@ -57,9 +58,8 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 pub(crate) struct Runner {
-    client: Client,
+    session: Arc<Session>,
     dir: StateDir,
-    creds: StoredCredentials,
     local: LocalState,
     collector: Collector,
     backoff: Backoff,
@@ -69,20 +69,13 @@ pub(crate) struct Runner {
 impl Runner {
     pub(crate) fn new(
         config: &AgentConfig,
+        session: Arc<Session>,
         dir: StateDir,
-        creds: StoredCredentials,
         local: LocalState,
     ) -> Result<Runner, Error> {
-        // A server given in the config overrides the one of enrollment, so a
-        // moved server needs no re-enrollment.
-        let server = config
-            .server
-            .clone()
-            .unwrap_or_else(|| creds.server.clone());
         Ok(Runner {
-            client: Client::new(&server)?,
+            session,
             dir,
-            creds,
             local,
             collector: Collector::new(),
             backoff: Backoff::new(config.max_backoff),
@@ -91,15 +84,11 @@ impl Runner {
     }
 
     pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
-        tracing::info!(
-            agent = %self.creds.agent_id,
-            server = %self.client.server(),
-            state_dir = %self.dir.path().display(),
-            "agent running"
-        );
+        let rejected = self.session.rejected().clone();
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = rejected.cancelled() => return Err(self.record_rejection()),
                 r = self.beat() => r,
             };
             let wait = match outcome {
@@ -107,15 +96,7 @@ impl Runner {
                     self.contact_ok(resp.heartbeat_interval_secs);
                     jittered(Duration::from_secs(resp.heartbeat_interval_secs.max(1)))
                 }
-                Err(e) if e.is_terminal() => {
-                    let why = e.to_string();
-                    tracing::error!(error = %why, "credentials refused for good; stopping");
-                    self.local.credentials_rejected = Some(why.clone());
-                    self.local.last_error = Some(why.clone());
-                    self.local.last_error_at = Some(Utc::now());
-                    self.save_state();
-                    return Err(Error::CredentialsRejected(why));
-                }
+                Err(e) if e.is_terminal() => return Err(self.record_rejection()),
                 Err(e) => {
                     let wait = self.backoff.next().max(e.retry_after().unwrap_or_default());
                     tracing::warn!(
@@ -132,42 +113,35 @@ impl Runner {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = rejected.cancelled() => return Err(self.record_rejection()),
                 _ = tokio::time::sleep(wait) => {}
             }
         }
         self.save_state();
-        tracing::info!("agent stopped");
         Ok(())
+    }
+
+    /// Remembers in the local state that the credentials are dead, so that
+    /// a restart does not try them again.
+    fn record_rejection(&mut self) -> Error {
+        let why = self
+            .session
+            .rejection()
+            .unwrap_or_else(|| "credentials refused".to_owned());
+        self.local.credentials_rejected = Some(why.clone());
+        self.local.last_error = Some(why.clone());
+        self.local.last_error_at = Some(Utc::now());
+        self.save_state();
+        Error::CredentialsRejected(why)
     }
 
     async fn beat(&mut self) -> Result<HeartbeatResponse, ClientError> {
-        if self.creds.access_expires_at - Utc::now() < REFRESH_MARGIN {
-            self.refresh().await?;
-        }
-        let req = HeartbeatRequest {
+        let req = &HeartbeatRequest {
             inventory: self.collector.collect(self.dir.path()),
         };
-        match self.client.heartbeat(&self.creds.access_token, &req).await {
-            Err(e) if e.is_token_expired() => {
-                self.refresh().await?;
-                self.client.heartbeat(&self.creds.access_token, &req).await
-            }
-            other => other,
-        }
-    }
-
-    async fn refresh(&mut self) -> Result<(), ClientError> {
-        let fresh = self.client.refresh(&self.creds.refresh_token).await?;
-        self.creds.access_token = fresh.access_token;
-        self.creds.access_expires_at = fresh.access_expires_at;
-        self.creds.refresh_token = fresh.refresh_token;
-        // The old refresh token is spent: if this write fails, a restart
-        // would present it again and the server would end the session.
-        if let Err(e) = self.dir.save_credentials(&self.creds) {
-            tracing::error!(error = %e, "could not persist rotated credentials");
-        }
-        tracing::debug!("credentials refreshed");
-        Ok(())
+        self.session
+            .call(|client, token| async move { client.heartbeat(&token, req).await })
+            .await
     }
 
     fn contact_ok(&mut self, interval_secs: u64) {
@@ -180,8 +154,8 @@ impl Runner {
         }
         self.backoff.reset();
         let had_error = self.local.last_error.is_some();
-        self.local.agent_id = Some(self.creds.agent_id.clone());
-        self.local.server = Some(self.client.server().to_owned());
+        self.local.agent_id = Some(self.session.agent_id().to_owned());
+        self.local.server = Some(self.session.client().server().to_owned());
         self.local.last_contact_at = Some(now);
         self.local.last_error = None;
         self.local.heartbeat_interval_secs = Some(interval_secs);

@@ -2,6 +2,7 @@
 //! (`drover up`) and the operator CLI. Parses arguments, then hands off.
 
 mod client;
+mod jobs;
 mod ops;
 mod output;
 mod profile;
@@ -58,6 +59,17 @@ enum Command {
     /// Inspect and manage enrolled agents.
     #[command(subcommand)]
     Agents(ops::AgentsCommand),
+    /// Manage the action catalog.
+    #[command(subcommand)]
+    Actions(jobs::ActionsCommand),
+    /// Run an action on the agents a target names.
+    Run(jobs::RunArgs),
+    /// Inspect, follow and cancel jobs.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(jobs::AuditCommand),
     /// Print the version.
     Version,
 }
@@ -93,7 +105,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<jobs::JobFailed>().is_some() {
+                ExitCode::from(jobs::EXIT_JOB_FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -110,6 +126,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Login(args) => ops::login(&target, args).await,
         Command::Token(cmd) => ops::token(&target, cmd).await,
         Command::Agents(cmd) => ops::agents(&target, cmd).await,
+        Command::Actions(cmd) => jobs::actions(&target, cmd).await,
+        Command::Run(args) => jobs::run(&target, args).await,
+        Command::Jobs(cmd) => jobs::jobs(&target, cmd).await,
+        Command::Audit(cmd) => jobs::audit(&target, cmd).await,
         Command::Version => {
             println!("drover {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -181,6 +181,10 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
         log_format: drover_agent::config::LogFormat::Human,
         log_level: String::new(),
         max_backoff: Duration::from_secs(5),
+        // The local agent of `drover up` is the operator's own machine.
+        allow_actions: vec!["*".into()],
+        capacity: drover_agent::config::DEFAULT_CAPACITY,
+        metrics_listen: None,
     };
     let agent_shutdown = shutdown.clone();
     let agent_task =

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod api;
 pub mod error;
+pub mod jobs;
 pub mod labels;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

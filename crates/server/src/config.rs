@@ -63,6 +63,16 @@ pub struct ServerArgs {
     /// [default: DATA_DIR/signing.key]. Replicas must share it.
     #[arg(long, env = "DROVER_SIGNING_KEY_FILE", value_name = "FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// Lease of a dispatched attempt; the agent renews it every third of it,
+    /// and an attempt whose lease runs out is lost [default: 30s].
+    #[arg(long, env = "DROVER_ATTEMPT_LEASE", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub attempt_lease: Option<Duration>,
+    /// Output kept per attempt and stream, in bytes [default: 1048576].
+    #[arg(long, env = "DROVER_LOG_CAP_BYTES", value_name = "BYTES")]
+    pub log_cap_bytes: Option<u64>,
+    /// Long-polls held at once; beyond it agents get 503 and Retry-After [default: 20000].
+    #[arg(long, env = "DROVER_MAX_LONG_POLLS", value_name = "N")]
+    pub max_long_polls: Option<usize>,
     /// Password of the admin user created at the first start; generated and
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
@@ -101,6 +111,10 @@ struct FileConfig {
     session_ttl: Option<Duration>,
     max_body_bytes: Option<usize>,
     signing_key_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    attempt_lease: Option<Duration>,
+    log_cap_bytes: Option<u64>,
+    max_long_polls: Option<usize>,
 }
 
 /// The resolved configuration the server runs with.
@@ -119,6 +133,9 @@ pub struct ServerConfig {
     pub session_ttl: Duration,
     pub max_body_bytes: usize,
     pub signing_key_file: PathBuf,
+    pub attempt_lease: Duration,
+    pub log_cap_bytes: u64,
+    pub max_long_polls: usize,
     pub admin_password: Option<String>,
 }
 
@@ -253,6 +270,18 @@ impl ServerConfig {
                 .max_body_bytes
                 .or(file.max_body_bytes)
                 .unwrap_or(1024 * 1024),
+            attempt_lease: args
+                .attempt_lease
+                .or(file.attempt_lease)
+                .unwrap_or(Duration::from_secs(30)),
+            log_cap_bytes: args
+                .log_cap_bytes
+                .or(file.log_cap_bytes)
+                .unwrap_or(1024 * 1024),
+            max_long_polls: args
+                .max_long_polls
+                .or(file.max_long_polls)
+                .unwrap_or(20_000),
             admin_password: args.admin_password.clone().or_else(|| {
                 std::env::var("DROVER_ADMIN_PASSWORD")
                     .ok()
@@ -279,6 +308,15 @@ impl ServerConfig {
         }
         if self.agent_refresh_ttl < self.agent_access_ttl {
             return bad("agent_refresh_ttl must be at least agent_access_ttl");
+        }
+        if self.attempt_lease < Duration::from_secs(1) {
+            return bad("attempt_lease must be at least 1s");
+        }
+        if self.log_cap_bytes < 1024 {
+            return bad("log_cap_bytes must be at least 1024");
+        }
+        if self.max_long_polls == 0 {
+            return bad("max_long_polls must be at least 1");
         }
         if self.max_body_bytes < 1024 {
             return bad("max_body_bytes must be at least 1024");

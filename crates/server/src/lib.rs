@@ -7,10 +7,13 @@
 //! between replicas, so any number of servers can front one PostgreSQL.
 
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod metrics;
 pub mod routes;
+pub mod selector;
 pub mod state;
 
 use std::sync::Arc;
@@ -83,6 +86,7 @@ impl Server {
         })
         .await?;
         let signing_key = SigningKey::load_or_create(&config.signing_key_file)?;
+        let max_long_polls = config.max_long_polls;
         tracing::info!(
             backend = %store.backend(),
             database = %drover_store::redact(&config.database_url),
@@ -94,6 +98,8 @@ impl Server {
                 config: Arc::new(config),
                 signing_key,
                 metrics: Arc::new(Metrics::new()),
+                hub: Arc::new(hub::Hub::new(max_long_polls)),
+                shutdown: CancellationToken::new(),
             },
         })
     }
@@ -171,13 +177,52 @@ impl Server {
         let addr = listener.local_addr().map_err(Error::Serve)?;
         tracing::info!(%addr, "listening");
         let app = self.router();
+        // Long-polls and waits end as soon as shutdown starts.
+        let state_shutdown = self.state.shutdown.clone();
+        let forward = shutdown.clone();
+        tokio::spawn(async move {
+            forward.cancelled().await;
+            state_shutdown.cancel();
+        });
+        let reaper = tokio::spawn(reap_leases(self.state.clone()));
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(Error::Serve)?;
+        self.state.shutdown.cancel();
+        let _ = reaper.await;
         self.state.store.close().await;
         tracing::info!("server stopped");
         Ok(())
+    }
+}
+
+/// Background task: attempts whose agent stopped renewing their lease become
+/// lost (and are retried per policy). Runs until shutdown; an error is logged
+/// and the next round tries again.
+async fn reap_leases(state: AppState) {
+    let every = (state.config.attempt_lease / 4).clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match state.store.expire_leases(fastrand::f64(), Utc::now()).await {
+            Ok(expired) => {
+                for e in expired {
+                    tracing::warn!(attempt = %e.attempt_id, job = %e.job_id, agent = %e.agent_id, retried = e.retried, "attempt lost: lease expired");
+                    state.metrics.result_recorded("lost");
+                    state.hub.job_changed(&e.job_id);
+                    if e.retried {
+                        state.hub.wake(&e.agent_id);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "expiring leases failed"),
+        }
     }
 }
 
@@ -197,6 +242,10 @@ pub fn app(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
     api.merge(routes::system::router())
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::audit::record,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             metrics,
             metrics::track,

@@ -26,6 +26,11 @@ struct AgentLabels {
     status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the server exports, registered once at start.
@@ -35,6 +40,11 @@ pub struct Metrics {
     http_requests: Family<HttpLabels, Counter>,
     http_duration: HistogramFamily<HttpLabels>,
     agents: Family<AgentLabels, Gauge>,
+    jobs: Family<StateLabels, Gauge>,
+    results: Family<StateLabels, Counter>,
+    queue_depth: Gauge,
+    long_polls: Gauge,
+    dispatch_latency: Histogram,
 }
 
 fn http_buckets() -> Histogram {
@@ -59,17 +69,77 @@ impl Metrics {
             http_duration.clone(),
         );
         registry.register("agents", "Enrolled agents by health status", agents.clone());
+        let jobs = Family::<StateLabels, Gauge>::default();
+        registry.register("jobs", "Jobs by state", jobs.clone());
+        let results = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "attempt_results",
+            "Attempt results recorded, by state",
+            results.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Attempts waiting to be dispatched",
+            queue_depth.clone(),
+        );
+        let long_polls = Gauge::default();
+        registry.register(
+            "long_polls_waiting",
+            "Agent long-polls held open",
+            long_polls.clone(),
+        );
+        // 0.1 ms .. ~6.5 s
+        let dispatch_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
+        registry.register(
+            "dispatch_latency_seconds",
+            "Time from an attempt becoming runnable to its dispatch to an agent",
+            dispatch_latency.clone(),
+        );
         Metrics {
             registry,
             http_requests,
             http_duration,
             agents,
+            jobs,
+            results,
+            queue_depth,
+            long_polls,
+            dispatch_latency,
         }
     }
 
     /// Sets the number of agents in one health status.
     pub fn set_agents(&self, status: &'static str, n: i64) {
         self.agents.get_or_create(&AgentLabels { status }).set(n);
+    }
+
+    pub fn set_jobs(&self, state: &str, n: i64) {
+        self.jobs
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .set(n);
+    }
+
+    pub fn result_recorded(&self, state: &str) {
+        self.results
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_queue_depth(&self, n: i64) {
+        self.queue_depth.set(n);
+    }
+
+    pub fn set_long_polls(&self, n: i64) {
+        self.long_polls.set(n);
+    }
+
+    pub fn observe_dispatch(&self, seconds: f64) {
+        self.dispatch_latency.observe(seconds.max(0.0));
     }
 
     /// Renders every metric in the OpenMetrics text format.

@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use drover_store::Store;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::SigningKey;
 use crate::config::ServerConfig;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 /// Shared by all handlers; cheap to clone.
@@ -15,4 +17,7 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub signing_key: SigningKey,
     pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    /// Cancelled when the server shuts down; long-polls return at once.
+    pub shutdown: CancellationToken,
 }

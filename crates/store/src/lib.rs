@@ -14,6 +14,7 @@
 mod agents;
 mod auth;
 mod error;
+pub mod jobs;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -184,3 +185,8 @@ mod tests {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod store_tests;
+
+/// Milliseconds since the epoch as a time, for raw columns callers read.
+pub fn time_from_ms(ms: i64) -> DateTime<Utc> {
+    from_ms(ms)
+}

@@ -336,3 +336,371 @@ async fn labels_and_id_prefixes() {
         ));
     }
 }
+
+mod jobs {
+    use super::*;
+    use crate::jobs::*;
+    use drover_proto::jobs::{AttemptResult, JobState, Outcome, RetryPolicy, Stream};
+    use std::collections::BTreeMap;
+
+    fn result(attempt: &str, outcome: Outcome) -> AttemptResult {
+        AttemptResult {
+            attempt_id: attempt.to_owned(),
+            outcome,
+            exit_code: Some(if outcome == Outcome::Succeeded { 0 } else { 1 }),
+            signal: None,
+            started_at: None,
+            finished_at: Utc::now(),
+            duration_ms: 5,
+            error: None,
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+
+    async fn job(store: &Store, agents: &[String], retry: RetryPolicy) -> String {
+        let argv = vec!["/bin/true".to_owned()];
+        store
+            .create_job(
+                NewJob {
+                    action: "true",
+                    action_hash: "h",
+                    target: "*",
+                    params_json: "{}",
+                    argv: &argv,
+                    env: &BTreeMap::new(),
+                    timeout_ms: 1000,
+                    kill_grace_ms: 100,
+                    retry: &retry,
+                    created_by: "admin",
+                    agent_ids: agents,
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap()
+    }
+
+    fn lease() -> chrono::DateTime<Utc> {
+        Utc::now() + Duration::seconds(30)
+    }
+
+    #[tokio::test]
+    async fn dispatch_result_once_and_ownership() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let b = enrolled(&store, "b1").await.id;
+            let id = job(&store, std::slice::from_ref(&a), RetryPolicy::default()).await;
+            assert!(store
+                .claim_attempts(&b, 4, lease(), Utc::now())
+                .await
+                .unwrap()
+                .is_empty());
+            let claimed = store
+                .claim_attempts(&a, 4, lease(), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(claimed.len(), 1, "{backend}");
+            assert_eq!(claimed[0].argv, ["/bin/true"]);
+            // Claimed once only.
+            assert!(store
+                .claim_attempts(&a, 4, lease(), Utc::now())
+                .await
+                .unwrap()
+                .is_empty());
+            assert_eq!(
+                store.job(&id).await.unwrap().unwrap().state,
+                JobState::Dispatched
+            );
+            let att = claimed[0].attempt_id.clone();
+            assert_eq!(
+                store
+                    .mark_started(&att, &b, Utc::now(), Utc::now())
+                    .await
+                    .unwrap(),
+                Ownership::Foreign
+            );
+            assert!(matches!(
+                store
+                    .mark_started(&att, &a, Utc::now(), Utc::now())
+                    .await
+                    .unwrap(),
+                Ownership::Owned { .. }
+            ));
+            assert_eq!(
+                store.job(&id).await.unwrap().unwrap().state,
+                JobState::Running
+            );
+
+            let r = result(&att, Outcome::Succeeded);
+            assert_eq!(
+                store.record_result(&b, &r, 0.5, Utc::now()).await.unwrap(),
+                Recorded::Foreign
+            );
+            assert!(matches!(
+                store.record_result(&a, &r, 0.5, Utc::now()).await.unwrap(),
+                Recorded::Recorded {
+                    retry_agent: None,
+                    ..
+                }
+            ));
+            assert!(matches!(
+                store.record_result(&a, &r, 0.5, Utc::now()).await.unwrap(),
+                Recorded::Duplicate { .. }
+            ));
+            let done = store.job(&id).await.unwrap().unwrap();
+            assert_eq!(done.state, JobState::Succeeded, "{backend}");
+            assert!(done.finished_at.is_some());
+            assert_eq!(store.attempts(&id).await.unwrap().len(), 1);
+            let unknown = store
+                .record_result(&a, &result("nope", Outcome::Failed), 0.5, Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(unknown, Recorded::NotFound);
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_retry_and_leases_expire() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let policy = RetryPolicy {
+                max: 1,
+                backoff: std::time::Duration::from_millis(10),
+                ..RetryPolicy::default()
+            };
+            let id = job(&store, std::slice::from_ref(&a), policy).await;
+            let first = store
+                .claim_attempts(&a, 1, lease(), Utc::now())
+                .await
+                .unwrap();
+            let rec = store
+                .record_result(
+                    &a,
+                    &result(&first[0].attempt_id, Outcome::Failed),
+                    1.0,
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert!(
+                matches!(
+                    rec,
+                    Recorded::Recorded {
+                        retry_agent: Some(_),
+                        ..
+                    }
+                ),
+                "{backend}: {rec:?}"
+            );
+            // Back in the queue, awaiting the retry.
+            assert_eq!(
+                store.job(&id).await.unwrap().unwrap().state,
+                JobState::Queued
+            );
+            assert!(store.next_ready_at(&a).await.unwrap().is_some());
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            // The retry, dispatched with a lease already in the past, is lost.
+            let second = store
+                .claim_attempts(&a, 1, Utc::now() - Duration::seconds(1), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(second.len(), 1);
+            let expired = store.expire_leases(0.5, Utc::now()).await.unwrap();
+            assert_eq!(expired.len(), 1);
+            assert!(!expired[0].retried, "out of retries");
+            let states: Vec<JobState> = store
+                .attempts(&id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| a.state)
+                .collect();
+            assert_eq!(states, [JobState::Failed, JobState::Lost]);
+            assert_eq!(store.job(&id).await.unwrap().unwrap().state, JobState::Lost);
+            // A late result of the lost attempt still counts, once.
+            let late = store
+                .record_result(
+                    &a,
+                    &result(&second[0].attempt_id, Outcome::Succeeded),
+                    0.5,
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert!(matches!(late, Recorded::Recorded { .. }), "{late:?}");
+            assert_eq!(
+                store.job(&id).await.unwrap().unwrap().state,
+                JobState::Succeeded
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_logs_and_audit() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let b = enrolled(&store, "b1").await.id;
+            let id = job(&store, &[a.clone(), b.clone()], RetryPolicy::default()).await;
+            let running = store
+                .claim_attempts(&a, 1, lease(), Utc::now())
+                .await
+                .unwrap();
+            let att = running[0].attempt_id.clone();
+
+            assert_eq!(
+                store
+                    .append_log(&a, &att, Stream::Stdout, 0, "hello ", 100)
+                    .await
+                    .unwrap(),
+                Appended::Stored { job_id: id.clone() }
+            );
+            assert_eq!(
+                store
+                    .append_log(&a, &att, Stream::Stdout, 0, "hello ", 100)
+                    .await
+                    .unwrap(),
+                Appended::Duplicate { job_id: id.clone() }
+            );
+            assert_eq!(
+                store
+                    .append_log(&b, &att, Stream::Stdout, 1, "x", 100)
+                    .await
+                    .unwrap(),
+                Appended::Foreign
+            );
+            assert_eq!(
+                store
+                    .append_log(&a, &att, Stream::Stdout, 1, &"x".repeat(200), 100)
+                    .await
+                    .unwrap(),
+                Appended::OverCap
+            );
+            store
+                .append_log(&a, &att, Stream::Stderr, 0, "oops", 100)
+                .await
+                .unwrap();
+            let logs = store.logs_after(&id, 0, 10).await.unwrap();
+            assert_eq!(logs.len(), 2, "{backend}");
+            assert_eq!(
+                store.logs_after(&id, logs[0].id, 10).await.unwrap().len(),
+                1
+            );
+
+            let woken = store
+                .cancel_job(&id, "cancelled by admin", Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(woken, vec![a.clone()]);
+            assert_eq!(
+                store.cancels_for_agent(&a).await.unwrap(),
+                vec![att.clone()]
+            );
+            let (renewed, cancel) = store
+                .renew_leases(&a, std::slice::from_ref(&att), lease())
+                .await
+                .unwrap();
+            assert!(renewed.is_empty() && cancel == vec![att.clone()]);
+            store
+                .record_result(&a, &result(&att, Outcome::Cancelled), 0.5, Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(
+                store.job(&id).await.unwrap().unwrap().state,
+                JobState::Cancelled
+            );
+            assert!(matches!(
+                store.cancel_job("nope", "x", Utc::now()).await,
+                Err(Error::NotFound { .. })
+            ));
+
+            store
+                .audit(
+                    "admin",
+                    "POST /api/v1/jobs",
+                    "/api/v1/jobs",
+                    201,
+                    "ok",
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            store
+                .audit(
+                    "bob",
+                    "POST /api/v1/tokens",
+                    "/api/v1/tokens",
+                    403,
+                    "refused",
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            let all = store
+                .list_audit(&AuditFilter {
+                    limit: 10,
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(all.len(), 2);
+            assert_eq!(all[0].actor, "bob", "newest first");
+            let jobs = store
+                .list_audit(&AuditFilter {
+                    action: Some("jobs".into()),
+                    limit: 10,
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(jobs.len(), 1);
+            let bob = store
+                .list_audit(&AuditFilter {
+                    actor: Some("bob".into()),
+                    limit: 10,
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(bob[0].status, 403);
+        }
+    }
+
+    #[tokio::test]
+    async fn actions_upsert_by_hash() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            assert_eq!(
+                store
+                    .upsert_action("echo", "{}", "h1", "admin", Utc::now())
+                    .await
+                    .unwrap(),
+                Upsert::Created
+            );
+            assert_eq!(
+                store
+                    .upsert_action("echo", "{}", "h1", "admin", Utc::now())
+                    .await
+                    .unwrap(),
+                Upsert::Unchanged
+            );
+            assert_eq!(
+                store
+                    .upsert_action("echo", "{\"a\":1}", "h2", "admin", Utc::now())
+                    .await
+                    .unwrap(),
+                Upsert::Updated
+            );
+            let a = store.action("echo").await.unwrap().unwrap();
+            assert_eq!(a.hash, "h2", "{backend}");
+            assert_eq!(store.list_actions().await.unwrap().len(), 1);
+        }
+    }
+}

@@ -20,6 +20,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use drover_proto::api::{Agent, AgentStatus};
+pub use drover_proto::jobs::{Job, JobState};
 pub use drover_store::testing::{TestDb, BACKENDS};
 pub use drover_store::Backend;
 use serde::de::DeserializeOwned;
@@ -283,6 +284,36 @@ impl Cluster {
         self.cli_ok(&args).trim().to_owned()
     }
 
+    /// Applies an action catalog given as YAML text.
+    pub fn apply_actions(&self, yaml: &str) {
+        let path = self
+            .dir
+            .path()
+            .join(format!("actions-{}.yaml", free_port()));
+        std::fs::write(&path, yaml).expect("write catalog");
+        self.cli_ok(&["actions", "apply", "-f", path.to_str().expect("utf-8 path")]);
+    }
+
+    /// Submits a job and returns its id.
+    pub fn submit(&self, action: &str, target: &str, extra: &[&str]) -> String {
+        let mut args = vec!["run", action, "--target", target];
+        args.extend(extra);
+        self.cli_ok(&args).trim().to_owned()
+    }
+
+    /// Waits until the job is final and returns it.
+    pub async fn wait_job(&self, id: &str, timeout: Duration) -> Job {
+        wait_for("job to end", timeout, || {
+            let job: Job = self.cli_json(&["jobs", "show", id]);
+            async move { job.state.is_final().then_some(job) }
+        })
+        .await
+    }
+
+    pub fn job(&self, id: &str) -> Job {
+        self.cli_json(&["jobs", "show", id])
+    }
+
     pub fn agents(&self) -> Vec<Agent> {
         self.cli_json(&["agents", "list"])
     }
@@ -293,8 +324,14 @@ impl Cluster {
 
     /// Enrolls and starts a new agent with a fresh token.
     pub async fn enroll_agent(&self, token_flags: &[&str]) -> AgentProc {
+        self.enroll_agent_with(token_flags, DEFAULT_AGENT_YAML)
+            .await
+    }
+
+    /// Enrolls and starts a new agent with this agent.yaml.
+    pub async fn enroll_agent_with(&self, token_flags: &[&str], yaml: &str) -> AgentProc {
         let token = self.bootstrap_token(token_flags);
-        let agent = AgentProc::new(&self.url);
+        let agent = AgentProc::with_config(&self.url, yaml);
         let out = agent
             .command(&["enroll", "--token", &token])
             .output()
@@ -341,6 +378,9 @@ impl Drop for Cluster {
     }
 }
 
+/// The agent.yaml of test agents: every action allowed, 4 slots.
+pub const DEFAULT_AGENT_YAML: &str = "allow_actions: [\"*\"]\ncapacity: 4\n";
+
 /// A `drover-agent` with its own state dir.
 pub struct AgentProc {
     pub id: String,
@@ -352,9 +392,14 @@ pub struct AgentProc {
 
 impl AgentProc {
     pub fn new(server: &str) -> AgentProc {
+        AgentProc::with_config(server, DEFAULT_AGENT_YAML)
+    }
+
+    /// An agent with this `agent.yaml` (its own, so no /etc/drover/agent.yaml
+    /// interferes).
+    pub fn with_config(server: &str, yaml: &str) -> AgentProc {
         let state = tempfile::tempdir().expect("temp dir");
-        // An empty config of its own, so no /etc/drover/agent.yaml interferes.
-        std::fs::write(state.path().join("agent.yaml"), "").expect("agent.yaml");
+        std::fs::write(state.path().join("agent.yaml"), yaml).expect("agent.yaml");
         AgentProc {
             id: String::new(),
             server: server.to_owned(),
@@ -408,6 +453,13 @@ impl AgentProc {
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
         wait_exit(&mut child, timeout).await
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     pub async fn stop(&mut self) -> ExitStatus {

@@ -1,8 +1,12 @@
 //! The HTTP API. Each module has one `router()`; `api()` merges them with the
 //! OpenAPI document generated from the handlers' annotations and types.
 
+pub mod actions;
 pub mod agent_api;
 pub mod agents;
+pub mod audit;
+pub mod dispatch;
+pub mod jobs;
 pub mod system;
 pub mod tokens;
 pub mod users;
@@ -22,6 +26,9 @@ use crate::state::AppState;
         (name = "tokens", description = "Bootstrap and API tokens"),
         (name = "agents", description = "The fleet, as operators see it"),
         (name = "agent", description = "The protocol agents speak"),
+        (name = "actions", description = "The action catalog"),
+        (name = "jobs", description = "Running actions on agents"),
+        (name = "audit", description = "Who changed what"),
     )
 )]
 struct ApiDoc;
@@ -54,4 +61,8 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(tokens::router())
         .merge(agents::router())
         .merge(agent_api::router())
+        .merge(actions::router())
+        .merge(jobs::router())
+        .merge(dispatch::router())
+        .merge(audit::router())
 }

@@ -56,6 +56,29 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl Into
         }
         Err(e) => tracing::warn!(error = %e, "counting agents for metrics failed"),
     }
+    match state.store.count_jobs_by_state().await {
+        Ok(counts) => {
+            for st in drover_proto::jobs::JobState::ALL {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == st.as_str())
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0);
+                state.metrics.set_jobs(st.as_str(), n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "counting jobs for metrics failed"),
+    }
+    match state.store.queue_depth().await {
+        Ok(n) => state.metrics.set_queue_depth(n),
+        Err(e) => tracing::warn!(error = %e, "measuring the queue for metrics failed"),
+    }
+    state.metrics.set_long_polls(
+        state
+            .hub
+            .polls_waiting
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     let wants_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

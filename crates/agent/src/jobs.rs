@@ -1,0 +1,644 @@
+//! Pulling and running jobs: the long-running tasks of the agent besides
+//! the heartbeat, and the shared state they work on.
+//!
+//! - **poller**: keeps one long poll in flight at all times (also at full
+//!   capacity, so cancels arrive within one round trip) and starts what it
+//!   gets, never more than `capacity` at once. On stop: returns.
+//! - **lease renewer**: renews the leases of running attempts every
+//!   `lease_ms / 3` and cancels those the server gives up. On stop: returns.
+//! - **attempt tasks**: one per attempt: runs it (`executor`), ships its
+//!   output (a log shipper task), writes the result to the outbox. On stop:
+//!   the attempt is cancelled and its result still written.
+//! - **reporter**: drains the outbox at start and whenever a result is
+//!   written, with jittered backoff while the server is away. On stop:
+//!   returns; `run` then tries one last drain with a short deadline.
+//!
+//! Every task stops on a terminal refusal (the session is rejected).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use drover_proto::jobs::{
+    Assignment, AttemptResult, LeaseRequest, LogUpload, PollRequest, PollResponse, StartRequest,
+};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::allow::action_allowed;
+use crate::client::ClientError;
+use crate::executor::{self, ExecOptions};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::runner::Backoff;
+use crate::session::{retry_after_jittered, Session};
+use crate::state::StateError;
+
+/// How long the server may hold a poll.
+const POLL_WAIT: Duration = Duration::from_secs(25);
+/// The HTTP timeout of a poll: the wait plus room for a slow network.
+const POLL_TIMEOUT: Duration = Duration::from_secs(25 + 15);
+/// Lease renewal interval when the server gave none.
+const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Retry a failed lease renewal at least this soon.
+const LEASE_RETRY: Duration = Duration::from_secs(2);
+/// Log chunks queued per attempt for the shipper (≤ 64 KiB each).
+const LOG_QUEUE: usize = 16;
+/// Tries per log chunk before it is given up.
+const LOG_TRIES: u32 = 3;
+/// How long a finished attempt waits for its output to reach the server
+/// before its result is reported (normally, and when the agent stops).
+const LOG_FLUSH: Duration = Duration::from_secs(10);
+const LOG_FLUSH_STOPPING: Duration = Duration::from_secs(1);
+/// Outbox files listed per round: memory does not grow with the backlog.
+const OUTBOX_BATCH: usize = 64;
+
+/// What the job tasks need to know, from the agent's config.
+#[derive(Debug, Clone)]
+pub(crate) struct JobsConfig {
+    pub capacity: u32,
+    pub allow_actions: Vec<String>,
+    pub exec: ExecOptions,
+    pub max_backoff: Duration,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    lease: Duration,
+}
+
+/// The state the job tasks share.
+pub(crate) struct Jobs {
+    session: Arc<Session>,
+    config: JobsConfig,
+    outbox: Outbox,
+    metrics: Arc<Metrics>,
+    running: Mutex<HashMap<String, Running>>,
+    /// Results in the outbox whose output is still being shipped: the
+    /// reporter leaves them for later so output arrives before the result.
+    flushing: Mutex<HashSet<String>>,
+    /// Attempt tasks alive (running or flushing output).
+    alive: watch::Sender<usize>,
+    slot_freed: Notify,
+    attempt_started: Notify,
+    result_ready: Notify,
+    /// Stops the poller, lease renewer and reporter.
+    stop: CancellationToken,
+    /// Parent of every attempt's cancel token: cancelling it stops them all.
+    attempts_stop: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True for ids the agent accepts: they become a URL path segment and a
+/// file name, so nothing but letters, digits, '-' and '_' (and '.' inside).
+pub fn valid_attempt_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Whether the server will ever take a result it refused.
+fn refusal_is_final(e: &ClientError) -> bool {
+    matches!(e.status(), Some(400 | 403 | 404 | 422))
+}
+
+/// Worth trying the same request again soon.
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable { .. } => true,
+        ClientError::Refused { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+        ClientError::Protocol(_) => false,
+    }
+}
+
+impl Jobs {
+    pub(crate) fn new(
+        session: Arc<Session>,
+        config: JobsConfig,
+        outbox: Outbox,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Jobs {
+        metrics.set_outbox(outbox.len());
+        Jobs {
+            session,
+            config,
+            outbox,
+            metrics,
+            running: Mutex::new(HashMap::new()),
+            flushing: Mutex::new(HashSet::new()),
+            alive: watch::Sender::new(0),
+            slot_freed: Notify::new(),
+            attempt_started: Notify::new(),
+            result_ready: Notify::new(),
+            stop,
+            attempts_stop: CancellationToken::new(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.is_cancelled() || self.session.rejected().is_cancelled()
+    }
+
+    /// Resolves when the job tasks must stop.
+    async fn stopped(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.session.rejected().cancelled() => {}
+        }
+    }
+
+    // ---- poller ----
+
+    pub(crate) async fn poll_loop(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        let capacity = self.config.capacity;
+        while !self.stopping() {
+            let running = lock(&self.running).len() as u32;
+            let req = PollRequest {
+                free_slots: capacity.saturating_sub(running),
+                wait_ms: POLL_WAIT.as_millis() as u64,
+                capacity,
+            };
+            let started = Instant::now();
+            let req = &req;
+            let call = self
+                .session
+                .call(|client, token| async move { client.poll(&token, req, POLL_TIMEOUT).await });
+            let outcome = tokio::select! {
+                _ = self.stopped() => return,
+                // At full capacity the poll can only bring cancels: drop it
+                // and poll again to announce a freed slot at once.
+                _ = self.slot_freed.notified(), if req.free_slots == 0 => continue,
+                r = call => r,
+            };
+            self.metrics.poll_took(started.elapsed());
+            match outcome {
+                Ok(resp) => {
+                    if backoff.failures > 0 {
+                        tracing::info!(failures = backoff.failures, "polling again");
+                    }
+                    backoff.reset();
+                    self.accept(resp);
+                }
+                Err(e) if e.is_terminal() => return,
+                Err(e) => {
+                    let wait = e
+                        .retry_after()
+                        .map(retry_after_jittered)
+                        .unwrap_or_else(|| backoff.next());
+                    tracing::warn!(
+                        error = %e,
+                        failures = backoff.failures,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "poll failed"
+                    );
+                    tokio::select! {
+                        _ = self.stopped() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(self: &Arc<Self>, resp: PollResponse) {
+        for a in resp.assignments {
+            self.start_attempt(a);
+        }
+        for id in resp.cancel {
+            self.cancel_local(&id, "poll");
+        }
+    }
+
+    fn start_attempt(self: &Arc<Self>, a: Assignment) {
+        if !valid_attempt_id(&a.attempt_id) {
+            tracing::error!(attempt = %a.attempt_id, "ignoring an assignment with an invalid attempt id");
+            return;
+        }
+        if lock(&self.running).contains_key(&a.attempt_id) || self.outbox.contains(&a.attempt_id) {
+            tracing::debug!(attempt = %a.attempt_id, "ignoring a repeated assignment");
+            return;
+        }
+        if !action_allowed(&self.config.allow_actions, &a.action) {
+            tracing::warn!(attempt = %a.attempt_id, action = %a.action, "refusing an action not in allow_actions");
+            let why = format!("action '{}' is not in this agent's allow-list", a.action);
+            self.store_result(&executor::rejected(&a, why));
+            self.result_ready.notify_one();
+            return;
+        }
+        let cancel = self.attempts_stop.child_token();
+        {
+            let mut running = lock(&self.running);
+            if running.len() >= self.config.capacity as usize {
+                drop(running);
+                let why = format!(
+                    "agent at capacity ({} attempts running)",
+                    self.config.capacity
+                );
+                self.store_result(&executor::rejected(&a, why));
+                self.result_ready.notify_one();
+                return;
+            }
+            running.insert(
+                a.attempt_id.clone(),
+                Running {
+                    cancel: cancel.clone(),
+                    lease: lease_of(a.lease_ms),
+                },
+            );
+            self.metrics.set_running(running.len());
+        }
+        lock(&self.flushing).insert(a.attempt_id.clone());
+        self.alive.send_modify(|n| *n += 1);
+        self.attempt_started.notify_one();
+        tracing::info!(attempt = %a.attempt_id, job = %a.job_id, action = %a.action, "starting attempt");
+        let jobs = self.clone();
+        tokio::spawn(async move {
+            // Counted down even if the attempt task panics.
+            let _alive = AliveGuard(jobs.clone());
+            jobs.run_attempt(a, cancel).await;
+        });
+    }
+
+    fn cancel_local(&self, attempt_id: &str, source: &str) {
+        if let Some(r) = lock(&self.running).get(attempt_id) {
+            if !r.cancel.is_cancelled() {
+                tracing::info!(attempt = %attempt_id, source, "the server cancelled the attempt");
+                r.cancel.cancel();
+            }
+        }
+    }
+
+    // ---- attempts ----
+
+    async fn run_attempt(self: &Arc<Self>, a: Assignment, cancel: CancellationToken) {
+        let started_at = Utc::now();
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
+        let shipper = tokio::spawn(ship_logs(
+            self.session.clone(),
+            a.attempt_id.clone(),
+            StartRequest { started_at },
+            rx,
+        ));
+        let result = executor::execute(&a, &self.config.exec, &cancel, &tx).await;
+        drop(tx);
+        tracing::info!(
+            attempt = %a.attempt_id,
+            outcome = ?result.outcome,
+            exit_code = ?result.exit_code,
+            duration_ms = result.duration_ms,
+            "attempt ended"
+        );
+        self.store_result(&result);
+        {
+            let mut running = lock(&self.running);
+            running.remove(&a.attempt_id);
+            self.metrics.set_running(running.len());
+        }
+        self.slot_freed.notify_one();
+        // Let the output reach the server before the result does.
+        let flush = if self.stopping() {
+            LOG_FLUSH_STOPPING
+        } else {
+            LOG_FLUSH
+        };
+        let abort = shipper.abort_handle();
+        if tokio::time::timeout(flush, shipper).await.is_err() {
+            abort.abort();
+            tracing::warn!(attempt = %a.attempt_id, "output not fully shipped; reporting the result anyway");
+        }
+        lock(&self.flushing).remove(&a.attempt_id);
+        self.result_ready.notify_one();
+    }
+
+    /// Writes a result to the outbox (nothing is reported before that).
+    fn store_result(&self, result: &AttemptResult) {
+        self.metrics.attempt_ended(result.outcome);
+        if let Err(e) = self.outbox.put(result) {
+            // Nothing else can keep it: say so loudly, with the result.
+            tracing::error!(
+                error = %e,
+                result = %serde_json::to_string(result).unwrap_or_default(),
+                "could not write a result to the outbox; it will be lost"
+            );
+        }
+        self.metrics.set_outbox(self.outbox.len());
+    }
+
+    /// Cancels every running attempt and waits until all attempt tasks
+    /// have written their results.
+    pub(crate) async fn stop_attempts(&self) {
+        self.attempts_stop.cancel();
+        let mut alive = self.alive.subscribe();
+        let _ = alive.wait_for(|n| *n == 0).await;
+    }
+
+    // ---- leases ----
+
+    fn lease_interval(&self) -> Option<Duration> {
+        lock(&self.running).values().map(|r| r.lease / 3).min()
+    }
+
+    pub(crate) async fn lease_loop(self: Arc<Self>) {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            let interval = self.lease_interval();
+            let due = interval.map(|i| last + i);
+            tokio::select! {
+                _ = self.stopped() => return,
+                _ = self.attempt_started.notified() => {
+                    if interval.is_none() {
+                        // Leases were just granted with the assignment.
+                        last = tokio::time::Instant::now();
+                    }
+                    continue;
+                }
+                _ = sleep_until_opt(due) => {}
+            }
+            let ids: Vec<String> = lock(&self.running).keys().cloned().collect();
+            last = tokio::time::Instant::now();
+            if ids.is_empty() {
+                continue;
+            }
+            let req = &LeaseRequest { attempt_ids: ids };
+            let call = self
+                .session
+                .call(|client, token| async move { client.leases(&token, req).await });
+            let resp = tokio::select! {
+                _ = self.stopped() => return,
+                r = call => r,
+            };
+            match resp {
+                Ok(resp) => {
+                    if resp.lease_ms > 0 {
+                        let mut running = lock(&self.running);
+                        for id in &resp.renewed {
+                            if let Some(r) = running.get_mut(id) {
+                                r.lease = lease_of(resp.lease_ms);
+                            }
+                        }
+                    }
+                    for id in &resp.cancel {
+                        self.cancel_local(id, "lease");
+                    }
+                }
+                Err(e) if e.is_terminal() => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease renewal failed");
+                    // Try again soon rather than a whole interval later.
+                    if let Some(i) = interval {
+                        let now = tokio::time::Instant::now();
+                        last = now
+                            .checked_sub(i.saturating_sub(LEASE_RETRY))
+                            .unwrap_or(now);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- reporter ----
+
+    pub(crate) async fn report_loop(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        loop {
+            let wait = self.drain(&mut backoff, false).await.err();
+            if self.session.rejected().is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                _ = self.stopped() => return,
+                _ = self.result_ready.notified(), if wait.is_none() => {}
+                _ = sleep_until_opt(wait.map(|w| tokio::time::Instant::now() + w)) => {}
+            }
+        }
+    }
+
+    /// One last drain when the agent stops: no backoff, results still
+    /// waiting stay for the next start.
+    pub(crate) async fn final_drain(&self, deadline: Duration) {
+        if self.outbox.is_empty() || self.session.rejected().is_cancelled() {
+            return;
+        }
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        let _ = tokio::time::timeout(deadline, self.drain(&mut backoff, true)).await;
+        let left = self.outbox.len();
+        if left > 0 {
+            tracing::info!(
+                results = left,
+                "undelivered results stay in the outbox for the next start"
+            );
+        }
+    }
+
+    /// Reports everything in the outbox; `Err(wait)` on a failure worth
+    /// retrying after `wait`. `all` includes results whose output is still
+    /// being shipped.
+    async fn drain(&self, backoff: &mut Backoff, all: bool) -> Result<(), Duration> {
+        loop {
+            let ids = {
+                let skip = |id: &str| !all && lock(&self.flushing).contains(id);
+                self.outbox.list(OUTBOX_BATCH, skip)
+            };
+            let ids = match ids {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    return Err(backoff.next());
+                }
+            };
+            if ids.is_empty() {
+                backoff.reset();
+                return Ok(());
+            }
+            for id in ids {
+                if self.session.rejected().is_cancelled() {
+                    return Err(backoff.next());
+                }
+                self.deliver(&id, backoff).await?;
+                self.metrics.set_outbox(self.outbox.len());
+            }
+        }
+    }
+
+    /// Reports one result and removes it once acknowledged.
+    async fn deliver(&self, id: &str, backoff: &mut Backoff) -> Result<(), Duration> {
+        let result = match self.outbox.get(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "unreadable result in the outbox; moving it aside");
+                return self.set_aside(id, backoff);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a result from the outbox");
+                return Err(backoff.next());
+            }
+        };
+        let req = &result;
+        let sent = self
+            .session
+            .call(|client, token| async move { client.result(&token, req).await })
+            .await;
+        match sent {
+            Ok(ack) => {
+                tracing::debug!(attempt = %id, recorded = ack.recorded, "result delivered");
+                if let Err(e) = self.outbox.remove(id) {
+                    tracing::error!(error = %e, "cannot remove a delivered result");
+                    return Err(backoff.next());
+                }
+                Ok(())
+            }
+            Err(e) if refusal_is_final(&e) => {
+                tracing::error!(attempt = %id, error = %e, "the server will never accept this result; moving it aside");
+                self.set_aside(id, backoff)
+            }
+            Err(e) => {
+                let wait = e
+                    .retry_after()
+                    .map(retry_after_jittered)
+                    .unwrap_or_else(|| backoff.next());
+                tracing::warn!(
+                    attempt = %id,
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "reporting a result failed"
+                );
+                Err(wait)
+            }
+        }
+    }
+
+    fn set_aside(&self, id: &str, backoff: &mut Backoff) -> Result<(), Duration> {
+        match self.outbox.set_aside(id) {
+            Ok(to) => {
+                tracing::error!(attempt = %id, file = %to.display(), "result moved aside");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot move a result aside");
+                Err(backoff.next())
+            }
+        }
+    }
+}
+
+/// Counts an attempt task down when it ends, however it ends.
+struct AliveGuard(Arc<Jobs>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+fn lease_of(lease_ms: u64) -> Duration {
+    if lease_ms == 0 {
+        DEFAULT_LEASE
+    } else {
+        // Renewing more often than every 300 ms would only load the server.
+        Duration::from_millis(lease_ms.max(900))
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the start notice, then the output chunks in order, each tried a
+/// few times. Best effort: what cannot be sent is dropped, never queued
+/// without bound (the executor's channel is bounded).
+async fn ship_logs(
+    session: Arc<Session>,
+    attempt_id: String,
+    start: StartRequest,
+    mut rx: mpsc::Receiver<LogUpload>,
+) {
+    let id = attempt_id.as_str();
+    let start = &start;
+    let r = session
+        .call(|client, token| async move { client.start(&token, id, start).await })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(attempt = %id, error = %e, "could not report the start; running anyway");
+    }
+    while let Some(chunk) = rx.recv().await {
+        let chunk = &chunk;
+        for attempt in 1..=LOG_TRIES {
+            let r = session
+                .call(|client, token| async move { client.logs(&token, id, chunk).await })
+                .await;
+            match r {
+                Ok(()) => break,
+                Err(e) if e.is_terminal() => return,
+                Err(e) if is_transient(&e) && attempt < LOG_TRIES => {
+                    let wait = Duration::from_millis(250 << attempt);
+                    tokio::time::sleep(e.retry_after().unwrap_or(wait).min(wait * 4)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(attempt = %id, seq = chunk.seq, error = %e, "dropping a log chunk");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_ids_table() {
+        let cases = [
+            ("0192f0c3-7a1e-7d2b-9f00-1234567890ab", true),
+            ("att_1.2", true),
+            ("", false),
+            (".hidden", false),
+            ("..", false),
+            ("../etc/passwd", false),
+            ("a/b", false),
+            ("a b", false),
+            ("é", false),
+        ];
+        for (id, want) in cases {
+            assert_eq!(valid_attempt_id(id), want, "{id:?}");
+        }
+        assert!(!valid_attempt_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn final_refusals_table() {
+        let refused = |status| ClientError::Refused {
+            status,
+            code: drover_proto::ErrorCode::Unknown,
+            message: String::new(),
+            retry_after: None,
+        };
+        for (status, is_final, transient) in [
+            (400, true, false),
+            (403, true, false),
+            (404, true, false),
+            (422, true, false),
+            (401, false, false),
+            (409, false, false),
+            (429, false, true),
+            (500, false, true),
+            (503, false, true),
+        ] {
+            assert_eq!(refusal_is_final(&refused(status)), is_final, "{status}");
+            assert_eq!(is_transient(&refused(status)), transient, "{status}");
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! `drover actions`, `drover run`, `drover jobs` and `drover audit`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use drover_proto::jobs::{
+    Action, ActionCatalog, ApplyActionsResponse, AuditEntry, Job, JobState, LogPage, Stream,
+    SubmitJobRequest,
+};
+
+use crate::client::Api;
+use crate::ops::Target;
+use crate::output::{self, Output};
+
+/// Exit status of `drover run --wait/--follow` when the job did not succeed.
+pub const EXIT_JOB_FAILED: u8 = 4;
+
+/// The job ended but not in success; main turns this into exit status 4.
+#[derive(Debug, thiserror::Error)]
+#[error("job {id} ended {state}{detail}")]
+pub struct JobFailed {
+    pub id: String,
+    pub state: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ActionsCommand {
+    /// Create or replace the actions of a YAML catalog file.
+    Apply {
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// List the catalog.
+    List {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        ActionsCommand::Apply { file, output } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let catalog: ActionCatalog = serde_saphyr::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let resp: ApplyActionsResponse = api.post("/actions", &catalog).await?;
+            match output {
+                Output::Json => output::json(&resp)?,
+                Output::Text => {
+                    for (what, names) in [
+                        ("created", &resp.created),
+                        ("updated", &resp.updated),
+                        ("unchanged", &resp.unchanged),
+                    ] {
+                        for n in names {
+                            println!("{what}\t{n}");
+                        }
+                    }
+                }
+            }
+        }
+        ActionsCommand::List { output } => {
+            let actions: Vec<Action> = api.get("/actions").await?;
+            match output {
+                Output::Json => output::json(&actions)?,
+                Output::Text => {
+                    let rows: Vec<Vec<String>> = actions
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                a.spec.name.clone(),
+                                a.spec.params.keys().cloned().collect::<Vec<_>>().join(","),
+                                humantime::format_duration(a.spec.timeout).to_string(),
+                                a.hash[..12].to_owned(),
+                                a.spec.description.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["NAME", "PARAMS", "TIMEOUT", "HASH", "DESCRIPTION"], &rows);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The action to run (see drover actions list).
+    action: String,
+    /// Agent id, key=value[,key=value], group:NAME, or * for every agent.
+    #[arg(long)]
+    target: String,
+    /// A parameter (repeatable): --param message='hello'.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    /// Overrides the action's timeout, e.g. 30s, 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Overrides the action's number of retries.
+    #[arg(long)]
+    retries: Option<u32>,
+    /// Wait for the job to end; exit 4 unless it succeeded.
+    #[arg(long, conflicts_with = "follow")]
+    wait: bool,
+    /// Stream the output live, then exit like --wait.
+    #[arg(long)]
+    follow: bool,
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+fn parse_params(pairs: &[String]) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("'{p}' is not a parameter: write it as key=value"))?;
+        if out
+            .insert(k.to_owned(), serde_json::Value::String(v.to_owned()))
+            .is_some()
+        {
+            bail!("parameter '{k}' is given twice");
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<()> {
+    let api = target.api()?;
+    let req = SubmitJobRequest {
+        action: args.action,
+        target: args.target,
+        params: parse_params(&args.params)?,
+        timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
+        retries: args.retries,
+    };
+    let job: Job = api.post("/jobs", &req).await?;
+    if !args.wait && !args.follow {
+        match args.output {
+            Output::Json => output::json(&job)?,
+            Output::Text => {
+                println!("{}", job.id);
+                eprintln!(
+                    "job {} {} on {} agent(s); follow it with: drover jobs logs {} --follow",
+                    job.id,
+                    job.state.as_str(),
+                    job.attempts.len(),
+                    job.id
+                );
+            }
+        }
+        return Ok(());
+    }
+    eprintln!("job {} on {} agent(s)", job.id, job.attempts.len());
+    let job = if args.follow {
+        follow_logs(&api, &job.id).await?
+    } else {
+        wait_job(&api, &job.id).await?
+    };
+    finish(job, args.output)
+}
+
+/// Waits for a job to end, with long-polls.
+async fn wait_job(api: &Api, id: &str) -> anyhow::Result<Job> {
+    loop {
+        let job: Job = api.get(&format!("/jobs/{id}?wait_ms=25000")).await?;
+        if job.state.is_final() {
+            return Ok(job);
+        }
+    }
+}
+
+/// Prints a job's output as it arrives (stdout to stdout, stderr to stderr)
+/// until the job ends; returns the final job.
+async fn follow_logs(api: &Api, id: &str) -> anyhow::Result<Job> {
+    let mut after = 0;
+    loop {
+        let page: LogPage = api
+            .get(&format!("/jobs/{id}/logs?after={after}&wait_ms=25000"))
+            .await?;
+        for chunk in &page.chunks {
+            match chunk.stream {
+                Stream::Stdout => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(chunk.data.as_bytes())?;
+                    out.flush()?;
+                }
+                Stream::Stderr => {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(chunk.data.as_bytes())?;
+                    err.flush()?;
+                }
+            }
+        }
+        after = page.next;
+        if page.complete {
+            return api.get(&format!("/jobs/{id}")).await;
+        }
+    }
+}
+
+/// Prints the outcome; a job that did not succeed is an error (exit 4).
+fn finish(job: Job, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => output::json(&job)?,
+        Output::Text => eprintln!("job {} {}", job.id, job.state.as_str()),
+    }
+    if job.state == JobState::Succeeded {
+        return Ok(());
+    }
+    let detail = job
+        .attempts
+        .iter()
+        .rev()
+        .find(|a| a.state == job.state)
+        .map(|a| {
+            let mut parts = Vec::new();
+            if let Some(c) = a.exit_code {
+                parts.push(format!("exit code {c}"));
+            }
+            if let Some(s) = a.signal {
+                parts.push(format!("signal {s}"));
+            }
+            if let Some(e) = &a.error {
+                parts.push(e.clone());
+            }
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", parts.join(", "))
+            }
+        })
+        .unwrap_or_default();
+    Err(JobFailed {
+        id: job.id,
+        state: job.state.as_str(),
+        detail,
+    }
+    .into())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state (queued, running, succeeded, failed, …).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show a job with every attempt, and why it waits if it does.
+    Show {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print a job's output; --follow streams it until the job ends.
+    Logs {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a job.
+    Cancel {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+fn job_path(id: &str) -> anyhow::Result<String> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("'{id}' is not a job id");
+    }
+    Ok(format!("/jobs/{id}"))
+}
+
+fn ms(d: Option<u64>) -> String {
+    d.map(|d| format!("{d}ms"))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+fn print_job(job: &Job) {
+    let row = |k: &str, v: String| println!("{:<12} {v}", format!("{k}:"));
+    row("id", job.id.clone());
+    row("action", job.action.clone());
+    row("target", job.target.clone());
+    row("state", job.state.as_str().to_owned());
+    if let Some(r) = &job.reason {
+        row("waiting", r.clone());
+    }
+    if !job.params.is_empty() {
+        row(
+            "params",
+            serde_json::to_string(&job.params).unwrap_or_default(),
+        );
+    }
+    row(
+        "created",
+        format!("{} by {}", job.created_at.to_rfc3339(), job.created_by),
+    );
+    if let Some(t) = job.finished_at {
+        row("finished", t.to_rfc3339());
+    }
+    row(
+        "timeout",
+        format!("{}s, {} retries", job.timeout_secs, job.max_retries),
+    );
+    println!();
+    let rows: Vec<Vec<String>> = job
+        .attempts
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.agent_id.get(..13).unwrap_or(&a.agent_id).to_owned(),
+                a.number.to_string(),
+                a.state.as_str().to_owned(),
+                a.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".to_owned()),
+                ms(a.duration_ms),
+                a.reason
+                    .clone()
+                    .or_else(|| a.error.clone())
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "ATTEMPT", "AGENT", "#", "STATE", "EXIT", "DURATION", "REASON",
+        ],
+        &rows,
+    );
+}
+
+pub async fn jobs(target: &Target, cmd: JobsCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        JobsCommand::List {
+            state,
+            limit,
+            output,
+        } => {
+            let mut path = format!("/jobs?limit={limit}");
+            if let Some(s) = state {
+                if JobState::parse(&s).is_none() {
+                    bail!("unknown state '{s}'");
+                }
+                path.push_str(&format!("&state={s}"));
+            }
+            let jobs: Vec<Job> = api.get(&path).await?;
+            match output {
+                Output::Json => output::json(&jobs)?,
+                Output::Text => {
+                    let now = Utc::now();
+                    let rows: Vec<Vec<String>> = jobs
+                        .iter()
+                        .map(|j| {
+                            vec![
+                                j.id.clone(),
+                                j.action.clone(),
+                                j.target.clone(),
+                                j.state.as_str().to_owned(),
+                                output::ago(Some(j.created_at), now),
+                                j.created_by.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["ID", "ACTION", "TARGET", "STATE", "CREATED", "BY"], &rows);
+                }
+            }
+        }
+        JobsCommand::Show { id, output } => {
+            let job: Job = api.get(&job_path(&id)?).await?;
+            match output {
+                Output::Json => output::json(&job)?,
+                Output::Text => print_job(&job),
+            }
+        }
+        JobsCommand::Logs { id, follow } => {
+            job_path(&id)?;
+            if follow {
+                let job = follow_logs(&api, &id).await?;
+                eprintln!("job {} {}", job.id, job.state.as_str());
+            } else {
+                let mut after = 0;
+                loop {
+                    let page: LogPage = api
+                        .get(&format!("/jobs/{id}/logs?after={after}&limit=5000"))
+                        .await?;
+                    for chunk in &page.chunks {
+                        match chunk.stream {
+                            Stream::Stdout => print!("{}", chunk.data),
+                            Stream::Stderr => eprint!("{}", chunk.data),
+                        }
+                    }
+                    if page.chunks.is_empty() {
+                        break;
+                    }
+                    after = page.next;
+                }
+            }
+        }
+        JobsCommand::Cancel { id, output } => {
+            let job: Job = api
+                .post(
+                    &format!("{}/cancel", job_path(&id)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            match output {
+                Output::Json => output::json(&job)?,
+                Output::Text => {
+                    println!("{}", job.id);
+                    eprintln!("job {} is {}", job.id, job.state.as_str());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// List audit entries, newest first.
+    List {
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only actions containing this text, e.g. jobs or revoke.
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries at or after this time (RFC 3339), or this long ago (e.g. 1h).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+/// Percent-encodes a query value.
+fn q(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub async fn audit(target: &Target, cmd: AuditCommand) -> anyhow::Result<()> {
+    let AuditCommand::List {
+        actor,
+        action,
+        since,
+        limit,
+        output,
+    } = cmd;
+    let api = target.api()?;
+    let mut path = format!("/audit?limit={limit}");
+    if let Some(a) = actor {
+        path.push_str(&format!("&actor={}", q(&a)));
+    }
+    if let Some(a) = action {
+        path.push_str(&format!("&action={}", q(&a)));
+    }
+    if let Some(s) = since {
+        let at = match humantime::parse_duration(&s) {
+            Ok(d) => Utc::now() - chrono::Duration::from_std(d).context("--since is too long")?,
+            Err(_) => chrono::DateTime::parse_from_rfc3339(&s)
+                .with_context(|| {
+                    format!("--since '{s}' is neither a duration (1h) nor an RFC 3339 time")
+                })?
+                .with_timezone(&Utc),
+        };
+        path.push_str(&format!("&since={}", q(&at.to_rfc3339())));
+    }
+    let entries: Vec<AuditEntry> = api.get(&path).await?;
+    match output {
+        Output::Json => output::json(&entries)?,
+        Output::Text => {
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.target.clone(),
+                        format!("{} {}", e.status, e.outcome),
+                    ]
+                })
+                .collect();
+            output::table(&["AT", "ACTOR", "ACTION", "TARGET", "OUTCOME"], &rows);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,575 @@
+//! Actions, jobs and attempts: the operator API and the dispatch protocol.
+//!
+//! An *action* is a named command in the catalog: an argv template with typed
+//! parameters. A *job* runs an action on the agents a selector matches; each
+//! matched agent gets a chain of *attempts* (the first, then retries). The
+//! agent pulls attempts by long-polling, runs them, streams their output and
+//! reports one result per attempt id.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// `actions.yaml`: the catalog file `drover actions apply -f` reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ActionCatalog {
+    pub actions: Vec<ActionSpec>,
+}
+
+/// One action: what runs, with which parameters, under which limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ActionSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Program and arguments. `{{param}}` inside an element is replaced by
+    /// the parameter's value; a value never becomes more than that element.
+    /// `builtin:noop` runs inside the agent without a process.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamSpec>,
+    /// Default timeout of a job, e.g. "30s".
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "30s"))]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub retries: RetryPolicy,
+    /// Time between SIGTERM and SIGKILL on timeout or cancel.
+    #[serde(default = "default_kill_grace", with = "humantime_serde")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "5s"))]
+    pub kill_grace: Duration,
+    /// Environment of the process (nothing else is inherited but PATH).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_kill_grace() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// A typed parameter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ParamSpec {
+    String {
+        #[serde(default)]
+        max_length: Option<usize>,
+        /// A regular expression the whole value must match.
+        #[serde(default)]
+        pattern: Option<String>,
+        #[serde(default)]
+        default: Option<String>,
+    },
+    Integer {
+        #[serde(default)]
+        min: Option<i64>,
+        #[serde(default)]
+        max: Option<i64>,
+        #[serde(default)]
+        default: Option<i64>,
+    },
+    Enum {
+        values: Vec<String>,
+        #[serde(default)]
+        default: Option<String>,
+    },
+    Bool {
+        #[serde(default)]
+        default: Option<bool>,
+    },
+}
+
+/// When and how often a failed attempt is tried again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0: none).
+    pub max: u32,
+    /// Wait before the first retry; doubles each time, with jitter.
+    #[serde(with = "humantime_serde")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1s"))]
+    pub backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "60s"))]
+    pub max_backoff: Duration,
+    /// Retry attempts that timed out.
+    pub on_timeout: bool,
+    /// Retry attempts whose agent vanished (lease expired).
+    pub on_lost: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max: 0,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            on_timeout: false,
+            on_lost: true,
+        }
+    }
+}
+
+/// An action as the catalog holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Action {
+    #[serde(flatten)]
+    pub spec: ActionSpec,
+    /// sha256 of the canonical JSON of the spec.
+    pub hash: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Answer of `POST /api/v1/actions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApplyActionsResponse {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+/// `POST /api/v1/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJobRequest {
+    pub action: String,
+    /// An agent id (or unique prefix), `key=value,key2=value2`, `group:NAME`, or `*`.
+    pub target: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Overrides the action's timeout, in seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Overrides the action's number of retries.
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+/// Life of a job or an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Dispatched,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Rejected,
+    Lost,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 9] = [
+        JobState::Queued,
+        JobState::Dispatched,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::TimedOut,
+        JobState::Cancelled,
+        JobState::Rejected,
+        JobState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Dispatched => "dispatched",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::TimedOut => "timed_out",
+            JobState::Cancelled => "cancelled",
+            JobState::Rejected => "rejected",
+            JobState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            JobState::Queued | JobState::Dispatched | JobState::Running
+        )
+    }
+}
+
+/// A job with its attempts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Job {
+    pub id: String,
+    pub action: String,
+    pub target: String,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub state: JobState,
+    /// Why a job that is not final is waiting, e.g. "agent 0192… is offline".
+    pub reason: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub timeout_secs: u64,
+    pub max_retries: u32,
+    pub attempts: Vec<Attempt>,
+}
+
+/// One try of a job on one agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Attempt {
+    pub id: String,
+    pub agent_id: String,
+    /// 1 for the first try on this agent, 2 for the first retry, …
+    pub number: u32,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub not_before: DateTime<Utc>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: Option<u64>,
+    pub error: Option<String>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// Which output stream a log chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// A piece of output, as served to operators.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogChunk {
+    /// Position in the job's log; pass the last one seen as `after`.
+    pub cursor: i64,
+    pub attempt_id: String,
+    pub stream: Stream,
+    /// Output bytes, lossily decoded as UTF-8.
+    pub data: String,
+}
+
+/// `GET /api/v1/jobs/{id}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogPage {
+    pub chunks: Vec<LogChunk>,
+    /// The cursor to pass next time.
+    pub next: i64,
+    /// The job is final and every chunk has been returned.
+    pub complete: bool,
+}
+
+// ---- the dispatch protocol (agent side) ----
+
+/// `POST /api/v1/agent/poll`: the agent asks for work. The server answers at
+/// once if there is work or a cancel for it, else within `wait_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PollRequest {
+    /// How many more attempts the agent can run now.
+    pub free_slots: u32,
+    /// Longest time the server may hold the request.
+    pub wait_ms: u64,
+    /// The agent's capacity, for "at capacity" reasons.
+    pub capacity: u32,
+}
+
+/// Work and cancels for an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PollResponse {
+    pub assignments: Vec<Assignment>,
+    /// Attempts the agent runs that must be cancelled.
+    pub cancel: Vec<String>,
+}
+
+/// One attempt for the agent to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Assignment {
+    pub attempt_id: String,
+    pub job_id: String,
+    pub action: String,
+    /// Fully substituted; run as is, never through a shell.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_ms: u64,
+    pub kill_grace_ms: u64,
+    /// Bytes kept per stream; the rest is dropped after a marker.
+    pub log_cap_bytes: u64,
+    /// Renew the lease at least this often.
+    pub lease_ms: u64,
+}
+
+/// The argv of the built-in action that runs without a process.
+pub const BUILTIN_NOOP: &str = "builtin:noop";
+
+/// `POST /api/v1/agent/attempts/{id}/start`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub started_at: DateTime<Utc>,
+}
+
+/// `POST /api/v1/agent/attempts/{id}/logs`: one chunk of output. `seq`
+/// counts chunks per stream from 0, so a resent chunk is stored once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LogUpload {
+    pub stream: Stream,
+    pub seq: u64,
+    pub data: String,
+}
+
+/// Largest `data` of one log upload, in bytes.
+pub const MAX_LOG_CHUNK: usize = 64 * 1024;
+
+/// `POST /api/v1/agent/leases`: keep these attempts alive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub attempt_ids: Vec<String>,
+}
+
+/// Answer to a lease renewal.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LeaseResponse {
+    /// Attempts whose lease was extended.
+    pub renewed: Vec<String>,
+    /// Attempts to stop: cancelled, already final, or not this agent's.
+    pub cancel: Vec<String>,
+    pub lease_ms: u64,
+}
+
+/// How an attempt ended, as the agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Rejected,
+}
+
+impl Outcome {
+    pub fn state(self) -> JobState {
+        match self {
+            Outcome::Succeeded => JobState::Succeeded,
+            Outcome::Failed => JobState::Failed,
+            Outcome::TimedOut => JobState::TimedOut,
+            Outcome::Cancelled => JobState::Cancelled,
+            Outcome::Rejected => JobState::Rejected,
+        }
+    }
+}
+
+/// `POST /api/v1/agent/attempts/{id}/result`. Kept in the agent's outbox
+/// until the server acknowledges it; a repeat is acknowledged and ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AttemptResult {
+    pub attempt_id: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    /// Why it failed to run, was rejected, timed out, …
+    pub error: Option<String>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// Answer to a result report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ResultAck {
+    /// False when this attempt's result had been recorded before.
+    pub recorded: bool,
+}
+
+// ---- audit ----
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// The user (or "anonymous").
+    pub actor: String,
+    /// e.g. "POST /api/v1/jobs".
+    pub action: String,
+    /// What it acted on, e.g. the path with ids.
+    pub target: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+    pub outcome: String,
+}
+
+impl RetryPolicy {
+    /// The wait before retrying attempt `number` (1-based) that ended in
+    /// `state`, or `None` when it is not retried. `jitter` in [0, 1) spreads
+    /// retries between half and all of the doubled backoff.
+    pub fn next_delay(&self, number: u32, state: JobState, jitter: f64) -> Option<Duration> {
+        let retryable = match state {
+            JobState::Failed => true,
+            JobState::TimedOut => self.on_timeout,
+            JobState::Lost => self.on_lost,
+            _ => false,
+        };
+        if !retryable || number > self.max {
+            return None;
+        }
+        let doubled = self
+            .backoff
+            .saturating_mul(1u32 << (number - 1).min(20))
+            .min(self.max_backoff);
+        let half = doubled / 2;
+        Some(half + half.mul_f64(jitter.clamp(0.0, 1.0)))
+    }
+}
+
+/// The state of a job from the latest attempt on each of its agents: not
+/// final while any is not final; succeeded when all succeeded; else the
+/// common final state, or failed when they differ.
+pub fn aggregate_state(latest: &[JobState]) -> JobState {
+    if latest.is_empty() {
+        return JobState::Queued;
+    }
+    if latest.contains(&JobState::Running) {
+        return JobState::Running;
+    }
+    if latest.contains(&JobState::Dispatched) {
+        return JobState::Dispatched;
+    }
+    if latest.contains(&JobState::Queued) {
+        return if latest.iter().any(|s| s.is_final()) {
+            JobState::Running
+        } else {
+            JobState::Queued
+        };
+    }
+    let first = latest[0];
+    if latest.iter().all(|s| *s == first) {
+        first
+    } else {
+        JobState::Failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobState::*;
+
+    #[test]
+    fn retry_delays() {
+        let p = RetryPolicy {
+            max: 3,
+            backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(5),
+            on_timeout: false,
+            on_lost: true,
+        };
+        let cases = [
+            (1, Failed, 0.0, Some(1000)),
+            (1, Failed, 1.0, Some(2000)),
+            (2, Failed, 1.0, Some(4000)),
+            (3, Failed, 1.0, Some(5000)), // capped
+            (4, Failed, 1.0, None),       // out of retries
+            (1, TimedOut, 1.0, None),
+            (1, Lost, 1.0, Some(2000)),
+            (1, Rejected, 1.0, None),
+            (1, Cancelled, 1.0, None),
+            (1, Succeeded, 1.0, None),
+        ];
+        for (n, st, j, want) in cases {
+            let got = p.next_delay(n, st, j).map(|d| d.as_millis() as u64);
+            assert_eq!(got, want, "attempt {n} {st:?}");
+        }
+    }
+
+    #[test]
+    fn job_state_from_attempts() {
+        let cases: &[(&[JobState], JobState)] = &[
+            (&[], Queued),
+            (&[Queued], Queued),
+            (&[Queued, Queued], Queued),
+            (&[Dispatched, Queued], Dispatched),
+            (&[Running, Succeeded], Running),
+            (&[Queued, Succeeded], Running),
+            (&[Succeeded, Succeeded], Succeeded),
+            (&[TimedOut], TimedOut),
+            (&[Succeeded, Failed], Failed),
+            (&[Cancelled, Cancelled], Cancelled),
+            (&[Cancelled, Succeeded], Failed),
+        ];
+        for (states, want) in cases {
+            assert_eq!(aggregate_state(states), *want, "{states:?}");
+        }
+    }
+
+    #[test]
+    fn catalog_yaml_shape() {
+        let json = serde_json::json!({
+            "name": "echo", "argv": ["/bin/echo", "{{message}}"],
+            "params": {"message": {"type": "string", "max_length": 10}},
+            "timeout": "5s", "retries": {"max": 2, "backoff": "1s"}
+        });
+        let spec: ActionSpec = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.timeout, Duration::from_secs(5));
+        assert_eq!(spec.retries.max, 2);
+        assert_eq!(spec.kill_grace, Duration::from_secs(5));
+        let bad = serde_json::json!({"name": "x", "argv": ["a"], "params": {"p": {"type": "string", "maxlen": 1}}});
+        assert!(serde_json::from_value::<ActionSpec>(bad).is_err());
+    }
+}

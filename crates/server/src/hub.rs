@@ -1,0 +1,113 @@
+//! In-process wake-ups: a long-poll of an agent sleeps on its slot until
+//! work or a cancel for it exists, and watchers of a job (`--wait`,
+//! `--follow`) sleep until it changes. The store stays the truth; a wake-up
+//! only says "look again", so a lost one costs latency, never correctness.
+//! Across replicas the same calls would be driven by PostgreSQL
+//! LISTEN/NOTIFY; nothing else here assumes one process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, Notify, Semaphore};
+
+/// What changed about a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEvent {
+    Changed(String),
+    Log(String),
+}
+
+impl JobEvent {
+    pub fn job_id(&self) -> &str {
+        match self {
+            JobEvent::Changed(id) | JobEvent::Log(id) => id,
+        }
+    }
+}
+
+/// One agent's wake-up and what it last said about its capacity.
+#[derive(Debug, Default)]
+pub struct AgentSlot {
+    pub notify: Notify,
+    capacity: AtomicU32,
+    free: AtomicU32,
+}
+
+/// Wake-ups and events of this server process.
+#[derive(Debug)]
+pub struct Hub {
+    agents: Mutex<HashMap<String, Arc<AgentSlot>>>,
+    events: broadcast::Sender<JobEvent>,
+    /// Long-polls held right now.
+    pub polls_waiting: AtomicI64,
+    /// Bounds the long-polls held at once.
+    pub poll_permits: Arc<Semaphore>,
+}
+
+impl Hub {
+    pub fn new(max_long_polls: usize) -> Hub {
+        Hub {
+            agents: Mutex::new(HashMap::new()),
+            events: broadcast::channel(4096).0,
+            polls_waiting: AtomicI64::new(0),
+            poll_permits: Arc::new(Semaphore::new(max_long_polls)),
+        }
+    }
+
+    pub fn slot(&self, agent_id: &str) -> Arc<AgentSlot> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.entry(agent_id.to_owned()).or_default().clone()
+    }
+
+    /// Makes the agent's (next) long-poll look for work again.
+    pub fn wake(&self, agent_id: &str) {
+        self.slot(agent_id).notify.notify_one();
+    }
+
+    pub fn job_changed(&self, job_id: &str) {
+        let _ = self.events.send(JobEvent::Changed(job_id.to_owned()));
+    }
+
+    pub fn log_appended(&self, job_id: &str) {
+        let _ = self.events.send(JobEvent::Log(job_id.to_owned()));
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn note_capacity(&self, agent_id: &str, capacity: u32, free: u32) {
+        let slot = self.slot(agent_id);
+        slot.capacity.store(capacity, Ordering::Relaxed);
+        slot.free.store(free, Ordering::Relaxed);
+    }
+
+    /// (capacity, free slots) the agent reported at its last poll, if any.
+    pub fn capacity_of(&self, agent_id: &str) -> Option<(u32, u32)> {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.get(agent_id).and_then(|s| {
+            let cap = s.capacity.load(Ordering::Relaxed);
+            (cap > 0).then(|| (cap, s.free.load(Ordering::Relaxed)))
+        })
+    }
+}
+
+/// Waits until `job_id` has an event or `deadline` passes. Returns false on
+/// timeout. Subscribe before checking the store, then call this.
+pub async fn wait_for_job(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    job_id: &str,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return false,
+            Ok(Ok(ev)) if ev.job_id() == job_id => return true,
+            Ok(Ok(_)) => continue,
+            // Missed events: look again to be safe.
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,
+            Ok(Err(broadcast::error::RecvError::Closed)) => return false,
+        }
+    }
+}

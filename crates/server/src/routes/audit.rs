@@ -1,0 +1,154 @@
+//! The audit log: every state-changing API call, who made it, on what, and
+//! how it ended. Written by the `record` middleware, read by `drover audit list`.
+
+use axum::extract::{MatchedPath, Query, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use drover_proto::jobs::AuditEntry;
+use drover_store::jobs::AuditFilter;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::{hash_token, UserAuth};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_audit))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Only calls by this user.
+    actor: Option<String>,
+    /// Only calls whose action contains this text, e.g. "jobs".
+    action: Option<String>,
+    /// Only calls at or after this time (RFC 3339).
+    since: Option<DateTime<Utc>>,
+    /// At most this many, newest first [default 100, at most 1000].
+    limit: Option<i64>,
+}
+
+/// Audit entries, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/audit", tag = "audit",
+    params(AuditQuery),
+    security(("user" = [])),
+    responses((status = 200, body = [AuditEntry]))
+)]
+async fn list_audit(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    user.require_admin()?;
+    let rows = state
+        .store
+        .list_audit(&AuditFilter {
+            actor: q.actor,
+            action: q.action,
+            since: q.since,
+            limit: q.limit.unwrap_or(100).clamp(1, 1000),
+        })
+        .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| AuditEntry {
+                id: r.id,
+                at: drover_store::time_from_ms(r.at),
+                actor: r.actor,
+                action: r.action,
+                target: r.target,
+                status: r.status as u16,
+                outcome: r.outcome,
+            })
+            .collect(),
+    ))
+}
+
+/// True for calls that change state and are made by people: every
+/// non-GET call of the API, and enrollment, but not the agents' routine
+/// traffic (polls, output, leases, results, heartbeats, refreshes), which
+/// has its own records.
+fn audited(method: &Method, path: &str) -> bool {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+        || !path.starts_with("/api/v1/")
+    {
+        return false;
+    }
+    !path.starts_with("/api/v1/agent/") || path == "/api/v1/agent/enroll"
+}
+
+/// Middleware appending one audit entry per state-changing call.
+pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    if !audited(&method, &path) {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| path.clone());
+    let bearer = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| hash_token(t.trim()));
+    let actor = match bearer {
+        Some(hash) => match state.store.user_token_by_hash(&hash).await {
+            Ok(Some((_, user))) => user.username,
+            _ => "unauthenticated".to_owned(),
+        },
+        None if path == "/api/v1/agent/enroll" => "bootstrap-token".to_owned(),
+        None => "anonymous".to_owned(),
+    };
+    let response = next.run(req).await;
+    let status = response.status();
+    let outcome = if status.is_success() {
+        "ok"
+    } else if status.is_client_error() {
+        "refused"
+    } else {
+        "error"
+    };
+    let action = format!("{method} {route}");
+    if let Err(e) = state
+        .store
+        .audit(&actor, &action, &path, status.as_u16(), outcome, Utc::now())
+        .await
+    {
+        tracing::error!(error = %e, %action, %path, "could not write the audit log");
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audits_people_not_agent_chatter() {
+        let cases = [
+            (Method::POST, "/api/v1/jobs", true),
+            (Method::PATCH, "/api/v1/agents/x/labels", true),
+            (Method::POST, "/api/v1/auth/login", true),
+            (Method::POST, "/api/v1/agent/enroll", true),
+            (Method::GET, "/api/v1/jobs", false),
+            (Method::POST, "/api/v1/agent/poll", false),
+            (Method::POST, "/api/v1/agent/attempts/x/result", false),
+            (Method::POST, "/metrics", false),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(audited(&m, p), want, "{m} {p}");
+        }
+    }
+}

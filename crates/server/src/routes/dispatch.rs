@@ -1,0 +1,346 @@
+//! The dispatch protocol agents speak: long-poll for work, report start,
+//! stream output, renew leases, report results. An agent can only touch its
+//! own attempts: anything else is 403 and changes nothing.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use drover_proto::jobs::{
+    Assignment, AttemptResult, LeaseRequest, LeaseResponse, LogUpload, PollRequest, PollResponse,
+    ResultAck, StartRequest, MAX_LOG_CHUNK,
+};
+use drover_proto::{ErrorBody, ErrorCode};
+use drover_store::jobs::{Appended, Ownership, Recorded};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::{AgentClaims, AgentToken};
+use crate::error::{ApiError, ApiJson};
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(poll))
+        .routes(routes!(start))
+        .routes(routes!(upload_log))
+        .routes(routes!(renew_leases))
+        .routes(routes!(report_result))
+}
+
+/// Longest a poll is held.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
+/// Most attempts an agent may run at once.
+const MAX_CAPACITY: u32 = 1024;
+
+/// Refuses a revoked agent or an ended session (the JWT alone is not enough).
+pub async fn require_live_agent(state: &AppState, claims: &AgentClaims) -> Result<(), ApiError> {
+    match state.store.agent(&claims.sub).await? {
+        Some(a)
+            if a.revoked_at.is_none() && a.session_id.as_deref() == Some(claims.sid.as_str()) =>
+        {
+            Ok(())
+        }
+        _ => Err(crate::auth::explain_agent_refusal(state, claims).await),
+    }
+}
+
+fn forbidden_attempt(id: &str) -> ApiError {
+    ApiError::forbidden(format!("attempt {id} belongs to another agent"))
+}
+
+fn unknown_attempt(id: &str) -> ApiError {
+    ApiError::not_found(format!("attempt {id} not found"))
+}
+
+/// A 503 that tells the agent when to come back.
+struct Overloaded;
+
+impl IntoResponse for Overloaded {
+    fn into_response(self) -> Response {
+        let mut resp = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "server is at its long-poll limit; retry later",
+        )
+        .into_response();
+        let secs = 2 + fastrand::u64(0..4);
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+/// Counts a held long-poll for the gauge while it lives.
+struct Held<'a>(&'a AppState);
+
+impl<'a> Held<'a> {
+    fn new(state: &'a AppState) -> Held<'a> {
+        state
+            .hub
+            .polls_waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Held(state)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0
+            .hub
+            .polls_waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Ask for work. Answers the moment there is work or a cancel for this
+/// agent, else after `wait_ms` with nothing.
+#[utoipa::path(
+    post, path = "/api/v1/agent/poll", tag = "agent",
+    request_body = PollRequest,
+    security(("agent" = [])),
+    responses(
+        (status = 200, body = PollResponse),
+        (status = 503, description = "Overloaded: retry after the Retry-After header", body = ErrorBody),
+    )
+)]
+async fn poll(
+    State(state): State<AppState>,
+    AgentToken(claims): AgentToken,
+    ApiJson(req): ApiJson<PollRequest>,
+) -> Result<Response, ApiError> {
+    let Ok(_permit) = state.hub.poll_permits.clone().try_acquire_owned() else {
+        return Ok(Overloaded.into_response());
+    };
+    if req.capacity > MAX_CAPACITY || req.free_slots > req.capacity {
+        return Err(ApiError::invalid(format!(
+            "free_slots ({}) must not exceed capacity ({}), which must not exceed {MAX_CAPACITY}",
+            req.free_slots, req.capacity
+        )));
+    }
+    require_live_agent(&state, &claims).await?;
+    let agent = claims.sub.as_str();
+    state.hub.note_capacity(agent, req.capacity, req.free_slots);
+    let slot = state.hub.slot(agent);
+    let _held = Held::new(&state);
+    let wait = Duration::from_millis(req.wait_ms).min(MAX_POLL_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let lease = state.config.attempt_lease;
+    loop {
+        let now = Utc::now();
+        let claimed = state
+            .store
+            .claim_attempts(agent, req.free_slots, now + lease, now)
+            .await?;
+        let cancel = state.store.cancels_for_agent(agent).await?;
+        if !claimed.is_empty() || !cancel.is_empty() || tokio::time::Instant::now() >= deadline {
+            let mut assignments = Vec::with_capacity(claimed.len());
+            for c in claimed {
+                state.metrics.observe_dispatch(
+                    (now - c.ready_at).num_microseconds().unwrap_or(0) as f64 / 1e6,
+                );
+                state.hub.job_changed(&c.job_id);
+                assignments.push(Assignment {
+                    attempt_id: c.attempt_id,
+                    job_id: c.job_id,
+                    action: c.action,
+                    argv: c.argv,
+                    env: c.env,
+                    timeout_ms: c.timeout_ms as u64,
+                    kill_grace_ms: c.kill_grace_ms as u64,
+                    log_cap_bytes: state.config.log_cap_bytes,
+                    lease_ms: lease.as_millis() as u64,
+                });
+            }
+            return Ok(Json(PollResponse {
+                assignments,
+                cancel,
+            })
+            .into_response());
+        }
+        // Sleep until woken, until the next retry becomes due, or the end.
+        let mut until = deadline;
+        if let Some(ready) = state.store.next_ready_at(agent).await? {
+            let in_ms = (ready - Utc::now()).num_milliseconds().max(0) as u64;
+            until = until.min(tokio::time::Instant::now() + Duration::from_millis(in_ms));
+        }
+        tokio::select! {
+            _ = slot.notify.notified() => {}
+            _ = tokio::time::sleep_until(until) => {}
+            _ = state.shutdown.cancelled() => return Ok(Json(PollResponse::default()).into_response()),
+        }
+    }
+}
+
+/// The attempt started running.
+#[utoipa::path(
+    post, path = "/api/v1/agent/attempts/{id}/start", tag = "agent",
+    params(("id" = String, Path, description = "Attempt id")),
+    request_body = StartRequest,
+    security(("agent" = [])),
+    responses((status = 200, body = ResultAck), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+async fn start(
+    State(state): State<AppState>,
+    AgentToken(claims): AgentToken,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<StartRequest>,
+) -> Result<Json<ResultAck>, ApiError> {
+    require_live_agent(&state, &claims).await?;
+    match state
+        .store
+        .mark_started(&id, &claims.sub, req.started_at, Utc::now())
+        .await?
+    {
+        Ownership::Owned { job_id } => {
+            state.hub.job_changed(&job_id);
+            Ok(Json(ResultAck { recorded: true }))
+        }
+        Ownership::Foreign => Err(forbidden_attempt(&id)),
+        Ownership::NotFound => Err(unknown_attempt(&id)),
+    }
+}
+
+/// One chunk of an attempt's output.
+#[utoipa::path(
+    post, path = "/api/v1/agent/attempts/{id}/logs", tag = "agent",
+    params(("id" = String, Path, description = "Attempt id")),
+    request_body = LogUpload,
+    security(("agent" = [])),
+    responses(
+        (status = 200, body = ResultAck),
+        (status = 403, body = ErrorBody),
+        (status = 413, description = "Chunk too large, or the stream's cap is reached", body = ErrorBody),
+    )
+)]
+async fn upload_log(
+    State(state): State<AppState>,
+    AgentToken(claims): AgentToken,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<LogUpload>,
+) -> Result<Json<ResultAck>, ApiError> {
+    require_live_agent(&state, &claims).await?;
+    if req.data.len() > MAX_LOG_CHUNK {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "log chunk is {} bytes; at most {MAX_LOG_CHUNK} allowed",
+                req.data.len()
+            ),
+        ));
+    }
+    // Room for the agent's truncation marker beyond the cap.
+    let cap = state.config.log_cap_bytes as i64 + 1024;
+    let seq = i64::try_from(req.seq).map_err(|_| ApiError::invalid("seq is too large"))?;
+    match state
+        .store
+        .append_log(&claims.sub, &id, req.stream, seq, &req.data, cap)
+        .await?
+    {
+        Appended::Stored { job_id } => {
+            state.hub.log_appended(&job_id);
+            Ok(Json(ResultAck { recorded: true }))
+        }
+        Appended::Duplicate { .. } => Ok(Json(ResultAck { recorded: false })),
+        Appended::OverCap => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the {} of attempt {id} reached its cap of {} bytes",
+                req.stream.as_str(),
+                state.config.log_cap_bytes
+            ),
+        )),
+        Appended::Foreign => Err(forbidden_attempt(&id)),
+        Appended::NotFound => Err(unknown_attempt(&id)),
+    }
+}
+
+/// Keep attempts alive; the answer lists those to stop.
+#[utoipa::path(
+    post, path = "/api/v1/agent/leases", tag = "agent",
+    request_body = LeaseRequest,
+    security(("agent" = [])),
+    responses((status = 200, body = LeaseResponse), (status = 403, body = ErrorBody))
+)]
+async fn renew_leases(
+    State(state): State<AppState>,
+    AgentToken(claims): AgentToken,
+    ApiJson(req): ApiJson<LeaseRequest>,
+) -> Result<Json<LeaseResponse>, ApiError> {
+    require_live_agent(&state, &claims).await?;
+    if req.attempt_ids.len() > MAX_CAPACITY as usize {
+        return Err(ApiError::invalid(format!(
+            "at most {MAX_CAPACITY} attempts per renewal"
+        )));
+    }
+    for id in &req.attempt_ids {
+        if state.store.attempt_owner(id, &claims.sub).await? == Ownership::Foreign {
+            return Err(forbidden_attempt(id));
+        }
+    }
+    let lease = state.config.attempt_lease;
+    let (renewed, cancel) = state
+        .store
+        .renew_leases(&claims.sub, &req.attempt_ids, Utc::now() + lease)
+        .await?;
+    Ok(Json(LeaseResponse {
+        renewed,
+        cancel,
+        lease_ms: lease.as_millis() as u64,
+    }))
+}
+
+/// How an attempt ended. Recorded once per attempt id; a repeat is
+/// acknowledged with `recorded: false`.
+#[utoipa::path(
+    post, path = "/api/v1/agent/attempts/{id}/result", tag = "agent",
+    params(("id" = String, Path, description = "Attempt id")),
+    request_body = AttemptResult,
+    security(("agent" = [])),
+    responses((status = 200, body = ResultAck), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+async fn report_result(
+    State(state): State<AppState>,
+    AgentToken(claims): AgentToken,
+    Path(id): Path<String>,
+    ApiJson(result): ApiJson<AttemptResult>,
+) -> Result<Json<ResultAck>, ApiError> {
+    require_live_agent(&state, &claims).await?;
+    if result.attempt_id != id {
+        return Err(ApiError::invalid(format!(
+            "attempt_id '{}' does not match the path's '{id}'",
+            result.attempt_id
+        )));
+    }
+    if result.error.as_ref().is_some_and(|e| e.len() > 4096) {
+        return Err(ApiError::invalid("error must be at most 4096 bytes"));
+    }
+    match state
+        .store
+        .record_result(&claims.sub, &result, fastrand::f64(), Utc::now())
+        .await?
+    {
+        Recorded::Recorded {
+            job_id,
+            retry_agent,
+        } => {
+            state
+                .metrics
+                .result_recorded(result.outcome.state().as_str());
+            state.hub.job_changed(&job_id);
+            if let Some(agent) = retry_agent {
+                state.hub.wake(&agent);
+            }
+            Ok(Json(ResultAck { recorded: true }))
+        }
+        Recorded::Duplicate { .. } => Ok(Json(ResultAck { recorded: false })),
+        Recorded::Foreign => Err(forbidden_attempt(&id)),
+        Recorded::NotFound => Err(unknown_attempt(&id)),
+    }
+}

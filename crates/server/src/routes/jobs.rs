@@ -1,0 +1,452 @@
+//! Jobs as operators see them: submit, list, show (optionally waiting for
+//! the end), logs (optionally following), cancel. Every job that is not
+//! final says why it is waiting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use drover_proto::api::AgentStatus;
+use drover_proto::jobs::{Attempt, Job, JobState, LogChunk, LogPage, Stream, SubmitJobRequest};
+use drover_proto::ErrorBody;
+use drover_store::jobs::{AttemptRecord, JobRecord, NewJob};
+use drover_store::AgentRecord;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::UserAuth;
+use crate::catalog::{render_argv, resolve_params};
+use crate::error::{ApiError, ApiJson};
+use crate::hub::wait_for_job;
+use crate::selector::Selector;
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit_job, list_jobs))
+        .routes(routes!(show_job))
+        .routes(routes!(job_logs))
+        .routes(routes!(cancel_job))
+}
+
+/// Longest a request may wait for a job to change.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Longest timeout a job may be given (7 days).
+const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+/// Resolves a target to the agents it names (never revoked ones).
+async fn resolve_target(state: &AppState, target: &str) -> Result<Vec<String>, ApiError> {
+    let selector = Selector::parse(target).map_err(ApiError::invalid)?;
+    if let Selector::Agent(prefix) = &selector {
+        let id = state
+            .store
+            .resolve_agent_id(prefix)
+            .await
+            .map_err(|e| match e {
+                drover_store::Error::NotFound { .. } => {
+                    ApiError::invalid(format!("target '{target}' matches no agent"))
+                }
+                other => other.into(),
+            })?;
+        let agent = state.store.agent(&id).await?;
+        if agent.as_ref().is_some_and(|a| a.revoked_at.is_some()) {
+            return Err(ApiError::invalid(format!("agent {id} is revoked")));
+        }
+        return Ok(vec![id]);
+    }
+    let agents: Vec<String> = state
+        .store
+        .list_agents()
+        .await?
+        .into_iter()
+        .filter(|a| a.revoked_at.is_none() && selector.matches(a))
+        .map(|a| a.id)
+        .collect();
+    if agents.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "target '{target}' matches no agent"
+        )));
+    }
+    Ok(agents)
+}
+
+/// Run an action on the agents a target names: one attempt per agent.
+#[utoipa::path(
+    post, path = "/api/v1/jobs", tag = "jobs",
+    request_body = SubmitJobRequest,
+    security(("user" = [])),
+    responses((status = 201, body = Job), (status = 422, description = "Unknown action, bad parameter or target", body = ErrorBody))
+)]
+async fn submit_job(
+    State(state): State<AppState>,
+    user: UserAuth,
+    ApiJson(req): ApiJson<SubmitJobRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    user.require_admin()?;
+    let (spec, hash) = super::actions::find(&state, &req.action)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "unknown action '{}': see drover actions list",
+                req.action
+            ))
+        })?;
+    let values = resolve_params(&spec, &req.params).map_err(ApiError::invalid)?;
+    let argv = render_argv(&spec, &values).map_err(ApiError::invalid)?;
+    let timeout_secs = req.timeout_secs.unwrap_or(spec.timeout.as_secs().max(1));
+    if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
+        return Err(ApiError::invalid(format!(
+            "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}, got {timeout_secs}"
+        )));
+    }
+    let mut retry = spec.retries.clone();
+    if let Some(n) = req.retries {
+        if n > 100 {
+            return Err(ApiError::invalid(format!(
+                "retries must be at most 100, got {n}"
+            )));
+        }
+        retry.max = n;
+    }
+    let agents = resolve_target(&state, &req.target).await?;
+    let params_json = serde_json::to_string(&req.params)
+        .map_err(|e| ApiError::internal("encoding parameters", &e))?;
+    let now = Utc::now();
+    let id = state
+        .store
+        .create_job(
+            NewJob {
+                action: &spec.name,
+                action_hash: &hash,
+                target: &req.target,
+                params_json: &params_json,
+                argv: &argv,
+                env: &spec.env,
+                timeout_ms: (timeout_secs * 1000) as i64,
+                kill_grace_ms: spec.kill_grace.as_millis() as i64,
+                retry: &retry,
+                created_by: &user.username,
+                agent_ids: &agents,
+            },
+            now,
+        )
+        .await?;
+    for agent in &agents {
+        state.hub.wake(agent);
+    }
+    state.hub.job_changed(&id);
+    tracing::info!(job = %id, action = %spec.name, agents = agents.len(), by = %user.username, "job submitted");
+    Ok((StatusCode::CREATED, Json(load_job(&state, &id).await?)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only jobs in this state.
+    state: Option<String>,
+    /// At most this many, newest first [default 50, at most 1000].
+    limit: Option<i64>,
+}
+
+/// Jobs, newest first (without their attempts).
+#[utoipa::path(
+    get, path = "/api/v1/jobs", tag = "jobs",
+    params(ListQuery),
+    security(("user" = [])),
+    responses((status = 200, body = [Job]))
+)]
+async fn list_jobs(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Job>>, ApiError> {
+    let filter = match q.state.as_deref() {
+        Some(s) => Some(
+            JobState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state '{s}'")))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let jobs = state.store.list_jobs(filter, limit).await?;
+    Ok(Json(
+        jobs.into_iter()
+            .map(|j| job_view(j, Vec::new(), &HashMap::new(), &state))
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Wait up to this many milliseconds (at most 30000) for the job to end.
+    wait_ms: Option<u64>,
+}
+
+/// One job with its attempts; with `wait_ms`, answers when it ends or the
+/// wait is over.
+#[utoipa::path(
+    get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id or a unique prefix"), WaitQuery),
+    security(("user" = [])),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody))
+)]
+async fn show_job(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<Job>, ApiError> {
+    let id = state.store.resolve_job_id(&id).await?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let mut events = state.hub.subscribe();
+    loop {
+        let job = load_job(&state, &id).await?;
+        if job.state.is_final() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(job));
+        }
+        tokio::select! {
+            changed = wait_for_job(&mut events, &id, deadline) => if !changed { return Ok(Json(job)) },
+            _ = state.shutdown.cancelled() => return Ok(Json(job)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    /// Return chunks after this cursor [default 0].
+    after: Option<i64>,
+    /// Wait up to this many milliseconds (at most 30000) for new output.
+    wait_ms: Option<u64>,
+    /// At most this many chunks [default 500].
+    limit: Option<i64>,
+}
+
+/// Output of a job's attempts, in order. With `wait_ms`, waits for output
+/// after the cursor; `complete` says the job ended and all was returned.
+#[utoipa::path(
+    get, path = "/api/v1/jobs/{id}/logs", tag = "jobs",
+    params(("id" = String, Path, description = "Job id or a unique prefix"), LogQuery),
+    security(("user" = [])),
+    responses((status = 200, body = LogPage), (status = 404, body = ErrorBody))
+)]
+async fn job_logs(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Json<LogPage>, ApiError> {
+    let id = state.store.resolve_job_id(&id).await?;
+    let after = q.after.unwrap_or(0).max(0);
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let mut events = state.hub.subscribe();
+    loop {
+        // Read the state first: output stored before the job ended is then
+        // certainly in the page that follows.
+        let final_state = state
+            .store
+            .job(&id)
+            .await?
+            .map(|j| j.state.is_final())
+            .unwrap_or(true);
+        let records = state.store.logs_after(&id, after, limit).await?;
+        if !records.is_empty() || final_state || tokio::time::Instant::now() >= deadline {
+            let next = records.last().map(|r| r.id).unwrap_or(after);
+            let complete = final_state && (records.len() as i64) < limit;
+            let chunks = records
+                .into_iter()
+                .map(|r| LogChunk {
+                    cursor: r.id,
+                    attempt_id: r.attempt_id,
+                    stream: if r.stream == "stderr" {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    },
+                    data: r.data,
+                })
+                .collect();
+            return Ok(Json(LogPage {
+                chunks,
+                next,
+                complete,
+            }));
+        }
+        tokio::select! {
+            _ = wait_for_job(&mut events, &id, deadline) => {}
+            _ = state.shutdown.cancelled() => return Ok(Json(LogPage { chunks: Vec::new(), next: after, complete: false })),
+        }
+    }
+}
+
+/// Cancel a job: queued attempts end at once; running ones are stopped by
+/// their agents (SIGTERM, then SIGKILL after the kill grace).
+#[utoipa::path(
+    post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "Job id or a unique prefix")),
+    security(("user" = [])),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody))
+)]
+async fn cancel_job(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    user.require_admin()?;
+    let id = state.store.resolve_job_id(&id).await?;
+    let reason = format!("cancelled by {}", user.username);
+    let agents = state.store.cancel_job(&id, &reason, Utc::now()).await?;
+    for agent in &agents {
+        state.hub.wake(agent);
+    }
+    state.hub.job_changed(&id);
+    tracing::info!(job = %id, by = %user.username, running = agents.len(), "job cancel requested");
+    Ok(Json(load_job(&state, &id).await?))
+}
+
+/// A job with its attempts and the reasons of whatever still waits.
+pub async fn load_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
+    let job = state
+        .store
+        .job(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job '{id}' not found")))?;
+    let attempts = state.store.attempts(id).await?;
+    let mut agents = HashMap::new();
+    for a in &attempts {
+        if !a.state.is_final() && !agents.contains_key(&a.agent_id) {
+            if let Some(rec) = state.store.agent(&a.agent_id).await? {
+                agents.insert(a.agent_id.clone(), rec);
+            }
+        }
+    }
+    Ok(job_view(job, attempts, &agents, state))
+}
+
+fn job_view(
+    job: JobRecord,
+    attempts: Vec<AttemptRecord>,
+    agents: &HashMap<String, AgentRecord>,
+    state: &AppState,
+) -> Job {
+    let now = Utc::now();
+    let attempts: Vec<Attempt> = attempts
+        .into_iter()
+        .map(|a| {
+            let reason = if a.state.is_final() {
+                a.reason.clone()
+            } else {
+                Some(waiting_reason(&a, agents.get(&a.agent_id), state, now))
+            };
+            attempt_view(a, reason)
+        })
+        .collect();
+    let reason = if job.state.is_final() {
+        None
+    } else {
+        let reasons: Vec<String> = attempts
+            .iter()
+            .filter(|a| !a.state.is_final())
+            .filter_map(|a| a.reason.clone())
+            .take(3)
+            .collect();
+        Some(if reasons.is_empty() {
+            "waiting for its attempts".to_owned()
+        } else {
+            reasons.join("; ")
+        })
+    };
+    let params: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&job.params_json).unwrap_or_default();
+    Job {
+        id: job.id,
+        action: job.action,
+        target: job.target,
+        params,
+        state: job.state,
+        reason,
+        created_by: job.created_by,
+        created_at: job.created_at,
+        finished_at: job.finished_at,
+        timeout_secs: (job.timeout_ms / 1000) as u64,
+        max_retries: job.retry.max,
+        attempts,
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..13).unwrap_or(id)
+}
+
+/// Why an attempt that is not final is waiting.
+fn waiting_reason(
+    a: &AttemptRecord,
+    agent: Option<&AgentRecord>,
+    state: &AppState,
+    now: DateTime<Utc>,
+) -> String {
+    let who = short(&a.agent_id);
+    match a.state {
+        JobState::Running if a.cancel_requested => format!("cancel sent to agent {who}"),
+        JobState::Running => format!("running on agent {who}"),
+        JobState::Dispatched => format!("dispatched to agent {who}, waiting for it to start"),
+        _ => {
+            if a.not_before > now {
+                return format!("awaiting retry at {}", a.not_before.to_rfc3339());
+            }
+            let Some(agent) = agent else {
+                return format!("agent {who} no longer exists");
+            };
+            let status = AgentStatus::derive(
+                agent.revoked_at.is_some(),
+                agent.last_seen_at,
+                now,
+                state.config.health(),
+            );
+            match status {
+                AgentStatus::Revoked => format!("agent {who} is revoked"),
+                AgentStatus::Offline | AgentStatus::Stale => format!(
+                    "agent {who} is {} (last seen {})",
+                    status.as_str(),
+                    agent
+                        .last_seen_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "never".to_owned())
+                ),
+                AgentStatus::Online => match state.hub.capacity_of(&a.agent_id) {
+                    Some((cap, 0)) => format!("agent {who} is at capacity ({cap} running)"),
+                    _ => format!("waiting for agent {who} to poll"),
+                },
+            }
+        }
+    }
+}
+
+fn attempt_view(a: AttemptRecord, reason: Option<String>) -> Attempt {
+    Attempt {
+        id: a.id,
+        agent_id: a.agent_id,
+        number: a.number as u32,
+        state: a.state,
+        reason,
+        created_at: a.created_at,
+        not_before: a.not_before,
+        dispatched_at: a.dispatched_at,
+        started_at: a.started_at,
+        finished_at: a.finished_at,
+        exit_code: a.exit_code.map(|c| c as i32),
+        signal: a.signal.map(|s| s as i32),
+        duration_ms: a.duration_ms.map(|d| d as u64),
+        error: a.error,
+        stdout_truncated: a.stdout_truncated,
+        stderr_truncated: a.stderr_truncated,
+    }
+}

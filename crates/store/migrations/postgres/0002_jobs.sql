@@ -1,0 +1,82 @@
+-- The action catalog, jobs with their attempts and output, and the audit log.
+
+CREATE TABLE actions (
+    name       TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL,
+    hash       TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    updated_by TEXT NOT NULL
+);
+
+CREATE TABLE jobs (
+    id                  TEXT PRIMARY KEY,
+    action              TEXT NOT NULL,
+    action_hash         TEXT NOT NULL,
+    target              TEXT NOT NULL,
+    params              TEXT NOT NULL,
+    -- What every attempt runs, fixed at submission.
+    argv                TEXT NOT NULL,
+    env                 TEXT NOT NULL,
+    timeout_ms          BIGINT NOT NULL,
+    kill_grace_ms       BIGINT NOT NULL,
+    retry               TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    created_by          TEXT NOT NULL,
+    created_at          BIGINT NOT NULL,
+    finished_at         BIGINT,
+    cancel_requested_at BIGINT
+);
+
+CREATE INDEX jobs_created ON jobs (created_at);
+CREATE INDEX jobs_state ON jobs (state);
+
+CREATE TABLE attempts (
+    id               TEXT PRIMARY KEY,
+    job_id           TEXT NOT NULL REFERENCES jobs (id),
+    agent_id         TEXT NOT NULL REFERENCES agents (id),
+    number           BIGINT NOT NULL,
+    state            TEXT NOT NULL,
+    reason           TEXT,
+    created_at       BIGINT NOT NULL,
+    not_before       BIGINT NOT NULL,
+    dispatched_at    BIGINT,
+    started_at       BIGINT,
+    lease_expires_at BIGINT,
+    finished_at      BIGINT,
+    exit_code        BIGINT,
+    signal           BIGINT,
+    duration_ms      BIGINT,
+    error            TEXT,
+    stdout_truncated BIGINT NOT NULL DEFAULT 0,
+    stderr_truncated BIGINT NOT NULL DEFAULT 0,
+    cancel_requested BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (job_id, agent_id, number)
+);
+
+CREATE INDEX attempts_agent_state ON attempts (agent_id, state, not_before);
+CREATE INDEX attempts_job ON attempts (job_id);
+CREATE INDEX attempts_lease ON attempts (state, lease_expires_at);
+
+CREATE TABLE attempt_logs (
+    id         BIGSERIAL PRIMARY KEY,
+    job_id     TEXT NOT NULL,
+    attempt_id TEXT NOT NULL,
+    stream     TEXT NOT NULL,
+    seq        BIGINT NOT NULL,
+    data       TEXT NOT NULL,
+    UNIQUE (attempt_id, stream, seq)
+);
+
+CREATE INDEX attempt_logs_job ON attempt_logs (job_id, id);
+
+CREATE TABLE audit (
+    id      BIGSERIAL PRIMARY KEY,
+    at      BIGINT NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    target  TEXT NOT NULL,
+    status  BIGINT NOT NULL,
+    outcome TEXT NOT NULL
+);
+
+CREATE INDEX audit_at ON audit (at);
