@@ -45,11 +45,8 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 const LEASE_RETRY: Duration = Duration::from_secs(2);
 /// Log chunks queued per attempt for the shipper (≤ 64 KiB each).
 const LOG_QUEUE: usize = 16;
-/// Tries per log chunk before it is given up.
-const LOG_TRIES: u32 = 3;
-/// How long a finished attempt waits for its output to reach the server
-/// before its result is reported (normally, and when the agent stops).
-const LOG_FLUSH: Duration = Duration::from_secs(10);
+/// How long a finished attempt still waits for its output to reach the
+/// server once the agent is stopping (the result is in the outbox anyway).
 const LOG_FLUSH_STOPPING: Duration = Duration::from_secs(1);
 /// Outbox files listed per round: memory does not grow with the backlog.
 const OUTBOX_BATCH: usize = 64;
@@ -287,6 +284,7 @@ impl Jobs {
             a.attempt_id.clone(),
             StartRequest { started_at },
             rx,
+            self.config.max_backoff,
         ));
         let result = executor::execute(&a, &self.config.exec, &cancel, &tx).await;
         drop(tx);
@@ -304,14 +302,20 @@ impl Jobs {
             self.metrics.set_running(running.len());
         }
         self.slot_freed.notify_one();
-        // Let the output reach the server before the result does.
-        let flush = if self.stopping() {
-            LOG_FLUSH_STOPPING
-        } else {
-            LOG_FLUSH
-        };
+        // Let the output reach the server before the result does. The
+        // shipper retries while the server is away, so this waits as long
+        // as it takes, except when the agent stops (the result is in the
+        // outbox either way).
+        let mut shipper = shipper;
         let abort = shipper.abort_handle();
-        if tokio::time::timeout(flush, shipper).await.is_err() {
+        let shipped = tokio::select! {
+            r = &mut shipper => r.is_ok(),
+            _ = self.stop.cancelled() => {
+                matches!(tokio::time::timeout(LOG_FLUSH_STOPPING, &mut shipper).await, Ok(Ok(())))
+            }
+            _ = self.session.rejected().cancelled() => false,
+        };
+        if !shipped {
             abort.abort();
             tracing::warn!(attempt = %a.attempt_id, "output not fully shipped; reporting the result anyway");
         }
@@ -556,14 +560,16 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Sends the start notice, then the output chunks in order, each tried a
-/// few times. Best effort: what cannot be sent is dropped, never queued
-/// without bound (the executor's channel is bounded).
+/// Sends the start notice, then the output chunks in order. A chunk the
+/// server refuses (over the cap, …) is dropped; one that cannot reach it is
+/// retried with backoff until it arrives or the agent stops. Nothing is
+/// queued without bound (the executor's channel is bounded).
 async fn ship_logs(
     session: Arc<Session>,
     attempt_id: String,
     start: StartRequest,
     mut rx: mpsc::Receiver<LogUpload>,
+    max_backoff: Duration,
 ) {
     let id = attempt_id.as_str();
     let start = &start;
@@ -575,16 +581,23 @@ async fn ship_logs(
     }
     while let Some(chunk) = rx.recv().await {
         let chunk = &chunk;
-        for attempt in 1..=LOG_TRIES {
+        let mut backoff = Backoff::new(max_backoff);
+        loop {
             let r = session
                 .call(|client, token| async move { client.logs(&token, id, chunk).await })
                 .await;
             match r {
                 Ok(()) => break,
                 Err(e) if e.is_terminal() => return,
-                Err(e) if is_transient(&e) && attempt < LOG_TRIES => {
-                    let wait = Duration::from_millis(250 << attempt);
-                    tokio::time::sleep(e.retry_after().unwrap_or(wait).min(wait * 4)).await;
+                // The server is away: keep the chunk and try again. Memory
+                // stays bounded: the executor coalesces, then drops, output
+                // while this channel is full.
+                Err(e) if is_transient(&e) => {
+                    let wait = backoff.next().max(e.retry_after().unwrap_or_default());
+                    if backoff.failures == 1 || backoff.failures % 10 == 0 {
+                        tracing::warn!(attempt = %id, seq = chunk.seq, error = %e, "shipping output failed; retrying");
+                    }
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
                     tracing::warn!(attempt = %id, seq = chunk.seq, error = %e, "dropping a log chunk");

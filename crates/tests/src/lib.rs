@@ -491,3 +491,90 @@ impl Drop for AgentProc {
         }
     }
 }
+
+/// A TCP proxy on loopback between agents and the server that can cut the
+/// network: while cut, open connections are dropped and new ones refused
+/// at once, but both processes keep running. It runs on a thread of its own,
+/// so it keeps forwarding while a test blocks on a CLI call.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped on every cut; connections of an older generation close.
+    generation: tokio::sync::watch::Sender<u64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Proxy {
+    /// Forwards a new loopback port to `target_port`.
+    pub async fn start(target_port: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let port = std_listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (generation, gen_rx) = tokio::sync::watch::channel(0u64);
+        let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let cut2 = cut.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("proxy runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                loop {
+                    let (mut inbound, _) = tokio::select! {
+                        _ = &mut stop_rx => return,
+                        r = listener.accept() => match r { Ok(c) => c, Err(_) => return },
+                    };
+                    if cut2.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut gen = gen_rx.clone();
+                    let born = *gen.borrow();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = gen.wait_for(|g| *g != born) => {}
+                        }
+                    });
+                }
+            });
+        });
+        Proxy {
+            port,
+            cut,
+            generation,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts the network: drops every open connection, refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

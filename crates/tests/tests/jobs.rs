@@ -767,3 +767,148 @@ async fn audit_log_and_job_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The agent is cut off from the server for two minutes (its connections
+/// dropped, new ones refused) while it finishes a job: the attempt's lease
+/// runs out and it is marked lost, but the agent keeps the result in its
+/// outbox and delivers it when the network is back; the job ends succeeded
+/// with its one attempt recorded once.
+#[tokio::test]
+async fn agent_cut_off_for_minutes_delivers_its_result() {
+    let cluster = Cluster::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            extra_args: vec!["--attempt-lease".into(), "10s".into()],
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    cluster.apply_actions(CATALOG);
+    let proxy = Proxy::start(cluster.port).await;
+    let token = cluster.bootstrap_token(&[]);
+    let mut agent = AgentProc::new(&proxy.url());
+    let out = agent
+        .command(&["enroll", "--token", &token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    agent.start();
+    cluster.wait_online(&agent.id).await;
+
+    let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=3"]);
+    wait_for("the job to run", Duration::from_secs(10), || {
+        let job = cluster.job(&id);
+        async move { (job.state == JobState::Running).then_some(()) }
+    })
+    .await;
+    proxy.cut();
+    let outbox = agent.state_dir().join("outbox");
+    wait_for("the result in the outbox", Duration::from_secs(15), || {
+        let n = std::fs::read_dir(&outbox)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // The server gives the attempt up when its lease runs out.
+    wait_for("the attempt to be lost", Duration::from_secs(30), || {
+        let job = cluster.job(&id);
+        async move { (job.state == JobState::Lost).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    assert!(agent.status()["last_error"].is_string());
+
+    proxy.restore();
+    let job = wait_for("the late result", Duration::from_secs(30), || {
+        let job = cluster.job(&id);
+        async move { (job.state == JobState::Succeeded).then_some(job) }
+    })
+    .await;
+    assert_eq!(job.attempts.len(), 1, "{job:#?}");
+    assert_eq!(job.attempts[0].exit_code, Some(0));
+    assert_eq!(cluster.cli_ok(&["jobs", "logs", &id]), "done-3\n");
+    let metrics = cluster
+        .http
+        .get(format!("{}/metrics", cluster.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("drover_attempt_results_total{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+}
+
+fn poll_503s(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("drover_http_requests_total{")
+                && l.contains("route=\"/api/v1/agent/poll\",status=\"503\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Past its long-poll limit the server answers 503 with Retry-After; the
+/// shed agent waits as told (with jitter) instead of hammering, stays
+/// online, and gets its work once the load drops.
+#[tokio::test]
+async fn overloaded_server_sheds_polls_and_agents_back_off() {
+    let cluster = Cluster::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            extra_args: vec!["--max-long-polls".into(), "1".into()],
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    cluster.apply_actions(CATALOG);
+    let mut holder = cluster.enroll_agent(&[]).await;
+    cluster.wait_online(&holder.id).await;
+    // Let the first agent's long-poll take the only slot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shed = cluster.enroll_agent(&[]).await;
+    cluster.wait_online(&shed.id).await;
+    let metrics = || async {
+        cluster
+            .http
+            .get(format!("{}/metrics", cluster.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let first = wait_for("a poll to be shed", Duration::from_secs(10), || async {
+        let n = poll_503s(&metrics().await);
+        (n > 0).then_some(n)
+    })
+    .await;
+    let id = cluster.submit("echo", &shed.id, &["--param", "message=late"]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = poll_503s(&metrics().await);
+    // Retry-After is 2-5 s: in 10 s at most ~5 more tries, not hundreds.
+    assert!(after - first <= 6, "{} polls shed in 10 s", after - first);
+    assert_eq!(cluster.agent(&shed.id).status, AgentStatus::Online);
+    assert_eq!(cluster.job(&id).state, JobState::Queued);
+
+    holder.stop().await;
+    let job = cluster.wait_job(&id, Duration::from_secs(20)).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
+}
