@@ -912,3 +912,31 @@ async fn overloaded_server_sheds_polls_and_agents_back_off() {
     let job = cluster.wait_job(&id, Duration::from_secs(20)).await;
     assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
 }
+
+/// The agent's own metrics endpoint (off by default) counts attempts and is
+/// valid for promtool.
+#[tokio::test]
+async fn agent_metrics_are_valid_for_promtool() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+    cluster.apply_actions(CATALOG);
+    let port = free_port();
+    let yaml = format!("allow_actions: [\"*\"]\nmetrics_listen: 127.0.0.1:{port}\n");
+    let agent = cluster.enroll_agent_with(&[], &yaml).await;
+    cluster.wait_online(&agent.id).await;
+    cluster.cli_ok(&["run", "echo", "--target", &agent.id, "--param", "message=m", "--wait"]);
+    let _ = cluster.cli(&["run", "fail", "--target", &agent.id, "--retries", "0", "--wait"]);
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(text.contains("_total"), "{text}");
+    assert!(text.lines().any(|l| l.contains("outbox") && !l.starts_with('#')), "{text}");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is required (scripts/test installs it)");
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}{}\n{text}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
