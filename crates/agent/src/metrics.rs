@@ -119,50 +119,7 @@ impl Default for Metrics {
 /// Content type of the classic Prometheus text format.
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Rewrites OpenMetrics text as the classic Prometheus text format (0.0.4).
-/// The two differ in naming: OpenMetrics names a counter family `x` with
-/// samples `x_total` and `x_created`; the classic format (and promtool's
-/// parser) wants the family named `x_total`, no `_created` samples and no
-/// closing `# EOF`. A copy of the server's function of the same name: the
-/// agent must not depend on the server crate.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
-    let mut counters = std::collections::HashSet::new();
-    for line in openmetrics.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            if let Some(name) = rest.strip_suffix(" counter") {
-                counters.insert(name.to_owned());
-            }
-        }
-    }
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        match rewritten {
-            Some(l) => out.push_str(&l),
-            None => {
-                let name = line.split(['{', ' ']).next().unwrap_or("");
-                let is_created = name
-                    .strip_suffix("_created")
-                    .is_some_and(|family| counters.contains(family));
-                if is_created {
-                    continue;
-                }
-                out.push_str(line);
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
+pub use drover_proto::metrics_text::to_prometheus_text;
 
 /// Binds the metrics address; refused unless it is loopback (the config
 /// checks it too).
@@ -236,13 +193,6 @@ fn answer(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn classic_text_names_counter_families_with_total() {
-        let om = "# HELP drover_x Things.\n# TYPE drover_x counter\ndrover_x_total{a=\"1\"} 3\ndrover_x_created{a=\"1\"} 1.5\n# HELP drover_g Level.\n# TYPE drover_g gauge\ndrover_g 2\n# EOF\n";
-        let want = "# HELP drover_x_total Things.\n# TYPE drover_x_total counter\ndrover_x_total{a=\"1\"} 3\n# HELP drover_g Level.\n# TYPE drover_g gauge\ndrover_g 2\n";
-        assert_eq!(to_prometheus_text(om), want);
-    }
 
     #[test]
     fn metrics_encode_and_are_served() {

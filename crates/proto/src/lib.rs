@@ -11,6 +11,7 @@ pub mod api;
 pub mod error;
 pub mod jobs;
 pub mod labels;
+pub mod metrics_text;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 

@@ -85,6 +85,31 @@ pub async fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
     .await
 }
 
+/// Fails unless `promtool check metrics` accepts the text.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is required (scripts/test installs it)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Options for the server of a test cluster.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -312,6 +337,17 @@ impl Cluster {
 
     pub fn job(&self, id: &str) -> Job {
         self.cli_json(&["jobs", "show", id])
+    }
+
+    /// The server's `/metrics` in the classic text format.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("GET /metrics");
+        resp.text().await.expect("metrics body")
     }
 
     pub fn agents(&self) -> Vec<Agent> {

@@ -726,15 +726,7 @@ async fn audit_log_and_job_metrics() {
         );
     }
 
-    let text = cluster
-        .http
-        .get(format!("{}/metrics", cluster.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = cluster.metrics().await;
     assert!(
         text.contains("drover_jobs{state=\"succeeded\"} 1"),
         "{text}"
@@ -745,27 +737,7 @@ async fn audit_log_and_job_metrics() {
     );
     assert!(text.contains("drover_queue_depth 0"), "{text}");
     assert!(text.contains("drover_long_polls_waiting "), "{text}");
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is required (scripts/test installs it)");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&text);
 }
 
 /// The agent is cut off from the server for two minutes (its connections
@@ -837,15 +809,7 @@ async fn agent_cut_off_for_minutes_delivers_its_result() {
     assert_eq!(job.attempts.len(), 1, "{job:#?}");
     assert_eq!(job.attempts[0].exit_code, Some(0));
     assert_eq!(cluster.cli_ok(&["jobs", "logs", &id]), "done-3\n");
-    let metrics = cluster
-        .http
-        .get(format!("{}/metrics", cluster.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cluster.metrics().await;
     assert!(
         metrics.contains("drover_attempt_results_total{state=\"succeeded\"} 1"),
         "{metrics}"
@@ -884,17 +848,7 @@ async fn overloaded_server_sheds_polls_and_agents_back_off() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let shed = cluster.enroll_agent(&[]).await;
     cluster.wait_online(&shed.id).await;
-    let metrics = || async {
-        cluster
-            .http
-            .get(format!("{}/metrics", cluster.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || async { cluster.metrics().await };
     let first = wait_for("a poll to be shed", Duration::from_secs(10), || async {
         let n = poll_503s(&metrics().await);
         (n > 0).then_some(n)
@@ -923,20 +877,35 @@ async fn agent_metrics_are_valid_for_promtool() {
     let yaml = format!("allow_actions: [\"*\"]\nmetrics_listen: 127.0.0.1:{port}\n");
     let agent = cluster.enroll_agent_with(&[], &yaml).await;
     cluster.wait_online(&agent.id).await;
-    cluster.cli_ok(&["run", "echo", "--target", &agent.id, "--param", "message=m", "--wait"]);
-    let _ = cluster.cli(&["run", "fail", "--target", &agent.id, "--retries", "0", "--wait"]);
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    cluster.cli_ok(&[
+        "run",
+        "echo",
+        "--target",
+        &agent.id,
+        "--param",
+        "message=m",
+        "--wait",
+    ]);
+    let _ = cluster.cli(&[
+        "run",
+        "fail",
+        "--target",
+        &agent.id,
+        "--retries",
+        "0",
+        "--wait",
+    ]);
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.contains("_total"), "{text}");
-    assert!(text.lines().any(|l| l.contains("outbox") && !l.starts_with('#')), "{text}");
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is required (scripts/test installs it)");
-    use std::io::Write;
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}{}\n{text}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.lines()
+            .any(|l| l.contains("outbox") && !l.starts_with('#')),
+        "{text}"
+    );
+    promtool_check(&text);
 }
