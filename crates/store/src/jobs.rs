@@ -590,7 +590,7 @@ impl Store {
                 "UPDATE attempts SET state = $1, finished_at = $2, exit_code = $3, signal = $4, duration_ms = $5, \
                  error = $6, stdout_truncated = $7, stderr_truncated = $8, started_at = COALESCE(started_at, $9), \
                  reason = NULL, lease_expires_at = NULL \
-                 WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost', 'queued') \
+                 WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost') \
                  AND finished_at IS NULL \
                  RETURNING job_id, number",
             )
