@@ -427,21 +427,28 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        // PostgreSQL: replicas polling for the same agent skip each other's
-        // rows instead of waiting; SQLite has one writer anyway.
-        let lock = match self.backend() {
-            crate::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-            crate::Backend::Sqlite => "",
+        // PostgreSQL may run an `IN (SELECT … LIMIT n)` sub-select more than
+        // once, so the LIMIT would not bound the update: pick the rows once
+        // in a materialized CTE (skipping rows another replica has locked).
+        // SQLite has one writer and evaluates the sub-select once.
+        let claim = match self.backend() {
+            crate::Backend::Postgres => {
+                "WITH picked AS MATERIALIZED (SELECT id FROM attempts WHERE agent_id = $3 AND state = 'queued' \
+                 AND not_before <= $1 ORDER BY not_before, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 UPDATE attempts SET state = 'dispatched', dispatched_at = $1, lease_expires_at = $2, reason = NULL \
+                 FROM picked WHERE attempts.id = picked.id AND attempts.state = 'queued' \
+                 RETURNING attempts.id, attempts.job_id, attempts.not_before"
+            }
+            crate::Backend::Sqlite => {
+                "UPDATE attempts SET state = 'dispatched', dispatched_at = $1, lease_expires_at = $2, reason = NULL \
+                 WHERE id IN (SELECT id FROM attempts WHERE agent_id = $3 AND state = 'queued' AND not_before <= $1 \
+                 ORDER BY not_before, id LIMIT $4) AND state = 'queued' \
+                 RETURNING id, job_id, not_before"
+            }
         };
-        let claim = format!(
-            "UPDATE attempts SET state = 'dispatched', dispatched_at = $1, lease_expires_at = $2, reason = NULL \
-             WHERE id IN (SELECT id FROM attempts WHERE agent_id = $3 AND state = 'queued' AND not_before <= $1 \
-             ORDER BY not_before, id LIMIT $4{lock}) AND state = 'queued' \
-             RETURNING id, job_id, not_before"
-        );
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let rows: Vec<(String, String, i64)> = sqlx::query_as(&claim)
+            let rows: Vec<(String, String, i64)> = sqlx::query_as(claim)
                 .bind(to_ms(now))
                 .bind(to_ms(lease_until))
                 .bind(agent_id)

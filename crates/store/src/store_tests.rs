@@ -462,6 +462,64 @@ mod jobs {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_claim_never_exceeds_its_limit() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            for _ in 0..12 {
+                job(&store, std::slice::from_ref(&a), RetryPolicy::default()).await;
+            }
+            let mut total = 0;
+            for limit in [3, 1, 5] {
+                let got = store
+                    .claim_attempts(&a, limit, lease(), Utc::now())
+                    .await
+                    .unwrap();
+                assert_eq!(got.len(), limit as usize, "{backend}: limit {limit}");
+                total += got.len();
+            }
+            let rest = store
+                .claim_attempts(&a, 100, lease(), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(total + rest.len(), 12, "{backend}");
+            assert_eq!(store.busy_attempts(&a).await.unwrap(), 12);
+
+            // Concurrent claims (as from several replicas) stay within their
+            // limits and never hand out an attempt twice.
+            let b = enrolled(&store, "b1").await.id;
+            for _ in 0..40 {
+                job(&store, std::slice::from_ref(&b), RetryPolicy::default()).await;
+            }
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let (store, b) = (store.clone(), b.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    for _ in 0..10 {
+                        let got = store
+                            .claim_attempts(&b, 2, lease(), Utc::now())
+                            .await
+                            .unwrap();
+                        assert!(got.len() <= 2, "claimed {} with limit 2", got.len());
+                        mine.extend(got.into_iter().map(|c| c.attempt_id));
+                    }
+                    mine
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            let n = all.len();
+            all.sort();
+            all.dedup();
+            assert_eq!((n, all.len()), (40, 40), "{backend}");
+        }
+    }
+
     #[tokio::test]
     async fn failures_retry_and_leases_expire() {
         for backend in BACKENDS {
