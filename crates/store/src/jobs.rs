@@ -653,6 +653,36 @@ impl Store {
         })
     }
 
+    /// Ends every unfinished attempt of an agent that can no longer run
+    /// them (it was revoked): they become lost with `reason`, without retry.
+    /// Returns the jobs that changed.
+    pub async fn abandon_agent_attempts(
+        &self,
+        agent_id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let mut jobs: Vec<String> = sqlx::query_scalar(
+                "UPDATE attempts SET state = 'lost', reason = $1, finished_at = $2, lease_expires_at = NULL \
+                 WHERE agent_id = $3 AND state IN ('queued', 'dispatched', 'running') RETURNING job_id",
+            )
+            .bind(reason)
+            .bind(to_ms(now))
+            .bind(agent_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            jobs.sort();
+            jobs.dedup();
+            for job_id in &jobs {
+                recompute_job!(tx, job_id, now)?;
+            }
+            tx.commit().await?;
+            Ok(jobs)
+        })
+    }
+
     /// Requests cancellation: queued attempts end at once, running ones are
     /// flagged for their agents. Returns the agents to wake.
     pub async fn cancel_job(

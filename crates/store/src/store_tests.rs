@@ -731,6 +731,44 @@ mod jobs {
     }
 
     #[tokio::test]
+    async fn revoked_agents_attempts_end_lost() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let b = enrolled(&store, "b1").await.id;
+            let queued = job(&store, std::slice::from_ref(&a), RetryPolicy::default()).await;
+            let both = job(&store, &[a.clone(), b.clone()], RetryPolicy::default()).await;
+            store
+                .claim_attempts(&a, 1, lease(), Utc::now())
+                .await
+                .unwrap();
+            let changed = store
+                .abandon_agent_attempts(&a, "agent revoked: stolen", Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(changed.len(), 2, "{backend}");
+            let j = store.job(&queued).await.unwrap().unwrap();
+            assert_eq!(j.state, JobState::Lost);
+            let atts = store.attempts(&queued).await.unwrap();
+            assert_eq!(atts[0].reason.as_deref(), Some("agent revoked: stolen"));
+            // The other agent's attempt of the same job is untouched.
+            let states: Vec<(String, JobState)> = store
+                .attempts(&both)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| (x.agent_id, x.state))
+                .collect();
+            assert!(
+                states.contains(&(b.clone(), JobState::Queued)),
+                "{states:?}"
+            );
+            assert!(store.cancels_for_agent(&a).await.unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
     async fn actions_upsert_by_hash() {
         for backend in BACKENDS {
             let db = TestDb::new(backend).await;

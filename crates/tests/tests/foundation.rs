@@ -123,6 +123,10 @@ async fn revoked_agent_is_refused_and_stops() {
     let listed = cluster.agent(&agent.id);
     assert_eq!(listed.status, AgentStatus::Revoked);
     assert_eq!(listed.revoked_reason.as_deref(), Some("decommissioned"));
+    // No new work is accepted for it.
+    let out = cluster.cli(&["run", "noop", "--target", &agent.id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is revoked"));
 
     // It does not try again with the same credentials.
     agent.start();

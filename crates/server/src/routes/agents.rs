@@ -143,6 +143,14 @@ async fn revoke_agent(
     }
     let id = state.store.resolve_agent_id(&id).await?;
     state.store.revoke_agent(&id, &reason, Utc::now()).await?;
+    // Its unfinished attempts can never run now: end them, with the reason.
+    let jobs = state
+        .store
+        .abandon_agent_attempts(&id, &format!("agent revoked: {reason}"), Utc::now())
+        .await?;
+    for job in &jobs {
+        state.hub.job_changed(job);
+    }
     tracing::info!(by = %user.username, agent = %id, %reason, "agent revoked");
     let a = load(&state, &id).await?;
     Ok(Json(to_api(&state, a, Utc::now())))
