@@ -328,12 +328,25 @@ impl Store {
 
     /// Resolves a full agent id or a unique prefix of one (at least 4 chars).
     pub async fn resolve_agent_id(&self, id_or_prefix: &str) -> Result<String> {
+        self.resolve_id("agents", "agent", id_or_prefix).await
+    }
+
+    /// Resolves a full id or a unique prefix (at least 4 characters of hex
+    /// digits and dashes) of a row of `table`, a name fixed in the code.
+    pub(crate) async fn resolve_id(
+        &self,
+        table: &'static str,
+        what: &'static str,
+        id_or_prefix: &str,
+    ) -> Result<String> {
         let not_found = || Error::NotFound {
-            what: "agent",
+            what,
             id: id_or_prefix.to_owned(),
         };
-        if let Some(a) = self.agent(id_or_prefix).await? {
-            return Ok(a.id);
+        let exact = format!("SELECT id FROM {table} WHERE id = $1");
+        let found: Option<String> = on_pool!(self, p => sqlx::query_scalar(&exact).bind(id_or_prefix).fetch_optional(p).await)?;
+        if let Some(id) = found {
+            return Ok(id);
         }
         let valid = id_or_prefix.len() >= 4
             && id_or_prefix
@@ -343,17 +356,14 @@ impl Store {
             return Err(not_found());
         }
         let pattern = format!("{}%", id_or_prefix.to_ascii_lowercase());
-        let ids: Vec<String> = on_pool!(self, p => sqlx::query_scalar(
-            "SELECT id FROM agents WHERE id LIKE $1 ORDER BY id LIMIT 2",
-        )
-        .bind(&pattern)
-        .fetch_all(p)
-        .await)?;
+        let by_prefix = format!("SELECT id FROM {table} WHERE id LIKE $1 ORDER BY id LIMIT 2");
+        let ids: Vec<String> =
+            on_pool!(self, p => sqlx::query_scalar(&by_prefix).bind(&pattern).fetch_all(p).await)?;
         match ids.as_slice() {
             [one] => Ok(one.clone()),
             [] => Err(not_found()),
             _ => Err(Error::Ambiguous {
-                what: "agent",
+                what,
                 prefix: id_or_prefix.to_owned(),
             }),
         }

@@ -737,35 +737,7 @@ impl Store {
 
     /// Resolves a full job id or a unique prefix (at least 4 characters).
     pub async fn resolve_job_id(&self, id_or_prefix: &str) -> Result<String> {
-        let not_found = || Error::NotFound {
-            what: "job",
-            id: id_or_prefix.to_owned(),
-        };
-        if self.job(id_or_prefix).await?.is_some() {
-            return Ok(id_or_prefix.to_owned());
-        }
-        let valid = id_or_prefix.len() >= 4
-            && id_or_prefix
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() || c == '-');
-        if !valid {
-            return Err(not_found());
-        }
-        let pattern = format!("{}%", id_or_prefix.to_ascii_lowercase());
-        let ids: Vec<String> = on_pool!(self, p => sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE id LIKE $1 ORDER BY id LIMIT 2",
-        )
-        .bind(&pattern)
-        .fetch_all(p)
-        .await)?;
-        match ids.as_slice() {
-            [one] => Ok(one.clone()),
-            [] => Err(not_found()),
-            _ => Err(Error::Ambiguous {
-                what: "job",
-                prefix: id_or_prefix.to_owned(),
-            }),
-        }
+        self.resolve_id("jobs", "job", id_or_prefix).await
     }
 
     /// Jobs, newest first, optionally in one state.

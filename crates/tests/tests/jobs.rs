@@ -600,6 +600,13 @@ async fn agents_touch_only_their_own_attempts() {
         let req = http.post(api(&path)).bearer_auth(token).json(&body);
         async move { req.send().await.unwrap().status().as_u16() }
     };
+    let report = |body: Value| {
+        let req = http
+            .post(api(&format!("/agent/attempts/{attempt}/result")))
+            .bearer_auth(&a_token)
+            .json(&body);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
     let log = json!({"stream": "stdout", "seq": 0, "data": "forged\n"});
     assert_eq!(
         post(
@@ -664,27 +671,9 @@ async fn agents_touch_only_their_own_attempts() {
         "a resent chunk is stored once"
     );
 
-    let ack: Value = http
-        .post(api(&format!("/agent/attempts/{attempt}/result")))
-        .bearer_auth(&a_token)
-        .json(&result)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ack = report(result.clone()).await;
     assert_eq!(ack, json!({"recorded": true}));
-    let again: Value = http
-        .post(api(&format!("/agent/attempts/{attempt}/result")))
-        .bearer_auth(&a_token)
-        .json(&result)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = report(result.clone()).await;
     assert_eq!(again, json!({"recorded": false}));
     let job = cluster.job(&job_id);
     assert_eq!(job.state, JobState::Succeeded);
