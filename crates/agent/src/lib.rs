@@ -26,6 +26,7 @@ pub mod outbox;
 mod run_tests;
 mod runner;
 mod session;
+pub mod signals;
 pub mod state;
 
 use std::path::PathBuf;

@@ -143,36 +143,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             }
             let shutdown = CancellationToken::new();
-            tokio::spawn(watch_signals(shutdown.clone()));
+            tokio::spawn(drover_agent::signals::stop_on_signals(shutdown.clone()));
             drover_agent::run(&config, shutdown).await?;
             Ok(())
-        }
-    }
-}
-
-/// First SIGINT/SIGTERM: stop cleanly. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM");
-            return;
-        }
-    };
-    for round in 0..2 {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        if round == 0 {
-            tracing::info!("shutting down (signal again to exit at once)");
-            shutdown.cancel();
-        } else {
-            std::process::exit(130);
         }
     }
 }

@@ -33,33 +33,7 @@ fn init_logging(config: &ServerConfig) {
 
 /// Cancels `shutdown` at the first SIGINT/SIGTERM; exits at the second.
 fn watch_signals(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM");
-                    return;
-                }
-            };
-        for round in 0..2 {
-            #[cfg(unix)]
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
-            if round == 0 {
-                tracing::info!("shutting down (signal again to exit at once)");
-                shutdown.cancel();
-            } else {
-                eprintln!("exiting at once");
-                std::process::exit(130);
-            }
-        }
-    });
+    tokio::spawn(drover_agent::signals::stop_on_signals(shutdown));
 }
 
 /// Prints the first admin's password, once, outside the logs.
