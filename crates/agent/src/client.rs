@@ -136,6 +136,14 @@ impl Client {
                 url: url.clone(),
                 source,
             })?;
+        Self::check(url, resp).await
+    }
+
+    /// Turns a non-2xx answer into `Refused`, with the server's code.
+    async fn check(
+        url: String,
+        resp: reqwest::Response,
+    ) -> Result<(String, reqwest::Response), ClientError> {
         let status = resp.status();
         if status.is_success() {
             return Ok((url, resp));
@@ -224,6 +232,51 @@ impl Client {
         req: &LeaseRequest,
     ) -> Result<LeaseResponse, ClientError> {
         self.post("/agent/leases", Some(access_token), req).await
+    }
+
+    /// Streams one file of an attempt to the artifact store. `path` is
+    /// the declared (relative) path; `sha256` the hex digest of the file.
+    pub async fn upload_artifact(
+        &self,
+        access_token: &str,
+        attempt_id: &str,
+        path: &str,
+        sha256: &str,
+        file: &std::path::Path,
+    ) -> Result<ResultAck, ClientError> {
+        let url = format!(
+            "{}{API_PREFIX}/agent/attempts/{attempt_id}/artifacts",
+            self.base
+        );
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("cannot open {}: {e}", file.display())))?;
+        let len = f.metadata().await.map(|m| m.len()).ok();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+        let mut req = self
+            .http
+            .put(&url)
+            .query(&[("path", path)])
+            .bearer_auth(access_token)
+            .header(drover_proto::workflows::SHA256_HEADER, sha256)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            // Large files take longer than the usual 30 s.
+            .timeout(Duration::from_secs(3600))
+            .body(body);
+        if let Some(len) = len {
+            req = req.header(reqwest::header::CONTENT_LENGTH, len);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let (url, resp) = Self::check(url, resp).await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("{url}: {e}")))
     }
 
     pub async fn result(

@@ -12,9 +12,14 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use drover_proto::jobs::{
     Assignment, AttemptResult, LogUpload, Outcome, Stream, BUILTIN_NOOP, MAX_LOG_CHUNK,
+};
+use drover_proto::workflows::{
+    parse_set_output, valid_output_name, MAX_OUTPUTS, MAX_OUTPUT_VALUE, OUTPUT_FILE_ENV,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -54,7 +59,33 @@ pub fn rejected(a: &Assignment, error: String) -> AttemptResult {
         error: Some(error),
         stdout_truncated: false,
         stderr_truncated: false,
+        outputs: BTreeMap::new(),
     }
+}
+
+/// The working dir of an attempt.
+pub fn work_dir(opts: &ExecOptions, a: &Assignment) -> PathBuf {
+    opts.work_root.join(&a.attempt_id)
+}
+
+/// Removes an attempt's working dir (and its outputs file).
+pub fn remove_work_dir(opts: &ExecOptions, a: &Assignment) {
+    let dir = work_dir(opts, a);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove the working dir")
+        }
+    }
+    let _ = std::fs::remove_file(outputs_file(opts, a));
+}
+
+/// Where a process may write its outputs as a JSON object: beside the
+/// working dir, so it is never collected as an artifact.
+fn outputs_file(opts: &ExecOptions, a: &Assignment) -> PathBuf {
+    opts.work_root
+        .join(format!("{}.outputs.json", a.attempt_id))
 }
 
 /// Runs `a` to its end (exit, timeout or `cancel`) and says how it ended.
@@ -78,6 +109,7 @@ pub async fn execute(
         error,
         stdout_truncated: false,
         stderr_truncated: false,
+        outputs: BTreeMap::new(),
     };
     let Some(program) = a.argv.first() else {
         return finish(
@@ -88,16 +120,118 @@ pub async fn execute(
     if a.argv.len() == 1 && program == BUILTIN_NOOP {
         return finish(Outcome::Succeeded, None);
     }
-    let work_dir = opts.work_root.join(&a.attempt_id);
+    let work_dir = work_dir(opts, a);
     if let Err(e) = std::fs::create_dir_all(&work_dir) {
         let why = format!("cannot create the working dir {}: {e}", work_dir.display());
         return finish(Outcome::Failed, Some(why));
     }
-    let result = run_process(a, opts, &work_dir, cancel, logs, started_at, clock).await;
-    if let Err(e) = std::fs::remove_dir_all(&work_dir) {
-        tracing::warn!(dir = %work_dir.display(), error = %e, "could not remove the working dir");
+    let outputs_path = outputs_file(opts, a);
+    let result = run_process(
+        a,
+        opts,
+        &work_dir,
+        &outputs_path,
+        cancel,
+        logs,
+        started_at,
+        clock,
+    )
+    .await;
+    // Artifacts are collected from the working dir by the caller, which
+    // removes it after.
+    if a.artifacts.is_empty() {
+        remove_work_dir(opts, a);
+    } else {
+        let _ = std::fs::remove_file(&outputs_path);
     }
     result.unwrap_or_else(|why| finish(Outcome::Failed, Some(why)))
+}
+
+/// Collects `::set-output name=value` lines from stdout, within bounds.
+#[derive(Debug, Default)]
+struct OutputScanner {
+    line: Vec<u8>,
+    /// The current line is too long to be an output line.
+    overlong: bool,
+    outputs: BTreeMap<String, String>,
+}
+
+impl OutputScanner {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.end_line();
+            } else if !self.overlong {
+                self.line.push(b);
+                if self.line.len() > MAX_OUTPUT_VALUE + 128 {
+                    self.overlong = true;
+                    self.line.clear();
+                }
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        if !self.overlong {
+            let text = String::from_utf8_lossy(&self.line);
+            let text = text.strip_suffix('\r').unwrap_or(&text);
+            if let Some((name, value)) = parse_set_output(text) {
+                set_output(&mut self.outputs, name, value.to_owned());
+            }
+        }
+        self.line.clear();
+        self.overlong = false;
+    }
+}
+
+fn set_output(outputs: &mut BTreeMap<String, String>, name: &str, value: String) {
+    if value.len() > MAX_OUTPUT_VALUE {
+        tracing::warn!(
+            output = name,
+            bytes = value.len(),
+            "output value too long; ignored"
+        );
+        return;
+    }
+    if outputs.len() >= MAX_OUTPUTS && !outputs.contains_key(name) {
+        tracing::warn!(output = name, "too many outputs; ignored");
+        return;
+    }
+    outputs.insert(name.to_owned(), value);
+}
+
+/// Reads the outputs file a process may have written: a JSON object whose
+/// string values are taken as is and other values as JSON text.
+fn read_outputs_file(
+    path: &std::path::Path,
+    outputs: &mut BTreeMap<String, String>,
+) -> Result<(), String> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read ${OUTPUT_FILE_ENV}: {e}")),
+    };
+    if text.len() > MAX_OUTPUTS * MAX_OUTPUT_VALUE {
+        return Err(format!(
+            "${OUTPUT_FILE_ENV} is larger than {} bytes",
+            MAX_OUTPUTS * MAX_OUTPUT_VALUE
+        ));
+    }
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| format!("${OUTPUT_FILE_ENV} must hold a JSON object: {e}"))?;
+    for (name, value) in map {
+        if !valid_output_name(&name) {
+            return Err(format!(
+                "${OUTPUT_FILE_ENV}: '{name}' is not a valid output name"
+            ));
+        }
+        let value = match value {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        set_output(outputs, &name, value);
+    }
+    Ok(())
 }
 
 /// How the main process ended, before it is turned into a result.
@@ -107,10 +241,12 @@ struct Ended {
     by_agent: Option<Outcome>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_process(
     a: &Assignment,
     opts: &ExecOptions,
     work_dir: &std::path::Path,
+    outputs_path: &std::path::Path,
     cancel: &CancellationToken,
     logs: &mpsc::Sender<LogUpload>,
     started_at: DateTime<Utc>,
@@ -122,6 +258,7 @@ async fn run_process(
         .env_clear()
         .env("PATH", &opts.path)
         .envs(&a.env)
+        .env(OUTPUT_FILE_ENV, outputs_path)
         .current_dir(work_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -136,6 +273,7 @@ async fn run_process(
     let pgid = child.id();
     let mut out = StreamLog::new(Stream::Stdout, a.log_cap_bytes);
     let mut err = StreamLog::new(Stream::Stderr, a.log_cap_bytes);
+    let mut scan = OutputScanner::default();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
@@ -160,7 +298,7 @@ async fn run_process(
         }
         tokio::select! {
             n = read_some(&mut stdout, &mut out_buf) => match n {
-                Some(n) => { out.push(&out_buf[..n]); out.send_full(logs); }
+                Some(n) => { scan.push(&out_buf[..n]); out.push(&out_buf[..n]); out.send_full(logs); }
                 None => stdout = None,
             },
             n = read_some(&mut stderr, &mut err_buf) => match n {
@@ -214,6 +352,9 @@ async fn run_process(
     let status = ended.status;
     let exit_code = status.and_then(|s| s.code());
     let signal = status.and_then(exit_signal);
+    scan.end_line();
+    let mut outputs = scan.outputs;
+    let outputs_error = read_outputs_file(outputs_path, &mut outputs).err();
     let (outcome, error) = match ended.by_agent {
         Some(Outcome::TimedOut) => (
             Outcome::TimedOut,
@@ -223,7 +364,10 @@ async fn run_process(
             )),
         ),
         Some(o) => (o, Some("cancelled".to_owned())),
-        None if status.is_some_and(|s| s.success()) => (Outcome::Succeeded, None),
+        None if status.is_some_and(|s| s.success()) => match outputs_error {
+            None => (Outcome::Succeeded, None),
+            Some(e) => (Outcome::Failed, Some(e)),
+        },
         None => (
             Outcome::Failed,
             signal.map(|s| format!("killed by signal {s}")),
@@ -240,6 +384,7 @@ async fn run_process(
         error,
         stdout_truncated: out.truncated,
         stderr_truncated: err.truncated,
+        outputs,
     })
 }
 
@@ -469,6 +614,7 @@ mod tests {
             kill_grace_ms: 1_000,
             log_cap_bytes: 1 << 20,
             lease_ms: 30_000,
+            artifacts: Vec::new(),
         }
     }
 
@@ -532,6 +678,40 @@ mod tests {
     }
 
     #[test]
+    fn outputs_come_from_stdout_lines_and_the_outputs_file() {
+        let a = assignment(&[
+            "sh",
+            "-c",
+            "echo '::set-output name=image=app:1.2'; printf '::set-output tag=v1\\r\\n'; \
+             echo 'noise ::set-output name=x=1'; \
+             printf '{\"digest\": \"sha256:abc\", \"count\": 3}' > \"$DROVER_OUTPUT\"; \
+             printf '::set-output name=last=no newline'",
+        ]);
+        let r = rt().block_on(run(&a, &CancellationToken::new()));
+        assert_eq!(r.result.outcome, Outcome::Succeeded, "{:?}", r.result);
+        let want: BTreeMap<String, String> = [
+            ("image", "app:1.2"),
+            ("tag", "v1"),
+            ("digest", "sha256:abc"),
+            ("count", "3"),
+            ("last", "no newline"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(r.result.outputs, want);
+
+        let bad = assignment(&["sh", "-c", "echo '[1,2]' > \"$DROVER_OUTPUT\""]);
+        let r = rt().block_on(run(&bad, &CancellationToken::new()));
+        assert_eq!(r.result.outcome, Outcome::Failed);
+        assert!(
+            r.result.error.as_deref().unwrap_or("").contains("must hold a JSON object"),
+            "{:?}",
+            r.result
+        );
+    }
+
+    #[test]
     fn environment_is_clean_and_exit_codes_are_reported() {
         let mut a = assignment(&["sh", "-c", "env | sort; echo oops >&2; exit 3"]);
         a.env.insert("GREETING".into(), "hello world".into());
@@ -549,7 +729,7 @@ mod tests {
         // sh adds PWD (and sometimes SHLVL, _) itself; nothing comes from us.
         for v in &vars {
             assert!(
-                ["GREETING", "PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(v),
+                ["GREETING", "PATH", "DROVER_OUTPUT", "PWD", "SHLVL", "_", "OLDPWD"].contains(v),
                 "unexpected variable {v} in {}",
                 r.stdout
             );

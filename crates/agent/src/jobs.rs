@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use drover_proto::jobs::{
-    Assignment, AttemptResult, LeaseRequest, LogUpload, PollRequest, PollResponse, StartRequest,
+    Assignment, AttemptResult, LeaseRequest, LogUpload, Outcome, PollRequest, PollResponse,
+    StartRequest,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -286,8 +287,22 @@ impl Jobs {
             rx,
             self.config.max_backoff,
         ));
-        let result = executor::execute(&a, &self.config.exec, &cancel, &tx).await;
+        let mut result = executor::execute(&a, &self.config.exec, &cancel, &tx).await;
         drop(tx);
+        if !a.artifacts.is_empty() {
+            // Uploaded while the attempt still counts as running (its lease
+            // is renewed), so the result is recorded only once they are in.
+            if result.outcome != Outcome::Rejected {
+                if let Err(why) = self.collect_artifacts(&a, &cancel).await {
+                    tracing::warn!(attempt = %a.attempt_id, error = %why, "collecting artifacts failed");
+                    if result.outcome == Outcome::Succeeded {
+                        result.outcome = Outcome::Failed;
+                        result.error = Some(why);
+                    }
+                }
+            }
+            executor::remove_work_dir(&self.config.exec, &a);
+        }
         tracing::info!(
             attempt = %a.attempt_id,
             outcome = ?result.outcome,
@@ -321,6 +336,64 @@ impl Jobs {
         }
         lock(&self.flushing).remove(&a.attempt_id);
         self.result_ready.notify_one();
+    }
+
+    /// Uploads every declared path of the attempt's working dir (files, or
+    /// every regular file under a directory). A declared path that is
+    /// missing, or a symlink, is an error; so is a refusal by the server.
+    async fn collect_artifacts(
+        &self,
+        a: &Assignment,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let root = executor::work_dir(&self.config.exec, a);
+        let files = tokio::task::spawn_blocking({
+            let root = root.clone();
+            let declared = a.artifacts.clone();
+            move || list_artifact_files(&root, &declared)
+        })
+        .await
+        .map_err(|e| format!("listing artifacts failed: {e}"))??;
+        for (rel, path) in files {
+            let sha = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || sha256_file(&path)
+            })
+            .await
+            .map_err(|e| format!("hashing {rel} failed: {e}"))?
+            .map_err(|e| format!("cannot read artifact '{rel}': {e}"))?;
+            let mut backoff = Backoff::new(self.config.max_backoff);
+            loop {
+                let (id, rel_ref, sha_ref, path_ref) = (&a.attempt_id, &rel, &sha, &path);
+                let r = self
+                    .session
+                    .call(|client, token| async move {
+                        client
+                            .upload_artifact(&token, id, rel_ref, sha_ref, path_ref)
+                            .await
+                    })
+                    .await;
+                match r {
+                    Ok(_) => {
+                        tracing::info!(attempt = %a.attempt_id, path = %rel, sha256 = %sha, "artifact uploaded");
+                        break;
+                    }
+                    Err(e) if is_transient(&e) && !e.is_terminal() => {
+                        let wait = backoff.next().max(e.retry_after().unwrap_or_default());
+                        if backoff.failures == 1 || backoff.failures % 10 == 0 {
+                            tracing::warn!(attempt = %a.attempt_id, path = %rel, error = %e, "uploading an artifact failed; retrying");
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = cancel.cancelled() => return Err(format!("artifact '{rel}' not uploaded: the attempt was stopped")),
+                            _ = self.session.rejected().cancelled() => return Err("the agent's session ended".to_owned()),
+                        }
+                    }
+                    Err(e) => return Err(format!("artifact '{rel}' refused: {e}")),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes a result to the outbox (nothing is reported before that).
@@ -558,6 +631,89 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The files to upload for `declared` paths under `root`, as (relative
+/// path, file). Symlinks are never followed: a declared symlink is an
+/// error, one inside a declared directory is skipped.
+fn list_artifact_files(
+    root: &std::path::Path,
+    declared: &[String],
+) -> Result<Vec<(String, std::path::PathBuf)>, String> {
+    let mut out = Vec::new();
+    for rel in declared {
+        if !drover_proto::workflows::valid_artifact_path(rel) {
+            return Err(format!(
+                "artifact path '{rel}' is not a plain relative path"
+            ));
+        }
+        let path = root.join(rel);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("declared artifact '{rel}' was not produced"))
+            }
+            Err(e) => return Err(format!("artifact '{rel}': {e}")),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(format!(
+                "artifact '{rel}' is a symlink; only regular files are collected"
+            ));
+        }
+        if meta.is_file() {
+            out.push((rel.clone(), path));
+            continue;
+        }
+        let mut stack = vec![(rel.clone(), path)];
+        while let Some((dir_rel, dir)) = stack.pop() {
+            let mut entries: Vec<_> = std::fs::read_dir(&dir)
+                .map_err(|e| format!("artifact '{dir_rel}': {e}"))?
+                .filter_map(Result::ok)
+                .collect();
+            entries.sort_by_key(|e| e.file_name());
+            for entry in entries {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child_rel = format!("{dir_rel}/{name}");
+                let ft = entry
+                    .file_type()
+                    .map_err(|e| format!("artifact '{child_rel}': {e}"))?;
+                if ft.is_symlink() {
+                    tracing::warn!(path = %child_rel, "skipping a symlink inside an artifact directory");
+                } else if ft.is_dir() {
+                    stack.push((child_rel, entry.path()));
+                } else if ft.is_file() && drover_proto::workflows::valid_artifact_path(&child_rel) {
+                    out.push((child_rel, entry.path()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex_lower(&hasher.finalize()))
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
 }
 
 /// Sends the start notice, then the output chunks in order. A chunk the

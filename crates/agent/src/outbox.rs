@@ -165,6 +165,7 @@ mod tests {
             error: None,
             stdout_truncated: false,
             stderr_truncated: false,
+            outputs: Default::default(),
         }
     }
 

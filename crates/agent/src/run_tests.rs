@@ -209,6 +209,7 @@ fn assignment(id: &str, action: &str, argv: &[&str]) -> Assignment {
         kill_grace_ms: 1_000,
         log_cap_bytes: 1 << 20,
         lease_ms: 3_000,
+        artifacts: Vec::new(),
     }
 }
 

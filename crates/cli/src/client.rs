@@ -96,6 +96,59 @@ impl Api {
         self.call(Method::POST, path, Some(body), true).await
     }
 
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let url = format!("{}{API_PREFIX}{path}", self.server);
+        let resp = self
+            .http
+            .delete(&url)
+            .bearer_auth(self.require_token()?)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        Self::refusal(resp).await.map(drop)
+    }
+
+    /// A GET whose answer is read as it comes (downloads, event streams):
+    /// no overall timeout, only the connect timeout.
+    pub async fn open(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{API_PREFIX}{path}", self.server);
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        let mut req = client.get(&url).bearer_auth(self.require_token()?);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        Self::refusal(resp).await
+    }
+
+    /// Passes a 2xx answer through; turns any other into an error.
+    async fn refusal(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => ApiFailure {
+                status: status.as_u16(),
+                code: b.error.code.to_string(),
+                message: b.error.message,
+            }
+            .into(),
+            Err(_) => anyhow!("server answered {status}: {}", text.trim()),
+        })
+    }
+
     pub async fn patch<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         path: &str,

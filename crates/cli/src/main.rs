@@ -7,6 +7,7 @@ mod ops;
 mod output;
 mod profile;
 mod serve;
+mod workflow;
 
 use std::process::ExitCode;
 
@@ -67,6 +68,12 @@ enum Command {
     /// Inspect, follow and cancel jobs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Durable workflows: submit a definition, follow, cancel, results, artifacts.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
+    /// Webhooks called when runs end, and their delivery log.
+    #[command(subcommand)]
+    Webhooks(workflow::WebhooksCommand),
     /// Read the audit log.
     #[command(subcommand)]
     Audit(jobs::AuditCommand),
@@ -130,6 +137,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => jobs::run(&target, args).await,
         Command::Jobs(cmd) => jobs::jobs(&target, cmd).await,
         Command::Audit(cmd) => jobs::audit(&target, cmd).await,
+        Command::Workflow(cmd) => workflow::workflow(&target, cmd).await,
+        Command::Webhooks(cmd) => workflow::webhooks(&target, cmd).await,
         Command::Version => {
             println!("drover {}", env!("CARGO_PKG_VERSION"));
             Ok(())

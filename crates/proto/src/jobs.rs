@@ -339,6 +339,10 @@ pub struct Assignment {
     pub log_cap_bytes: u64,
     /// Renew the lease at least this often.
     pub lease_ms: u64,
+    /// Paths (relative to the working dir) to upload as artifacts before
+    /// the result is reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
 }
 
 /// The argv of the built-in action that runs without a process.
@@ -426,6 +430,9 @@ pub struct AttemptResult {
     pub error: Option<String>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// Named outputs the process set (`::set-output` lines, `$DROVER_OUTPUT`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, String>,
 }
 
 /// Answer to a result report.

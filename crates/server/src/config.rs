@@ -73,6 +73,20 @@ pub struct ServerArgs {
     /// Long-polls held at once; beyond it agents get 503 and Retry-After [default: 20000].
     #[arg(long, env = "DROVER_MAX_LONG_POLLS", value_name = "N")]
     pub max_long_polls: Option<usize>,
+    /// Where artifacts are kept: a directory, file:///DIR, or s3://BUCKET[/PREFIX]
+    /// (S3 settings from the AWS_* variables, e.g. AWS_ENDPOINT for an
+    /// S3-compatible server) [default: DATA_DIR/artifacts].
+    #[arg(long, env = "DROVER_ARTIFACT_STORE", value_name = "URL")]
+    pub artifact_store: Option<String>,
+    /// Largest artifact file accepted, in bytes [default: 1073741824].
+    #[arg(long, env = "DROVER_MAX_ARTIFACT_BYTES", value_name = "BYTES")]
+    pub max_artifact_bytes: Option<u64>,
+    /// Attempts per webhook delivery before giving up [default: 8].
+    #[arg(long, env = "DROVER_WEBHOOK_MAX_ATTEMPTS", value_name = "N")]
+    pub webhook_max_attempts: Option<u32>,
+    /// Wait before the first webhook retry; doubles each time [default: 1s].
+    #[arg(long, env = "DROVER_WEBHOOK_BACKOFF", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub webhook_backoff: Option<Duration>,
     /// Password of the admin user created at the first start; generated and
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
@@ -115,6 +129,15 @@ struct FileConfig {
     attempt_lease: Option<Duration>,
     log_cap_bytes: Option<u64>,
     max_long_polls: Option<usize>,
+    artifact_store: Option<String>,
+    max_artifact_bytes: Option<u64>,
+    webhook_max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    webhook_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    webhook_max_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    webhook_timeout: Option<Duration>,
 }
 
 /// The resolved configuration the server runs with.
@@ -136,6 +159,13 @@ pub struct ServerConfig {
     pub attempt_lease: Duration,
     pub log_cap_bytes: u64,
     pub max_long_polls: usize,
+    /// A directory, file:///DIR or s3://BUCKET[/PREFIX].
+    pub artifact_store: String,
+    pub max_artifact_bytes: u64,
+    pub webhook_max_attempts: u32,
+    pub webhook_backoff: Duration,
+    pub webhook_max_backoff: Duration,
+    pub webhook_timeout: Duration,
     pub admin_password: Option<String>,
 }
 
@@ -236,6 +266,11 @@ impl ServerConfig {
                 .parse()
                 .map_err(|e| ConfigError::Invalid(format!("default listen address: {e}")))?,
         };
+        let artifact_store = args
+            .artifact_store
+            .clone()
+            .or(file.artifact_store)
+            .unwrap_or_else(|| data_dir.join("artifacts").display().to_string());
         let config = ServerConfig {
             listen,
             signing_key_file: args
@@ -282,6 +317,21 @@ impl ServerConfig {
                 .max_long_polls
                 .or(file.max_long_polls)
                 .unwrap_or(20_000),
+            artifact_store,
+            max_artifact_bytes: args
+                .max_artifact_bytes
+                .or(file.max_artifact_bytes)
+                .unwrap_or(1024 * 1024 * 1024),
+            webhook_max_attempts: args
+                .webhook_max_attempts
+                .or(file.webhook_max_attempts)
+                .unwrap_or(8),
+            webhook_backoff: args
+                .webhook_backoff
+                .or(file.webhook_backoff)
+                .unwrap_or(Duration::from_secs(1)),
+            webhook_max_backoff: file.webhook_max_backoff.unwrap_or(Duration::from_secs(300)),
+            webhook_timeout: file.webhook_timeout.unwrap_or(Duration::from_secs(10)),
             admin_password: args.admin_password.clone().or_else(|| {
                 std::env::var("DROVER_ADMIN_PASSWORD")
                     .ok()
@@ -294,6 +344,12 @@ impl ServerConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.webhook_max_attempts == 0 || self.webhook_max_attempts > 100 {
+            return bad("webhook_max_attempts must be between 1 and 100");
+        }
+        if self.webhook_backoff.is_zero() || self.webhook_timeout.is_zero() {
+            return bad("webhook_backoff and webhook_timeout must be longer than 0s");
+        }
         if self.heartbeat_interval < Duration::from_secs(1) {
             return bad("heartbeat_interval must be at least 1s");
         }

@@ -16,12 +16,18 @@ use tokio::sync::{broadcast, Notify, Semaphore};
 pub enum JobEvent {
     Changed(String),
     Log(String),
+    /// A run needs the engine's attention (submitted, cancel asked).
+    RunChanged(String),
+    /// A run's event stream grew.
+    RunEvent(String),
 }
 
 impl JobEvent {
-    pub fn job_id(&self) -> &str {
+    /// The job this is about, if it is about a job.
+    pub fn job_id(&self) -> Option<&str> {
         match self {
-            JobEvent::Changed(id) | JobEvent::Log(id) => id,
+            JobEvent::Changed(id) | JobEvent::Log(id) => Some(id),
+            JobEvent::RunChanged(_) | JobEvent::RunEvent(_) => None,
         }
     }
 }
@@ -43,6 +49,8 @@ pub struct Hub {
     pub polls_waiting: AtomicI64,
     /// Bounds the long-polls held at once.
     pub poll_permits: Arc<Semaphore>,
+    /// Wakes the webhook sender.
+    pub deliveries: Notify,
 }
 
 impl Hub {
@@ -52,6 +60,7 @@ impl Hub {
             events: broadcast::channel(4096).0,
             polls_waiting: AtomicI64::new(0),
             poll_permits: Arc::new(Semaphore::new(max_long_polls)),
+            deliveries: Notify::new(),
         }
     }
 
@@ -71,6 +80,18 @@ impl Hub {
 
     pub fn log_appended(&self, job_id: &str) {
         let _ = self.events.send(JobEvent::Log(job_id.to_owned()));
+    }
+
+    pub fn run_changed(&self, run_id: &str) {
+        let _ = self.events.send(JobEvent::RunChanged(run_id.to_owned()));
+    }
+
+    pub fn run_event(&self, run_id: &str) {
+        let _ = self.events.send(JobEvent::RunEvent(run_id.to_owned()));
+    }
+
+    pub fn deliveries_queued(&self) {
+        self.deliveries.notify_one();
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
@@ -103,7 +124,7 @@ pub async fn wait_for_job(
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return false,
-            Ok(Ok(ev)) if ev.job_id() == job_id => return true,
+            Ok(Ok(ev)) if ev.job_id() == Some(job_id) => return true,
             Ok(Ok(_)) => continue,
             // Missed events: look again to be safe.
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,

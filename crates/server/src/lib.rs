@@ -6,6 +6,7 @@
 //! requests beyond caches it can lose; the database is the only state shared
 //! between replicas, so any number of servers can front one PostgreSQL.
 
+pub mod artifacts;
 pub mod auth;
 pub mod catalog;
 pub mod config;
@@ -15,6 +16,8 @@ pub mod metrics;
 pub mod routes;
 pub mod selector;
 pub mod state;
+pub mod webhooks;
+pub mod workflow;
 
 use std::sync::Arc;
 
@@ -54,6 +57,8 @@ pub enum Error {
     Serve(std::io::Error),
     #[error("{0}")]
     Api(#[from] error::ApiError),
+    #[error(transparent)]
+    Artifacts(#[from] artifacts::ArtifactError),
 }
 
 /// What happened to the admin user at start.
@@ -87,6 +92,8 @@ impl Server {
         .await?;
         let signing_key = SigningKey::load_or_create(&config.signing_key_file)?;
         let max_long_polls = config.max_long_polls;
+        let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
+        tracing::info!(store = %artifacts.describe, "artifact store opened");
         tracing::info!(
             backend = %store.backend(),
             database = %drover_store::redact(&config.database_url),
@@ -99,6 +106,7 @@ impl Server {
                 signing_key,
                 metrics: Arc::new(Metrics::new()),
                 hub: Arc::new(hub::Hub::new(max_long_polls)),
+                artifacts,
                 shutdown: CancellationToken::new(),
             },
         })
@@ -185,12 +193,22 @@ impl Server {
             state_shutdown.cancel();
         });
         let reaper = tokio::spawn(reap_leases(self.state.clone()));
+        let engine = tokio::spawn(workflow::engine::run(
+            self.state.clone(),
+            self.state.shutdown.clone(),
+        ));
+        let sender = tokio::spawn(webhooks::run(
+            self.state.clone(),
+            self.state.shutdown.clone(),
+        ));
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(Error::Serve)?;
         self.state.shutdown.cancel();
         let _ = reaper.await;
+        let _ = engine.await;
+        let _ = sender.await;
         self.state.store.close().await;
         tracing::info!("server stopped");
         Ok(())

@@ -45,6 +45,14 @@ pub struct Metrics {
     queue_depth: Gauge,
     long_polls: Gauge,
     dispatch_latency: Histogram,
+    runs: Family<StateLabels, Gauge>,
+    webhooks: Family<OutcomeLabels, Counter>,
+    artifact_bytes: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 fn http_buckets() -> Histogram {
@@ -96,7 +104,24 @@ impl Metrics {
             "Time from an attempt becoming runnable to its dispatch to an agent",
             dispatch_latency.clone(),
         );
+        let runs = Family::<StateLabels, Gauge>::default();
+        registry.register("workflow_runs", "Workflow runs by state", runs.clone());
+        let webhooks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook POSTs sent, by outcome (delivered or failed)",
+            webhooks.clone(),
+        );
+        let artifact_bytes = Counter::default();
+        registry.register(
+            "artifact_bytes",
+            "Bytes of artifacts stored",
+            artifact_bytes.clone(),
+        );
         Metrics {
+            runs,
+            webhooks,
+            artifact_bytes,
             registry,
             http_requests,
             http_duration,
@@ -128,6 +153,25 @@ impl Metrics {
                 state: state.to_owned(),
             })
             .inc();
+    }
+
+    pub fn set_runs(&self, state: &str, n: i64) {
+        self.runs
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .set(n);
+    }
+
+    pub fn webhook_attempt(&self, delivered: bool) {
+        let outcome = if delivered { "delivered" } else { "failed" };
+        self.webhooks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn artifact_stored(&self, bytes: u64) {
+        self.artifact_bytes.inc_by(bytes);
     }
 
     pub fn set_queue_depth(&self, n: i64) {

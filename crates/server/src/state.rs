@@ -5,6 +5,7 @@ use std::sync::Arc;
 use drover_store::Store;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::ArtifactStore;
 use crate::auth::SigningKey;
 use crate::config::ServerConfig;
 use crate::hub::Hub;
@@ -18,6 +19,7 @@ pub struct AppState {
     pub signing_key: SigningKey,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
+    pub artifacts: ArtifactStore,
     /// Cancelled when the server shuts down; long-polls return at once.
     pub shutdown: CancellationToken,
 }

@@ -43,6 +43,8 @@ pub struct NewJob<'a> {
     pub created_by: &'a str,
     /// One first attempt per agent.
     pub agent_ids: &'a [String],
+    /// Paths each attempt uploads as artifacts.
+    pub artifacts: &'a [String],
 }
 
 /// A job as stored.
@@ -62,6 +64,10 @@ pub struct JobRecord {
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Set when the job runs a task of a workflow run.
+    pub run_id: Option<String>,
+    pub task_id: Option<String>,
+    pub artifacts: Vec<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -80,11 +86,14 @@ struct JobRow {
     created_at: i64,
     finished_at: Option<i64>,
     cancel_requested_at: Option<i64>,
+    run_id: Option<String>,
+    task_id: Option<String>,
+    artifacts: String,
 }
 
 const JOB_COLUMNS: &str =
     "id, action, target, params, argv, env, timeout_ms, kill_grace_ms, retry, state, \
-                           created_by, created_at, finished_at, cancel_requested_at";
+                           created_by, created_at, finished_at, cancel_requested_at, run_id, task_id, artifacts";
 
 fn corrupt(what: &'static str) -> impl Fn(String) -> Error {
     move |detail| Error::Corrupt { what, detail }
@@ -103,6 +112,10 @@ impl TryFrom<JobRow> for JobRecord {
             retry: serde_json::from_str(&r.retry)
                 .map_err(|e| corrupt("job retry")(e.to_string()))?,
             state: parse_state(&r.state)?,
+            artifacts: serde_json::from_str(&r.artifacts)
+                .map_err(|e| corrupt("job artifacts")(e.to_string()))?,
+            run_id: r.run_id,
+            task_id: r.task_id,
             id: r.id,
             action: r.action,
             target: r.target,
@@ -205,6 +218,7 @@ pub struct Claimed {
     pub env: BTreeMap<String, String>,
     pub timeout_ms: i64,
     pub kill_grace_ms: i64,
+    pub artifacts: Vec<String>,
     /// When it became runnable (queued, or its retry time).
     pub ready_at: DateTime<Utc>,
 }
@@ -372,43 +386,9 @@ impl Store {
     /// Creates a job and one queued attempt per agent, atomically.
     pub async fn create_job(&self, job: NewJob<'_>, now: DateTime<Utc>) -> Result<String> {
         let id = new_id();
-        let argv = to_json(job.argv);
-        let env = to_json(job.env);
-        let retry = to_json(job.retry);
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            sqlx::query(
-                "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
-                 retry, state, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            )
-            .bind(&id)
-            .bind(job.action)
-            .bind(job.action_hash)
-            .bind(job.target)
-            .bind(job.params_json)
-            .bind(&argv)
-            .bind(&env)
-            .bind(job.timeout_ms)
-            .bind(job.kill_grace_ms)
-            .bind(&retry)
-            .bind(JobState::Queued.as_str())
-            .bind(job.created_by)
-            .bind(to_ms(now))
-            .execute(&mut *tx)
-            .await?;
-            for agent in job.agent_ids {
-                sqlx::query(
-                    "INSERT INTO attempts (id, job_id, agent_id, number, state, created_at, not_before) \
-                     VALUES ($1, $2, $3, 1, $4, $5, $5)",
-                )
-                .bind(new_id())
-                .bind(&id)
-                .bind(agent)
-                .bind(JobState::Queued.as_str())
-                .bind(to_ms(now))
-                .execute(&mut *tx)
-                .await?;
-            }
+            insert_job!(tx, &id, &job, None::<&str>, None::<&str>, now);
             tx.commit().await?;
             Ok::<(), Error>(())
         })?;
@@ -475,6 +455,7 @@ impl Store {
                     env: job.env.clone(),
                     timeout_ms: job.timeout_ms,
                     kill_grace_ms: job.kill_grace_ms,
+                    artifacts: job.artifacts.clone(),
                     ready_at: from_ms(not_before),
                 });
             }
@@ -596,7 +577,7 @@ impl Store {
             let updated: Option<(String, i64)> = sqlx::query_as(
                 "UPDATE attempts SET state = $1, finished_at = $2, exit_code = $3, signal = $4, duration_ms = $5, \
                  error = $6, stdout_truncated = $7, stderr_truncated = $8, started_at = COALESCE(started_at, $9), \
-                 reason = NULL, lease_expires_at = NULL \
+                 reason = NULL, lease_expires_at = NULL, outputs = $12 \
                  WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost') \
                  AND finished_at IS NULL \
                  RETURNING job_id, number",
@@ -612,6 +593,7 @@ impl Store {
             .bind(result.started_at.map(to_ms))
             .bind(&result.attempt_id)
             .bind(agent_id)
+            .bind(to_json(&result.outputs))
             .fetch_optional(&mut *tx)
             .await?;
             let Some((job_id, number)) = updated else {
@@ -799,18 +781,36 @@ impl Store {
         if used + data.len() as i64 > cap {
             return Ok(Appended::OverCap);
         }
-        let inserted = on_pool!(self, p => sqlx::query(
-            "INSERT INTO attempt_logs (job_id, attempt_id, stream, seq, data) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (attempt_id, stream, seq) DO NOTHING",
+        let run: Option<(Option<String>, Option<String>)> = on_pool!(self, p => sqlx::query_as(
+            "SELECT run_id, task_id FROM jobs WHERE id = $1",
         )
         .bind(&job_id)
-        .bind(attempt_id)
-        .bind(stream.as_str())
-        .bind(seq)
-        .bind(data)
-        .execute(p)
-        .await
-        .map(|r| r.rows_affected()))?;
+        .fetch_optional(p)
+        .await)?;
+        let now = Utc::now();
+        let inserted = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO attempt_logs (job_id, attempt_id, stream, seq, data) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (attempt_id, stream, seq) DO NOTHING",
+            )
+            .bind(&job_id)
+            .bind(attempt_id)
+            .bind(stream.as_str())
+            .bind(seq)
+            .bind(data)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            // A workflow task's output is also an event of its run, in the
+            // same transaction, so a stream resumed by event id misses none.
+            if let (1, Some((Some(run_id), task_id))) = (inserted, &run) {
+                crate::workflows::emit!(tx, run_id, "log", task_id.as_deref(), None::<&str>,
+                    Some(data), Some(stream.as_str()), now);
+            }
+            tx.commit().await?;
+            Ok::<u64, Error>(inserted)
+        })?;
         Ok(if inserted == 1 {
             Appended::Stored { job_id }
         } else {
@@ -921,7 +921,52 @@ macro_rules! queue_retry {
 }
 use queue_retry;
 
+/// Inserts a job and one queued attempt per agent. Runs inside the
+/// caller's transaction.
+macro_rules! insert_job {
+    ($tx:expr, $id:expr, $job:expr, $run_id:expr, $task_id:expr, $now:expr) => {{
+        let job: &NewJob<'_> = $job;
+        sqlx::query(
+            "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
+             retry, state, created_by, created_at, run_id, task_id, artifacts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind($id)
+        .bind(job.action)
+        .bind(job.action_hash)
+        .bind(job.target)
+        .bind(job.params_json)
+        .bind($crate::jobs::to_json(job.argv))
+        .bind($crate::jobs::to_json(job.env))
+        .bind(job.timeout_ms)
+        .bind(job.kill_grace_ms)
+        .bind($crate::jobs::to_json(job.retry))
+        .bind(drover_proto::jobs::JobState::Queued.as_str())
+        .bind(job.created_by)
+        .bind($crate::to_ms($now))
+        .bind($run_id)
+        .bind($task_id)
+        .bind($crate::jobs::to_json(job.artifacts))
+        .execute(&mut *$tx)
+        .await?;
+        for agent in job.agent_ids {
+            sqlx::query(
+                "INSERT INTO attempts (id, job_id, agent_id, number, state, created_at, not_before) \
+                 VALUES ($1, $2, $3, 1, $4, $5, $5)",
+            )
+            .bind($crate::new_id())
+            .bind($id)
+            .bind(agent)
+            .bind(drover_proto::jobs::JobState::Queued.as_str())
+            .bind($crate::to_ms($now))
+            .execute(&mut *$tx)
+            .await?;
+        }
+    }};
+}
+pub(crate) use insert_job;
+
 /// JSON text of a value stored as text; these types always serialize.
-fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }

@@ -17,6 +17,7 @@ mod error;
 pub mod jobs;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod workflows;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -163,7 +164,7 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
 
-pub(crate) fn new_id() -> String {
+pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 

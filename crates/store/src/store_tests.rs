@@ -355,6 +355,7 @@ mod jobs {
             error: None,
             stdout_truncated: false,
             stderr_truncated: false,
+            outputs: Default::default(),
         }
     }
 
@@ -374,6 +375,7 @@ mod jobs {
                     retry: &retry,
                     created_by: "admin",
                     agent_ids: agents,
+                    artifacts: &[],
                 },
                 Utc::now(),
             )

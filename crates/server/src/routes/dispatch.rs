@@ -29,6 +29,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(upload_log))
         .routes(routes!(renew_leases))
         .routes(routes!(report_result))
+        .routes(routes!(upload_artifact))
 }
 
 /// Longest a poll is held.
@@ -154,6 +155,7 @@ async fn poll(
                     kill_grace_ms: c.kill_grace_ms as u64,
                     log_cap_bytes: state.config.log_cap_bytes,
                     lease_ms: lease.as_millis() as u64,
+                    artifacts: c.artifacts,
                 });
             }
             return Ok(Json(PollResponse {
@@ -343,4 +345,117 @@ async fn report_result(
         Recorded::Foreign => Err(forbidden_attempt(&id)),
         Recorded::NotFound => Err(unknown_attempt(&id)),
     }
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ArtifactQuery {
+    /// The declared path (relative to the working dir) of this file.
+    path: String,
+}
+
+/// Upload one collected file of an attempt, streamed; `x-drover-sha256`
+/// carries its hex digest, checked against the bytes received. Only paths
+/// the job declared (or files under a declared directory) are accepted.
+#[utoipa::path(
+    put, path = "/api/v1/agent/attempts/{id}/artifacts", tag = "agent",
+    params(("id" = String, Path, description = "Attempt id"), ArtifactQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    security(("agent" = [])),
+    responses(
+        (status = 200, body = ResultAck),
+        (status = 403, description = "Another agent's attempt", body = ErrorBody),
+        (status = 413, description = "Larger than max_artifact_bytes", body = ErrorBody),
+        (status = 422, description = "Undeclared path or digest mismatch", body = ErrorBody),
+    )
+)]
+async fn upload_artifact(
+    State(state): State<AppState>,
+    AgentToken(claims): AgentToken,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ArtifactQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<ResultAck>, ApiError> {
+    use crate::artifacts::ArtifactError;
+    require_live_agent(&state, &claims).await?;
+    let Some(ctx) = state.store.upload_context(&id, &claims.sub).await? else {
+        return Err(match state.store.attempt_owner(&id, &claims.sub).await? {
+            Ownership::Foreign => forbidden_attempt(&id),
+            _ => unknown_attempt(&id),
+        });
+    };
+    if !drover_proto::workflows::valid_artifact_path(&q.path) {
+        return Err(ApiError::invalid(format!(
+            "artifact path '{}' must be relative and stay inside the working dir",
+            q.path
+        )));
+    }
+    let declared = ctx
+        .artifacts
+        .iter()
+        .any(|d| q.path == *d || q.path.starts_with(&format!("{d}/")));
+    if !declared {
+        return Err(ApiError::invalid(format!(
+            "artifact path '{}' was not declared by the task (declared: {})",
+            q.path,
+            ctx.artifacts.join(", ")
+        )));
+    }
+    if !ctx.open {
+        // The result is in: the artifacts were uploaded before it.
+        return Ok(Json(ResultAck { recorded: false }));
+    }
+    let sha = headers
+        .get(drover_proto::workflows::SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 64 && v.chars().all(|c| c.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "header {} must carry the hex sha256 of the file",
+                drover_proto::workflows::SHA256_HEADER
+            ))
+        })?
+        .to_ascii_lowercase();
+    let key = crate::artifacts::key(
+        ctx.run_id.as_deref(),
+        ctx.task_id.as_deref(),
+        &ctx.job_id,
+        &id,
+        &q.path,
+    );
+    let max = state.config.max_artifact_bytes;
+    let (size, digest) = state
+        .artifacts
+        .put(&key, body.into_data_stream(), max, &sha)
+        .await
+        .map_err(|e| match e {
+            ArtifactError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                format!("artifact '{}': {e}", q.path),
+            ),
+            ArtifactError::Digest { .. } | ArtifactError::Body(_) | ArtifactError::Key(_) => {
+                ApiError::invalid(format!("artifact '{}': {e}", q.path))
+            }
+            other => ApiError::internal("storing an artifact", &other),
+        })?;
+    state
+        .store
+        .record_artifact(&drover_store::workflows::ArtifactRecord {
+            id: drover_store::new_id(),
+            run_id: ctx.run_id,
+            task_id: ctx.task_id,
+            job_id: ctx.job_id,
+            attempt_id: id.clone(),
+            path: q.path.clone(),
+            size: size as i64,
+            sha256: digest,
+            store_key: key,
+            created_at: Utc::now().timestamp_millis(),
+        })
+        .await?;
+    state.metrics.artifact_stored(size);
+    tracing::info!(attempt = %id, path = %q.path, size, "artifact stored");
+    Ok(Json(ResultAck { recorded: true }))
 }

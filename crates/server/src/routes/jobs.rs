@@ -40,7 +40,10 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 /// Resolves a target to the agents it names (never revoked ones).
-async fn resolve_target(state: &AppState, target: &str) -> Result<Vec<String>, ApiError> {
+pub(crate) async fn resolve_target(
+    state: &AppState,
+    target: &str,
+) -> Result<Vec<String>, ApiError> {
     let selector = Selector::parse(target).map_err(ApiError::invalid)?;
     if let Selector::Agent(prefix) = &selector {
         let id = state
@@ -132,6 +135,7 @@ async fn submit_job(
                 retry: &retry,
                 created_by: &user.username,
                 agent_ids: &agents,
+                artifacts: &[],
             },
             now,
         )

@@ -10,6 +10,8 @@ pub mod jobs;
 pub mod system;
 pub mod tokens;
 pub mod users;
+pub mod webhooks;
+pub mod workflows;
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -29,6 +31,8 @@ use crate::state::AppState;
         (name = "actions", description = "The action catalog"),
         (name = "jobs", description = "Running actions on agents"),
         (name = "audit", description = "Who changed what"),
+        (name = "workflows", description = "Durable workflow runs, their events and artifacts"),
+        (name = "webhooks", description = "Notifications when runs end"),
     )
 )]
 struct ApiDoc;
@@ -65,4 +69,6 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(jobs::router())
         .merge(dispatch::router())
         .merge(audit::router())
+        .merge(workflows::router())
+        .merge(webhooks::router())
 }

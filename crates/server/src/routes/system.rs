@@ -69,6 +69,19 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl Into
         }
         Err(e) => tracing::warn!(error = %e, "counting jobs for metrics failed"),
     }
+    match state.store.count_runs_by_state().await {
+        Ok(counts) => {
+            for st in drover_proto::workflows::RunState::ALL {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == st.as_str())
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0);
+                state.metrics.set_runs(st.as_str(), n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "counting runs for metrics failed"),
+    }
     match state.store.queue_depth().await {
         Ok(n) => state.metrics.set_queue_depth(n),
         Err(e) => tracing::warn!(error = %e, "measuring the queue for metrics failed"),

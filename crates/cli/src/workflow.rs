@@ -1,0 +1,594 @@
+//! `drover workflow` (runs of workflow definitions) and `drover webhooks`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use drover_proto::workflows::{
+    Artifact, CreateWebhookRequest, Run, RunEvent, RunResult, RunState, SubmitRunRequest, Webhook,
+    WebhookDelivery, WebhookEvent, SHA256_HEADER,
+};
+
+use crate::client::Api;
+use crate::jobs::JobFailed;
+use crate::ops::Target;
+use crate::output::{self, Output};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkflowCommand {
+    /// Start a run of a workflow definition (YAML or JSON).
+    Submit {
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+        /// An input of the run, NAME=VALUE (repeatable).
+        #[arg(long = "input", short = 'i', value_name = "NAME=VALUE")]
+        inputs: Vec<String>,
+        /// Show task states and output live; exit 4 unless the run succeeds.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Runs, newest first.
+    List {
+        /// Only runs in this state (running, succeeded, failed, cancelled, timed_out).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// A run's tasks: which run, which wait and why.
+    Status {
+        /// Run id or unique prefix.
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Follow a run's events until it ends (exit 4 unless it succeeds).
+    Follow { id: String },
+    /// Stop a run: running tasks are cancelled, waiting ones skipped.
+    Cancel {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// A run's outcome and the outputs of its tasks.
+    Result {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The files a run's tasks collected; --download fetches them.
+    Artifacts {
+        id: String,
+        /// Save every artifact under DIR/TASK/PATH, checking its sha256.
+        #[arg(long, value_name = "DIR")]
+        download: Option<PathBuf>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WebhooksCommand {
+    /// Add a webhook POSTed for every run that ends.
+    Add {
+        #[arg(long)]
+        url: String,
+        /// Key of the HMAC-SHA256 signature (x-drover-signature), 16+ bytes.
+        #[arg(long, env = "DROVER_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// completed and/or failed [default: both].
+        #[arg(long = "event", value_name = "EVENT")]
+        events: Vec<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The global webhooks.
+    List {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Remove a global webhook.
+    Rm { id: String },
+    /// Deliveries with every attempt, newest first.
+    Deliveries {
+        /// Only those of this run.
+        #[arg(long)]
+        run: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+fn run_path(id: &str) -> anyhow::Result<String> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        bail!("'{id}' is not a run id (hex digits and dashes)");
+    }
+    Ok(format!("/workflows/runs/{id}"))
+}
+
+fn parse_inputs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--input '{pair}' must be NAME=VALUE"))?;
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            bail!("--input {k} is given twice");
+        }
+    }
+    Ok(out)
+}
+
+pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        WorkflowCommand::Submit {
+            file,
+            inputs,
+            follow,
+            output,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let req = SubmitRunRequest {
+                definition: serde_json::Value::String(text),
+                source: Some(file.display().to_string()),
+                inputs: parse_inputs(&inputs)?,
+            };
+            let run: Run = api.post("/workflows/runs", &req).await?;
+            if follow {
+                eprintln!("run {} of {} started", run.id, run.workflow);
+                return follow_run(&api, &run.id).await;
+            }
+            match output {
+                Output::Json => output::json(&run)?,
+                Output::Text => println!("{}", run.id),
+            }
+        }
+        WorkflowCommand::List {
+            state,
+            limit,
+            output,
+        } => {
+            let mut path = format!("/workflows/runs?limit={limit}");
+            if let Some(s) = state {
+                if RunState::parse(&s).is_none() {
+                    bail!("unknown state '{s}'");
+                }
+                path.push_str(&format!("&state={s}"));
+            }
+            let runs: Vec<Run> = api.get(&path).await?;
+            match output {
+                Output::Json => output::json(&runs)?,
+                Output::Text => {
+                    let rows: Vec<Vec<String>> = runs
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.id.clone(),
+                                r.workflow.clone(),
+                                r.state.as_str().to_owned(),
+                                r.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                                r.created_by.clone(),
+                                r.reason.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &["RUN", "WORKFLOW", "STATE", "CREATED", "BY", "REASON"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        WorkflowCommand::Status { id, output } => {
+            let run: Run = api.get(&run_path(&id)?).await?;
+            match output {
+                Output::Json => output::json(&run)?,
+                Output::Text => print_run(&run),
+            }
+        }
+        WorkflowCommand::Follow { id } => {
+            let run: Run = api.get(&run_path(&id)?).await?;
+            return follow_run(&api, &run.id).await;
+        }
+        WorkflowCommand::Cancel { id, output } => {
+            let run: Run = api.post(&format!("{}/cancel", run_path(&id)?), &()).await?;
+            match output {
+                Output::Json => output::json(&run)?,
+                Output::Text => println!("cancel requested for run {}", run.id),
+            }
+        }
+        WorkflowCommand::Result { id, output } => {
+            let result: RunResult = api.get(&format!("{}/result", run_path(&id)?)).await?;
+            match output {
+                Output::Json => output::json(&result)?,
+                Output::Text => {
+                    println!("{:<8} {}", "state:", result.state.as_str());
+                    if let Some(r) = &result.reason {
+                        println!("{:<8} {r}", "reason:");
+                    }
+                    let rows: Vec<Vec<String>> = result
+                        .outputs
+                        .iter()
+                        .flat_map(|(task, outs)| {
+                            outs.iter()
+                                .map(move |(k, v)| vec![task.clone(), k.clone(), v.clone()])
+                        })
+                        .collect();
+                    if !rows.is_empty() {
+                        println!();
+                        output::table(&["TASK", "OUTPUT", "VALUE"], &rows);
+                    }
+                }
+            }
+            if result.state != RunState::Succeeded && result.state.is_final() {
+                return Err(JobFailed {
+                    id: result.id,
+                    state: result.state.as_str(),
+                    detail: String::new(),
+                }
+                .into());
+            }
+        }
+        WorkflowCommand::Artifacts {
+            id,
+            download,
+            output,
+        } => {
+            let list: Vec<Artifact> = api.get(&format!("{}/artifacts", run_path(&id)?)).await?;
+            if let Some(dir) = download {
+                for a in &list {
+                    let dest = dir.join(a.task.as_deref().unwrap_or("job")).join(&a.path);
+                    download_artifact(&api, a, &dest).await?;
+                    eprintln!("saved {} ({} bytes, sha256 ok)", dest.display(), a.size);
+                }
+            }
+            match output {
+                Output::Json => output::json(&list)?,
+                Output::Text => {
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                a.id.clone(),
+                                a.task.clone().unwrap_or_default(),
+                                a.path.clone(),
+                                a.size.to_string(),
+                                a.sha256.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["ARTIFACT", "TASK", "PATH", "BYTES", "SHA256"], &rows);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams one artifact to `dest` (through a temp file), checking its
+/// sha256 against the server's before the file takes its name.
+async fn download_artifact(api: &Api, a: &Artifact, dest: &std::path::Path) -> anyhow::Result<()> {
+    use sha2::Digest;
+    if !drover_proto::workflows::valid_artifact_path(&a.path) {
+        bail!(
+            "the server named an artifact '{}', which is not a plain relative path",
+            a.path
+        );
+    }
+    let parent = dest
+        .parent()
+        .context("artifact destination has no parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let mut resp = api.open(&format!("/artifacts/{}", a.id), &[]).await?;
+    let announced = resp
+        .headers()
+        .get(SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(&a.sha256)
+        .to_owned();
+    let mut tmp = tempfile::NamedTempFile::new_in(parent)?;
+    let mut hasher = sha2::Sha256::new();
+    while let Some(chunk) = resp.chunk().await.context("downloading an artifact")? {
+        hasher.update(&chunk);
+        tmp.write_all(&chunk)?;
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != announced {
+        bail!(
+            "artifact {}: sha256 is {got}, the server says {announced}",
+            a.path
+        );
+    }
+    tmp.persist(dest)
+        .with_context(|| format!("saving {}", dest.display()))?;
+    Ok(())
+}
+
+fn print_run(run: &Run) {
+    let row = |k: &str, v: String| println!("{:<10} {v}", format!("{k}:"));
+    row("run", run.id.clone());
+    row("workflow", run.workflow.clone());
+    row("state", run.state.as_str().to_owned());
+    if let Some(r) = &run.reason {
+        row("reason", r.clone());
+    }
+    if !run.inputs.is_empty() {
+        row(
+            "inputs",
+            serde_json::to_string(&run.inputs).unwrap_or_default(),
+        );
+    }
+    row(
+        "created",
+        format!("{} by {}", run.created_at.to_rfc3339(), run.created_by),
+    );
+    if let Some(t) = run.finished_at {
+        row("finished", t.to_rfc3339());
+    }
+    println!();
+    let rows: Vec<Vec<String>> = run
+        .tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.state.as_str().to_owned(),
+                t.action.clone(),
+                t.job_id
+                    .as_deref()
+                    .map(|j| j.get(..13).unwrap_or(j).to_owned())
+                    .unwrap_or_else(|| "-".to_owned()),
+                if t.optional { "yes" } else { "" }.to_owned(),
+                t.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &["TASK", "STATE", "ACTION", "JOB", "OPTIONAL", "REASON"],
+        &rows,
+    );
+}
+
+/// Prints a run's events as they come, reconnecting with the last event
+/// id when the stream breaks, until the run ends; then its task table.
+pub async fn follow_run(api: &Api, run_id: &str) -> anyhow::Result<()> {
+    let path = format!("{}/events", run_path(run_id)?);
+    let mut last: i64 = 0;
+    let mut failures = 0u32;
+    let mut ended: Option<RunState> = None;
+    while ended.is_none() {
+        let headers = [("last-event-id", last.to_string())];
+        let mut resp = match api.open(&path, &headers).await {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                if failures > 60 {
+                    return Err(e.context("the event stream stayed unavailable"));
+                }
+                eprintln!("event stream unavailable ({e:#}); retrying");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))).await;
+                continue;
+            }
+        };
+        failures = 0;
+        let mut buf = String::new();
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("event stream broke ({e}); resuming after event {last}");
+                    break;
+                }
+            };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                if let Some(ev) = parse_sse(&block) {
+                    last = ev.id;
+                    print_event(&ev);
+                    if ev.ends_run() {
+                        ended = ev.state.as_deref().and_then(RunState::parse);
+                    }
+                }
+            }
+        }
+        if ended.is_none() {
+            // The server closed the stream: the run may have ended while
+            // we were away, or the server restarted.
+            if let Ok(run) = api.get::<Run>(&run_path(run_id)?).await {
+                if run.state.is_final() {
+                    // Read the rest of the events before leaving.
+                    continue;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let run: Run = api.get(&run_path(run_id)?).await?;
+    println!();
+    print_run(&run);
+    if run.state != RunState::Succeeded {
+        return Err(JobFailed {
+            id: run.id,
+            state: run.state.as_str(),
+            detail: run.reason.map(|r| format!(": {r}")).unwrap_or_default(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// One server-sent event block into a `RunEvent` (comments and keep-alives
+/// give `None`).
+fn parse_sse(block: &str) -> Option<RunEvent> {
+    let data: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    if data.is_empty() {
+        return None;
+    }
+    serde_json::from_str(&data.join("\n")).ok()
+}
+
+fn print_event(ev: &RunEvent) {
+    let at = ev.at.format("%H:%M:%S");
+    let mut out = std::io::stdout().lock();
+    let _ = match ev.kind.as_str() {
+        "log" => {
+            let task = ev.task.as_deref().unwrap_or("?");
+            let text = ev.message.as_deref().unwrap_or("");
+            let mut r = Ok(());
+            for line in text.lines() {
+                r = writeln!(out, "{at} [{task}] {line}");
+            }
+            r
+        }
+        "task" => writeln!(
+            out,
+            "{at} task {:<16} {:<10} {}",
+            ev.task.as_deref().unwrap_or("?"),
+            ev.state.as_deref().unwrap_or(""),
+            ev.message.as_deref().unwrap_or("")
+        ),
+        _ => writeln!(
+            out,
+            "{at} run  {:<16} {:<10} {}",
+            "",
+            ev.state.as_deref().unwrap_or(""),
+            ev.message.as_deref().unwrap_or("")
+        ),
+    };
+}
+
+pub async fn webhooks(target: &Target, cmd: WebhooksCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        WebhooksCommand::Add {
+            url,
+            secret,
+            events,
+            output,
+        } => {
+            let events = events
+                .iter()
+                .map(|e| match e.as_str() {
+                    "completed" => Ok(WebhookEvent::Completed),
+                    "failed" => Ok(WebhookEvent::Failed),
+                    other => bail!("unknown event '{other}': completed or failed"),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let hook: Webhook = api
+                .post(
+                    "/webhooks",
+                    &CreateWebhookRequest {
+                        url,
+                        secret,
+                        events,
+                    },
+                )
+                .await?;
+            match output {
+                Output::Json => output::json(&hook)?,
+                Output::Text => println!("{}", hook.id),
+            }
+        }
+        WebhooksCommand::List { output } => {
+            let hooks: Vec<Webhook> = api.get("/webhooks").await?;
+            match output {
+                Output::Json => output::json(&hooks)?,
+                Output::Text => {
+                    let rows: Vec<Vec<String>> = hooks
+                        .iter()
+                        .map(|h| {
+                            vec![
+                                h.id.clone(),
+                                h.url.clone(),
+                                h.events
+                                    .iter()
+                                    .map(|e| e.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                h.created_by.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["WEBHOOK", "URL", "EVENTS", "BY"], &rows);
+                }
+            }
+        }
+        WebhooksCommand::Rm { id } => {
+            if !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                bail!("'{id}' is not a webhook id");
+            }
+            api.delete(&format!("/webhooks/{id}")).await?;
+            println!("removed webhook {id}");
+        }
+        WebhooksCommand::Deliveries { run, limit, output } => {
+            let mut path = format!("/webhooks/deliveries?limit={limit}");
+            if let Some(r) = run {
+                run_path(&r)?;
+                path.push_str(&format!("&run={r}"));
+            }
+            let list: Vec<WebhookDelivery> = api.get(&path).await?;
+            match output {
+                Output::Json => output::json(&list)?,
+                Output::Text => {
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|d| {
+                            let last = d.history.last();
+                            vec![
+                                d.id.clone(),
+                                d.run_id.get(..13).unwrap_or(&d.run_id).to_owned(),
+                                d.event.as_str().to_owned(),
+                                d.url.clone(),
+                                d.state.clone(),
+                                d.attempts.to_string(),
+                                last.and_then(|a| a.status)
+                                    .map(|s| s.to_string())
+                                    .or_else(|| last.and_then(|a| a.error.clone()))
+                                    .unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &[
+                            "DELIVERY", "RUN", "EVENT", "URL", "STATE", "ATTEMPTS", "LAST",
+                        ],
+                        &rows,
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_blocks_parse_into_events() {
+        let block = "id: 7\nevent: task\ndata: {\"id\":7,\"run_id\":\"r\",\"at\":\"2026-11-22T10:00:00Z\",\"kind\":\"task\",\"task\":\"a\",\"state\":\"running\",\"message\":null,\"stream\":null}\n\n";
+        let ev = parse_sse(block).expect("an event");
+        assert_eq!((ev.id, ev.task.as_deref()), (7, Some("a")));
+        assert!(parse_sse(": keep-alive\n\n").is_none());
+        assert!(parse_inputs(&["a=1".into(), "a=2".into()]).is_err());
+        assert_eq!(parse_inputs(&["x=a=b".into()]).expect("ok")["x"], "a=b");
+    }
+}

@@ -1,0 +1,610 @@
+//! Workflow runs as operators see them: submit a definition, list, show
+//! (which tasks run, which wait and why), cancel, result, artifacts, and
+//! the live event stream over SSE or WebSocket, resumable by event id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use drover_proto::workflows::{
+    Artifact, Run, RunEvent, RunResult, RunState, SubmitRunRequest, TaskRun, TaskState,
+    WorkflowDef, SHA256_HEADER,
+};
+use drover_proto::ErrorBody;
+use drover_store::workflows::{ArtifactRecord, NewRun, RunRecord};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::UserAuth;
+use crate::catalog::resolve_params;
+use crate::error::{ApiError, ApiJson};
+use crate::selector::Selector;
+use crate::state::AppState;
+use crate::workflow::def::{self, Parsed};
+use crate::workflow::template;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit_run, list_runs))
+        .routes(routes!(show_run))
+        .routes(routes!(cancel_run))
+        .routes(routes!(run_result))
+        .routes(routes!(run_artifacts))
+        .routes(routes!(download_artifact))
+        .routes(routes!(run_events))
+        .routes(routes!(run_ws))
+}
+
+/// Events read from the store per round.
+const EVENT_BATCH: i64 = 500;
+/// Longest a stream waits before looking at the store again.
+const STREAM_POLL: Duration = Duration::from_secs(1);
+
+/// Start a run of a workflow definition.
+#[utoipa::path(
+    post, path = "/api/v1/workflows/runs", tag = "workflows",
+    request_body = SubmitRunRequest,
+    security(("user" = [])),
+    responses((status = 201, body = Run), (status = 422, description = "The definition or an input is invalid; the message names the line", body = ErrorBody))
+)]
+async fn submit_run(
+    State(state): State<AppState>,
+    user: UserAuth,
+    ApiJson(req): ApiJson<SubmitRunRequest>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    user.require_admin()?;
+    let source = req.source.as_deref().unwrap_or("definition");
+    let text = match &req.definition {
+        serde_json::Value::String(s) => s.clone(),
+        obj @ serde_json::Value::Object(_) => serde_json::to_string_pretty(obj)
+            .map_err(|e| ApiError::internal("encoding the definition", &e))?,
+        _ => {
+            return Err(ApiError::invalid(
+                "definition must be YAML or JSON text, or a JSON object",
+            ))
+        }
+    };
+    let parsed = def::parse(&text, source).map_err(ApiError::invalid)?;
+    check_actions(&state, &parsed).await?;
+    let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
+    let (body, hash) = def::canonical(&parsed.def);
+    let now = Utc::now();
+    let deadline = parsed
+        .def
+        .timeout
+        .map(|t| now + chrono::Duration::milliseconds(t.as_millis().min(i64::MAX as u128) as i64));
+    let task_ids: Vec<String> = parsed.def.tasks.iter().map(|t| t.id.clone()).collect();
+    let id = state
+        .store
+        .create_run(
+            NewRun {
+                name: &parsed.def.name,
+                def_hash: &hash,
+                def_body: &body,
+                inputs: &inputs,
+                created_by: &user.username,
+                deadline,
+                tasks: &task_ids,
+            },
+            now,
+        )
+        .await?;
+    state.hub.run_changed(&id);
+    tracing::info!(run = %id, workflow = %parsed.def.name, tasks = task_ids.len(), by = %user.username, "run submitted");
+    Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?)))
+}
+
+/// Every task's action must exist, its parameters must be known to the
+/// action, and those without references must already be valid.
+async fn check_actions(state: &AppState, parsed: &Parsed) -> Result<(), ApiError> {
+    for task in &parsed.def.tasks {
+        let at = &parsed.task_at[&task.id];
+        let fail = |m: String| ApiError::invalid(format!("{at}: task '{}': {m}", task.id));
+        Selector::parse(&task.target).map_err(|e| fail(format!("target: {e}")))?;
+        let Some((spec, _)) = super::actions::find(state, &task.action).await? else {
+            return Err(fail(format!(
+                "unknown action '{}': see drover actions list",
+                task.action
+            )));
+        };
+        for name in task.params.keys() {
+            if !spec.params.contains_key(name) {
+                let known: Vec<&str> = spec.params.keys().map(String::as_str).collect();
+                return Err(fail(format!(
+                    "action '{}' has no parameter '{name}' (it takes: {})",
+                    spec.name,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
+        }
+        let has_refs = task.params.values().any(|v| {
+            v.as_str()
+                .is_some_and(|s| !template::refs(s).unwrap_or_default().is_empty())
+        });
+        if !has_refs {
+            resolve_params(&spec, &task.params).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// The run's inputs: given values over defaults; unknown or missing ones
+/// are refused by name.
+fn resolve_inputs(
+    def: &WorkflowDef,
+    given: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    for (k, v) in given {
+        if !def.inputs.contains_key(k) {
+            let known: Vec<&str> = def.inputs.keys().map(String::as_str).collect();
+            return Err(format!(
+                "unknown input '{k}'; workflow '{}' takes: {}",
+                def.name,
+                if known.is_empty() {
+                    "no inputs".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        if v.contains('\0') {
+            return Err(format!("input '{k}' contains a NUL byte"));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (k, spec) in &def.inputs {
+        match given.get(k).or(spec.default.as_ref()) {
+            Some(v) => {
+                out.insert(k.clone(), v.clone());
+            }
+            None => return Err(format!("input '{k}' is required (--input {k}=VALUE)")),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only runs in this state.
+    state: Option<String>,
+    /// At most this many, newest first [default 50, at most 1000].
+    limit: Option<i64>,
+}
+
+/// Runs, newest first (without their tasks).
+#[utoipa::path(
+    get, path = "/api/v1/workflows/runs", tag = "workflows",
+    params(ListQuery),
+    security(("user" = [])),
+    responses((status = 200, body = [Run]))
+)]
+async fn list_runs(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Run>>, ApiError> {
+    let filter = match q.state.as_deref() {
+        Some(s) => Some(
+            RunState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state '{s}'")))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let runs = state.store.list_runs(filter, limit).await?;
+    Ok(Json(
+        runs.into_iter().map(|r| run_view(r, Vec::new())).collect(),
+    ))
+}
+
+fn run_view(r: RunRecord, tasks: Vec<TaskRun>) -> Run {
+    let reason = r.reason.or_else(|| {
+        r.cancel_requested_at
+            .filter(|_| !r.state.is_final())
+            .map(|at| format!("cancelling (asked at {})", at.to_rfc3339()))
+    });
+    Run {
+        id: r.id,
+        workflow: r.name,
+        definition_hash: r.def_hash,
+        state: r.state,
+        reason,
+        inputs: r.inputs,
+        created_by: r.created_by,
+        created_at: r.created_at,
+        finished_at: r.finished_at,
+        deadline_at: r.deadline_at,
+        cancel_requested_at: r.cancel_requested_at,
+        tasks,
+    }
+}
+
+async fn definition_of(state: &AppState, hash: &str) -> Result<WorkflowDef, ApiError> {
+    let body = state
+        .store
+        .definition(hash)
+        .await?
+        .ok_or_else(|| ApiError::internal("reading a definition", &"missing"))?;
+    serde_json::from_str(&body).map_err(|e| ApiError::internal("reading a definition", &e))
+}
+
+/// A run with every task and what each waits for.
+pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
+    let run = state
+        .store
+        .run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run '{id}' not found")))?;
+    let def = definition_of(state, &run.def_hash).await?;
+    let records: HashMap<String, _> = state
+        .store
+        .run_tasks(id)
+        .await?
+        .into_iter()
+        .map(|t| (t.task_id.clone(), t))
+        .collect();
+    let mut tasks = Vec::with_capacity(def.tasks.len());
+    for d in &def.tasks {
+        let Some(t) = records.get(&d.id) else {
+            continue;
+        };
+        let reason = if t.state.is_final() {
+            t.reason.clone()
+        } else if t.state == TaskState::Pending {
+            let waiting: Vec<&str> = d
+                .needs
+                .iter()
+                .filter(|n| records.get(*n).is_some_and(|r| !r.state.is_final()))
+                .map(String::as_str)
+                .collect();
+            Some(if waiting.is_empty() {
+                "about to start".to_owned()
+            } else {
+                format!("waiting for {}", waiting.join(", "))
+            })
+        } else if let Some(job_id) = &t.job_id {
+            super::jobs::load_job(state, job_id).await?.reason
+        } else {
+            None
+        };
+        tasks.push(TaskRun {
+            id: d.id.clone(),
+            action: d.action.clone(),
+            state: t.state,
+            reason,
+            needs: d.needs.clone(),
+            optional: d.optional,
+            job_id: t.job_id.clone(),
+            outputs: t.outputs.clone(),
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+        });
+    }
+    Ok(run_view(run, tasks))
+}
+
+/// One run with its tasks: which run, which wait and why.
+#[utoipa::path(
+    get, path = "/api/v1/workflows/runs/{id}", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix")),
+    security(("user" = [])),
+    responses((status = 200, body = Run), (status = 404, body = ErrorBody))
+)]
+async fn show_run(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
+    let id = state.store.resolve_run_id(&id).await?;
+    Ok(Json(load_run(&state, &id).await?))
+}
+
+/// Stop a run: running tasks are cancelled, waiting ones skipped.
+#[utoipa::path(
+    post, path = "/api/v1/workflows/runs/{id}/cancel", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix")),
+    security(("user" = [])),
+    responses((status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "The run has ended", body = ErrorBody))
+)]
+async fn cancel_run(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
+    user.require_admin()?;
+    let id = state.store.resolve_run_id(&id).await?;
+    if !state
+        .store
+        .request_run_cancel(&id, &user.username, Utc::now())
+        .await?
+    {
+        let run = load_run(&state, &id).await?;
+        if run.state.is_final() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                drover_proto::ErrorCode::Conflict,
+                format!("run {id} has ended ({})", run.state.as_str()),
+            ));
+        }
+        return Ok(Json(run));
+    }
+    state.hub.run_changed(&id);
+    state.hub.run_event(&id);
+    tracing::info!(run = %id, by = %user.username, "run cancel requested");
+    Ok(Json(load_run(&state, &id).await?))
+}
+
+/// The run's outcome and the outputs of its tasks.
+#[utoipa::path(
+    get, path = "/api/v1/workflows/runs/{id}/result", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix")),
+    security(("user" = [])),
+    responses((status = 200, body = RunResult), (status = 404, body = ErrorBody))
+)]
+async fn run_result(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<RunResult>, ApiError> {
+    let id = state.store.resolve_run_id(&id).await?;
+    let run = load_run(&state, &id).await?;
+    Ok(Json(RunResult {
+        id: run.id,
+        state: run.state,
+        reason: run.reason,
+        outputs: run
+            .tasks
+            .iter()
+            .filter(|t| !t.outputs.is_empty())
+            .map(|t| (t.id.clone(), t.outputs.clone()))
+            .collect(),
+        tasks: run.tasks.iter().map(|t| (t.id.clone(), t.state)).collect(),
+    }))
+}
+
+fn artifact_view(a: ArtifactRecord) -> Artifact {
+    Artifact {
+        id: a.id,
+        run_id: a.run_id,
+        task: a.task_id,
+        job_id: a.job_id,
+        attempt_id: a.attempt_id,
+        path: a.path,
+        size: a.size.max(0) as u64,
+        sha256: a.sha256,
+        created_at: drover_store::time_from_ms(a.created_at),
+    }
+}
+
+/// The files the run's tasks collected.
+#[utoipa::path(
+    get, path = "/api/v1/workflows/runs/{id}/artifacts", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix")),
+    security(("user" = [])),
+    responses((status = 200, body = [Artifact]), (status = 404, body = ErrorBody))
+)]
+async fn run_artifacts(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Artifact>>, ApiError> {
+    let id = state.store.resolve_run_id(&id).await?;
+    let list = state.store.run_artifacts(&id).await?;
+    Ok(Json(list.into_iter().map(artifact_view).collect()))
+}
+
+/// The content of one artifact; its sha256 is in `x-drover-sha256`.
+#[utoipa::path(
+    get, path = "/api/v1/artifacts/{id}", tag = "workflows",
+    params(("id" = String, Path, description = "Artifact id")),
+    security(("user" = [])),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream"), (status = 404, body = ErrorBody))
+)]
+async fn download_artifact(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let a = state
+        .store
+        .artifact(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("artifact '{id}' not found")))?;
+    let stream = state
+        .artifacts
+        .get(&a.store_key)
+        .await
+        .map_err(|e| ApiError::internal("reading an artifact", &e))?;
+    let name = a
+        .path
+        .rsplit('/')
+        .next()
+        .unwrap_or("artifact")
+        .replace('"', "");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, a.size.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+            (header::HeaderName::from_static(SHA256_HEADER), a.sha256),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    /// Resume after this event id (the `Last-Event-ID` header does the same).
+    after: Option<i64>,
+}
+
+fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> Result<i64, ApiError> {
+    if let Some(v) = headers.get("last-event-id") {
+        let s = v
+            .to_str()
+            .map_err(|_| ApiError::invalid("Last-Event-ID must be a number"))?;
+        return s
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::invalid(format!("Last-Event-ID '{s}' is not a number")));
+    }
+    Ok(q.after.unwrap_or(0).max(0))
+}
+
+/// A run's events from `after` on, ending after the event that ends the
+/// run (or when the server stops).
+fn event_feed(state: AppState, run_id: String, after: i64) -> impl Stream<Item = RunEvent> {
+    let rx = state.hub.subscribe();
+    futures_util::stream::unfold(
+        (state, run_id, after, rx, false),
+        |(state, run_id, mut after, mut rx, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let events = match state.store.events_after(&run_id, after, EVENT_BATCH).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(run = %run_id, error = %e, "reading run events failed");
+                        return None;
+                    }
+                };
+                if let Some(last) = events.last() {
+                    after = last.id;
+                    let ended = events.iter().any(RunEvent::ends_run);
+                    return Some((events, (state, run_id, after, rx, ended)));
+                }
+                match state.store.run(&run_id).await {
+                    Ok(Some(r)) if !r.state.is_final() => {}
+                    _ => return None,
+                }
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return None,
+                    _ = rx.recv() => {}
+                    _ = tokio::time::sleep(STREAM_POLL) => {}
+                }
+            }
+        },
+    )
+    .flat_map(futures_util::stream::iter)
+}
+
+/// Server-sent events of a run: `id` is the event id, `event` its kind
+/// (`run`, `task`, `log`), `data` the JSON `RunEvent`. Reconnecting with
+/// `Last-Event-ID` resumes after that event; the stream ends with the run.
+#[utoipa::path(
+    get, path = "/api/v1/workflows/runs/{id}/events", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix"), StreamQuery),
+    security(("user" = [])),
+    responses((status = 200, description = "text/event-stream of RunEvent", content_type = "text/event-stream"), (status = 404, body = ErrorBody))
+)]
+async fn run_events(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = state.store.resolve_run_id(&id).await?;
+    let after = resume_point(&headers, &q)?;
+    let stream = event_feed(state, id, after).map(|ev| {
+        let data = serde_json::to_string(&ev).unwrap_or_default();
+        Ok(Event::default()
+            .id(ev.id.to_string())
+            .event(ev.kind.clone())
+            .data(data))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The same events over a WebSocket: one JSON `RunEvent` per text message;
+/// `?after=` resumes. The server closes the socket when the run ends.
+#[utoipa::path(
+    get, path = "/api/v1/workflows/runs/{id}/ws", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix"), StreamQuery),
+    security(("user" = [])),
+    responses((status = 101, description = "WebSocket of RunEvent messages"), (status = 404, body = ErrorBody))
+)]
+async fn run_ws(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let id = state.store.resolve_run_id(&id).await?;
+    let after = resume_point(&headers, &q)?;
+    Ok(ws.on_upgrade(move |socket| stream_ws(socket, state, id, after)))
+}
+
+async fn stream_ws(mut socket: WebSocket, state: AppState, run_id: String, after: i64) {
+    let feed = event_feed(state, run_id, after);
+    futures_util::pin_mut!(feed);
+    loop {
+        tokio::select! {
+            ev = feed.next() => match ev {
+                Some(ev) => {
+                    let text = serde_json::to_string(&ev).unwrap_or_default();
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                None => break,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_checked_by_name() {
+        let parsed = def::parse(
+            "name: w\ninputs:\n  env: {}\n  tag: {default: latest}\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop}\n",
+            "w.yaml",
+        )
+        .expect("valid");
+        let given = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let ok = resolve_inputs(&parsed.def, &given(&[("env", "prod")])).expect("valid");
+        assert_eq!(ok["tag"], "latest");
+        let missing = resolve_inputs(&parsed.def, &given(&[])).expect_err("env required");
+        assert!(missing.contains("input 'env' is required"), "{missing}");
+        let unknown = resolve_inputs(&parsed.def, &given(&[("env", "x"), ("colour", "red")]))
+            .expect_err("unknown");
+        assert!(unknown.contains("unknown input 'colour'"), "{unknown}");
+    }
+}

@@ -1,0 +1,557 @@
+//! Workflow definitions: parsed from YAML (or JSON, which is YAML) with the
+//! position of every task, checked, and turned into the canonical
+//! `WorkflowDef` that is hashed and stored. Every error names the file,
+//! line and column, and what is wrong.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use drover_proto::workflows::{
+    valid_artifact_path, InputSpec, Mode, TaskDef, WebhookEvent, WebhookSpec, WorkflowDef,
+};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use super::template::{self, Ref};
+
+/// Most tasks one definition may hold.
+pub const MAX_TASKS: usize = 2000;
+/// Longest definition text accepted.
+pub const MAX_DEFINITION_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDef {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    inputs: BTreeMap<String, Option<RawInput>>,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    webhooks: Vec<Spanned<RawWebhook>>,
+    tasks: Vec<Spanned<RawTask>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    #[serde(default)]
+    default: Option<String>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    retries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    events: Vec<WebhookEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    id: Spanned<String>,
+    action: String,
+    #[serde(default)]
+    params: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    needs: Vec<Spanned<String>>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    optional: bool,
+    #[serde(default)]
+    artifacts: Vec<String>,
+}
+
+/// A checked definition with where its tasks are in the source, for the
+/// errors found later (an unknown action, a bad parameter).
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub def: WorkflowDef,
+    /// `source:line:column` of each task, by id.
+    pub task_at: HashMap<String, String>,
+}
+
+/// Parses and checks a definition. `source` names it in errors.
+pub fn parse(text: &str, source: &str) -> Result<Parsed, String> {
+    if text.len() > MAX_DEFINITION_BYTES {
+        return Err(format!(
+            "{source}: the definition is {} bytes; at most {MAX_DEFINITION_BYTES} are accepted",
+            text.len()
+        ));
+    }
+    let raw: RawDef = serde_saphyr::from_str(text).map_err(|e| format!("{source}: {e}"))?;
+    check(raw, source)
+}
+
+/// Canonical JSON of a definition and its sha256, the id it is stored by.
+pub fn canonical(def: &WorkflowDef) -> (String, String) {
+    let body = serde_json::to_string(def).unwrap_or_default();
+    let hash = hex::encode(Sha256::digest(body.as_bytes()));
+    (body, hash)
+}
+
+fn at(source: &str, loc: &serde_saphyr::Location) -> String {
+    format!("{source}: line {}, column {}", loc.line(), loc.column())
+}
+
+pub fn is_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
+    let name_at = at(source, &raw.name.referenced);
+    let name = raw.name.value;
+    if !(1..=128).contains(&name.len())
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        return Err(format!(
+            "{name_at}: name '{name}' must be 1 to 128 letters, digits, '-', '_' or '.'"
+        ));
+    }
+    if raw.tasks.is_empty() {
+        return Err(format!("{source}: workflow '{name}' has no tasks"));
+    }
+    if raw.tasks.len() > MAX_TASKS {
+        return Err(format!(
+            "{source}: workflow '{name}' has {} tasks; at most {MAX_TASKS} are allowed",
+            raw.tasks.len()
+        ));
+    }
+    for input in raw.inputs.keys() {
+        if !is_name(input) {
+            return Err(format!(
+                "{source}: input '{input}': a name is letters, digits, '_' and '-', starting with a letter"
+            ));
+        }
+    }
+    if raw.timeout == Some(Duration::ZERO) || raw.defaults.timeout == Some(Duration::ZERO) {
+        return Err(format!("{source}: a timeout must be longer than 0s"));
+    }
+
+    let mut webhooks = Vec::new();
+    for hook in raw.webhooks {
+        let hook_at = at(source, &hook.referenced);
+        let h = hook.value;
+        check_webhook_url(&h.url).map_err(|e| format!("{hook_at}: webhook: {e}"))?;
+        webhooks.push(WebhookSpec {
+            url: h.url,
+            secret: h.secret,
+            events: if h.events.is_empty() {
+                vec![WebhookEvent::Completed, WebhookEvent::Failed]
+            } else {
+                h.events
+            },
+        });
+    }
+
+    // Ids first: duplicates, syntax.
+    let mut task_at: HashMap<String, String> = HashMap::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, t) in raw.tasks.iter().enumerate() {
+        let id = &t.value.id.value;
+        let here = at(source, &t.value.id.referenced);
+        if !is_name(id) {
+            return Err(format!(
+                "{here}: task id '{id}': letters, digits, '_' and '-', starting with a letter, at most 64"
+            ));
+        }
+        if let Some(first) = task_at.get(id) {
+            return Err(format!(
+                "{here}: task id '{id}' is used twice (first at {first})"
+            ));
+        }
+        task_at.insert(id.clone(), here);
+        index.insert(id.clone(), i);
+    }
+
+    let mut tasks: Vec<TaskDef> = Vec::with_capacity(raw.tasks.len());
+    let mut graph: DiGraph<usize, ()> = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..raw.tasks.len()).map(|i| graph.add_node(i)).collect();
+    let mut previous: Option<String> = None;
+    for (i, t) in raw.tasks.into_iter().enumerate() {
+        let t = t.value;
+        let id = t.id.value.clone();
+        let here = task_at[&id].clone();
+        let ctx = |m: String| format!("{here}: task '{id}': {m}");
+        if t.action.trim().is_empty() {
+            return Err(ctx("action is empty".into()));
+        }
+        let mut needs: Vec<String> = Vec::new();
+        if !t.needs.is_empty() && raw.mode != Mode::Dag {
+            let mode = match raw.mode {
+                Mode::Sequential => "sequential",
+                _ => "parallel",
+            };
+            return Err(format!(
+                "{}: task '{id}': 'needs' is only for mode dag; in mode {mode} the order is given",
+                at(source, &t.needs[0].referenced)
+            ));
+        }
+        for need in &t.needs {
+            let need_at = at(source, &need.referenced);
+            let n = &need.value;
+            if n == &id {
+                return Err(format!("{need_at}: task '{id}' needs itself"));
+            }
+            let Some(&j) = index.get(n) else {
+                return Err(format!(
+                    "{need_at}: task '{id}' needs '{n}', which is not a task of this workflow"
+                ));
+            };
+            if needs.contains(n) {
+                return Err(format!("{need_at}: task '{id}' lists '{n}' twice in needs"));
+            }
+            needs.push(n.clone());
+            graph.add_edge(nodes[j], nodes[i], ());
+        }
+        if raw.mode == Mode::Sequential {
+            if let Some(p) = &previous {
+                needs.push(p.clone());
+                graph.add_edge(nodes[index[p]], nodes[i], ());
+            }
+            previous = Some(id.clone());
+        }
+        let target = t
+            .target
+            .or_else(|| raw.defaults.target.clone())
+            .ok_or_else(|| ctx("no target: set 'target' on the task or in 'defaults'".into()))?;
+        if t.timeout == Some(Duration::ZERO) {
+            return Err(ctx("timeout must be longer than 0s".into()));
+        }
+        for path in &t.artifacts {
+            if !valid_artifact_path(path) {
+                return Err(ctx(format!(
+                    "artifact '{path}' must be a relative path inside the working dir (no '..', no leading '/')"
+                )));
+            }
+        }
+        for (param, value) in &t.params {
+            if let serde_json::Value::String(s) = value {
+                let refs = template::refs(s).map_err(|e| ctx(format!("param '{param}': {e}")))?;
+                for r in refs {
+                    if let Ref::Input(input) = &r {
+                        if !raw.inputs.contains_key(input) {
+                            return Err(ctx(format!(
+                                "param '{param}' refers to inputs.{input}, which is not declared under 'inputs'"
+                            )));
+                        }
+                    }
+                    if let Ref::TaskOutput(task, _) = &r {
+                        if !index.contains_key(task) {
+                            return Err(ctx(format!(
+                                "param '{param}' refers to tasks.{task}, which is not a task of this workflow"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        tasks.push(TaskDef {
+            id,
+            action: t.action,
+            params: t.params,
+            target,
+            needs,
+            timeout: t.timeout.or(raw.defaults.timeout),
+            retries: t.retries.or(raw.defaults.retries),
+            optional: t.optional,
+            artifacts: t.artifacts,
+        });
+    }
+
+    if let Some(cycle) = find_cycle(&graph, &tasks) {
+        let first = &cycle[0];
+        return Err(format!(
+            "{}: the tasks form a cycle: {}",
+            task_at[first],
+            cycle
+                .iter()
+                .chain(std::iter::once(first))
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        ));
+    }
+
+    // A task may only read outputs of tasks that end before it starts.
+    let upstream = ancestors(&tasks);
+    for t in &tasks {
+        for (param, value) in &t.params {
+            let serde_json::Value::String(s) = value else {
+                continue;
+            };
+            for r in template::refs(s).unwrap_or_default() {
+                if let Ref::TaskOutput(task, _) = &r {
+                    if !upstream[&t.id].contains(task) {
+                        return Err(format!(
+                            "{}: task '{}': param '{param}' refers to tasks.{task}, which is not upstream of '{}' (add it to needs)",
+                            task_at[&t.id], t.id, t.id
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    let inputs = raw
+        .inputs
+        .into_iter()
+        .map(|(k, v)| {
+            let v = v.unwrap_or(RawInput {
+                default: None,
+                description: String::new(),
+            });
+            (
+                k,
+                InputSpec {
+                    default: v.default,
+                    description: v.description,
+                },
+            )
+        })
+        .collect();
+    Ok(Parsed {
+        def: WorkflowDef {
+            name,
+            description: raw.description,
+            mode: raw.mode,
+            inputs,
+            timeout: raw.timeout,
+            webhooks,
+            tasks,
+        },
+        task_at,
+    })
+}
+
+/// A cycle as task ids in order, if the needs have one.
+fn find_cycle(graph: &DiGraph<usize, ()>, tasks: &[TaskDef]) -> Option<Vec<String>> {
+    for scc in petgraph::algo::kosaraju_scc(graph) {
+        if scc.len() < 2 {
+            continue;
+        }
+        // Walk edges inside the component from its earliest task until a
+        // task repeats: that walk is a cycle.
+        let members: BTreeSet<NodeIndex> = scc.iter().copied().collect();
+        let start = *members.iter().min_by_key(|n| graph[**n])?;
+        let mut path = vec![start];
+        let mut current = start;
+        loop {
+            let next = graph
+                .neighbors(current)
+                .filter(|n| members.contains(n))
+                .min_by_key(|n| graph[*n])?;
+            if let Some(pos) = path.iter().position(|n| *n == next) {
+                return Some(
+                    path[pos..]
+                        .iter()
+                        .map(|n| tasks[graph[*n]].id.clone())
+                        .collect(),
+                );
+            }
+            path.push(next);
+            current = next;
+        }
+    }
+    None
+}
+
+/// Every task's transitive needs. Tasks are acyclic here.
+fn ancestors(tasks: &[TaskDef]) -> HashMap<String, BTreeSet<String>> {
+    let by_id: HashMap<&str, &TaskDef> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut memo: HashMap<String, BTreeSet<String>> = HashMap::new();
+    fn visit(
+        id: &str,
+        by_id: &HashMap<&str, &TaskDef>,
+        memo: &mut HashMap<String, BTreeSet<String>>,
+    ) -> BTreeSet<String> {
+        if let Some(s) = memo.get(id) {
+            return s.clone();
+        }
+        let mut set = BTreeSet::new();
+        if let Some(t) = by_id.get(id) {
+            for n in &t.needs {
+                set.insert(n.clone());
+                set.extend(visit(n, by_id, memo));
+            }
+        }
+        memo.insert(id.to_owned(), set.clone());
+        set
+    }
+    for t in tasks {
+        visit(&t.id, &by_id, &mut memo);
+    }
+    memo
+}
+
+/// A webhook URL must be http or https with a host.
+pub fn check_webhook_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("url '{url}': {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(format!(
+            "url '{url}' must be http:// or https:// with a host"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn err(yaml: &str) -> String {
+        parse(yaml, "wf.yaml").expect_err("must be refused")
+    }
+
+    const DIAMOND: &str = "\
+name: diamond
+inputs:
+  greeting: {default: hello}
+defaults:
+  target: group:local
+tasks:
+  - id: a
+    action: echo
+    params: {message: '${{ inputs.greeting }}'}
+  - id: b
+    action: echo
+    needs: [a]
+    params: {message: '${{ tasks.a.outputs.x }}'}
+  - id: c
+    action: echo
+    needs: [a]
+  - id: d
+    action: noop
+    needs: [b, c]
+";
+
+    #[test]
+    fn a_diamond_is_accepted_with_defaults_applied() {
+        let p = parse(DIAMOND, "wf.yaml").expect("valid");
+        assert_eq!(p.def.tasks.len(), 4);
+        assert_eq!(p.def.tasks[3].needs, vec!["b", "c"]);
+        assert_eq!(p.def.tasks[0].target, "group:local");
+        assert_eq!(p.task_at["c"], "wf.yaml: line 14, column 9");
+        let (body, hash) = canonical(&p.def);
+        assert_eq!(
+            canonical(&parse(DIAMOND, "other").expect("valid").def).1,
+            hash
+        );
+        assert!(body.contains("\"diamond\""));
+    }
+
+    #[test]
+    fn sequential_mode_chains_tasks() {
+        let p = parse(
+            "name: s\nmode: sequential\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop}\n  - {id: b, action: noop}\n  - {id: c, action: noop}\n",
+            "s.yaml",
+        )
+        .expect("valid");
+        let needs: Vec<_> = p.def.tasks.iter().map(|t| t.needs.clone()).collect();
+        assert_eq!(
+            needs,
+            vec![vec![], vec!["a".to_owned()], vec!["b".to_owned()]]
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_line_and_the_problem() {
+        let table: &[(&str, &[&str])] = &[
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - id: a\n    action: noop\n    needs: [b]\n  - id: b\n    action: noop\n    needs: [c]\n  - id: c\n    action: noop\n    needs: [a]\n",
+                &["line 4", "cycle: a -> c -> b -> a"],
+            ),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - id: a\n    action: noop\n    needs: [zz]\n",
+                &["line 6, column 13", "needs 'zz', which is not a task"],
+            ),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop}\n  - {id: a, action: noop}\n",
+                &["line 5", "task id 'a' is used twice (first at wf.yaml: line 4"],
+            ),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - id: a\n    action: echo\n  - id: b\n    action: echo\n    params: {message: '${{ tasks.a.outputs.x }}'}\n",
+                &["line 6", "refers to tasks.a, which is not upstream of 'b'"],
+            ),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - id: a\n    action: echo\n    params: {message: '${{ inputs.nope }}'}\n",
+                &["line 4", "inputs.nope, which is not declared"],
+            ),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - id: a\n    action: echo\n    params: {message: '${{ env.HOME }}'}\n",
+                &["unknown reference 'env.HOME'"],
+            ),
+            (
+                "name: x\ntasks:\n  - id: a\n    action: noop\n    colour: red\n",
+                &["line 5", "colour"],
+            ),
+            ("name: x\ntasks:\n  - id: a\n    action: noop\n", &["no target"]),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - id: a\n    action: noop\n    artifacts: [../etc/passwd]\n",
+                &["artifact '../etc/passwd'"],
+            ),
+            (
+                "name: x\nmode: parallel\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop}\n  - {id: b, action: noop, needs: [a]}\n",
+                &["only for mode dag"],
+            ),
+            (
+                "name: x\ndefaults: {target: '*'}\nwebhooks:\n  - url: 'ftp://x'\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 4", "must be http"],
+            ),
+            ("name: x\ntasks: []\n", &["has no tasks"]),
+            ("name: [\n", &["wf.yaml"]),
+            (
+                "name: x\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop, retries: many}\n",
+                &["line 4"],
+            ),
+        ];
+        for (yaml, wants) in table {
+            let e = err(yaml);
+            for want in *wants {
+                assert!(e.contains(want), "{e:?} should contain {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_text_is_accepted() {
+        let json = r#"{"name": "j", "defaults": {"target": "*"}, "tasks": [{"id": "a", "action": "noop"}]}"#;
+        let p = parse(json, "api").expect("json is yaml");
+        assert_eq!(p.def.tasks[0].id, "a");
+    }
+}

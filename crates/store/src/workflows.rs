@@ -1,0 +1,833 @@
+//! Workflow runs: definitions by hash, runs and their tasks, each run's
+//! event stream, artifacts, webhooks and their deliveries.
+//!
+//! Key design decision: every transition is one transaction guarded by the
+//! state it leaves (`WHERE state = 'pending'`, `WHERE state = 'running'`),
+//! so replaying a step after a crash, or two servers racing, changes
+//! nothing twice. A task's job is inserted in the transaction that marks the
+//! task started, so a task has at most one job. Each event takes the next
+//! number of its run by bumping `workflow_runs.event_seq` in the same
+//! transaction: the numbers have no gaps and are committed in order, so a
+//! reader resuming after number N misses nothing.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use drover_proto::workflows::{DeliveryAttempt, RunEvent, RunState, TaskState, WebhookEvent};
+
+use crate::jobs::{insert_job, to_json, NewJob};
+use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store};
+
+/// Appends one event to a run's stream. Runs inside the caller's
+/// transaction; evaluates to the event's number.
+macro_rules! emit {
+    ($tx:expr, $run_id:expr, $kind:expr, $task:expr, $state:expr, $message:expr, $stream:expr, $now:expr) => {{
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE workflow_runs SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq",
+        )
+        .bind($run_id)
+        .fetch_one(&mut *$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO workflow_events (run_id, seq, at, kind, task_id, state, message, stream) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind($run_id)
+        .bind(seq)
+        .bind($crate::to_ms($now))
+        .bind($kind)
+        .bind($task)
+        .bind($state)
+        .bind($message)
+        .bind($stream)
+        .execute(&mut *$tx)
+        .await?;
+        seq
+    }};
+}
+pub(crate) use emit;
+
+fn corrupt(what: &'static str) -> impl Fn(String) -> Error {
+    move |detail| Error::Corrupt { what, detail }
+}
+
+/// A run to create.
+#[derive(Debug, Clone)]
+pub struct NewRun<'a> {
+    pub name: &'a str,
+    pub def_hash: &'a str,
+    pub def_body: &'a str,
+    pub inputs: &'a BTreeMap<String, String>,
+    pub created_by: &'a str,
+    pub deadline: Option<DateTime<Utc>>,
+    /// Task ids in definition order.
+    pub tasks: &'a [String],
+}
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: String,
+    pub name: String,
+    pub def_hash: String,
+    pub state: RunState,
+    pub reason: Option<String>,
+    pub inputs: BTreeMap<String, String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: String,
+    name: String,
+    def_hash: String,
+    state: String,
+    reason: Option<String>,
+    inputs: String,
+    created_by: String,
+    created_at: i64,
+    finished_at: Option<i64>,
+    deadline_at: Option<i64>,
+    cancel_requested_at: Option<i64>,
+}
+
+const RUN_COLUMNS: &str = "id, name, def_hash, state, reason, inputs, created_by, created_at, \
+                           finished_at, deadline_at, cancel_requested_at";
+
+impl TryFrom<RunRow> for RunRecord {
+    type Error = Error;
+    fn try_from(r: RunRow) -> Result<RunRecord> {
+        Ok(RunRecord {
+            state: RunState::parse(&r.state)
+                .ok_or_else(|| corrupt("run state")(r.state.clone()))?,
+            inputs: serde_json::from_str(&r.inputs)
+                .map_err(|e| corrupt("run inputs")(e.to_string()))?,
+            id: r.id,
+            name: r.name,
+            def_hash: r.def_hash,
+            reason: r.reason,
+            created_by: r.created_by,
+            created_at: from_ms(r.created_at),
+            finished_at: r.finished_at.map(from_ms),
+            deadline_at: r.deadline_at.map(from_ms),
+            cancel_requested_at: r.cancel_requested_at.map(from_ms),
+        })
+    }
+}
+
+/// A task of a run, with the state of its job when it has one.
+#[derive(Debug, Clone)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub position: i64,
+    pub state: TaskState,
+    pub reason: Option<String>,
+    pub job_id: Option<String>,
+    /// The job's state, read in the same query.
+    pub job_state: Option<drover_proto::jobs::JobState>,
+    pub outputs: BTreeMap<String, String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    task_id: String,
+    position: i64,
+    state: String,
+    reason: Option<String>,
+    job_id: Option<String>,
+    job_state: Option<String>,
+    outputs: String,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl TryFrom<TaskRow> for TaskRecord {
+    type Error = Error;
+    fn try_from(r: TaskRow) -> Result<TaskRecord> {
+        let job_state = match r.job_state.as_deref() {
+            Some(s) => Some(
+                drover_proto::jobs::JobState::parse(s)
+                    .ok_or_else(|| corrupt("job state")(s.to_owned()))?,
+            ),
+            None => None,
+        };
+        Ok(TaskRecord {
+            state: TaskState::parse(&r.state)
+                .ok_or_else(|| corrupt("task state")(r.state.clone()))?,
+            outputs: serde_json::from_str(&r.outputs)
+                .map_err(|e| corrupt("task outputs")(e.to_string()))?,
+            job_state,
+            task_id: r.task_id,
+            position: r.position,
+            reason: r.reason,
+            job_id: r.job_id,
+            started_at: r.started_at.map(from_ms),
+            finished_at: r.finished_at.map(from_ms),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    seq: i64,
+    run_id: String,
+    at: i64,
+    kind: String,
+    task_id: Option<String>,
+    state: Option<String>,
+    message: Option<String>,
+    stream: Option<String>,
+}
+
+impl From<EventRow> for RunEvent {
+    fn from(r: EventRow) -> RunEvent {
+        RunEvent {
+            id: r.seq,
+            run_id: r.run_id,
+            at: from_ms(r.at),
+            kind: r.kind,
+            task: r.task_id,
+            state: r.state,
+            message: r.message,
+            stream: r.stream,
+        }
+    }
+}
+
+/// A collected file as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ArtifactRecord {
+    pub id: String,
+    pub run_id: Option<String>,
+    pub task_id: Option<String>,
+    pub job_id: String,
+    pub attempt_id: String,
+    pub path: String,
+    pub size: i64,
+    pub sha256: String,
+    pub store_key: String,
+    pub created_at: i64,
+}
+
+/// What an upload for an attempt may do.
+#[derive(Debug, Clone)]
+pub struct UploadContext {
+    pub job_id: String,
+    pub run_id: Option<String>,
+    pub task_id: Option<String>,
+    /// The paths the job declared.
+    pub artifacts: Vec<String>,
+    /// The attempt has no result yet.
+    pub open: bool,
+}
+
+/// A webhook notification to queue when a run ends.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub url: String,
+    pub secret: Option<String>,
+    pub event: WebhookEvent,
+    /// Builds the body from the delivery id.
+    pub payload: String,
+    pub id: String,
+}
+
+/// A global webhook as stored (with its secret, for signing).
+#[derive(Debug, Clone)]
+pub struct WebhookRecord {
+    pub id: String,
+    pub url: String,
+    pub secret: String,
+    pub events: Vec<WebhookEvent>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A delivery as stored.
+#[derive(Debug, Clone)]
+pub struct DeliveryRecord {
+    pub id: String,
+    pub run_id: String,
+    pub url: String,
+    pub secret: Option<String>,
+    pub event: WebhookEvent,
+    pub payload: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_at: Option<DateTime<Utc>>,
+    pub history: Vec<DeliveryAttempt>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    id: String,
+    run_id: String,
+    url: String,
+    secret: Option<String>,
+    event: String,
+    payload: String,
+    state: String,
+    attempts: i64,
+    next_at: Option<i64>,
+    history: String,
+    created_at: i64,
+    delivered_at: Option<i64>,
+}
+
+const DELIVERY_COLUMNS: &str =
+    "id, run_id, url, secret, event, payload, state, attempts, next_at, \
+                                history, created_at, delivered_at";
+
+fn parse_event(s: &str) -> Result<WebhookEvent> {
+    match s {
+        "completed" => Ok(WebhookEvent::Completed),
+        "failed" => Ok(WebhookEvent::Failed),
+        other => Err(corrupt("webhook event")(other.to_owned())),
+    }
+}
+
+impl TryFrom<DeliveryRow> for DeliveryRecord {
+    type Error = Error;
+    fn try_from(r: DeliveryRow) -> Result<DeliveryRecord> {
+        Ok(DeliveryRecord {
+            event: parse_event(&r.event)?,
+            history: serde_json::from_str(&r.history)
+                .map_err(|e| corrupt("delivery history")(e.to_string()))?,
+            id: r.id,
+            run_id: r.run_id,
+            url: r.url,
+            secret: r.secret,
+            payload: r.payload,
+            state: r.state,
+            attempts: r.attempts,
+            next_at: r.next_at.map(from_ms),
+            created_at: from_ms(r.created_at),
+            delivered_at: r.delivered_at.map(from_ms),
+        })
+    }
+}
+
+/// How one delivery attempt went.
+#[derive(Debug, Clone)]
+pub enum DeliveryOutcome {
+    Delivered,
+    /// Try again at this time.
+    RetryAt(DateTime<Utc>),
+    /// No more tries.
+    GaveUp,
+}
+
+const FINAL_TASK_STATES: &str = "('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')";
+
+impl Store {
+    // ---- definitions and runs ----
+
+    /// Creates a run (storing its definition once per hash), its tasks as
+    /// pending and its first event, in one transaction.
+    pub async fn create_run(&self, run: NewRun<'_>, now: DateTime<Utc>) -> Result<String> {
+        let id = new_id();
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "INSERT INTO workflow_defs (hash, name, body, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (hash) DO NOTHING",
+            )
+            .bind(run.def_hash)
+            .bind(run.name)
+            .bind(run.def_body)
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO workflow_runs (id, name, def_hash, state, inputs, created_by, created_at, deadline_at) \
+                 VALUES ($1, $2, $3, 'running', $4, $5, $6, $7)",
+            )
+            .bind(&id)
+            .bind(run.name)
+            .bind(run.def_hash)
+            .bind(to_json(run.inputs))
+            .bind(run.created_by)
+            .bind(to_ms(now))
+            .bind(run.deadline.map(to_ms))
+            .execute(&mut *tx)
+            .await?;
+            for (position, task) in run.tasks.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO workflow_tasks (run_id, task_id, position, state) VALUES ($1, $2, $3, 'pending')",
+                )
+                .bind(&id)
+                .bind(task)
+                .bind(position as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+            emit!(tx, &id, "run", None::<&str>, Some("running"), Some("submitted"), None::<&str>, now);
+            tx.commit().await?;
+            Ok::<(), Error>(())
+        })?;
+        Ok(id)
+    }
+
+    /// The canonical JSON of a stored definition.
+    pub async fn definition(&self, hash: &str) -> Result<Option<String>> {
+        let sql = "SELECT body FROM workflow_defs WHERE hash = $1";
+        Ok(on_pool!(self, p => sqlx::query_scalar(sql).bind(hash).fetch_optional(p).await)?)
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM workflow_runs WHERE id = $1");
+        let row: Option<RunRow> =
+            on_pool!(self, p => sqlx::query_as(&sql).bind(id).fetch_optional(p).await)?;
+        row.map(RunRecord::try_from).transpose()
+    }
+
+    pub async fn resolve_run_id(&self, id_or_prefix: &str) -> Result<String> {
+        self.resolve_id("workflow_runs", "run", id_or_prefix).await
+    }
+
+    /// Runs, newest first, optionally only in one state.
+    pub async fn list_runs(&self, state: Option<RunState>, limit: i64) -> Result<Vec<RunRecord>> {
+        let rows: Vec<RunRow> = match state {
+            Some(st) => {
+                let sql = format!(
+                    "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE state = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+                );
+                on_pool!(self, p => sqlx::query_as(&sql).bind(st.as_str()).bind(limit).fetch_all(p).await)?
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {RUN_COLUMNS} FROM workflow_runs ORDER BY created_at DESC, id DESC LIMIT $1"
+                );
+                on_pool!(self, p => sqlx::query_as(&sql).bind(limit).fetch_all(p).await)?
+            }
+        };
+        rows.into_iter().map(RunRecord::try_from).collect()
+    }
+
+    pub async fn count_runs_by_state(&self) -> Result<Vec<(String, i64)>> {
+        let sql = "SELECT state, COUNT(*) FROM workflow_runs GROUP BY state";
+        Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)
+    }
+
+    /// Ids of the runs not yet ended.
+    pub async fn active_runs(&self) -> Result<Vec<String>> {
+        let sql = "SELECT id FROM workflow_runs WHERE state = 'running' ORDER BY created_at";
+        Ok(on_pool!(self, p => sqlx::query_scalar(sql).fetch_all(p).await)?)
+    }
+
+    /// The run a job belongs to, if any.
+    pub async fn run_of_job(&self, job_id: &str) -> Result<Option<String>> {
+        let sql = "SELECT run_id FROM jobs WHERE id = $1";
+        let r: Option<Option<String>> =
+            on_pool!(self, p => sqlx::query_scalar(sql).bind(job_id).fetch_optional(p).await)?;
+        Ok(r.flatten())
+    }
+
+    /// The tasks of a run in definition order, with their jobs' states.
+    pub async fn run_tasks(&self, run_id: &str) -> Result<Vec<TaskRecord>> {
+        let sql = "SELECT t.task_id, t.position, t.state, t.reason, t.job_id, j.state AS job_state, t.outputs, \
+                   t.started_at, t.finished_at FROM workflow_tasks t LEFT JOIN jobs j ON j.id = t.job_id \
+                   WHERE t.run_id = $1 ORDER BY t.position";
+        let rows: Vec<TaskRow> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(run_id).fetch_all(p).await)?;
+        rows.into_iter().map(TaskRecord::try_from).collect()
+    }
+
+    /// Starts a pending task: marks it queued and creates its job, in one
+    /// transaction. `None` when the task was not pending (started before).
+    pub async fn start_task(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        job: NewJob<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let job_id = new_id();
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let started = sqlx::query(
+                "UPDATE workflow_tasks SET state = 'queued', job_id = $1, started_at = $2, reason = NULL \
+                 WHERE run_id = $3 AND task_id = $4 AND state = 'pending'",
+            )
+            .bind(&job_id)
+            .bind(to_ms(now))
+            .bind(run_id)
+            .bind(task_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if started == 0 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            insert_job!(tx, &job_id, &job, Some(run_id), Some(task_id), now);
+            emit!(tx, run_id, "task", Some(task_id), Some("queued"), Some(format!("job {job_id}")), None::<&str>, now);
+            tx.commit().await?;
+            Ok(Some(job_id))
+        })
+    }
+
+    /// Moves a task that has not ended to `state` (once: a task already in
+    /// that state, or ended, is left alone). Final states record the end
+    /// time and, when given, the outputs. True when it changed.
+    pub async fn set_task_state(
+        &self,
+        run_id: &str,
+        task_id: &str,
+        state: TaskState,
+        reason: Option<&str>,
+        outputs: Option<&BTreeMap<String, String>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let finished = state.is_final().then(|| to_ms(now));
+        let outputs = outputs.map(to_json);
+        let sql = format!(
+            "UPDATE workflow_tasks SET state = $1, reason = $2, finished_at = $3, outputs = COALESCE($4, outputs) \
+             WHERE run_id = $5 AND task_id = $6 AND state <> $1 AND state NOT IN {FINAL_TASK_STATES}"
+        );
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let changed = sqlx::query(&sql)
+                .bind(state.as_str())
+                .bind(reason)
+                .bind(finished)
+                .bind(&outputs)
+                .bind(run_id)
+                .bind(task_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if changed == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            emit!(tx, run_id, "task", Some(task_id), Some(state.as_str()), reason, None::<&str>, now);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Ends a running run and queues its webhook deliveries, in one
+    /// transaction. False when it had ended before.
+    pub async fn finish_run(
+        &self,
+        run_id: &str,
+        state: RunState,
+        reason: Option<&str>,
+        deliveries: &[NewDelivery],
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let changed = sqlx::query(
+                "UPDATE workflow_runs SET state = $1, reason = $2, finished_at = $3 WHERE id = $4 AND state = 'running'",
+            )
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(to_ms(now))
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            for d in deliveries {
+                sqlx::query(
+                    "INSERT INTO webhook_deliveries (id, run_id, url, secret, event, payload, state, next_at, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
+                )
+                .bind(&d.id)
+                .bind(run_id)
+                .bind(&d.url)
+                .bind(&d.secret)
+                .bind(d.event.as_str())
+                .bind(&d.payload)
+                .bind(to_ms(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+            emit!(tx, run_id, "run", None::<&str>, Some(state.as_str()), reason, None::<&str>, now);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Asks a running run to stop. False when it has ended or a cancel
+    /// was asked before.
+    pub async fn request_run_cancel(
+        &self,
+        run_id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let changed = sqlx::query(
+                "UPDATE workflow_runs SET cancel_requested_at = $1 WHERE id = $2 AND state = 'running' \
+                 AND cancel_requested_at IS NULL",
+            )
+            .bind(to_ms(now))
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            let why = format!("cancel requested by {by}");
+            emit!(tx, run_id, "run", None::<&str>, Some("running"), Some(why.as_str()), None::<&str>, now);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Events of a run after number `after`, in order.
+    pub async fn events_after(
+        &self,
+        run_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<RunEvent>> {
+        let sql =
+            "SELECT seq, run_id, at, kind, task_id, state, message, stream FROM workflow_events \
+                   WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+        let rows: Vec<EventRow> = on_pool!(self, p => sqlx::query_as(sql)
+            .bind(run_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(p)
+            .await)?;
+        Ok(rows.into_iter().map(RunEvent::from).collect())
+    }
+
+    /// Outputs of a job: those of its latest succeeded attempt per agent,
+    /// merged in agent id order.
+    pub async fn job_outputs(&self, job_id: &str) -> Result<BTreeMap<String, String>> {
+        let sql = "SELECT a.outputs FROM attempts a WHERE a.job_id = $1 AND a.state = 'succeeded' \
+                   ORDER BY a.agent_id, a.number";
+        let rows: Vec<String> =
+            on_pool!(self, p => sqlx::query_scalar(sql).bind(job_id).fetch_all(p).await)?;
+        let mut merged = BTreeMap::new();
+        for row in rows {
+            let outputs: BTreeMap<String, String> = serde_json::from_str(&row)
+                .map_err(|e| corrupt("attempt outputs")(e.to_string()))?;
+            merged.extend(outputs);
+        }
+        Ok(merged)
+    }
+
+    // ---- artifacts ----
+
+    /// What the agent owning `attempt_id` may upload for it.
+    pub async fn upload_context(
+        &self,
+        attempt_id: &str,
+        agent_id: &str,
+    ) -> Result<Option<UploadContext>> {
+        let sql = "SELECT j.id, j.run_id, j.task_id, j.artifacts, a.finished_at FROM attempts a \
+                   JOIN jobs j ON j.id = a.job_id WHERE a.id = $1 AND a.agent_id = $2";
+        type Row = (String, Option<String>, Option<String>, String, Option<i64>);
+        let row: Option<Row> = on_pool!(self, p => sqlx::query_as(sql)
+            .bind(attempt_id)
+            .bind(agent_id)
+            .fetch_optional(p)
+            .await)?;
+        row.map(|(job_id, run_id, task_id, artifacts, finished)| {
+            Ok(UploadContext {
+                job_id,
+                run_id,
+                task_id,
+                artifacts: serde_json::from_str(&artifacts)
+                    .map_err(|e| corrupt("job artifacts")(e.to_string()))?,
+                open: finished.is_none(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Records an uploaded file; a repeated upload of the same path of the
+    /// same attempt replaces the record.
+    pub async fn record_artifact(&self, a: &ArtifactRecord) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO artifacts (id, run_id, task_id, job_id, attempt_id, path, size, sha256, store_key, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (attempt_id, path) DO UPDATE SET size = $7, sha256 = $8, store_key = $9, created_at = $10",
+        )
+        .bind(&a.id)
+        .bind(&a.run_id)
+        .bind(&a.task_id)
+        .bind(&a.job_id)
+        .bind(&a.attempt_id)
+        .bind(&a.path)
+        .bind(a.size)
+        .bind(&a.sha256)
+        .bind(&a.store_key)
+        .bind(a.created_at)
+        .execute(p)
+        .await
+        .map(drop))?;
+        Ok(())
+    }
+
+    pub async fn run_artifacts(&self, run_id: &str) -> Result<Vec<ArtifactRecord>> {
+        let sql = "SELECT id, run_id, task_id, job_id, attempt_id, path, size, sha256, store_key, created_at \
+                   FROM artifacts WHERE run_id = $1 ORDER BY task_id, path, created_at";
+        Ok(on_pool!(self, p => sqlx::query_as(sql).bind(run_id).fetch_all(p).await)?)
+    }
+
+    pub async fn artifact(&self, id: &str) -> Result<Option<ArtifactRecord>> {
+        let sql = "SELECT id, run_id, task_id, job_id, attempt_id, path, size, sha256, store_key, created_at \
+                   FROM artifacts WHERE id = $1";
+        Ok(on_pool!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await)?)
+    }
+
+    // ---- webhooks ----
+
+    pub async fn create_webhook(
+        &self,
+        url: &str,
+        secret: &str,
+        events: &[WebhookEvent],
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<String> {
+        let id = new_id();
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO webhooks (id, url, secret, events, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(url)
+        .bind(secret)
+        .bind(to_json(events))
+        .bind(by)
+        .bind(to_ms(now))
+        .execute(p)
+        .await
+        .map(drop))?;
+        Ok(id)
+    }
+
+    pub async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>> {
+        let sql = "SELECT id, url, secret, events, created_by, created_at FROM webhooks ORDER BY created_at, id";
+        let rows: Vec<(String, String, String, String, String, i64)> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        rows.into_iter()
+            .map(|(id, url, secret, events, created_by, created_at)| {
+                Ok(WebhookRecord {
+                    events: serde_json::from_str(&events)
+                        .map_err(|e| corrupt("webhook events")(e.to_string()))?,
+                    id,
+                    url,
+                    secret,
+                    created_by,
+                    created_at: from_ms(created_at),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a global webhook; false when there was none.
+    pub async fn delete_webhook(&self, id: &str) -> Result<bool> {
+        let sql = "DELETE FROM webhooks WHERE id = $1";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n == 1)
+    }
+
+    /// Pending deliveries whose time has come, oldest first.
+    pub async fn due_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE state = 'pending' AND next_at <= $1 \
+             ORDER BY next_at, id LIMIT $2"
+        );
+        let rows: Vec<DeliveryRow> = on_pool!(self, p => sqlx::query_as(&sql).bind(to_ms(now)).bind(limit).fetch_all(p).await)?;
+        rows.into_iter().map(DeliveryRecord::try_from).collect()
+    }
+
+    /// When the next pending delivery is due.
+    pub async fn next_delivery_at(&self) -> Result<Option<DateTime<Utc>>> {
+        let sql = "SELECT MIN(next_at) FROM webhook_deliveries WHERE state = 'pending'";
+        let t: Option<i64> = on_pool!(self, p => sqlx::query_scalar(sql).fetch_one(p).await)?;
+        Ok(t.map(from_ms))
+    }
+
+    /// Appends one attempt to a pending delivery's history and moves it on.
+    pub async fn record_delivery_attempt(
+        &self,
+        id: &str,
+        attempt: &DeliveryAttempt,
+        outcome: &DeliveryOutcome,
+    ) -> Result<()> {
+        let (state, next_at, delivered_at) = match outcome {
+            DeliveryOutcome::Delivered => ("delivered", None, Some(to_ms(attempt.at))),
+            DeliveryOutcome::RetryAt(t) => ("pending", Some(to_ms(*t)), None),
+            DeliveryOutcome::GaveUp => ("failed", None, None),
+        };
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let history: Option<String> = sqlx::query_scalar(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1 WHERE id = $1 AND state = 'pending' RETURNING history",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(history) = history else {
+                tx.rollback().await?;
+                return Ok(());
+            };
+            let mut history: Vec<DeliveryAttempt> = serde_json::from_str(&history)
+                .map_err(|e| corrupt("delivery history")(e.to_string()))?;
+            history.push(attempt.clone());
+            sqlx::query(
+                "UPDATE webhook_deliveries SET state = $1, next_at = $2, delivered_at = $3, history = $4 WHERE id = $5",
+            )
+            .bind(state)
+            .bind(next_at)
+            .bind(delivered_at)
+            .bind(to_json(&history))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<(), Error>(())
+        })
+    }
+
+    /// Deliveries, newest first; of one run when given.
+    pub async fn deliveries(
+        &self,
+        run_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let rows: Vec<DeliveryRow> = match run_id {
+            Some(run) => {
+                let sql = format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE run_id = $1 \
+                     ORDER BY created_at DESC, id DESC LIMIT $2"
+                );
+                on_pool!(self, p => sqlx::query_as(&sql).bind(run).bind(limit).fetch_all(p).await)?
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries ORDER BY created_at DESC, id DESC LIMIT $1"
+                );
+                on_pool!(self, p => sqlx::query_as(&sql).bind(limit).fetch_all(p).await)?
+            }
+        };
+        rows.into_iter().map(DeliveryRecord::try_from).collect()
+    }
+}
