@@ -705,7 +705,11 @@ mod tests {
         let r = rt().block_on(run(&bad, &CancellationToken::new()));
         assert_eq!(r.result.outcome, Outcome::Failed);
         assert!(
-            r.result.error.as_deref().unwrap_or("").contains("must hold a JSON object"),
+            r.result
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("must hold a JSON object"),
             "{:?}",
             r.result
         );
@@ -729,7 +733,16 @@ mod tests {
         // sh adds PWD (and sometimes SHLVL, _) itself; nothing comes from us.
         for v in &vars {
             assert!(
-                ["GREETING", "PATH", "DROVER_OUTPUT", "PWD", "SHLVL", "_", "OLDPWD"].contains(v),
+                [
+                    "GREETING",
+                    "PATH",
+                    "DROVER_OUTPUT",
+                    "PWD",
+                    "SHLVL",
+                    "_",
+                    "OLDPWD"
+                ]
+                .contains(v),
                 "unexpected variable {v} in {}",
                 r.stdout
             );

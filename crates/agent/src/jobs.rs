@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use drover_proto::jobs::{
     Assignment, AttemptResult, LeaseRequest, LogUpload, Outcome, PollRequest, PollResponse,
-    StartRequest,
+    StartRequest, MAX_KNOWN_ATTEMPTS,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -164,6 +164,7 @@ impl Jobs {
                 free_slots: capacity.saturating_sub(running),
                 wait_ms: POLL_WAIT.as_millis() as u64,
                 capacity,
+                known: self.known_attempts(),
             };
             let started = Instant::now();
             let req = &req;
@@ -205,6 +206,16 @@ impl Jobs {
                 }
             }
         }
+    }
+
+    /// Every attempt this agent holds: running, shipping output, or with a
+    /// result in the outbox. `None` when there are too many to list.
+    fn known_attempts(&self) -> Option<Vec<String>> {
+        let mut known: HashSet<String> = lock(&self.running).keys().cloned().collect();
+        known.extend(lock(&self.flushing).iter().cloned());
+        let stored = self.outbox.list(MAX_KNOWN_ATTEMPTS + 1, |_| false).ok()?;
+        known.extend(stored);
+        (known.len() <= MAX_KNOWN_ATTEMPTS).then(|| known.into_iter().collect())
     }
 
     fn accept(self: &Arc<Self>, resp: PollResponse) {

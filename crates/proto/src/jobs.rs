@@ -312,7 +312,16 @@ pub struct PollRequest {
     pub wait_ms: u64,
     /// The agent's capacity, for "at capacity" reasons.
     pub capacity: u32,
+    /// Every attempt the agent holds (running, or its result not yet
+    /// acknowledged), when it can list them all. An attempt dispatched to
+    /// the agent earlier but not in this list never reached it (the answer
+    /// was lost with a connection or a server crash): it is queued again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<Vec<String>>,
 }
+
+/// Most attempt ids an agent lists in `PollRequest::known`.
+pub const MAX_KNOWN_ATTEMPTS: usize = 1000;
 
 /// Work and cancels for an agent.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

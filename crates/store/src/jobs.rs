@@ -305,6 +305,14 @@ pub struct AuditFilter {
 /// Returns the new state. Must run inside the caller's transaction.
 macro_rules! recompute_job {
     ($tx:expr, $job_id:expr, $now:expr) => {{
+        // Lock the job row first. Two attempts of one job ending at once
+        // would otherwise each read the other as still running (under
+        // PostgreSQL's READ COMMITTED) and leave the job running for good;
+        // after the lock, the read below sees the other's committed change.
+        sqlx::query("UPDATE jobs SET state = state WHERE id = $1")
+            .bind($job_id)
+            .execute(&mut *$tx)
+            .await?;
         let states: Vec<String> = sqlx::query_scalar(
             "SELECT a.state FROM attempts a WHERE a.job_id = $1 AND a.number = \
              (SELECT MAX(b.number) FROM attempts b WHERE b.job_id = a.job_id AND b.agent_id = a.agent_id)",
@@ -461,6 +469,48 @@ impl Store {
             }
             tx.commit().await?;
             Ok(claimed)
+        })
+    }
+
+    /// Puts back in the queue the attempts dispatched to this agent before
+    /// `now` that it does not hold (`known` lists all it holds) and that it
+    /// never reported started: the answer carrying them was lost. Returns
+    /// (attempt, job) of each.
+    pub async fn requeue_unreceived(
+        &self,
+        agent_id: &str,
+        known: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, String)>> {
+        let known_json = to_json(known);
+        let sql = match self.backend() {
+            crate::Backend::Sqlite => {
+                "UPDATE attempts SET state = 'queued', dispatched_at = NULL, lease_expires_at = NULL, \
+                 reason = 'queued again: the assignment never reached the agent' \
+                 WHERE agent_id = $1 AND state = 'dispatched' AND started_at IS NULL AND dispatched_at < $2 \
+                 AND id NOT IN (SELECT value FROM json_each($3)) RETURNING id, job_id"
+            }
+            crate::Backend::Postgres => {
+                "UPDATE attempts SET state = 'queued', dispatched_at = NULL, lease_expires_at = NULL, \
+                 reason = 'queued again: the assignment never reached the agent' \
+                 WHERE agent_id = $1 AND state = 'dispatched' AND started_at IS NULL AND dispatched_at < $2 \
+                 AND id <> ALL (SELECT jsonb_array_elements_text($3::jsonb)) RETURNING id, job_id"
+            }
+        };
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let rows: Vec<(String, String)> = sqlx::query_as(sql)
+                .bind(agent_id)
+                .bind(to_ms(now))
+                .bind(&known_json)
+                .fetch_all(&mut *tx)
+                .await?;
+            let jobs: std::collections::BTreeSet<&String> = rows.iter().map(|(_, j)| j).collect();
+            for job in jobs {
+                recompute_job!(tx, job, now)?;
+            }
+            tx.commit().await?;
+            Ok(rows)
         })
     }
 

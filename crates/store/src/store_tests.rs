@@ -387,6 +387,106 @@ mod jobs {
         Utc::now() + Duration::seconds(30)
     }
 
+    /// Results of a job's attempts on two agents recorded at the same
+    /// moment: the job ends, whatever the interleaving (on PostgreSQL each
+    /// transaction once read the other's attempt as running).
+    #[tokio::test]
+    async fn concurrent_results_of_one_job_end_it() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let b = enrolled(&store, "b1").await.id;
+            for round in 0..15 {
+                let id = job(&store, &[a.clone(), b.clone()], RetryPolicy::default()).await;
+                let ca = store
+                    .claim_attempts(&a, 1, lease(), Utc::now())
+                    .await
+                    .unwrap();
+                let cb = store
+                    .claim_attempts(&b, 1, lease(), Utc::now())
+                    .await
+                    .unwrap();
+                let (ra, rb) = (
+                    result(&ca[0].attempt_id, Outcome::Succeeded),
+                    result(&cb[0].attempt_id, Outcome::Succeeded),
+                );
+                let (x, y) = tokio::join!(
+                    store.record_result(&a, &ra, 0.5, Utc::now()),
+                    store.record_result(&b, &rb, 0.5, Utc::now()),
+                );
+                x.unwrap();
+                y.unwrap();
+                assert_eq!(
+                    store.job(&id).await.unwrap().unwrap().state,
+                    JobState::Succeeded,
+                    "{backend} round {round}"
+                );
+            }
+        }
+    }
+
+    /// An assignment lost on its way (the agent's next poll does not list
+    /// it) goes back to the queue; one the agent holds, or has started,
+    /// stays.
+    #[tokio::test]
+    async fn assignments_that_never_arrived_are_queued_again() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let agents = std::slice::from_ref(&a);
+            let lost = job(&store, agents, RetryPolicy::default()).await;
+            let held = job(&store, agents, RetryPolicy::default()).await;
+            let started = job(&store, agents, RetryPolicy::default()).await;
+            let claimed = store
+                .claim_attempts(&a, 8, lease(), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(claimed.len(), 3, "{backend}");
+            let att = |job: &str| {
+                claimed
+                    .iter()
+                    .find(|c| c.job_id == job)
+                    .unwrap()
+                    .attempt_id
+                    .clone()
+            };
+            store
+                .mark_started(&att(&started), &a, Utc::now(), Utc::now())
+                .await
+                .unwrap();
+            let later = Utc::now() + Duration::milliseconds(5);
+            let requeued = store
+                .requeue_unreceived(&a, &[att(&held)], later)
+                .await
+                .unwrap();
+            assert_eq!(requeued, vec![(att(&lost), lost.clone())], "{backend}");
+            assert_eq!(
+                store.job(&lost).await.unwrap().unwrap().state,
+                JobState::Queued
+            );
+            assert_eq!(
+                store.job(&held).await.unwrap().unwrap().state,
+                JobState::Dispatched
+            );
+            assert_eq!(
+                store.job(&started).await.unwrap().unwrap().state,
+                JobState::Running
+            );
+            // Claimed again, same attempt (no retry used up).
+            let again = store.claim_attempts(&a, 8, lease(), later).await.unwrap();
+            assert_eq!(again.len(), 1, "{backend}");
+            assert_eq!(again[0].attempt_id, att(&lost));
+            // Nothing dispatched at or after the poll's start is touched.
+            assert!(store
+                .requeue_unreceived(&a, &[att(&held)], later)
+                .await
+                .unwrap()
+                .is_empty());
+        }
+    }
+
     #[tokio::test]
     async fn dispatch_result_once_and_ownership() {
         for backend in BACKENDS {

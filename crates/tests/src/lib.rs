@@ -116,6 +116,8 @@ pub struct ServerOptions {
     pub heartbeat_interval: &'static str,
     pub agent_access_ttl: Option<&'static str>,
     pub extra_args: Vec<String>,
+    /// Variables set for the server process.
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for ServerOptions {
@@ -124,6 +126,7 @@ impl Default for ServerOptions {
             heartbeat_interval: "1s",
             agent_access_ttl: None,
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
         }
     }
 }
@@ -198,6 +201,7 @@ impl Cluster {
             cmd.args(["--agent-access-ttl", ttl]);
         }
         cmd.args(&self.options.extra_args)
+            .envs(self.options.extra_env.iter().map(|(k, v)| (k, v)))
             .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("HOME", self.dir.path())
             .env("XDG_CONFIG_HOME", self.dir.path().join("config"))

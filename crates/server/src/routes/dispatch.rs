@@ -131,6 +131,23 @@ async fn poll(
     let wait = Duration::from_millis(req.wait_ms).min(MAX_POLL_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let lease = state.config.attempt_lease;
+    if let Some(known) = &req.known {
+        if known.len() > drover_proto::jobs::MAX_KNOWN_ATTEMPTS {
+            return Err(ApiError::invalid(format!(
+                "known lists {} attempts; at most {} are accepted",
+                known.len(),
+                drover_proto::jobs::MAX_KNOWN_ATTEMPTS
+            )));
+        }
+        let requeued = state
+            .store
+            .requeue_unreceived(agent, known, Utc::now())
+            .await?;
+        for (attempt, job) in &requeued {
+            tracing::warn!(attempt = %attempt, job = %job, agent = %agent, "assignment never reached the agent; queued again");
+            state.hub.job_changed(job);
+        }
+    }
     loop {
         let now = Utc::now();
         let claimed = state
