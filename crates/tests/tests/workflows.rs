@@ -565,8 +565,11 @@ async fn event_streams_resume_from_the_last_event_id() {
 /// then 200; records (headers, body) of each.
 struct Receiver {
     port: u16,
-    seen: Arc<Mutex<Vec<(BTreeMap<String, String>, String)>>>,
+    seen: Arc<Mutex<Vec<Request>>>,
 }
+
+/// Headers (lower-case names) and body of one request received.
+type Request = (BTreeMap<String, String>, String);
 
 impl Receiver {
     fn start(fail_first: usize) -> Receiver {
