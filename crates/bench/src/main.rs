@@ -1,13 +1,15 @@
 //! `drover-bench`: measures dispatch latency and throughput of trivial jobs
-//! on real `drover` and `drover-agent` processes on loopback, next to the
-//! machine's raw fork/exec rate, and prints the figures as one JSON object
-//! on stdout (notes go to stderr).
+//! and the overhead of a layered workflow DAG on real `drover` and
+//! `drover-agent` processes on loopback, next to the machine's raw
+//! fork/exec rate, and prints the figures as one JSON object on stdout
+//! (notes go to stderr).
 //!
 //! It is a harness, not a test: nothing here asserts, every figure is
 //! reported with its target from PRODUCT.md and whether it was met. Every
 //! loop is bounded in count and the whole run by `--max-secs`.
 
 mod cluster;
+mod dag;
 mod stats;
 
 use std::path::PathBuf;
@@ -29,7 +31,8 @@ use crate::stats::summarize;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Which scenario to run: s1 (dispatch latency), s2 (throughput) or all.
+    /// Which scenario to run: s1 (dispatch latency), s2 (throughput), s3
+    /// (100-task layered workflow DAG) or all.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,
     /// Run the server against this database instead of SQLite in a temp dir,
@@ -52,6 +55,9 @@ struct Args {
     /// S2: agents the jobs alternate between.
     #[arg(long, default_value_t = 2)]
     s2_agents: usize,
+    /// S3: measured runs of the DAG per action (`noop`, then `true`).
+    #[arg(long, default_value_t = 5)]
+    s3_runs: usize,
     /// Slots of each agent (its `capacity`).
     #[arg(long, default_value_t = 8)]
     capacity: u32,
@@ -79,6 +85,7 @@ struct Args {
 enum Scenario {
     S1,
     S2,
+    S3,
     All,
 }
 
@@ -88,6 +95,9 @@ impl Scenario {
     }
     fn s2(self) -> bool {
         matches!(self, Scenario::S2 | Scenario::All)
+    }
+    fn s3(self) -> bool {
+        matches!(self, Scenario::S3 | Scenario::All)
     }
 }
 
@@ -193,7 +203,7 @@ async fn run(args: &Args) -> Result<Value> {
     };
     api.apply_true_action().await?;
 
-    let agents = if args.scenario.s2() {
+    let agents = if args.scenario.s2() || args.scenario.s3() {
         args.s2_agents
     } else {
         1
@@ -224,6 +234,10 @@ async fn run(args: &Args) -> Result<Value> {
     }
     if args.scenario.s2() {
         report["s2_throughput"] = s2(&api, &procs, &agent_ids, args, raw).await?;
+    }
+    if args.scenario.s3() {
+        report["s3_workflow_dag"] =
+            dag::s3(&api.http, &api.url, &api.token, &agent_ids, args.s3_runs.max(1)).await?;
     }
 
     let server = cluster::memory(cluster.server_pid())?;

@@ -87,6 +87,12 @@ pub struct ServerArgs {
     /// Wait before the first webhook retry; doubles each time [default: 1s].
     #[arg(long, env = "DROVER_WEBHOOK_BACKOFF", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub webhook_backoff: Option<Duration>,
+    /// Longest wait between webhook retries [default: 5m].
+    #[arg(long, env = "DROVER_WEBHOOK_MAX_BACKOFF", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub webhook_max_backoff: Option<Duration>,
+    /// Timeout of one webhook POST [default: 10s].
+    #[arg(long, env = "DROVER_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub webhook_timeout: Option<Duration>,
     /// Password of the admin user created at the first start; generated and
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
@@ -330,8 +336,14 @@ impl ServerConfig {
                 .webhook_backoff
                 .or(file.webhook_backoff)
                 .unwrap_or(Duration::from_secs(1)),
-            webhook_max_backoff: file.webhook_max_backoff.unwrap_or(Duration::from_secs(300)),
-            webhook_timeout: file.webhook_timeout.unwrap_or(Duration::from_secs(10)),
+            webhook_max_backoff: args
+                .webhook_max_backoff
+                .or(file.webhook_max_backoff)
+                .unwrap_or(Duration::from_secs(300)),
+            webhook_timeout: args
+                .webhook_timeout
+                .or(file.webhook_timeout)
+                .unwrap_or(Duration::from_secs(10)),
             admin_password: args.admin_password.clone().or_else(|| {
                 std::env::var("DROVER_ADMIN_PASSWORD")
                     .ok()

@@ -119,6 +119,14 @@ pub enum EngineError {
     Definition(String, String),
 }
 
+/// Actions and targets looked up once per pass over a run: the tasks of a
+/// layer usually share them.
+#[derive(Default)]
+struct StartCache {
+    actions: HashMap<String, Result<(drover_proto::jobs::ActionSpec, String), String>>,
+    targets: HashMap<String, Result<Vec<String>, String>>,
+}
+
 struct Engine {
     state: AppState,
     defs: std::sync::Mutex<HashMap<String, Arc<WorkflowDef>>>,
@@ -280,6 +288,7 @@ impl Engine {
 
         // 3. Start (or skip) every pending task whose needs have ended,
         //    until nothing more moves.
+        let mut cache = StartCache::default();
         loop {
             let mut moved = false;
             for task in &def.tasks {
@@ -315,7 +324,7 @@ impl Engine {
                         .await?;
                     TaskState::Skipped
                 } else {
-                    match self.start(&run, task, &tasks).await? {
+                    match self.start(&run, task, &tasks, &mut cache).await? {
                         Ok(()) => TaskState::Queued,
                         Err(why) => {
                             tracing::info!(run = %run_id, task = %task.id, reason = %why, "task cannot start");
@@ -401,14 +410,21 @@ impl Engine {
         run: &RunRecord,
         task: &TaskDef,
         tasks: &HashMap<String, TaskRecord>,
+        cache: &mut StartCache,
     ) -> Result<Result<(), String>, EngineError> {
         let state = &self.state;
-        let spec = match crate::routes::actions::find(state, &task.action).await {
-            Ok(Some(found)) => found,
-            Ok(None) => return Ok(Err(format!("unknown action '{}'", task.action))),
-            Err(e) => return Ok(Err(e.message)),
+        if !cache.actions.contains_key(&task.action) {
+            let found = match crate::routes::actions::find(state, &task.action).await {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) => Err(format!("unknown action '{}'", task.action)),
+                Err(e) => Err(e.message),
+            };
+            cache.actions.insert(task.action.clone(), found);
+        }
+        let (spec, hash) = match &cache.actions[&task.action] {
+            Ok(found) => found.clone(),
+            Err(e) => return Ok(Err(e.clone())),
         };
-        let (spec, hash) = spec;
         let outputs: BTreeMap<String, BTreeMap<String, String>> = tasks
             .iter()
             .filter(|(_, t)| t.state == TaskState::Succeeded)
@@ -438,9 +454,15 @@ impl Engine {
             Ok(a) => a,
             Err(e) => return Ok(Err(e)),
         };
-        let agents = match resolve_target(state, &task.target).await {
-            Ok(a) => a,
-            Err(e) => return Ok(Err(e.message)),
+        if !cache.targets.contains_key(&task.target) {
+            let agents = resolve_target(state, &task.target)
+                .await
+                .map_err(|e| e.message);
+            cache.targets.insert(task.target.clone(), agents);
+        }
+        let agents = match &cache.targets[&task.target] {
+            Ok(a) => a.clone(),
+            Err(e) => return Ok(Err(e.clone())),
         };
         let timeout = task.timeout.unwrap_or(spec.timeout);
         if timeout.as_millis() == 0 || timeout.as_millis() > MAX_TIMEOUT_MS {
