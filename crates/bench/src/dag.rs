@@ -32,7 +32,8 @@ pub fn definition(action: &str, layers: usize, width: usize, agents: &[String]) 
                 "  - id: l{layer}-t{i}\n    action: {action}\n    target: '{target}'\n"
             ));
             if layer > 0 {
-                let needs: Vec<String> = (0..width).map(|j| format!("l{}-t{j}", layer - 1)).collect();
+                let needs: Vec<String> =
+                    (0..width).map(|j| format!("l{}-t{j}", layer - 1)).collect();
                 yaml.push_str(&format!("    needs: [{}]\n", needs.join(", ")));
             }
         }
@@ -59,7 +60,10 @@ pub async fn run_once(
         .context("submitting the DAG")?;
     if !resp.status().is_success() {
         let status = resp.status();
-        bail!("submitting the DAG: {status}: {}", resp.text().await.unwrap_or_default());
+        bail!(
+            "submitting the DAG: {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
     let run: Run = resp.json().await.context("reading the run")?;
     let submitted_ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -187,7 +191,10 @@ pub async fn s3(
             .filter_map(|r| r["per_task_overhead_ms"].as_f64())
             .collect();
         overheads.sort_by(f64::total_cmp);
-        let median = overheads.get(overheads.len() / 2).copied().unwrap_or(f64::NAN);
+        let median = overheads
+            .get(overheads.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN);
         met &= median <= TARGET_OVERHEAD_MS;
         out[action] = json!({
             "median_per_task_overhead_ms": median,

@@ -236,8 +236,14 @@ async fn run(args: &Args) -> Result<Value> {
         report["s2_throughput"] = s2(&api, &procs, &agent_ids, args, raw).await?;
     }
     if args.scenario.s3() {
-        report["s3_workflow_dag"] =
-            dag::s3(&api.http, &api.url, &api.token, &agent_ids, args.s3_runs.max(1)).await?;
+        report["s3_workflow_dag"] = dag::s3(
+            &api.http,
+            &api.url,
+            &api.token,
+            &agent_ids,
+            args.s3_runs.max(1),
+        )
+        .await?;
     }
 
     let server = cluster::memory(cluster.server_pid())?;
