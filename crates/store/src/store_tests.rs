@@ -902,3 +902,300 @@ mod jobs {
         }
     }
 }
+
+mod workflows {
+    use super::*;
+    use crate::jobs::NewJob;
+    use crate::workflows::*;
+    use drover_proto::jobs::RetryPolicy;
+    use drover_proto::workflows::{DeliveryAttempt, RunState, TaskState, WebhookEvent};
+    use std::collections::BTreeMap;
+
+    async fn new_run(store: &Store, tasks: &[&str]) -> String {
+        let tasks: Vec<String> = tasks.iter().map(|t| (*t).to_owned()).collect();
+        store
+            .create_run(
+                NewRun {
+                    name: "wf",
+                    def_hash: "h1",
+                    def_body: "{\"name\":\"wf\"}",
+                    inputs: &BTreeMap::from([("v".to_owned(), "1".to_owned())]),
+                    created_by: "admin",
+                    deadline: None,
+                    tasks: &tasks,
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap()
+    }
+
+    fn new_job<'a>(
+        agents: &'a [String],
+        argv: &'a [String],
+        env: &'a BTreeMap<String, String>,
+        retry: &'a RetryPolicy,
+    ) -> NewJob<'a> {
+        NewJob {
+            action: "true",
+            action_hash: "x",
+            target: "*",
+            params_json: "{}",
+            argv,
+            env,
+            timeout_ms: 1000,
+            kill_grace_ms: 100,
+            retry,
+            created_by: "admin",
+            agent_ids: agents,
+            artifacts: &[],
+        }
+    }
+
+    /// Each step happens once however often it is replayed; events are
+    /// numbered without gaps; the definition is stored once per hash.
+    #[tokio::test]
+    async fn steps_happen_once_and_events_have_no_gaps() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let agent = enrolled(&store, "a1").await.id;
+            let agents = vec![agent.clone()];
+            let (argv, env, retry) = (
+                vec!["/bin/true".to_owned()],
+                BTreeMap::new(),
+                RetryPolicy::default(),
+            );
+            let run = new_run(&store, &["a", "b"]).await;
+            let second = new_run(&store, &["a"]).await;
+            assert_eq!(
+                store.definition("h1").await.unwrap().as_deref(),
+                Some("{\"name\":\"wf\"}")
+            );
+            assert_eq!(store.active_runs().await.unwrap().len(), 2, "{backend}");
+
+            let job = store
+                .start_task(&run, "a", new_job(&agents, &argv, &env, &retry), Utc::now())
+                .await
+                .unwrap()
+                .expect("started");
+            // Replayed: no second job.
+            assert!(store
+                .start_task(&run, "a", new_job(&agents, &argv, &env, &retry), Utc::now())
+                .await
+                .unwrap()
+                .is_none());
+            assert_eq!(
+                store.run_of_job(&job).await.unwrap().as_deref(),
+                Some(run.as_str())
+            );
+            let tasks = store.run_tasks(&run).await.unwrap();
+            assert_eq!(tasks[0].state, TaskState::Queued);
+            assert_eq!(tasks[0].job_id.as_deref(), Some(job.as_str()));
+            assert!(tasks[0].job_state.is_some());
+
+            let outputs = BTreeMap::from([("image".to_owned(), "app:1".to_owned())]);
+            let now = Utc::now();
+            assert!(store
+                .set_task_state(&run, "a", TaskState::Running, None, None, now)
+                .await
+                .unwrap());
+            assert!(!store
+                .set_task_state(&run, "a", TaskState::Running, None, None, now)
+                .await
+                .unwrap());
+            assert!(store
+                .set_task_state(&run, "a", TaskState::Succeeded, None, Some(&outputs), now)
+                .await
+                .unwrap());
+            // Final is final.
+            assert!(!store
+                .set_task_state(&run, "a", TaskState::Failed, Some("late"), None, now)
+                .await
+                .unwrap());
+            assert!(store
+                .set_task_state(&run, "b", TaskState::Skipped, Some("needs a"), None, now)
+                .await
+                .unwrap());
+            let tasks = store.run_tasks(&run).await.unwrap();
+            assert_eq!(tasks[0].outputs, outputs, "{backend}");
+            assert_eq!(tasks[1].state, TaskState::Skipped);
+
+            let delivery = NewDelivery {
+                url: "http://127.0.0.1:1/hook".into(),
+                secret: Some("s".into()),
+                event: WebhookEvent::Completed,
+                payload: "{}".into(),
+                id: new_id(),
+            };
+            assert!(store
+                .finish_run(
+                    &run,
+                    RunState::Succeeded,
+                    None,
+                    std::slice::from_ref(&delivery),
+                    now
+                )
+                .await
+                .unwrap());
+            assert!(!store
+                .finish_run(
+                    &run,
+                    RunState::Failed,
+                    Some("again"),
+                    std::slice::from_ref(&delivery),
+                    now
+                )
+                .await
+                .unwrap());
+            assert_eq!(
+                store.run(&run).await.unwrap().unwrap().state,
+                RunState::Succeeded
+            );
+            assert_eq!(
+                store.deliveries(Some(&run), 10).await.unwrap().len(),
+                1,
+                "{backend}"
+            );
+            assert!(!store.request_run_cancel(&run, "admin", now).await.unwrap());
+            assert!(store
+                .request_run_cancel(&second, "admin", now)
+                .await
+                .unwrap());
+            assert!(!store
+                .request_run_cancel(&second, "admin", now)
+                .await
+                .unwrap());
+
+            let events = store.events_after(&run, 0, 100).await.unwrap();
+            let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+            assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>(), "{backend}");
+            assert!(events.last().unwrap().ends_run());
+            let kinds: Vec<(&str, Option<&str>)> = events
+                .iter()
+                .map(|e| (e.kind.as_str(), e.state.as_deref()))
+                .collect();
+            assert_eq!(
+                kinds,
+                vec![
+                    ("run", Some("running")),
+                    ("task", Some("queued")),
+                    ("task", Some("running")),
+                    ("task", Some("succeeded")),
+                    ("task", Some("skipped")),
+                    ("run", Some("succeeded")),
+                ],
+                "{backend}"
+            );
+            assert_eq!(store.events_after(&run, 4, 100).await.unwrap().len(), 2);
+            // The other run's stream is its own.
+            assert_eq!(store.events_after(&second, 0, 100).await.unwrap().len(), 2);
+        }
+    }
+
+    /// A delivery moves on with every attempt: retry, then delivered; the
+    /// history keeps each attempt. Artifacts are recorded per attempt and
+    /// path.
+    #[tokio::test]
+    async fn deliveries_and_artifacts() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let run = new_run(&store, &["a"]).await;
+            let id = new_id();
+            let now = Utc::now();
+            store
+                .finish_run(
+                    &run,
+                    RunState::Failed,
+                    Some("x"),
+                    &[NewDelivery {
+                        url: "http://127.0.0.1:1/h".into(),
+                        secret: None,
+                        event: WebhookEvent::Failed,
+                        payload: "{\"a\":1}".into(),
+                        id: id.clone(),
+                    }],
+                    now,
+                )
+                .await
+                .unwrap();
+            let due = store.due_deliveries(now, 10).await.unwrap();
+            assert_eq!(due.len(), 1, "{backend}");
+            let attempt = |status| DeliveryAttempt {
+                at: now,
+                status,
+                error: None,
+                duration_ms: 3,
+            };
+            let later = now + Duration::seconds(60);
+            store
+                .record_delivery_attempt(&id, &attempt(Some(500)), &DeliveryOutcome::RetryAt(later))
+                .await
+                .unwrap();
+            assert!(store.due_deliveries(now, 10).await.unwrap().is_empty());
+            assert_eq!(
+                store
+                    .next_delivery_at()
+                    .await
+                    .unwrap()
+                    .map(|t| t.timestamp()),
+                Some(later.timestamp())
+            );
+            store
+                .record_delivery_attempt(&id, &attempt(Some(200)), &DeliveryOutcome::Delivered)
+                .await
+                .unwrap();
+            // Once delivered, nothing more is recorded.
+            store
+                .record_delivery_attempt(&id, &attempt(Some(200)), &DeliveryOutcome::Delivered)
+                .await
+                .unwrap();
+            let d = &store.deliveries(None, 10).await.unwrap()[0];
+            assert_eq!(
+                (d.state.as_str(), d.attempts, d.history.len()),
+                ("delivered", 2, 2),
+                "{backend}"
+            );
+            assert_eq!(d.history[0].status, Some(500));
+
+            let hook = store
+                .create_webhook(
+                    "http://127.0.0.1:1/g",
+                    "secret-0123456789",
+                    &[WebhookEvent::Completed],
+                    "admin",
+                    now,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.list_webhooks().await.unwrap()[0].events,
+                vec![WebhookEvent::Completed]
+            );
+            assert!(store.delete_webhook(&hook).await.unwrap());
+            assert!(!store.delete_webhook(&hook).await.unwrap());
+
+            let mut art = ArtifactRecord {
+                id: new_id(),
+                run_id: Some(run.clone()),
+                task_id: Some("a".into()),
+                job_id: "j".into(),
+                attempt_id: "att".into(),
+                path: "out/x.txt".into(),
+                size: 3,
+                sha256: "aa".into(),
+                store_key: "runs/r/a/att/out/x.txt".into(),
+                created_at: 1,
+            };
+            store.record_artifact(&art).await.unwrap();
+            art.id = new_id();
+            art.size = 4;
+            art.sha256 = "bb".into();
+            store.record_artifact(&art).await.unwrap();
+            let list = store.run_artifacts(&run).await.unwrap();
+            assert_eq!(list.len(), 1, "{backend}: one record per attempt and path");
+            assert_eq!((list[0].size, list[0].sha256.as_str()), (4, "bb"));
+        }
+    }
+}
