@@ -65,23 +65,11 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("cannot reach the server at {}", self.server))?;
-        let status = resp.status();
-        if status.is_success() {
-            return resp
-                .json()
-                .await
-                .with_context(|| format!("unexpected answer from {url}"));
-        }
-        let text = resp.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => ApiFailure {
-                status: status.as_u16(),
-                code: b.error.code.to_string(),
-                message: b.error.message,
-            }
-            .into(),
-            Err(_) => anyhow!("server answered {status}: {}", text.trim()),
-        })
+        Self::refusal(resp)
+            .await?
+            .json()
+            .await
+            .with_context(|| format!("unexpected answer from {url}"))
     }
 
     pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Resp> {
