@@ -3,6 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::labels::Labels;
+use crate::sandbox::DockerStatus;
+
 /// `POST /api/v1/agent/enroll`: trade a bootstrap token for an identity.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -80,4 +83,39 @@ pub struct Inventory {
     pub agent_uptime_secs: u64,
     /// Seconds since the machine booted.
     pub system_uptime_secs: u64,
+    /// Most attempts the agent runs at once.
+    #[serde(default)]
+    pub capacity: u32,
+    /// Attempts running now.
+    #[serde(default)]
+    pub running: u32,
+    /// Sandbox kinds the agent accepts (`process`, `docker`).
+    #[serde(default)]
+    pub sandboxes: Vec<String>,
+    /// The Docker engine the agent reaches, if it is configured to use one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerStatus>,
+}
+
+/// Label keys whose values the agent reports rather than an operator sets:
+/// `docker` and `runtime.*`.
+pub fn is_reported_label(key: &str) -> bool {
+    key == "docker" || key.starts_with("runtime.")
+}
+
+/// What an inventory says about the agent as labels a target can select
+/// on: `docker=true|false`, and `runtime.runc=true` (runsc, kata) for each
+/// sandbox runtime its engine offers.
+pub fn reported_labels(inventory: Option<&Inventory>) -> Labels {
+    let mut labels = Labels::new();
+    let docker = inventory.and_then(|i| i.docker.as_ref());
+    let available = docker.is_some_and(|d| d.available)
+        && inventory.is_some_and(|i| i.sandboxes.iter().any(|s| s == "docker"));
+    labels.insert("docker".to_owned(), available.to_string());
+    if let (true, Some(d)) = (available, docker) {
+        for r in &d.runtimes {
+            labels.insert(format!("runtime.{r}"), "true".to_owned());
+        }
+    }
+    labels
 }

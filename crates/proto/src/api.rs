@@ -177,6 +177,91 @@ pub struct Agent {
     pub revoked_reason: Option<String>,
     /// The last inventory the agent reported.
     pub inventory: Option<Inventory>,
+    /// Whether the agent takes new work.
+    pub dispatch: DispatchState,
+    /// Who drained or stopped it, when and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_reason: Option<String>,
+}
+
+/// Whether an agent is given new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchState {
+    /// Takes work.
+    #[default]
+    Active,
+    /// Takes no new work; what runs finishes.
+    Draining,
+    /// Takes no new work; what ran was cancelled.
+    Stopped,
+}
+
+impl DispatchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DispatchState::Active => "active",
+            DispatchState::Draining => "draining",
+            DispatchState::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DispatchState> {
+        match s {
+            "active" => Some(DispatchState::Active),
+            "draining" => Some(DispatchState::Draining),
+            "stopped" => Some(DispatchState::Stopped),
+            _ => None,
+        }
+    }
+}
+
+/// `POST /api/v1/agents/{id}/drain` and `/resume`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DrainAgentRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /api/v1/agents/{id}/stop` and `POST /api/v1/fleet/stop`: take no
+/// new work and cancel what runs — SIGTERM, then SIGKILL after each
+/// attempt's kill grace; with `force`, SIGKILL at once.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer to a stop: what it stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StopResponse {
+    /// Attempts that were told to stop.
+    pub cancelled: u64,
+    /// Agents that ran them.
+    pub agents: u64,
+    pub fleet: FleetStatus,
+}
+
+/// Whether dispatch is paused fleet-wide (an emergency stop).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetStatus {
+    pub stopped: bool,
+    pub stopped_at: Option<DateTime<Utc>>,
+    pub stopped_by: Option<String>,
+    pub reason: Option<String>,
+    pub force: bool,
+    /// Agents by whether they take work.
+    #[serde(default)]
+    pub agents: std::collections::BTreeMap<String, u64>,
 }
 
 /// `PATCH /api/v1/agents/{id}/labels`: set some labels, remove others.

@@ -12,12 +12,18 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
+
 /// `actions.yaml`: the catalog file `drover actions apply -f` reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ActionCatalog {
+    #[serde(default)]
     pub actions: Vec<ActionSpec>,
+    /// Sandbox profiles that actions, jobs and tasks name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sandboxes: Vec<Sandbox>,
 }
 
 /// One action: what runs, with which parameters, under which limits.
@@ -47,6 +53,11 @@ pub struct ActionSpec {
     /// Environment of the process (nothing else is inherited but PATH).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The sandbox profile it runs in (`process` when absent). A job or a
+    /// task may name another, but not a process one for an action that
+    /// asks for a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 fn default_timeout() -> Duration {
@@ -158,6 +169,9 @@ pub struct SubmitJobRequest {
     /// Overrides the action's number of retries.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Overrides the action's sandbox profile.
+    #[serde(default)]
+    pub sandbox: Option<String>,
 }
 
 /// Life of a job or an attempt.
@@ -231,6 +245,8 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     pub timeout_secs: u64,
     pub max_retries: u32,
+    /// The sandbox profile its attempts run in.
+    pub sandbox: String,
     pub attempts: Vec<Attempt>,
 }
 
@@ -255,6 +271,9 @@ pub struct Attempt {
     pub error: Option<String>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// The sandbox limit that stopped it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_exceeded: Option<LimitExceeded>,
 }
 
 /// Which output stream a log chunk belongs to.
@@ -330,6 +349,10 @@ pub struct PollResponse {
     pub assignments: Vec<Assignment>,
     /// Attempts the agent runs that must be cancelled.
     pub cancel: Vec<String>,
+    /// Of those, the ones to kill at once (a forced stop): SIGKILL without
+    /// waiting for the kill grace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kill: Vec<String>,
 }
 
 /// One attempt for the agent to run.
@@ -352,6 +375,13 @@ pub struct Assignment {
     /// the result is reported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
+    /// Where it runs and under which limits; a plain process when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// The workspace it runs in (its working dir), or that it creates or
+    /// removes (`builtin:workspace-create`, `builtin:workspace-remove`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceSpec>,
 }
 
 /// The argv of the built-in action that runs without a process.
@@ -395,6 +425,9 @@ pub struct LeaseResponse {
     pub renewed: Vec<String>,
     /// Attempts to stop: cancelled, already final, or not this agent's.
     pub cancel: Vec<String>,
+    /// Of those, the ones to kill at once (a forced stop).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kill: Vec<String>,
     pub lease_ms: u64,
 }
 
@@ -442,6 +475,9 @@ pub struct AttemptResult {
     /// Named outputs the process set (`::set-output` lines, `$DROVER_OUTPUT`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outputs: BTreeMap<String, String>,
+    /// The sandbox limit that stopped it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_exceeded: Option<LimitExceeded>,
 }
 
 /// Answer to a result report.

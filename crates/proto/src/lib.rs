@@ -12,6 +12,7 @@ pub mod error;
 pub mod jobs;
 pub mod labels;
 pub mod metrics_text;
+pub mod sandbox;
 pub mod workflows;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

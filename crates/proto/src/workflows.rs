@@ -13,6 +13,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::sandbox::GitSource;
+
 /// How tasks are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -43,6 +45,33 @@ pub struct WorkflowDef {
     pub timeout: Option<Duration>,
     pub webhooks: Vec<WebhookSpec>,
     pub tasks: Vec<TaskDef>,
+    /// A workspace the tasks share on one agent, created before the first
+    /// task and removed when the run ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceDef>,
+    /// Leave the workspace in place when the run ends.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keep_workspace: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The workspace of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WorkspaceDef {
+    /// Which agents may hold it (one is chosen); every task of the run
+    /// then runs on that agent.
+    pub target: String,
+    /// A sandbox profile: a docker one gives the workspace a long-lived
+    /// container that the tasks run in. `process` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// Check this out into the workspace before the first task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitSource>,
 }
 
 /// One input of a workflow.
@@ -75,6 +104,9 @@ pub struct TaskDef {
     pub optional: bool,
     /// Paths (relative to the task's working dir) to collect.
     pub artifacts: Vec<String>,
+    /// The sandbox profile it runs in; the action's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 /// Where to POST when a run ends.
@@ -251,7 +283,83 @@ pub struct Run {
     pub finished_at: Option<DateTime<Utc>>,
     pub deadline_at: Option<DateTime<Utc>>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The run's workspace, if its definition asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<RunWorkspace>,
     pub tasks: Vec<TaskRun>,
+}
+
+/// Where a run's workspace is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunWorkspace {
+    pub state: WorkspaceState,
+    /// The agent that holds it; every task of the run runs there.
+    pub agent_id: Option<String>,
+    /// Why it waits, failed, or how it ended.
+    pub reason: Option<String>,
+    /// The sandbox profile it was created in.
+    pub sandbox: String,
+    /// The jobs that create and remove it.
+    pub create_job: Option<String>,
+    pub remove_job: Option<String>,
+}
+
+/// Life of a workspace: pending → creating → ready → removing → removed,
+/// or failed (creation), kept (`keep_workspace`), remove_failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceState {
+    /// Waiting for an agent to hold it.
+    Pending,
+    Creating,
+    Ready,
+    /// Could not be created; the run fails.
+    Failed,
+    Removing,
+    Removed,
+    /// Left in place when the run ended.
+    Kept,
+    RemoveFailed,
+}
+
+impl WorkspaceState {
+    pub const ALL: [WorkspaceState; 8] = [
+        WorkspaceState::Pending,
+        WorkspaceState::Creating,
+        WorkspaceState::Ready,
+        WorkspaceState::Failed,
+        WorkspaceState::Removing,
+        WorkspaceState::Removed,
+        WorkspaceState::Kept,
+        WorkspaceState::RemoveFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceState::Pending => "pending",
+            WorkspaceState::Creating => "creating",
+            WorkspaceState::Ready => "ready",
+            WorkspaceState::Failed => "failed",
+            WorkspaceState::Removing => "removing",
+            WorkspaceState::Removed => "removed",
+            WorkspaceState::Kept => "kept",
+            WorkspaceState::RemoveFailed => "remove_failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WorkspaceState> {
+        WorkspaceState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Nothing more happens to it by itself.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            WorkspaceState::Removed | WorkspaceState::Kept | WorkspaceState::RemoveFailed
+        )
+    }
 }
 
 /// One task of a run.
