@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use drover_proto::agent::Inventory;
+use drover_proto::api::DispatchState;
 use drover_proto::labels::Labels;
 
 use crate::auth::{labels_from_json, labels_to_json};
@@ -23,6 +24,11 @@ pub struct AgentRecord {
     pub session_ended_reason: Option<String>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoked_reason: Option<String>,
+    /// Whether it takes new work, and who changed that, when and why.
+    pub dispatch: DispatchState,
+    pub dispatch_reason: Option<String>,
+    /// A stop that kills at once.
+    pub dispatch_force: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -39,11 +45,15 @@ struct AgentRow {
     session_ended_reason: Option<String>,
     revoked_at: Option<i64>,
     revoked_reason: Option<String>,
+    dispatch: String,
+    dispatch_reason: Option<String>,
+    dispatch_force: i64,
 }
 
 const AGENT_COLUMNS: &str =
     "id, hostname, labels, grp, agent_version, enrolled_at, last_seen_at, inventory, \
-                             session_id, session_ended_reason, revoked_at, revoked_reason";
+                             session_id, session_ended_reason, revoked_at, revoked_reason, \
+                             dispatch, dispatch_reason, dispatch_force";
 
 impl TryFrom<AgentRow> for AgentRecord {
     type Error = Error;
@@ -55,7 +65,14 @@ impl TryFrom<AgentRow> for AgentRecord {
             })?),
             None => None,
         };
+        let dispatch = DispatchState::parse(&r.dispatch).ok_or_else(|| Error::Corrupt {
+            what: "agent dispatch state",
+            detail: r.dispatch.clone(),
+        })?;
         Ok(AgentRecord {
+            dispatch,
+            dispatch_reason: r.dispatch_reason,
+            dispatch_force: r.dispatch_force != 0,
             labels: labels_from_json(&r.labels)?,
             id: r.id,
             hostname: r.hostname,
@@ -196,6 +213,9 @@ impl Store {
                 session_ended_reason: None,
                 revoked_at: None,
                 revoked_reason: None,
+                dispatch: DispatchState::Active,
+                dispatch_reason: None,
+                dispatch_force: false,
             })))
         })
     }

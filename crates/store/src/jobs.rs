@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use drover_proto::jobs::{aggregate_state, AttemptResult, JobState, RetryPolicy, Stream};
+use drover_proto::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
 
 use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store};
 
@@ -45,6 +46,10 @@ pub struct NewJob<'a> {
     pub agent_ids: &'a [String],
     /// Paths each attempt uploads as artifacts.
     pub artifacts: &'a [String],
+    /// The resolved sandbox profile every attempt runs in.
+    pub sandbox: &'a Sandbox,
+    /// The workspace the attempts run in, create or remove.
+    pub workspace: Option<&'a WorkspaceSpec>,
 }
 
 /// A job as stored.
@@ -68,6 +73,8 @@ pub struct JobRecord {
     pub run_id: Option<String>,
     pub task_id: Option<String>,
     pub artifacts: Vec<String>,
+    pub sandbox: Sandbox,
+    pub workspace: Option<WorkspaceSpec>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -89,11 +96,14 @@ struct JobRow {
     run_id: Option<String>,
     task_id: Option<String>,
     artifacts: String,
+    sandbox: Option<String>,
+    workspace: Option<String>,
 }
 
 const JOB_COLUMNS: &str =
     "id, action, target, params, argv, env, timeout_ms, kill_grace_ms, retry, state, \
-                           created_by, created_at, finished_at, cancel_requested_at, run_id, task_id, artifacts";
+                           created_by, created_at, finished_at, cancel_requested_at, run_id, task_id, artifacts, \
+                           sandbox, workspace";
 
 fn corrupt(what: &'static str) -> impl Fn(String) -> Error {
     move |detail| Error::Corrupt { what, detail }
@@ -114,6 +124,19 @@ impl TryFrom<JobRow> for JobRecord {
             state: parse_state(&r.state)?,
             artifacts: serde_json::from_str(&r.artifacts)
                 .map_err(|e| corrupt("job artifacts")(e.to_string()))?,
+            // Jobs from before sandboxes ran as plain processes.
+            sandbox: match &r.sandbox {
+                Some(s) => {
+                    serde_json::from_str(s).map_err(|e| corrupt("job sandbox")(e.to_string()))?
+                }
+                None => Sandbox::default_process(),
+            },
+            workspace: r
+                .workspace
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt("job workspace")(e.to_string()))?,
             run_id: r.run_id,
             task_id: r.task_id,
             id: r.id,
@@ -152,6 +175,8 @@ pub struct AttemptRecord {
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub cancel_requested: bool,
+    pub cancel_force: bool,
+    pub limit_exceeded: Option<LimitExceeded>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -175,11 +200,13 @@ struct AttemptRow {
     stdout_truncated: i64,
     stderr_truncated: i64,
     cancel_requested: i64,
+    cancel_force: i64,
+    limit_exceeded: Option<String>,
 }
 
 const ATTEMPT_COLUMNS: &str = "id, job_id, agent_id, number, state, reason, created_at, not_before, dispatched_at, \
      started_at, lease_expires_at, finished_at, exit_code, signal, duration_ms, error, stdout_truncated, \
-     stderr_truncated, cancel_requested";
+     stderr_truncated, cancel_requested, cancel_force, limit_exceeded";
 
 impl TryFrom<AttemptRow> for AttemptRecord {
     type Error = Error;
@@ -204,6 +231,8 @@ impl TryFrom<AttemptRow> for AttemptRecord {
             stdout_truncated: r.stdout_truncated != 0,
             stderr_truncated: r.stderr_truncated != 0,
             cancel_requested: r.cancel_requested != 0,
+            cancel_force: r.cancel_force != 0,
+            limit_exceeded: r.limit_exceeded.as_deref().and_then(LimitExceeded::parse),
         })
     }
 }
@@ -219,6 +248,8 @@ pub struct Claimed {
     pub timeout_ms: i64,
     pub kill_grace_ms: i64,
     pub artifacts: Vec<String>,
+    pub sandbox: Sandbox,
+    pub workspace: Option<WorkspaceSpec>,
     /// When it became runnable (queued, or its retry time).
     pub ready_at: DateTime<Utc>,
 }
@@ -249,6 +280,16 @@ pub enum Recorded {
     },
     NotFound,
     Foreign,
+}
+
+/// What a lease renewal did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Renewed {
+    pub renewed: Vec<String>,
+    /// To stop: final, cancelled, unknown, another agent's, or stopped.
+    pub cancel: Vec<String>,
+    /// Of those, to kill at once.
+    pub kill: Vec<String>,
 }
 
 /// An attempt whose lease ran out.
@@ -418,11 +459,17 @@ impl Store {
         // PostgreSQL may run an `IN (SELECT … LIMIT n)` sub-select more than
         // once, so the LIMIT would not bound the update: pick the rows once
         // in a materialized CTE (skipping rows another replica has locked).
-        // SQLite has one writer and evaluates the sub-select once.
+        // SQLite has one writer and evaluates the sub-select once. Nothing
+        // is handed out while the fleet is stopped or the agent does not
+        // take work (drained, stopped): checked in the claim itself, so no
+        // stop can slip between a check and the claim.
         let claim = match self.backend() {
             crate::Backend::Postgres => {
                 "WITH picked AS MATERIALIZED (SELECT id FROM attempts WHERE agent_id = $3 AND state = 'queued' \
-                 AND not_before <= $1 ORDER BY not_before, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 AND not_before <= $1 \
+                 AND EXISTS (SELECT 1 FROM fleet WHERE id = 1 AND stopped_at IS NULL) \
+                 AND EXISTS (SELECT 1 FROM agents WHERE id = $3 AND dispatch = 'active') \
+                 ORDER BY not_before, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
                  UPDATE attempts SET state = 'dispatched', dispatched_at = $1, lease_expires_at = $2, reason = NULL \
                  FROM picked WHERE attempts.id = picked.id AND attempts.state = 'queued' \
                  RETURNING attempts.id, attempts.job_id, attempts.not_before"
@@ -431,6 +478,8 @@ impl Store {
                 "UPDATE attempts SET state = 'dispatched', dispatched_at = $1, lease_expires_at = $2, reason = NULL \
                  WHERE id IN (SELECT id FROM attempts WHERE agent_id = $3 AND state = 'queued' AND not_before <= $1 \
                  ORDER BY not_before, id LIMIT $4) AND state = 'queued' \
+                 AND EXISTS (SELECT 1 FROM fleet WHERE id = 1 AND stopped_at IS NULL) \
+                 AND EXISTS (SELECT 1 FROM agents WHERE id = $3 AND dispatch = 'active') \
                  RETURNING id, job_id, not_before"
             }
         };
@@ -464,6 +513,8 @@ impl Store {
                     timeout_ms: job.timeout_ms,
                     kill_grace_ms: job.kill_grace_ms,
                     artifacts: job.artifacts.clone(),
+                    sandbox: job.sandbox.clone(),
+                    workspace: job.workspace.clone(),
                     ready_at: from_ms(not_before),
                 });
             }
@@ -535,11 +586,26 @@ impl Store {
         Ok(t.map(from_ms))
     }
 
-    /// Attempts of this agent that must be cancelled.
-    pub async fn cancels_for_agent(&self, agent_id: &str) -> Result<Vec<String>> {
-        let sql = "SELECT id FROM attempts WHERE agent_id = $1 AND cancel_requested = 1 \
+    /// Attempts of this agent that must be cancelled, each with whether
+    /// to kill it at once: those asked to stop, and every one while the
+    /// agent or the fleet is stopped (`gate`).
+    pub async fn cancels_for_agent(
+        &self,
+        agent_id: &str,
+        gate: &crate::fleet::Gate,
+    ) -> Result<Vec<(String, bool)>> {
+        let sql = "SELECT id, cancel_force FROM attempts WHERE agent_id = $1 \
+                   AND (cancel_requested = 1 OR $2 = 1) \
                    AND state IN ('dispatched', 'running') ORDER BY id";
-        Ok(on_pool!(self, p => sqlx::query_scalar(sql).bind(agent_id).fetch_all(p).await)?)
+        let rows: Vec<(String, i64)> = on_pool!(self, p => sqlx::query_as(sql)
+            .bind(agent_id)
+            .bind(i64::from(gate.stopping()))
+            .fetch_all(p)
+            .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, force)| (id, force != 0 || gate.killing()))
+            .collect())
     }
 
     /// Whose attempt this is.
@@ -587,20 +653,30 @@ impl Store {
         })
     }
 
-    /// Extends the leases of this agent's live attempts among `ids`; returns
-    /// (renewed, to cancel). Attempts that are final, cancelled, unknown or
-    /// another agent's are to be cancelled.
+    /// Extends the leases of this agent's live attempts among `ids`.
+    /// Attempts that are final, cancelled, unknown or another agent's are
+    /// to be cancelled, and every one while the agent or the fleet is
+    /// stopped (`gate`); forced stops are also to be killed.
     pub async fn renew_leases(
         &self,
         agent_id: &str,
         ids: &[String],
         until: DateTime<Utc>,
-    ) -> Result<(Vec<String>, Vec<String>)> {
-        let mut renewed = Vec::new();
-        let mut cancel = Vec::new();
+        gate: &crate::fleet::Gate,
+    ) -> Result<Renewed> {
+        let mut out = Renewed::default();
+        if gate.stopping() {
+            out.cancel = ids.to_vec();
+            if gate.killing() {
+                out.kill = ids.to_vec();
+            }
+        }
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
             for id in ids {
+                if gate.stopping() {
+                    break;
+                }
                 let ok = sqlx::query(
                     "UPDATE attempts SET lease_expires_at = $1 WHERE id = $2 AND agent_id = $3 \
                      AND state IN ('dispatched', 'running') AND cancel_requested = 0",
@@ -612,15 +688,35 @@ impl Store {
                 .await?
                 .rows_affected();
                 if ok == 1 {
-                    renewed.push(id.clone());
+                    out.renewed.push(id.clone());
                 } else {
-                    cancel.push(id.clone());
+                    out.cancel.push(id.clone());
                 }
             }
             tx.commit().await?;
             Ok::<(), Error>(())
         })?;
-        Ok((renewed, cancel))
+        if !gate.killing() && !out.cancel.is_empty() {
+            out.kill = self.forced_among(agent_id, &out.cancel).await?;
+        }
+        Ok(out)
+    }
+
+    /// Which of these attempts of an agent were asked to stop at once.
+    async fn forced_among(&self, agent_id: &str, ids: &[String]) -> Result<Vec<String>> {
+        let mut forced = Vec::new();
+        for id in ids {
+            let sql = "SELECT cancel_force FROM attempts WHERE id = $1 AND agent_id = $2";
+            let f: Option<i64> = on_pool!(self, p => sqlx::query_scalar(sql)
+                .bind(id)
+                .bind(agent_id)
+                .fetch_optional(p)
+                .await)?;
+            if f.is_some_and(|f| f != 0) {
+                forced.push(id.clone());
+            }
+        }
+        Ok(forced)
     }
 
     /// Records an attempt's result once, queues a retry if the job's policy
@@ -640,7 +736,7 @@ impl Store {
             let updated: Option<(String, i64)> = sqlx::query_as(
                 "UPDATE attempts SET state = $1, finished_at = $2, exit_code = $3, signal = $4, duration_ms = $5, \
                  error = $6, stdout_truncated = $7, stderr_truncated = $8, started_at = COALESCE(started_at, $9), \
-                 reason = NULL, lease_expires_at = NULL, outputs = $12 \
+                 reason = NULL, lease_expires_at = NULL, outputs = $12, limit_exceeded = $13 \
                  WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost') \
                  AND finished_at IS NULL \
                  RETURNING job_id, number",
@@ -657,6 +753,7 @@ impl Store {
             .bind(&result.attempt_id)
             .bind(agent_id)
             .bind(to_json(&result.outputs))
+            .bind(result.limit_exceeded.map(LimitExceeded::as_str))
             .fetch_optional(&mut *tx)
             .await?;
             let Some((job_id, number)) = updated else {
@@ -991,8 +1088,8 @@ macro_rules! insert_job {
         let job: &NewJob<'_> = $job;
         sqlx::query(
             "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
-             retry, state, created_by, created_at, run_id, task_id, artifacts) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             retry, state, created_by, created_at, run_id, task_id, artifacts, sandbox, workspace) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         )
         .bind($id)
         .bind(job.action)
@@ -1010,6 +1107,8 @@ macro_rules! insert_job {
         .bind($run_id)
         .bind($task_id)
         .bind($crate::jobs::to_json(job.artifacts))
+        .bind($crate::jobs::to_json(job.sandbox))
+        .bind(job.workspace.map(|w| $crate::jobs::to_json(w)))
         .execute(&mut *$tx)
         .await?;
         for agent in job.agent_ids {

@@ -14,6 +14,7 @@
 mod agents;
 mod auth;
 mod error;
+pub mod fleet;
 pub mod jobs;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -341,6 +341,7 @@ mod jobs {
     use super::*;
     use crate::jobs::*;
     use drover_proto::jobs::{AttemptResult, JobState, Outcome, RetryPolicy, Stream};
+    use drover_proto::sandbox::Sandbox;
     use std::collections::BTreeMap;
 
     fn result(attempt: &str, outcome: Outcome) -> AttemptResult {
@@ -356,6 +357,7 @@ mod jobs {
             stdout_truncated: false,
             stderr_truncated: false,
             outputs: Default::default(),
+            limit_exceeded: None,
         }
     }
 
@@ -376,6 +378,8 @@ mod jobs {
                     created_by: "admin",
                     agent_ids: agents,
                     artifacts: &[],
+                    sandbox: &Sandbox::default_process(),
+                    workspace: None,
                 },
                 Utc::now(),
             )
@@ -758,15 +762,16 @@ mod jobs {
                 .await
                 .unwrap();
             assert_eq!(woken, vec![a.clone()]);
+            let gate = store.gate(&a).await.unwrap();
             assert_eq!(
-                store.cancels_for_agent(&a).await.unwrap(),
-                vec![att.clone()]
+                store.cancels_for_agent(&a, &gate).await.unwrap(),
+                vec![(att.clone(), false)]
             );
-            let (renewed, cancel) = store
-                .renew_leases(&a, std::slice::from_ref(&att), lease())
+            let r = store
+                .renew_leases(&a, std::slice::from_ref(&att), lease(), &gate)
                 .await
                 .unwrap();
-            assert!(renewed.is_empty() && cancel == vec![att.clone()]);
+            assert!(r.renewed.is_empty() && r.cancel == vec![att.clone()] && r.kill.is_empty());
             store
                 .record_result(&a, &result(&att, Outcome::Cancelled), 0.5, Utc::now())
                 .await
@@ -866,7 +871,8 @@ mod jobs {
                 states.contains(&(b.clone(), JobState::Queued)),
                 "{states:?}"
             );
-            assert!(store.cancels_for_agent(&a).await.unwrap().is_empty());
+            let gate = store.gate(&a).await.unwrap();
+            assert!(store.cancels_for_agent(&a, &gate).await.unwrap().is_empty());
         }
     }
 
@@ -908,8 +914,19 @@ mod workflows {
     use crate::jobs::NewJob;
     use crate::workflows::*;
     use drover_proto::jobs::RetryPolicy;
+    use drover_proto::sandbox::{ProcessSandbox, Sandbox};
     use drover_proto::workflows::{DeliveryAttempt, RunState, TaskState, WebhookEvent};
     use std::collections::BTreeMap;
+
+    static SANDBOX: Sandbox = Sandbox::Process(ProcessSandbox {
+        name: String::new(),
+        description: String::new(),
+        cpu_time: None,
+        address_space: None,
+        open_files: None,
+        processes: None,
+        user: None,
+    });
 
     async fn new_run(store: &Store, tasks: &[&str]) -> String {
         let tasks: Vec<String> = tasks.iter().map(|t| (*t).to_owned()).collect();
@@ -923,6 +940,7 @@ mod workflows {
                     created_by: "admin",
                     deadline: None,
                     tasks: &tasks,
+                    workspace: false,
                 },
                 Utc::now(),
             )
@@ -949,6 +967,8 @@ mod workflows {
             created_by: "admin",
             agent_ids: agents,
             artifacts: &[],
+            sandbox: &SANDBOX,
+            workspace: None,
         }
     }
 
@@ -1034,6 +1054,7 @@ mod workflows {
                     RunState::Succeeded,
                     None,
                     std::slice::from_ref(&delivery),
+                    WorkspaceEnd::None,
                     now
                 )
                 .await
@@ -1044,6 +1065,7 @@ mod workflows {
                     RunState::Failed,
                     Some("again"),
                     std::slice::from_ref(&delivery),
+                    WorkspaceEnd::None,
                     now
                 )
                 .await
@@ -1116,6 +1138,7 @@ mod workflows {
                         payload: "{\"a\":1}".into(),
                         id: id.clone(),
                     }],
+                    WorkspaceEnd::None,
                     now,
                 )
                 .await
@@ -1196,6 +1219,606 @@ mod workflows {
             let list = store.run_artifacts(&run).await.unwrap();
             assert_eq!(list.len(), 1, "{backend}: one record per attempt and path");
             assert_eq!((list[0].size, list[0].sha256.as_str()), (4, "bb"));
+        }
+    }
+}
+
+mod fleet {
+    use super::*;
+    use crate::fleet::*;
+    use crate::jobs::*;
+    use crate::workflows::*;
+    use drover_proto::api::DispatchState;
+    use drover_proto::jobs::{AttemptResult, JobState, Outcome, RetryPolicy};
+    use drover_proto::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
+    use drover_proto::workflows::{RunState, WorkspaceState};
+    use std::collections::BTreeMap;
+
+    fn docker_sandbox() -> Sandbox {
+        serde_json::from_value(serde_json::json!({
+            "type": "docker", "name": "tight", "image": "busybox", "memory": "64m"
+        }))
+        .unwrap()
+    }
+
+    async fn job_with(
+        store: &Store,
+        agents: &[String],
+        sandbox: &Sandbox,
+        workspace: Option<&WorkspaceSpec>,
+    ) -> String {
+        let argv = vec!["/bin/true".to_owned()];
+        store
+            .create_job(
+                NewJob {
+                    action: "true",
+                    action_hash: "h",
+                    target: "*",
+                    params_json: "{}",
+                    argv: &argv,
+                    env: &BTreeMap::new(),
+                    timeout_ms: 1000,
+                    kill_grace_ms: 100,
+                    retry: &RetryPolicy::default(),
+                    created_by: "admin",
+                    agent_ids: agents,
+                    artifacts: &[],
+                    sandbox,
+                    workspace,
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap()
+    }
+
+    fn lease() -> chrono::DateTime<Utc> {
+        Utc::now() + Duration::seconds(30)
+    }
+
+    async fn claim(store: &Store, agent: &str) -> Vec<Claimed> {
+        store
+            .claim_attempts(agent, 10, lease(), Utc::now())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sandboxes_upsert_by_hash_and_jobs_keep_theirs() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let now = Utc::now();
+            let json = serde_json::to_string(&docker_sandbox()).unwrap();
+            let up = |h: &'static str| {
+                let store = &store;
+                let json = json.clone();
+                async move {
+                    store
+                        .upsert_sandbox("tight", &json, h, "admin", now)
+                        .await
+                        .unwrap()
+                }
+            };
+            assert_eq!(up("h1").await, Upsert::Created, "{backend}");
+            assert_eq!(up("h1").await, Upsert::Unchanged);
+            assert_eq!(up("h2").await, Upsert::Updated);
+            assert_eq!(store.list_sandboxes().await.unwrap().len(), 1);
+            assert_eq!(store.sandbox("tight").await.unwrap().unwrap().hash, "h2");
+            assert!(store.sandbox("nope").await.unwrap().is_none());
+
+            // A job keeps the resolved profile and workspace it was made with.
+            let a = enrolled(&store, "a1").await.id;
+            let ws = WorkspaceSpec {
+                id: "run-1".into(),
+                sandbox: docker_sandbox(),
+                git: None,
+            };
+            let id = job_with(
+                &store,
+                std::slice::from_ref(&a),
+                &docker_sandbox(),
+                Some(&ws),
+            )
+            .await;
+            let job = store.job(&id).await.unwrap().unwrap();
+            assert_eq!(job.sandbox, docker_sandbox());
+            assert_eq!(job.workspace.as_ref(), Some(&ws));
+            let claimed = claim(&store, &a).await;
+            assert_eq!(claimed[0].sandbox, docker_sandbox(), "{backend}");
+            assert_eq!(claimed[0].workspace.as_ref(), Some(&ws));
+
+            // The limit that stopped an attempt is kept with it.
+            let result = AttemptResult {
+                attempt_id: claimed[0].attempt_id.clone(),
+                outcome: Outcome::Failed,
+                exit_code: Some(137),
+                signal: Some(9),
+                started_at: None,
+                finished_at: Utc::now(),
+                duration_ms: 5,
+                error: Some("killed: exceeded its memory limit of 64m".into()),
+                stdout_truncated: false,
+                stderr_truncated: false,
+                outputs: Default::default(),
+                limit_exceeded: Some(LimitExceeded::Memory),
+            };
+            store
+                .record_result(&a, &result, 0.5, Utc::now())
+                .await
+                .unwrap();
+            let attempts = store.attempts(&id).await.unwrap();
+            assert_eq!(attempts[0].limit_exceeded, Some(LimitExceeded::Memory));
+            assert_eq!(attempts[0].state, JobState::Failed);
+        }
+    }
+
+    /// A drained agent gets no new work but keeps what it runs; resumed,
+    /// it gets the work that waited.
+    #[tokio::test]
+    async fn drained_agents_get_no_new_work() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let running = job_with(
+                &store,
+                std::slice::from_ref(&a),
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+            let held = claim(&store, &a).await;
+            assert_eq!(held.len(), 1);
+            store
+                .set_agent_dispatch(&a, DispatchState::Draining, Some("drained by admin"))
+                .await
+                .unwrap();
+            let rec = store.agent(&a).await.unwrap().unwrap();
+            assert_eq!(rec.dispatch, DispatchState::Draining, "{backend}");
+            assert_eq!(rec.dispatch_reason.as_deref(), Some("drained by admin"));
+            let waiting = job_with(
+                &store,
+                std::slice::from_ref(&a),
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+            assert!(
+                claim(&store, &a).await.is_empty(),
+                "{backend}: claimed while draining"
+            );
+            let gate = store.gate(&a).await.unwrap();
+            assert!(!gate.stopping());
+            // What runs is neither cancelled nor cut off from its lease.
+            assert!(store.cancels_for_agent(&a, &gate).await.unwrap().is_empty());
+            let r = store
+                .renew_leases(
+                    &a,
+                    std::slice::from_ref(&held[0].attempt_id),
+                    lease(),
+                    &gate,
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.renewed, vec![held[0].attempt_id.clone()]);
+            assert_eq!(
+                store.job(&running).await.unwrap().unwrap().state,
+                JobState::Dispatched
+            );
+
+            store
+                .set_agent_dispatch(&a, DispatchState::Active, None)
+                .await
+                .unwrap();
+            let now_claimed = claim(&store, &a).await;
+            assert_eq!(now_claimed.len(), 1);
+            assert_eq!(now_claimed[0].job_id, waiting);
+            assert!(matches!(
+                store
+                    .set_agent_dispatch("nope", DispatchState::Draining, None)
+                    .await,
+                Err(Error::NotFound { .. })
+            ));
+        }
+    }
+
+    /// A stopped agent's attempts are told to stop (killed at once when
+    /// forced), also one it was given after the stop was marked, and its
+    /// queued work waits.
+    #[tokio::test]
+    async fn stopping_an_agent_cancels_what_it_runs() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let b = enrolled(&store, "b1").await.id;
+            let on_a = job_with(
+                &store,
+                std::slice::from_ref(&a),
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+            let on_b = job_with(
+                &store,
+                std::slice::from_ref(&b),
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+            let att_a = claim(&store, &a).await[0].attempt_id.clone();
+            let att_b = claim(&store, &b).await[0].attempt_id.clone();
+            let queued = job_with(
+                &store,
+                std::slice::from_ref(&a),
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+
+            let stopped = store
+                .stop_agent(&a, false, "stopped by admin")
+                .await
+                .unwrap();
+            assert_eq!(
+                stopped.attempts,
+                vec![(att_a.clone(), a.clone(), on_a.clone())],
+                "{backend}"
+            );
+            let gate = store.gate(&a).await.unwrap();
+            assert!(gate.stopping() && !gate.killing());
+            assert_eq!(
+                store.cancels_for_agent(&a, &gate).await.unwrap(),
+                vec![(att_a.clone(), false)]
+            );
+            // The other agent is untouched.
+            let gate_b = store.gate(&b).await.unwrap();
+            assert!(store
+                .cancels_for_agent(&b, &gate_b)
+                .await
+                .unwrap()
+                .is_empty());
+            assert_eq!(
+                store.job(&on_b).await.unwrap().unwrap().state,
+                JobState::Dispatched
+            );
+            // Its queued work waits, unclaimed and not cancelled.
+            assert!(claim(&store, &a).await.is_empty());
+            assert_eq!(
+                store.job(&queued).await.unwrap().unwrap().state,
+                JobState::Queued
+            );
+            let _ = att_b;
+
+            // Forced: killed at once.
+            store
+                .stop_agent(&a, true, "stopped by admin (forced)")
+                .await
+                .unwrap();
+            let gate = store.gate(&a).await.unwrap();
+            assert!(gate.killing());
+            let r = store
+                .renew_leases(&a, std::slice::from_ref(&att_a), lease(), &gate)
+                .await
+                .unwrap();
+            assert!(r.renewed.is_empty());
+            assert_eq!(r.cancel, vec![att_a.clone()]);
+            assert_eq!(r.kill, vec![att_a.clone()]);
+
+            // An attempt it holds without the marking (claimed in a race
+            // with the stop) is still told to stop while the flag is up.
+            store
+                .set_agent_dispatch(&a, DispatchState::Active, None)
+                .await
+                .unwrap();
+            let late = claim(&store, &a).await[0].attempt_id.clone();
+            store
+                .set_agent_dispatch(&a, DispatchState::Stopped, Some("stopped"))
+                .await
+                .unwrap();
+            let gate = store.gate(&a).await.unwrap();
+            let cancels = store.cancels_for_agent(&a, &gate).await.unwrap();
+            assert!(
+                cancels.contains(&(late.clone(), false)),
+                "{backend}: {cancels:?}"
+            );
+        }
+    }
+
+    /// The emergency stop pauses dispatch on every agent and stops every
+    /// attempt; resuming lets the queued work go.
+    #[tokio::test]
+    async fn fleet_stop_pauses_everything_until_resumed() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let b = enrolled(&store, "b1").await.id;
+            job_with(
+                &store,
+                &[a.clone(), b.clone()],
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+            let att_a = claim(&store, &a).await[0].attempt_id.clone();
+            let att_b = claim(&store, &b).await[0].attempt_id.clone();
+            let queued = job_with(
+                &store,
+                &[a.clone(), b.clone()],
+                &Sandbox::default_process(),
+                None,
+            )
+            .await;
+            assert_eq!(store.fleet().await.unwrap(), FleetRecord::default());
+
+            let stopped = store
+                .stop_fleet("admin", true, "emergency stop by admin", Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(stopped.attempts.len(), 2, "{backend}");
+            assert_eq!(stopped.agents(), {
+                let mut v = vec![a.clone(), b.clone()];
+                v.sort();
+                v
+            });
+            let fleet = store.fleet().await.unwrap();
+            assert!(fleet.stopped_at.is_some() && fleet.force);
+            assert_eq!(fleet.stopped_by.as_deref(), Some("admin"));
+            for (agent, att) in [(&a, &att_a), (&b, &att_b)] {
+                let gate = store.gate(agent).await.unwrap();
+                assert!(gate.stopping() && gate.killing());
+                assert_eq!(
+                    store.cancels_for_agent(agent, &gate).await.unwrap(),
+                    vec![(att.clone(), true)]
+                );
+                assert!(
+                    claim(&store, agent).await.is_empty(),
+                    "{backend}: claimed while stopped"
+                );
+            }
+            // A second, graceful stop keeps the first time and the force.
+            let first = fleet.stopped_at;
+            store
+                .stop_fleet("admin", false, "again", Utc::now())
+                .await
+                .unwrap();
+            let again = store.fleet().await.unwrap();
+            assert_eq!(again.stopped_at, first);
+            assert!(again.force);
+
+            store.resume_fleet().await.unwrap();
+            assert_eq!(store.fleet().await.unwrap(), FleetRecord::default());
+            assert_eq!(claim(&store, &a).await[0].job_id, queued);
+            assert_eq!(claim(&store, &b).await[0].job_id, queued);
+            let by_dispatch = store.count_agents_by_dispatch().await.unwrap();
+            assert_eq!(by_dispatch, vec![("active".to_owned(), 2)]);
+        }
+    }
+
+    /// A run's workspace: pending → creating (with its job, once) → ready
+    /// → removing (queued with the run's end) → removed; kept ones can be
+    /// removed later; every step is an event of the run.
+    #[tokio::test]
+    async fn workspace_lifecycle_steps_happen_once() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "a1").await.id;
+            let tasks = vec!["t".to_owned()];
+            let new_run = |workspace| {
+                let store = &store;
+                let tasks = &tasks;
+                async move {
+                    store
+                        .create_run(
+                            NewRun {
+                                name: "wf",
+                                def_hash: "h1",
+                                def_body: "{}",
+                                inputs: &BTreeMap::new(),
+                                created_by: "admin",
+                                deadline: None,
+                                tasks,
+                                workspace,
+                            },
+                            Utc::now(),
+                        )
+                        .await
+                        .unwrap()
+                }
+            };
+            let plain = new_run(false).await;
+            assert_eq!(
+                store.run(&plain).await.unwrap().unwrap().workspace_state,
+                None
+            );
+            let run = new_run(true).await;
+            assert_eq!(
+                store.run(&run).await.unwrap().unwrap().workspace_state,
+                Some(WorkspaceState::Pending)
+            );
+            let ws = WorkspaceSpec {
+                id: run.clone(),
+                sandbox: Sandbox::default_process(),
+                git: None,
+            };
+            let argv = vec![drover_proto::sandbox::BUILTIN_WORKSPACE_CREATE.to_owned()];
+            let env = BTreeMap::new();
+            let retry = RetryPolicy::default();
+            let agents = vec![a.clone()];
+            let job = |argv| NewJob {
+                action: "workspace",
+                action_hash: "builtin",
+                target: &a,
+                params_json: "{}",
+                argv,
+                env: &env,
+                timeout_ms: 1000,
+                kill_grace_ms: 100,
+                retry: &retry,
+                created_by: "admin",
+                agent_ids: &agents,
+                artifacts: &[],
+                sandbox: &ws.sandbox,
+                workspace: Some(&ws),
+            };
+            let now = Utc::now();
+            let created = store
+                .start_workspace(&run, &a, job(&argv), now)
+                .await
+                .unwrap()
+                .expect("started");
+            assert!(store
+                .start_workspace(&run, &a, job(&argv), now)
+                .await
+                .unwrap()
+                .is_none());
+            let rec = store.run(&run).await.unwrap().unwrap();
+            assert_eq!(
+                rec.workspace_state,
+                Some(WorkspaceState::Creating),
+                "{backend}"
+            );
+            assert_eq!(rec.workspace_agent.as_deref(), Some(a.as_str()));
+            assert_eq!(rec.workspace_job.as_deref(), Some(created.as_str()));
+            // The job belongs to the run (its changes wake the engine).
+            assert_eq!(
+                store.run_of_job(&created).await.unwrap().as_deref(),
+                Some(run.as_str())
+            );
+
+            assert!(store
+                .set_workspace_state(
+                    &run,
+                    &[WorkspaceState::Creating],
+                    WorkspaceState::Ready,
+                    None,
+                    now
+                )
+                .await
+                .unwrap());
+            assert!(!store
+                .set_workspace_state(
+                    &run,
+                    &[WorkspaceState::Creating],
+                    WorkspaceState::Failed,
+                    Some("x"),
+                    now
+                )
+                .await
+                .unwrap());
+
+            let remove_argv = vec![drover_proto::sandbox::BUILTIN_WORKSPACE_REMOVE.to_owned()];
+            assert!(store
+                .finish_run(
+                    &run,
+                    RunState::Succeeded,
+                    None,
+                    &[],
+                    WorkspaceEnd::Remove(job(&remove_argv)),
+                    now
+                )
+                .await
+                .unwrap());
+            let rec = store.run(&run).await.unwrap().unwrap();
+            assert_eq!(rec.workspace_state, Some(WorkspaceState::Removing));
+            let remove_job = rec.workspace_remove_job.clone().expect("remove job");
+            assert_eq!(
+                store.job(&remove_job).await.unwrap().unwrap().argv,
+                remove_argv
+            );
+            // Ended, but still swept until the workspace is gone.
+            assert!(store.active_runs().await.unwrap().contains(&run));
+            assert!(store
+                .set_workspace_state(
+                    &run,
+                    &[WorkspaceState::Removing],
+                    WorkspaceState::Removed,
+                    Some("job ok"),
+                    now
+                )
+                .await
+                .unwrap());
+            assert!(!store.active_runs().await.unwrap().contains(&run));
+            // Nothing to remove any more.
+            assert!(store
+                .remove_workspace(&run, job(&remove_argv), now)
+                .await
+                .unwrap()
+                .is_none());
+
+            // Kept: stays until asked for.
+            let kept = new_run(true).await;
+            store
+                .set_workspace_state(
+                    &kept,
+                    &[WorkspaceState::Pending],
+                    WorkspaceState::Ready,
+                    None,
+                    now,
+                )
+                .await
+                .unwrap();
+            store
+                .finish_run(
+                    &kept,
+                    RunState::Failed,
+                    Some("x"),
+                    &[],
+                    WorkspaceEnd::Keep,
+                    now,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.run(&kept).await.unwrap().unwrap().workspace_state,
+                Some(WorkspaceState::Kept)
+            );
+            assert!(!store.active_runs().await.unwrap().contains(&kept));
+            let later = store
+                .remove_workspace(&kept, job(&remove_argv), now)
+                .await
+                .unwrap();
+            assert!(later.is_some());
+            assert_eq!(
+                store.run(&kept).await.unwrap().unwrap().workspace_state,
+                Some(WorkspaceState::Removing)
+            );
+
+            // Never created: nothing to remove.
+            let early = new_run(true).await;
+            store
+                .finish_run(
+                    &early,
+                    RunState::Cancelled,
+                    Some("x"),
+                    &[],
+                    WorkspaceEnd::NeverCreated,
+                    now,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.run(&early).await.unwrap().unwrap().workspace_state,
+                Some(WorkspaceState::Removed)
+            );
+
+            let kinds: Vec<(String, Option<String>)> = store
+                .events_after(&run, 0, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == "workspace")
+                .map(|e| (e.kind, e.state))
+                .collect();
+            let states: Vec<&str> = kinds.iter().filter_map(|(_, s)| s.as_deref()).collect();
+            assert_eq!(
+                states,
+                ["creating", "ready", "removing", "removed"],
+                "{backend}"
+            );
         }
     }
 }

@@ -13,7 +13,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use drover_proto::workflows::{DeliveryAttempt, RunEvent, RunState, TaskState, WebhookEvent};
+use drover_proto::workflows::{
+    DeliveryAttempt, RunEvent, RunState, TaskState, WebhookEvent, WorkspaceState,
+};
 
 use crate::jobs::{insert_job, to_json, NewJob};
 use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store};
@@ -62,6 +64,8 @@ pub struct NewRun<'a> {
     pub deadline: Option<DateTime<Utc>>,
     /// Task ids in definition order.
     pub tasks: &'a [String],
+    /// The definition asks for a workspace (created before the first task).
+    pub workspace: bool,
 }
 
 /// A run as stored.
@@ -78,6 +82,13 @@ pub struct RunRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub deadline_at: Option<DateTime<Utc>>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// `None` when the run has no workspace.
+    pub workspace_state: Option<WorkspaceState>,
+    pub workspace_agent: Option<String>,
+    pub workspace_reason: Option<String>,
+    /// The jobs that create and remove the workspace.
+    pub workspace_job: Option<String>,
+    pub workspace_remove_job: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -93,15 +104,32 @@ struct RunRow {
     finished_at: Option<i64>,
     deadline_at: Option<i64>,
     cancel_requested_at: Option<i64>,
+    workspace_state: Option<String>,
+    workspace_agent: Option<String>,
+    workspace_reason: Option<String>,
+    workspace_job: Option<String>,
+    workspace_remove_job: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, name, def_hash, state, reason, inputs, created_by, created_at, \
-                           finished_at, deadline_at, cancel_requested_at";
+                           finished_at, deadline_at, cancel_requested_at, workspace_state, workspace_agent, \
+                           workspace_reason, workspace_job, workspace_remove_job";
 
 impl TryFrom<RunRow> for RunRecord {
     type Error = Error;
     fn try_from(r: RunRow) -> Result<RunRecord> {
+        let workspace_state = match r.workspace_state.as_deref() {
+            Some(w) => Some(
+                WorkspaceState::parse(w).ok_or_else(|| corrupt("workspace state")(w.to_owned()))?,
+            ),
+            None => None,
+        };
         Ok(RunRecord {
+            workspace_state,
+            workspace_agent: r.workspace_agent,
+            workspace_reason: r.workspace_reason,
+            workspace_job: r.workspace_job,
+            workspace_remove_job: r.workspace_remove_job,
             state: RunState::parse(&r.state)
                 .ok_or_else(|| corrupt("run state")(r.state.clone()))?,
             inputs: serde_json::from_str(&r.inputs)
@@ -315,6 +343,19 @@ impl TryFrom<DeliveryRow> for DeliveryRecord {
     }
 }
 
+/// What becomes of a run's workspace when the run ends.
+#[derive(Debug, Clone)]
+pub enum WorkspaceEnd<'a> {
+    /// The run has none.
+    None,
+    /// It was never created: nothing to remove.
+    NeverCreated,
+    /// `keep_workspace`: it stays.
+    Keep,
+    /// Queue this job to remove it.
+    Remove(NewJob<'a>),
+}
+
 /// How one delivery attempt went.
 #[derive(Debug, Clone)]
 pub enum DeliveryOutcome {
@@ -347,8 +388,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO workflow_runs (id, name, def_hash, state, inputs, created_by, created_at, deadline_at) \
-                 VALUES ($1, $2, $3, 'running', $4, $5, $6, $7)",
+                "INSERT INTO workflow_runs (id, name, def_hash, state, inputs, created_by, created_at, deadline_at, \
+                 workspace_state) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
             )
             .bind(&id)
             .bind(run.name)
@@ -357,6 +398,7 @@ impl Store {
             .bind(run.created_by)
             .bind(to_ms(now))
             .bind(run.deadline.map(to_ms))
+            .bind(run.workspace.then_some(WorkspaceState::Pending.as_str()))
             .execute(&mut *tx)
             .await?;
             for (position, task) in run.tasks.iter().enumerate() {
@@ -417,10 +459,125 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)
     }
 
-    /// Ids of the runs not yet ended.
+    /// Ids of the runs not yet ended, and of ended runs whose workspace
+    /// is being removed.
     pub async fn active_runs(&self) -> Result<Vec<String>> {
-        let sql = "SELECT id FROM workflow_runs WHERE state = 'running' ORDER BY created_at";
+        let sql =
+            "SELECT id FROM workflow_runs WHERE state = 'running' OR workspace_state = 'removing' \
+                   ORDER BY created_at";
         Ok(on_pool!(self, p => sqlx::query_scalar(sql).fetch_all(p).await)?)
+    }
+
+    /// Starts creating a run's workspace on an agent: marks it creating and
+    /// creates the job that does it, in one transaction. `None` when it was
+    /// not pending (started before).
+    pub async fn start_workspace(
+        &self,
+        run_id: &str,
+        agent_id: &str,
+        job: NewJob<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let job_id = new_id();
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let started = sqlx::query(
+                "UPDATE workflow_runs SET workspace_state = 'creating', workspace_agent = $1, workspace_job = $2, \
+                 workspace_reason = NULL WHERE id = $3 AND workspace_state = 'pending' AND state = 'running'",
+            )
+            .bind(agent_id)
+            .bind(&job_id)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if started == 0 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            insert_job!(tx, &job_id, &job, Some(run_id), None::<&str>, now);
+            let message = format!("on agent {agent_id} (job {job_id})");
+            emit!(tx, run_id, "workspace", None::<&str>, Some("creating"), Some(message), None::<&str>, now);
+            tx.commit().await?;
+            Ok(Some(job_id))
+        })
+    }
+
+    /// Moves a run's workspace from one of `from` to `to`, with a reason
+    /// (for a pending one, also the reason it waits). True when it changed.
+    pub async fn set_workspace_state(
+        &self,
+        run_id: &str,
+        from: &[WorkspaceState],
+        to: WorkspaceState,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let from_json = to_json(&from);
+        let sql = match self.backend() {
+            crate::Backend::Sqlite => {
+                "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2 WHERE id = $3 \
+                 AND workspace_state IN (SELECT value FROM json_each($4)) \
+                 AND (workspace_state <> $1 OR COALESCE(workspace_reason, '') <> COALESCE($2, ''))"
+            }
+            crate::Backend::Postgres => {
+                "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2 WHERE id = $3 \
+                 AND workspace_state IN (SELECT jsonb_array_elements_text($4::jsonb)) \
+                 AND (workspace_state <> $1 OR COALESCE(workspace_reason, '') <> COALESCE($2, ''))"
+            }
+        };
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let changed = sqlx::query(sql)
+                .bind(to.as_str())
+                .bind(reason)
+                .bind(run_id)
+                .bind(&from_json)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if changed == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            emit!(tx, run_id, "workspace", None::<&str>, Some(to.as_str()), reason, None::<&str>, now);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Starts removing a kept workspace (or one whose removal failed) of an
+    /// ended run. `None` when there is none to remove.
+    pub async fn remove_workspace(
+        &self,
+        run_id: &str,
+        job: NewJob<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let job_id = new_id();
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let started = sqlx::query(
+                "UPDATE workflow_runs SET workspace_state = 'removing', workspace_remove_job = $1, \
+                 workspace_reason = NULL WHERE id = $2 AND state <> 'running' \
+                 AND workspace_state IN ('kept', 'remove_failed')",
+            )
+            .bind(&job_id)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if started == 0 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            insert_job!(tx, &job_id, &job, Some(run_id), None::<&str>, now);
+            let message = format!("job {job_id}");
+            emit!(tx, run_id, "workspace", None::<&str>, Some("removing"), Some(message), None::<&str>, now);
+            tx.commit().await?;
+            Ok(Some(job_id))
+        })
     }
 
     /// The run a job belongs to, if any.
@@ -515,14 +672,16 @@ impl Store {
         })
     }
 
-    /// Ends a running run and queues its webhook deliveries, in one
-    /// transaction. False when it had ended before.
+    /// Ends a running run, queues its webhook deliveries and settles its
+    /// workspace (`workspace`), in one transaction. False when it had
+    /// ended before.
     pub async fn finish_run(
         &self,
         run_id: &str,
         state: RunState,
         reason: Option<&str>,
         deliveries: &[NewDelivery],
+        workspace: WorkspaceEnd<'_>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
         on_pool!(self, p => {
@@ -555,6 +714,37 @@ impl Store {
                 .bind(to_ms(now))
                 .execute(&mut *tx)
                 .await?;
+            }
+            let (ws_state, ws_reason, remove_job) = match &workspace {
+                WorkspaceEnd::None => (None, None, None),
+                WorkspaceEnd::NeverCreated => (
+                    Some(WorkspaceState::Removed),
+                    Some("the run ended before the workspace was created".to_owned()),
+                    None,
+                ),
+                WorkspaceEnd::Keep => (
+                    Some(WorkspaceState::Kept),
+                    Some("keep_workspace is set".to_owned()),
+                    None,
+                ),
+                WorkspaceEnd::Remove(job) => {
+                    let job_id = new_id();
+                    insert_job!(tx, &job_id, job, Some(run_id), None::<&str>, now);
+                    (Some(WorkspaceState::Removing), Some(format!("job {job_id}")), Some(job_id))
+                }
+            };
+            if let Some(ws) = ws_state {
+                sqlx::query(
+                    "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2, \
+                     workspace_remove_job = COALESCE($3, workspace_remove_job) WHERE id = $4",
+                )
+                .bind(ws.as_str())
+                .bind(&ws_reason)
+                .bind(&remove_job)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await?;
+                emit!(tx, run_id, "workspace", None::<&str>, Some(ws.as_str()), ws_reason.as_deref(), None::<&str>, now);
             }
             emit!(tx, run_id, "run", None::<&str>, Some(state.as_str()), reason, None::<&str>, now);
             tx.commit().await?;
