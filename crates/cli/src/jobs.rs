@@ -56,6 +56,15 @@ pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()>
                 Output::Json => output::json(&resp)?,
                 Output::Text => {
                     for (what, names) in [
+                        ("created", &resp.sandboxes.created),
+                        ("updated", &resp.sandboxes.updated),
+                        ("unchanged", &resp.sandboxes.unchanged),
+                    ] {
+                        for n in names {
+                            println!("{what}\tsandbox {n}");
+                        }
+                    }
+                    for (what, names) in [
                         ("created", &resp.created),
                         ("updated", &resp.updated),
                         ("unchanged", &resp.unchanged),
@@ -79,12 +88,26 @@ pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()>
                                 a.spec.name.clone(),
                                 a.spec.params.keys().cloned().collect::<Vec<_>>().join(","),
                                 humantime::format_duration(a.spec.timeout).to_string(),
+                                a.spec
+                                    .sandbox
+                                    .clone()
+                                    .unwrap_or_else(|| drover_proto::sandbox::PROCESS.to_owned()),
                                 a.hash[..12].to_owned(),
                                 a.spec.description.clone(),
                             ]
                         })
                         .collect();
-                    output::table(&["NAME", "PARAMS", "TIMEOUT", "HASH", "DESCRIPTION"], &rows);
+                    output::table(
+                        &[
+                            "NAME",
+                            "PARAMS",
+                            "TIMEOUT",
+                            "SANDBOX",
+                            "HASH",
+                            "DESCRIPTION",
+                        ],
+                        &rows,
+                    );
                 }
             }
         }
@@ -108,6 +131,10 @@ pub struct RunArgs {
     /// Overrides the action's number of retries.
     #[arg(long)]
     retries: Option<u32>,
+    /// Run in this sandbox profile instead of the action's (see drover
+    /// sandboxes list).
+    #[arg(long)]
+    sandbox: Option<String>,
     /// Wait for the job to end; exit 4 unless it succeeded.
     #[arg(long, conflicts_with = "follow")]
     wait: bool,
@@ -142,6 +169,7 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<()> {
         params: parse_params(&args.params)?,
         timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
         retries: args.retries,
+        sandbox: args.sandbox,
     };
     let job: Job = api.post("/jobs", &req).await?;
     if !args.wait && !args.follow {
@@ -229,6 +257,9 @@ fn finish(job: Job, output: Output) -> anyhow::Result<()> {
             }
             if let Some(s) = a.signal {
                 parts.push(format!("signal {s}"));
+            }
+            if let Some(l) = a.limit_exceeded {
+                parts.push(format!("limit exceeded: {}", l.as_str()));
             }
             if let Some(e) = &a.error {
                 parts.push(e.clone());
@@ -318,6 +349,7 @@ fn print_job(job: &Job) {
         "timeout",
         format!("{}s, {} retries", job.timeout_secs, job.max_retries),
     );
+    row("sandbox", job.sandbox.clone());
     println!();
     let rows: Vec<Vec<String>> = job
         .attempts
@@ -332,6 +364,9 @@ fn print_job(job: &Job) {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "-".to_owned()),
                 ms(a.duration_ms),
+                a.limit_exceeded
+                    .map(|l| l.as_str().to_owned())
+                    .unwrap_or_else(|| "-".to_owned()),
                 a.reason
                     .clone()
                     .or_else(|| a.error.clone())
@@ -341,10 +376,43 @@ fn print_job(job: &Job) {
         .collect();
     output::table(
         &[
-            "ATTEMPT", "AGENT", "#", "STATE", "EXIT", "DURATION", "REASON",
+            "ATTEMPT", "AGENT", "#", "STATE", "EXIT", "DURATION", "LIMIT", "REASON",
         ],
         &rows,
     );
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SandboxesCommand {
+    /// List sandbox profiles, the built-in `process` first.
+    List {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+pub async fn sandboxes(target: &Target, cmd: SandboxesCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    let SandboxesCommand::List { output } = cmd;
+    let list: Vec<drover_proto::sandbox::SandboxEntry> = api.get("/sandboxes").await?;
+    match output {
+        Output::Json => output::json(&list)?,
+        Output::Text => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.profile.name().to_owned(),
+                        e.profile.kind().to_owned(),
+                        e.profile.summary(),
+                        e.hash[..12].to_owned(),
+                    ]
+                })
+                .collect();
+            output::table(&["NAME", "KIND", "LIMITS", "HASH"], &rows);
+        }
+    }
+    Ok(())
 }
 
 pub async fn jobs(target: &Target, cmd: JobsCommand) -> anyhow::Result<()> {

@@ -57,9 +57,15 @@ enum Command {
     /// Create tokens.
     #[command(subcommand)]
     Token(ops::TokenCommand),
-    /// Inspect and manage enrolled agents.
+    /// Inspect and manage enrolled agents; drain, stop and resume them.
     #[command(subcommand)]
     Agents(ops::AgentsCommand),
+    /// Fleet-wide emergency stop and resume.
+    #[command(subcommand)]
+    Fleet(ops::FleetCommand),
+    /// Sandbox profiles (applied with drover actions apply).
+    #[command(subcommand)]
+    Sandboxes(jobs::SandboxesCommand),
     /// Manage the action catalog.
     #[command(subcommand)]
     Actions(jobs::ActionsCommand),
@@ -133,6 +139,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Login(args) => ops::login(&target, args).await,
         Command::Token(cmd) => ops::token(&target, cmd).await,
         Command::Agents(cmd) => ops::agents(&target, cmd).await,
+        Command::Fleet(cmd) => ops::fleet(&target, cmd).await,
+        Command::Sandboxes(cmd) => jobs::sandboxes(&target, cmd).await,
         Command::Actions(cmd) => jobs::actions(&target, cmd).await,
         Command::Run(args) => jobs::run(&target, args).await,
         Command::Jobs(cmd) => jobs::jobs(&target, cmd).await,

@@ -5,8 +5,9 @@ use std::io::IsTerminal;
 use anyhow::{bail, Context};
 use chrono::Utc;
 use drover_proto::api::{
-    Agent, CreateTokenRequest, CreatedToken, LabelAgentRequest, LoginRequest, LoginResponse,
-    RevokeAgentRequest, TokenKind,
+    Agent, CreateTokenRequest, CreatedToken, DispatchState, DrainAgentRequest, FleetStatus,
+    LabelAgentRequest, LoginRequest, LoginResponse, RevokeAgentRequest, StopRequest, StopResponse,
+    TokenKind,
 };
 use drover_proto::labels::{check_key, parse_pair, Labels};
 use reqwest::Method;
@@ -222,6 +223,57 @@ pub enum AgentsCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Give an agent no new work; what it runs finishes.
+    Drain {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Stop an agent: no new work, and what it runs is cancelled (SIGTERM,
+    /// then SIGKILL after each job's kill grace).
+    Stop {
+        id: String,
+        /// Kill what runs at once (SIGKILL), without the kill grace.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Let a drained or stopped agent take work again.
+    Resume {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FleetCommand {
+    /// Emergency stop: pause dispatch on every agent and cancel every
+    /// running attempt (SIGTERM, then SIGKILL after the kill grace).
+    Stop {
+        /// Kill every running attempt at once (SIGKILL).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// End the emergency stop: dispatch resumes.
+    Resume {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Whether dispatch is paused fleet-wide, and agents by dispatch state.
+    Status {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 fn labels_text(labels: &Labels) -> String {
@@ -249,6 +301,15 @@ fn print_agent(a: &Agent) {
     );
     row("enrolled", a.enrolled_at.to_rfc3339());
     row("last seen", output::ago(a.last_seen_at, now));
+    row(
+        "dispatch",
+        match &a.dispatch_reason {
+            Some(why) if a.dispatch != DispatchState::Active => {
+                format!("{} ({why})", a.dispatch.as_str())
+            }
+            _ => a.dispatch.as_str().to_owned(),
+        },
+    );
     if let Some(t) = a.revoked_at {
         row(
             "revoked",
@@ -289,6 +350,53 @@ fn print_agent(a: &Agent) {
         );
         row("agent uptime", format!("{}s", inv.agent_uptime_secs));
         row("system uptime", format!("{}s", inv.system_uptime_secs));
+        row(
+            "capacity",
+            format!("{} running of {}", inv.running, inv.capacity),
+        );
+        row(
+            "sandboxes",
+            if inv.sandboxes.is_empty() {
+                "-".to_owned()
+            } else {
+                inv.sandboxes.join(", ")
+            },
+        );
+        row("docker", docker_text(inv.docker.as_ref()));
+    }
+}
+
+/// What an agent says about its Docker engine, in one line.
+fn docker_text(d: Option<&drover_proto::sandbox::DockerStatus>) -> String {
+    match d {
+        None => "not configured".to_owned(),
+        Some(d) if !d.available => format!(
+            "unavailable ({})",
+            d.error.as_deref().unwrap_or("no answer")
+        ),
+        Some(d) => {
+            let mut s = format!(
+                "{} (runtimes: {})",
+                d.version.as_deref().unwrap_or("?"),
+                if d.runtimes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    d.runtimes.join(", ")
+                }
+            );
+            if !d.unenforced.is_empty() {
+                s.push_str(&format!("; cannot enforce: {}", d.unenforced.join(", ")));
+            }
+            s
+        }
+    }
+}
+
+/// `running/capacity` of an agent's last heartbeat.
+fn capacity_text(a: &Agent) -> String {
+    match &a.inventory {
+        Some(inv) if inv.capacity > 0 => format!("{}/{}", inv.running, inv.capacity),
+        _ => "-".to_owned(),
     }
 }
 
@@ -311,10 +419,19 @@ pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
                     let rows: Vec<Vec<String>> = agents
                         .iter()
                         .map(|a| {
+                            let docker = a
+                                .inventory
+                                .as_ref()
+                                .and_then(|i| i.docker.as_ref())
+                                .map(|d| if d.available { "yes" } else { "no" })
+                                .unwrap_or("-");
                             vec![
                                 a.id.clone(),
                                 a.hostname.clone(),
                                 a.status.as_str().to_owned(),
+                                a.dispatch.as_str().to_owned(),
+                                capacity_text(a),
+                                docker.to_owned(),
                                 output::ago(a.last_seen_at, now),
                                 a.group.clone().unwrap_or_else(|| "-".to_owned()),
                                 labels_text(&a.labels),
@@ -322,7 +439,17 @@ pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
                         })
                         .collect();
                     output::table(
-                        &["ID", "HOSTNAME", "STATUS", "LAST SEEN", "GROUP", "LABELS"],
+                        &[
+                            "ID",
+                            "HOSTNAME",
+                            "STATUS",
+                            "DISPATCH",
+                            "RUNNING",
+                            "DOCKER",
+                            "LAST SEEN",
+                            "GROUP",
+                            "LABELS",
+                        ],
                         &rows,
                     );
                 }
@@ -372,6 +499,119 @@ pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
                     println!("{}", a.id);
                     eprintln!("agent {} revoked: its next request will be refused", a.id);
                 }
+            }
+        }
+        AgentsCommand::Drain { id, reason, output } => {
+            let a: Agent = api
+                .post(
+                    &format!("{}/drain", agent_path(&id)?),
+                    &DrainAgentRequest { reason },
+                )
+                .await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => {
+                    println!("{}", a.id);
+                    eprintln!(
+                        "agent {} drained: it takes no new work; what runs finishes (drover agents resume {} undoes it)",
+                        a.id, a.id
+                    );
+                }
+            }
+        }
+        AgentsCommand::Stop {
+            id,
+            force,
+            reason,
+            output,
+        } => {
+            let r: StopResponse = api
+                .post(
+                    &format!("{}/stop", agent_path(&id)?),
+                    &StopRequest { force, reason },
+                )
+                .await?;
+            match output {
+                Output::Json => output::json(&r)?,
+                Output::Text => {
+                    println!("{}", r.cancelled);
+                    eprintln!(
+                        "agent {id} stopped: {} running attempt(s) {}; it takes no new work until drover agents resume {id}",
+                        r.cancelled,
+                        if force { "killed" } else { "cancelled" }
+                    );
+                }
+            }
+        }
+        AgentsCommand::Resume { id, output } => {
+            let a: Agent = api
+                .post(&format!("{}/resume", agent_path(&id)?), &())
+                .await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => {
+                    println!("{}", a.id);
+                    eprintln!("agent {} takes work again", a.id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_fleet(f: &FleetStatus) {
+    if f.stopped {
+        println!(
+            "dispatch: STOPPED since {} by {}{} ({})",
+            f.stopped_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            f.stopped_by.as_deref().unwrap_or("-"),
+            if f.force { ", forced" } else { "" },
+            f.reason.as_deref().unwrap_or("-")
+        );
+    } else {
+        println!("dispatch: running");
+    }
+    for (state, n) in &f.agents {
+        println!("agents {state}: {n}");
+    }
+}
+
+pub async fn fleet(target: &Target, cmd: FleetCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        FleetCommand::Stop {
+            force,
+            reason,
+            output,
+        } => {
+            let r: StopResponse = api
+                .post("/fleet/stop", &StopRequest { force, reason })
+                .await?;
+            match output {
+                Output::Json => output::json(&r)?,
+                Output::Text => {
+                    print_fleet(&r.fleet);
+                    eprintln!(
+                        "fleet stopped: {} attempt(s) on {} agent(s) {}; queued work waits until drover fleet resume",
+                        r.cancelled,
+                        r.agents,
+                        if force { "killed" } else { "cancelled" }
+                    );
+                }
+            }
+        }
+        FleetCommand::Resume { output } => {
+            let f: FleetStatus = api.post("/fleet/resume", &()).await?;
+            match output {
+                Output::Json => output::json(&f)?,
+                Output::Text => print_fleet(&f),
+            }
+        }
+        FleetCommand::Status { output } => {
+            let f: FleetStatus = api.get("/fleet").await?;
+            match output {
+                Output::Json => output::json(&f)?,
+                Output::Text => print_fleet(&f),
             }
         }
     }

@@ -56,6 +56,13 @@ pub enum WorkflowCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Remove the workspace an ended run kept (keep_workspace), or whose
+    /// removal failed.
+    Cleanup {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// A run's outcome and the outputs of its tasks.
     Result {
         id: String,
@@ -207,6 +214,15 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
                 Output::Text => println!("cancel requested for run {}", run.id),
             }
         }
+        WorkflowCommand::Cleanup { id, output } => {
+            let run: Run = api
+                .post(&format!("{}/workspace/remove", run_path(&id)?), &())
+                .await?;
+            match output {
+                Output::Json => output::json(&run)?,
+                Output::Text => println!("removing the workspace of run {}", run.id),
+            }
+        }
         WorkflowCommand::Result { id, output } => {
             let result: RunResult = api.get(&format!("{}/result", run_path(&id)?)).await?;
             match output {
@@ -335,6 +351,19 @@ fn print_run(run: &Run) {
     if let Some(t) = run.finished_at {
         row("finished", t.to_rfc3339());
     }
+    if let Some(ws) = &run.workspace {
+        let mut text = ws.state.as_str().to_owned();
+        if let Some(a) = &ws.agent_id {
+            text.push_str(&format!(" on agent {}", a.get(..13).unwrap_or(a)));
+        }
+        if let Some(s) = &ws.sandbox {
+            text.push_str(&format!(", sandbox {s}"));
+        }
+        if let Some(r) = &ws.reason {
+            text.push_str(&format!(" ({r})"));
+        }
+        row("workspace", text);
+    }
     println!();
     let rows: Vec<Vec<String>> = run
         .tasks
@@ -448,7 +477,8 @@ fn print_event(ev: &RunEvent) {
     let mut out = std::io::stdout().lock();
     let _ = match ev.kind.as_str() {
         "log" => {
-            let task = ev.task.as_deref().unwrap_or("?");
+            // Output of no task is the workspace's (its git checkout).
+            let task = ev.task.as_deref().unwrap_or("workspace");
             let text = ev.message.as_deref().unwrap_or("");
             let mut r = Ok(());
             for line in text.lines() {
@@ -460,6 +490,13 @@ fn print_event(ev: &RunEvent) {
             out,
             "{at} task {:<16} {:<10} {}",
             ev.task.as_deref().unwrap_or("?"),
+            ev.state.as_deref().unwrap_or(""),
+            ev.message.as_deref().unwrap_or("")
+        ),
+        "workspace" => writeln!(
+            out,
+            "{at} workspace {:<11} {:<10} {}",
+            "",
             ev.state.as_deref().unwrap_or(""),
             ev.message.as_deref().unwrap_or("")
         ),

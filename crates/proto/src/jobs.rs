@@ -144,10 +144,22 @@ pub struct Action {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Answer of `POST /api/v1/actions`.
+/// Answer of `POST /api/v1/actions`: what became of each action, and of
+/// each sandbox profile of the catalog.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApplyActionsResponse {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    #[serde(default)]
+    pub sandboxes: AppliedNames,
+}
+
+/// Names created, updated and left unchanged by an apply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AppliedNames {
     pub created: Vec<String>,
     pub updated: Vec<String>,
     pub unchanged: Vec<String>,

@@ -298,8 +298,9 @@ pub struct RunWorkspace {
     pub agent_id: Option<String>,
     /// Why it waits, failed, or how it ended.
     pub reason: Option<String>,
-    /// The sandbox profile it was created in.
-    pub sandbox: String,
+    /// The sandbox profile it is created in (shown with the run alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
     /// The jobs that create and remove it.
     pub create_job: Option<String>,
     pub remove_job: Option<String>,

@@ -26,6 +26,7 @@ pub fn noop_spec() -> ActionSpec {
         retries: RetryPolicy::default(),
         kill_grace: Duration::from_secs(1),
         env: BTreeMap::new(),
+        sandbox: None,
     }
 }
 
@@ -180,6 +181,11 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
     }
     if spec.timeout.is_zero() {
         return field("timeout", "must be above zero".to_owned());
+    }
+    if let Some(s) = &spec.sandbox {
+        if !drover_proto::sandbox::is_profile_name(s) {
+            return field("sandbox", format!("'{s}' is not a sandbox profile name"));
+        }
     }
     Ok(())
 }

@@ -74,6 +74,17 @@ impl Hub {
         self.slot(agent_id).notify.notify_one();
     }
 
+    /// Makes every agent's long-poll look for work again.
+    pub fn wake_all(&self) {
+        let slots: Vec<Arc<AgentSlot>> = {
+            let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            agents.values().cloned().collect()
+        };
+        for slot in slots {
+            slot.notify.notify_one();
+        }
+    }
+
     pub fn job_changed(&self, job_id: &str) {
         let _ = self.events.send(JobEvent::Changed(job_id.to_owned()));
     }

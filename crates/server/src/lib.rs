@@ -14,6 +14,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod routes;
+pub mod sandboxes;
 pub mod selector;
 pub mod state;
 pub mod webhooks;

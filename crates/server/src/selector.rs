@@ -1,5 +1,9 @@
 //! Job targets: which agents a selector names. Pure parsing and matching.
+//! Labels are those an operator set plus those the agent reports about
+//! itself (`docker=true`, `runtime.runsc=true`), so `--target docker=true`
+//! picks the agents that can run containers.
 
+use drover_proto::agent::{is_reported_label, reported_labels};
 use drover_proto::labels::{check_group, parse_pair};
 use drover_store::AgentRecord;
 
@@ -52,9 +56,19 @@ impl Selector {
         match self {
             Selector::All => true,
             Selector::Group(g) => agent.group.as_deref() == Some(g.as_str()),
-            Selector::Labels(pairs) => pairs
-                .iter()
-                .all(|(k, v)| agent.labels.get(k).is_some_and(|have| have == v)),
+            Selector::Labels(pairs) => {
+                let reported = pairs
+                    .iter()
+                    .any(|(k, _)| is_reported_label(k))
+                    .then(|| reported_labels(agent.inventory.as_ref()));
+                pairs.iter().all(|(k, v)| {
+                    let have = match &reported {
+                        Some(r) if is_reported_label(k) => r.get(k),
+                        _ => agent.labels.get(k),
+                    };
+                    have.is_some_and(|have| have == v)
+                })
+            }
             Selector::Agent(id) => agent.id == *id,
         }
     }
@@ -83,6 +97,9 @@ mod tests {
             session_ended_reason: None,
             revoked_at: None,
             revoked_reason: None,
+            dispatch: drover_proto::api::DispatchState::Active,
+            dispatch_reason: None,
+            dispatch_force: false,
         }
     }
 
@@ -121,5 +138,61 @@ mod tests {
         let sel = Selector::parse("group:eu").unwrap();
         assert!(sel.matches(&web) && !sel.matches(&db));
         assert!(Selector::All.matches(&db));
+    }
+
+    #[test]
+    fn reported_labels_select_on_what_the_agent_offers() {
+        use drover_proto::agent::Inventory;
+        use drover_proto::sandbox::DockerStatus;
+        let with = |docker: Option<DockerStatus>, kinds: &[&str]| {
+            let mut a = agent("a", &[("docker", "false")], None);
+            a.inventory = Some(Inventory {
+                docker,
+                sandboxes: kinds.iter().map(|k| k.to_string()).collect(),
+                ..Inventory::default()
+            });
+            a
+        };
+        let engine = |runtimes: &[&str]| {
+            Some(DockerStatus {
+                available: true,
+                runtimes: runtimes.iter().map(|r| r.to_string()).collect(),
+                ..DockerStatus::default()
+            })
+        };
+        let docker = Selector::parse("docker=true").unwrap();
+        let gvisor = Selector::parse("docker=true,runtime.runsc=true").unwrap();
+        let no_docker = Selector::parse("docker=false").unwrap();
+        let cases = [
+            (with(engine(&["runc"]), &["process", "docker"]), true, false),
+            (
+                with(engine(&["runc", "runsc"]), &["process", "docker"]),
+                true,
+                true,
+            ),
+            // Reachable, but the agent does not accept docker sandboxes.
+            (with(engine(&["runc"]), &["process"]), false, false),
+            (
+                with(
+                    Some(DockerStatus {
+                        available: false,
+                        error: Some("connection refused".into()),
+                        ..DockerStatus::default()
+                    }),
+                    &["process", "docker"],
+                ),
+                false,
+                false,
+            ),
+            (with(None, &["process", "docker"]), false, false),
+        ];
+        for (i, (a, want_docker, want_gvisor)) in cases.iter().enumerate() {
+            // A label an operator set never overrides what is reported.
+            assert_eq!(docker.matches(a), *want_docker, "case {i}");
+            assert_eq!(no_docker.matches(a), !*want_docker, "case {i}");
+            assert_eq!(gvisor.matches(a), *want_gvisor, "case {i}");
+        }
+        // No inventory yet: nothing is known to be offered.
+        assert!(!docker.matches(&agent("b", &[], None)));
     }
 }

@@ -138,7 +138,9 @@ impl Store {
     /// The fleet-wide stop, if any.
     pub async fn fleet(&self) -> Result<FleetRecord> {
         let sql = "SELECT stopped_at, stopped_by, reason, force FROM fleet WHERE id = 1";
-        let row: Option<(Option<i64>, Option<String>, Option<String>, i64)> =
+        /// stopped_at, stopped_by, reason, force
+        type FleetRow = (Option<i64>, Option<String>, Option<String>, i64);
+        let row: Option<FleetRow> =
             on_pool!(self, p => sqlx::query_as(sql).fetch_optional(p).await)?;
         Ok(match row {
             Some((at, by, reason, force)) => FleetRecord {

@@ -1,9 +1,11 @@
-//! The action catalog: apply (create or replace) and list.
+//! The action catalog: apply (create or replace) and list. A catalog file
+//! also carries sandbox profiles (`sandboxes:`), applied with it.
 
 use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
-use drover_proto::jobs::{Action, ActionCatalog, ActionSpec, ApplyActionsResponse};
+use drover_proto::jobs::{Action, ActionCatalog, ActionSpec, AppliedNames, ApplyActionsResponse};
+use drover_proto::sandbox::PROCESS;
 use drover_proto::ErrorBody;
 use drover_store::jobs::Upsert;
 use utoipa_axum::router::OpenApiRouter;
@@ -33,7 +35,9 @@ pub async fn find(state: &AppState, name: &str) -> Result<Option<(ActionSpec, St
     Ok(Some((spec, rec.hash)))
 }
 
-/// Create or replace actions. All are checked before any is stored.
+/// Create or replace the actions and sandbox profiles of a catalog. All
+/// are checked before any is stored; an action may name a profile of the
+/// same catalog or one stored before.
 #[utoipa::path(
     post, path = "/api/v1/actions", tag = "actions",
     request_body = ActionCatalog,
@@ -46,6 +50,21 @@ async fn apply_actions(
     ApiJson(catalog): ApiJson<ActionCatalog>,
 ) -> Result<Json<ApplyActionsResponse>, ApiError> {
     user.require_admin()?;
+    let mut profiles = std::collections::HashSet::new();
+    for profile in &catalog.sandboxes {
+        profile.validate().map_err(ApiError::invalid)?;
+        if profile.name() == PROCESS {
+            return Err(ApiError::invalid(format!(
+                "sandbox '{PROCESS}' is built in and cannot be redefined"
+            )));
+        }
+        if !profiles.insert(profile.name()) {
+            return Err(ApiError::invalid(format!(
+                "sandbox '{}' is defined twice",
+                profile.name()
+            )));
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     for spec in &catalog.actions {
         validate_spec(spec).map_err(ApiError::invalid)?;
@@ -55,13 +74,42 @@ async fn apply_actions(
                 spec.name
             )));
         }
+        if let Some(name) = &spec.sandbox {
+            let known = profiles.contains(name.as_str())
+                || crate::sandboxes::find(&state, name).await?.is_some();
+            if !known {
+                return Err(ApiError::invalid(format!(
+                    "action '{}': sandbox: unknown sandbox '{name}' (define it under 'sandboxes')",
+                    spec.name
+                )));
+            }
+        }
     }
     let mut resp = ApplyActionsResponse {
         created: Vec::new(),
         updated: Vec::new(),
         unchanged: Vec::new(),
+        sandboxes: AppliedNames::default(),
     };
     let now = Utc::now();
+    // Profiles first: the actions that name them must never be stored
+    // without them.
+    for profile in &catalog.sandboxes {
+        let json = serde_json::to_string(profile)
+            .map_err(|e| ApiError::internal("encoding a sandbox profile", &e))?;
+        let hash = crate::sandboxes::spec_hash(profile);
+        let name = profile.name().to_owned();
+        let names = &mut resp.sandboxes;
+        match state
+            .store
+            .upsert_sandbox(&name, &json, &hash, &user.username, now)
+            .await?
+        {
+            Upsert::Created => names.created.push(name),
+            Upsert::Updated => names.updated.push(name),
+            Upsert::Unchanged => names.unchanged.push(name),
+        }
+    }
     for spec in &catalog.actions {
         let json = serde_json::to_string(spec)
             .map_err(|e| ApiError::internal("encoding an action", &e))?;

@@ -1,9 +1,14 @@
-//! The fleet as operators see it: list, show, label, revoke.
+//! The fleet as operators see it: list, show, label, revoke, and whether
+//! an agent takes work: drain (no new work; what runs finishes), stop (no
+//! new work; what runs is cancelled, at once with `force`), resume.
 
 use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use drover_proto::api::{Agent, AgentStatus, LabelAgentRequest, RevokeAgentRequest};
+use drover_proto::api::{
+    Agent, AgentStatus, DispatchState, DrainAgentRequest, LabelAgentRequest, RevokeAgentRequest,
+    StopRequest, StopResponse,
+};
 use drover_proto::labels::{check_key, check_labels};
 use drover_proto::ErrorBody;
 use drover_store::AgentRecord;
@@ -20,6 +25,22 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(show_agent))
         .routes(routes!(label_agent))
         .routes(routes!(revoke_agent))
+        .routes(routes!(drain_agent))
+        .routes(routes!(resume_agent))
+        .routes(routes!(stop_agent))
+}
+
+/// Refuses labels an operator may not set: those the agent reports
+/// (`docker`, `runtime.*`), which targets select on as facts.
+pub fn check_settable(labels: &drover_proto::labels::Labels) -> Result<(), ApiError> {
+    for k in labels.keys() {
+        if drover_proto::agent::is_reported_label(k) {
+            return Err(ApiError::invalid(format!(
+                "label '{k}' is reported by the agent itself and cannot be set"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The API view of a stored agent, with its health as of `now`.
@@ -41,6 +62,8 @@ pub fn to_api(state: &AppState, a: AgentRecord, now: DateTime<Utc>) -> Agent {
         revoked_at: a.revoked_at,
         revoked_reason: a.revoked_reason,
         inventory: a.inventory,
+        dispatch: a.dispatch,
+        dispatch_reason: a.dispatch_reason,
     }
 }
 
@@ -102,6 +125,7 @@ async fn label_agent(
 ) -> Result<Json<Agent>, ApiError> {
     user.require_admin()?;
     check_labels(&req.set).map_err(|e| ApiError::invalid(e.to_string()))?;
+    check_settable(&req.set)?;
     for k in &req.remove {
         check_key(k).map_err(|e| ApiError::invalid(e.to_string()))?;
         if req.set.contains_key(k) {
@@ -154,4 +178,110 @@ async fn revoke_agent(
     tracing::info!(by = %user.username, agent = %id, %reason, "agent revoked");
     let a = load(&state, &id).await?;
     Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!("{verb} by {by}: {r}"),
+        None => format!("{verb} by {by}"),
+    }
+}
+
+/// Drain an agent: it is given no new work; what it runs finishes. Work
+/// for it waits, saying why.
+#[utoipa::path(
+    post, path = "/api/v1/agents/{id}/drain", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    request_body(content = Option<DrainAgentRequest>),
+    security(("user" = [])),
+    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+)]
+async fn drain_agent(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+    req: Option<ApiJson<DrainAgentRequest>>,
+) -> Result<Json<Agent>, ApiError> {
+    user.require_admin()?;
+    let req = req.map(|ApiJson(r)| r).unwrap_or_default();
+    super::fleet::check_reason(req.reason.as_deref())?;
+    let a = load(&state, &id).await?;
+    if a.dispatch == DispatchState::Stopped {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            drover_proto::ErrorCode::Conflict,
+            format!("agent {} is stopped; resume it first", a.id),
+        ));
+    }
+    let reason = dispatch_reason("drained", &user.username, req.reason.as_deref());
+    state
+        .store
+        .set_agent_dispatch(&a.id, DispatchState::Draining, Some(&reason))
+        .await?;
+    tracing::info!(by = %user.username, agent = %a.id, %reason, "agent drained");
+    let a = load(&state, &a.id).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Let a drained or stopped agent take work again.
+#[utoipa::path(
+    post, path = "/api/v1/agents/{id}/resume", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    security(("user" = [])),
+    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+)]
+async fn resume_agent(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Agent>, ApiError> {
+    user.require_admin()?;
+    let a = load(&state, &id).await?;
+    state
+        .store
+        .set_agent_dispatch(&a.id, DispatchState::Active, None)
+        .await?;
+    state.hub.wake(&a.id);
+    tracing::info!(by = %user.username, agent = %a.id, "agent resumed");
+    let a = load(&state, &a.id).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Stop an agent: it is given no new work, and what it runs is cancelled —
+/// SIGTERM, then SIGKILL after each attempt's kill grace; with `force`,
+/// SIGKILL at once. Work for it waits until `resume`.
+#[utoipa::path(
+    post, path = "/api/v1/agents/{id}/stop", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    request_body(content = Option<StopRequest>),
+    security(("user" = [])),
+    responses((status = 200, body = StopResponse), (status = 404, body = ErrorBody))
+)]
+async fn stop_agent(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+    req: Option<ApiJson<StopRequest>>,
+) -> Result<Json<StopResponse>, ApiError> {
+    user.require_admin()?;
+    let req = req.map(|ApiJson(r)| r).unwrap_or_default();
+    super::fleet::check_reason(req.reason.as_deref())?;
+    let a = load(&state, &id).await?;
+    let verb = if req.force {
+        "stopped (forced)"
+    } else {
+        "stopped"
+    };
+    let reason = dispatch_reason(verb, &user.username, req.reason.as_deref());
+    let stopped = state.store.stop_agent(&a.id, req.force, &reason).await?;
+    state.hub.wake(&a.id);
+    for job in stopped.jobs() {
+        state.hub.job_changed(&job);
+    }
+    tracing::warn!(by = %user.username, agent = %a.id, force = req.force, attempts = stopped.attempts.len(), "agent stopped");
+    Ok(Json(StopResponse {
+        cancelled: stopped.attempts.len() as u64,
+        agents: u64::from(!stopped.attempts.is_empty()),
+        fleet: super::fleet::status(&state).await?,
+    }))
 }

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
+use drover_proto::api::DispatchState;
 use drover_proto::jobs::{
     Assignment, AttemptResult, LeaseRequest, LeaseResponse, LogUpload, PollRequest, PollResponse,
     ResultAck, StartRequest, MAX_LOG_CHUNK,
@@ -150,11 +151,25 @@ async fn poll(
     }
     loop {
         let now = Utc::now();
-        let claimed = state
-            .store
-            .claim_attempts(agent, req.free_slots, now + lease, now)
-            .await?;
-        let cancel = state.store.cancels_for_agent(agent).await?;
+        // A drained or stopped agent, or a stopped fleet, gets no work (the
+        // claim checks it too, atomically); a stop also cancels what runs.
+        let gate = state.store.gate(agent).await?;
+        let paused = gate.fleet_stopped || gate.agent != DispatchState::Active;
+        let claimed = if paused {
+            Vec::new()
+        } else {
+            state
+                .store
+                .claim_attempts(agent, req.free_slots, now + lease, now)
+                .await?
+        };
+        let stops = state.store.cancels_for_agent(agent, &gate).await?;
+        let kill: Vec<String> = stops
+            .iter()
+            .filter(|(_, force)| *force)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let cancel: Vec<String> = stops.into_iter().map(|(id, _)| id).collect();
         if !claimed.is_empty() || !cancel.is_empty() || tokio::time::Instant::now() >= deadline {
             let mut assignments = Vec::with_capacity(claimed.len());
             for c in claimed {
@@ -173,17 +188,26 @@ async fn poll(
                     log_cap_bytes: state.config.log_cap_bytes,
                     lease_ms: lease.as_millis() as u64,
                     artifacts: c.artifacts,
+                    sandbox: Some(c.sandbox),
+                    workspace: c.workspace,
                 });
             }
             return Ok(Json(PollResponse {
                 assignments,
                 cancel,
+                kill,
             })
             .into_response());
         }
-        // Sleep until woken, until the next retry becomes due, or the end.
+        // Sleep until woken, until the next retry becomes due (unless
+        // nothing may be claimed anyway), or the end.
         let mut until = deadline;
-        if let Some(ready) = state.store.next_ready_at(agent).await? {
+        let next_ready = if paused {
+            None
+        } else {
+            state.store.next_ready_at(agent).await?
+        };
+        if let Some(ready) = next_ready {
             let in_ms = (ready - Utc::now()).num_milliseconds().max(0) as u64;
             until = until.min(tokio::time::Instant::now() + Duration::from_millis(in_ms));
         }
@@ -304,13 +328,15 @@ async fn renew_leases(
         }
     }
     let lease = state.config.attempt_lease;
-    let (renewed, cancel) = state
+    let gate = state.store.gate(&claims.sub).await?;
+    let r = state
         .store
-        .renew_leases(&claims.sub, &req.attempt_ids, Utc::now() + lease)
+        .renew_leases(&claims.sub, &req.attempt_ids, Utc::now() + lease, &gate)
         .await?;
     Ok(Json(LeaseResponse {
-        renewed,
-        cancel,
+        renewed: r.renewed,
+        cancel: r.cancel,
+        kill: r.kill,
         lease_ms: lease.as_millis() as u64,
     }))
 }

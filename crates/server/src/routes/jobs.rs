@@ -9,9 +9,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use drover_proto::api::AgentStatus;
+use drover_proto::api::{AgentStatus, DispatchState};
 use drover_proto::jobs::{Attempt, Job, JobState, LogChunk, LogPage, Stream, SubmitJobRequest};
 use drover_proto::ErrorBody;
+use drover_store::fleet::FleetRecord;
 use drover_store::jobs::{AttemptRecord, JobRecord, NewJob};
 use drover_store::AgentRecord;
 use serde::Deserialize;
@@ -39,7 +40,9 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Longest timeout a job may be given (7 days).
 const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
-/// Resolves a target to the agents it names (never revoked ones).
+/// Resolves a target to the agents it names (never revoked ones). A label,
+/// group or `*` selector leaves out agents that take no new work (drained
+/// or stopped); an agent named by id is kept, and its work waits.
 pub(crate) async fn resolve_target(
     state: &AppState,
     target: &str,
@@ -62,20 +65,33 @@ pub(crate) async fn resolve_target(
         }
         return Ok(vec![id]);
     }
-    let agents: Vec<String> = state
+    let matched: Vec<AgentRecord> = state
         .store
         .list_agents()
         .await?
         .into_iter()
         .filter(|a| a.revoked_at.is_none() && selector.matches(a))
-        .map(|a| a.id)
         .collect();
-    if agents.is_empty() {
+    if matched.is_empty() {
         return Err(ApiError::invalid(format!(
             "target '{target}' matches no agent"
         )));
     }
-    Ok(agents)
+    let (active, paused): (Vec<AgentRecord>, Vec<AgentRecord>) = matched
+        .into_iter()
+        .partition(|a| a.dispatch == DispatchState::Active);
+    if active.is_empty() {
+        let names: Vec<String> = paused
+            .iter()
+            .take(5)
+            .map(|a| format!("{} ({})", short(&a.id), a.dispatch.as_str()))
+            .collect();
+        return Err(ApiError::invalid(format!(
+            "target '{target}' matches only agents that take no new work: {}",
+            names.join(", ")
+        )));
+    }
+    Ok(active.into_iter().map(|a| a.id).collect())
 }
 
 /// Run an action on the agents a target names: one attempt per agent.
@@ -116,6 +132,9 @@ async fn submit_job(
         }
         retry.max = n;
     }
+    let sandbox = crate::sandboxes::resolve(&state, &spec, req.sandbox.as_deref())
+        .await?
+        .map_err(ApiError::invalid)?;
     let agents = resolve_target(&state, &req.target).await?;
     let params_json = serde_json::to_string(&req.params)
         .map_err(|e| ApiError::internal("encoding parameters", &e))?;
@@ -136,6 +155,8 @@ async fn submit_job(
                 created_by: &user.username,
                 agent_ids: &agents,
                 artifacts: &[],
+                sandbox: &sandbox,
+                workspace: None,
             },
             now,
         )
@@ -144,7 +165,7 @@ async fn submit_job(
         state.hub.wake(agent);
     }
     state.hub.job_changed(&id);
-    tracing::info!(job = %id, action = %spec.name, agents = agents.len(), by = %user.username, "job submitted");
+    tracing::info!(job = %id, action = %spec.name, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
     Ok((StatusCode::CREATED, Json(load_job(&state, &id).await?)))
 }
 
@@ -179,7 +200,7 @@ async fn list_jobs(
     let jobs = state.store.list_jobs(filter, limit).await?;
     Ok(Json(
         jobs.into_iter()
-            .map(|j| job_view(j, Vec::new(), &HashMap::new(), &state))
+            .map(|j| job_view(j, Vec::new(), &HashMap::new(), None, &state))
             .collect(),
     ))
 }
@@ -332,13 +353,19 @@ pub async fn load_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
             }
         }
     }
-    Ok(job_view(job, attempts, &agents, state))
+    let fleet = if attempts.iter().any(|a| !a.state.is_final()) {
+        Some(state.store.fleet().await?)
+    } else {
+        None
+    };
+    Ok(job_view(job, attempts, &agents, fleet.as_ref(), state))
 }
 
 fn job_view(
     job: JobRecord,
     attempts: Vec<AttemptRecord>,
     agents: &HashMap<String, AgentRecord>,
+    fleet: Option<&FleetRecord>,
     state: &AppState,
 ) -> Job {
     let now = Utc::now();
@@ -348,7 +375,13 @@ fn job_view(
             let reason = if a.state.is_final() {
                 a.reason.clone()
             } else {
-                Some(waiting_reason(&a, agents.get(&a.agent_id), state, now))
+                Some(waiting_reason(
+                    &a,
+                    agents.get(&a.agent_id),
+                    fleet,
+                    state,
+                    now,
+                ))
             };
             attempt_view(a, reason)
         })
@@ -382,6 +415,7 @@ fn job_view(
         finished_at: job.finished_at,
         timeout_secs: (job.timeout_ms / 1000) as u64,
         max_retries: job.retry.max,
+        sandbox: job.sandbox.name().to_owned(),
         attempts,
     }
 }
@@ -394,21 +428,42 @@ fn short(id: &str) -> &str {
 fn waiting_reason(
     a: &AttemptRecord,
     agent: Option<&AgentRecord>,
+    fleet: Option<&FleetRecord>,
     state: &AppState,
     now: DateTime<Utc>,
 ) -> String {
     let who = short(&a.agent_id);
+    let stopping = a.cancel_requested
+        || fleet.is_some_and(|f| f.stopped_at.is_some())
+        || agent.is_some_and(|g| g.dispatch == DispatchState::Stopped);
     match a.state {
-        JobState::Running if a.cancel_requested => format!("cancel sent to agent {who}"),
+        JobState::Running | JobState::Dispatched if stopping => match &a.reason {
+            Some(why) => format!("cancel sent to agent {who} ({why})"),
+            None => format!("cancel sent to agent {who}"),
+        },
         JobState::Running => format!("running on agent {who}"),
         JobState::Dispatched => format!("dispatched to agent {who}, waiting for it to start"),
         _ => {
+            if let Some(f) = fleet.filter(|f| f.stopped_at.is_some()) {
+                return format!(
+                    "dispatch is paused fleet-wide since {} ({}); drover fleet resume lets it go",
+                    f.stopped_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    f.reason.as_deref().unwrap_or("emergency stop")
+                );
+            }
             if a.not_before > now {
                 return format!("awaiting retry at {}", a.not_before.to_rfc3339());
             }
             let Some(agent) = agent else {
                 return format!("agent {who} no longer exists");
             };
+            if agent.dispatch != DispatchState::Active && agent.revoked_at.is_none() {
+                return format!(
+                    "agent {who} is {} ({}); drover agents resume {who} lets it take work",
+                    agent.dispatch.as_str(),
+                    agent.dispatch_reason.as_deref().unwrap_or("by an admin")
+                );
+            }
             let status = AgentStatus::derive(
                 agent.revoked_at.is_some(),
                 agent.last_seen_at,
@@ -452,5 +507,6 @@ fn attempt_view(a: AttemptRecord, reason: Option<String>) -> Attempt {
         error: a.error,
         stdout_truncated: a.stdout_truncated,
         stderr_truncated: a.stderr_truncated,
+        limit_exceeded: a.limit_exceeded,
     }
 }

@@ -6,7 +6,9 @@ pub mod agent_api;
 pub mod agents;
 pub mod audit;
 pub mod dispatch;
+pub mod fleet;
 pub mod jobs;
+pub mod sandboxes;
 pub mod system;
 pub mod tokens;
 pub mod users;
@@ -28,7 +30,8 @@ use crate::state::AppState;
         (name = "tokens", description = "Bootstrap and API tokens"),
         (name = "agents", description = "The fleet, as operators see it"),
         (name = "agent", description = "The protocol agents speak"),
-        (name = "actions", description = "The action catalog"),
+        (name = "actions", description = "The action catalog and sandbox profiles"),
+        (name = "fleet", description = "Fleet-wide emergency stop"),
         (name = "jobs", description = "Running actions on agents"),
         (name = "audit", description = "Who changed what"),
         (name = "workflows", description = "Durable workflow runs, their events and artifacts"),
@@ -66,6 +69,8 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(agents::router())
         .merge(agent_api::router())
         .merge(actions::router())
+        .merge(sandboxes::router())
+        .merge(fleet::router())
         .merge(jobs::router())
         .merge(dispatch::router())
         .merge(audit::router())

@@ -65,6 +65,7 @@ pub async fn create(
     match req.kind {
         TokenKind::Bootstrap => {
             check_labels(&req.labels).map_err(|e| ApiError::invalid(e.to_string()))?;
+            super::agents::check_settable(&req.labels)?;
             if let Some(g) = &req.group {
                 check_group(g).map_err(|e| ApiError::invalid(e.to_string()))?;
             }

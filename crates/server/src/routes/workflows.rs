@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use drover_proto::workflows::{
-    Artifact, Run, RunEvent, RunResult, RunState, SubmitRunRequest, TaskRun, TaskState,
-    WorkflowDef, SHA256_HEADER,
+    Artifact, Run, RunEvent, RunResult, RunState, RunWorkspace, SubmitRunRequest, TaskRun,
+    TaskState, WorkflowDef, WorkspaceState, SHA256_HEADER,
 };
 use drover_proto::ErrorBody;
 use drover_store::workflows::{ArtifactRecord, NewRun, RunRecord};
@@ -44,6 +44,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(download_artifact))
         .routes(routes!(run_events))
         .routes(routes!(run_ws))
+        .routes(routes!(remove_run_workspace))
 }
 
 /// Events read from the store per round.
@@ -77,6 +78,7 @@ async fn submit_run(
     };
     let parsed = def::parse(&text, source).map_err(ApiError::invalid)?;
     check_actions(&state, &parsed).await?;
+    check_sandboxes(&state, &parsed).await?;
     let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
     let (body, hash) = def::canonical(&parsed.def);
     let now = Utc::now();
@@ -96,6 +98,7 @@ async fn submit_run(
                 created_by: &user.username,
                 deadline,
                 tasks: &task_ids,
+                workspace: parsed.def.workspace.is_some(),
             },
             now,
         )
@@ -138,6 +141,38 @@ async fn check_actions(state: &AppState, parsed: &Parsed) -> Result<(), ApiError
         });
         if !has_refs {
             resolve_params(&spec, &task.params).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every sandbox a task or the workspace names must exist; an action that
+/// asks for a container is never run as a process; in a docker workspace
+/// every task runs in the workspace's container.
+async fn check_sandboxes(state: &AppState, parsed: &Parsed) -> Result<(), ApiError> {
+    let ws_profile = match &parsed.def.workspace {
+        Some(w) => {
+            Selector::parse(&w.target)
+                .map_err(|e| ApiError::invalid(format!("workspace: target: {e}")))?;
+            Some(
+                crate::workflow::workspace::profile(state, &parsed.def)
+                    .await?
+                    .map_err(ApiError::invalid)?,
+            )
+        }
+        None => None,
+    };
+    for task in &parsed.def.tasks {
+        let at = &parsed.task_at[&task.id];
+        let fail = |m: String| ApiError::invalid(format!("{at}: task '{}': {m}", task.id));
+        let Some((spec, _)) = super::actions::find(state, &task.action).await? else {
+            continue;
+        };
+        let own = crate::sandboxes::resolve(state, &spec, task.sandbox.as_deref())
+            .await?
+            .map_err(fail)?;
+        if let Some(ws) = &ws_profile {
+            crate::workflow::workspace::task_sandbox(task, &spec, own, ws).map_err(fail)?;
         }
     }
     Ok(())
@@ -208,15 +243,29 @@ async fn list_runs(
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let runs = state.store.list_runs(filter, limit).await?;
     Ok(Json(
-        runs.into_iter().map(|r| run_view(r, Vec::new())).collect(),
+        runs.into_iter()
+            .map(|r| run_view(r, Vec::new(), None))
+            .collect(),
     ))
 }
 
-fn run_view(r: RunRecord, tasks: Vec<TaskRun>) -> Run {
+fn run_view(r: RunRecord, tasks: Vec<TaskRun>, def: Option<&WorkflowDef>) -> Run {
     let reason = r.reason.or_else(|| {
         r.cancel_requested_at
             .filter(|_| !r.state.is_final())
             .map(|at| format!("cancelling (asked at {})", at.to_rfc3339()))
+    });
+    let workspace = r.workspace_state.map(|state| RunWorkspace {
+        state,
+        agent_id: r.workspace_agent.clone(),
+        reason: r.workspace_reason.clone(),
+        sandbox: def.and_then(|d| d.workspace.as_ref()).map(|w| {
+            w.sandbox
+                .clone()
+                .unwrap_or_else(|| drover_proto::sandbox::PROCESS.to_owned())
+        }),
+        create_job: r.workspace_job.clone(),
+        remove_job: r.workspace_remove_job.clone(),
     });
     Run {
         id: r.id,
@@ -230,6 +279,7 @@ fn run_view(r: RunRecord, tasks: Vec<TaskRun>) -> Run {
         finished_at: r.finished_at,
         deadline_at: r.deadline_at,
         cancel_requested_at: r.cancel_requested_at,
+        workspace,
         tasks,
     }
 }
@@ -272,7 +322,13 @@ pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
                 .filter(|n| records.get(*n).is_some_and(|r| !r.state.is_final()))
                 .map(String::as_str)
                 .collect();
-            Some(if waiting.is_empty() {
+            let workspace = run.workspace_state.filter(|s| *s != WorkspaceState::Ready);
+            Some(if let (true, Some(ws)) = (waiting.is_empty(), workspace) {
+                match &run.workspace_reason {
+                    Some(why) => format!("waiting for the workspace ({}: {why})", ws.as_str()),
+                    None => format!("waiting for the workspace ({})", ws.as_str()),
+                }
+            } else if waiting.is_empty() {
                 "about to start".to_owned()
             } else {
                 format!("waiting for {}", waiting.join(", "))
@@ -295,7 +351,7 @@ pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
             finished_at: t.finished_at,
         });
     }
-    Ok(run_view(run, tasks))
+    Ok(run_view(run, tasks, Some(&def)))
 }
 
 /// One run with its tasks: which run, which wait and why.
@@ -346,6 +402,62 @@ async fn cancel_run(
     state.hub.run_changed(&id);
     state.hub.run_event(&id);
     tracing::info!(run = %id, by = %user.username, "run cancel requested");
+    Ok(Json(load_run(&state, &id).await?))
+}
+
+/// Remove the workspace of an ended run that was kept (`keep_workspace`)
+/// or whose removal failed: the removal job is queued on its agent.
+#[utoipa::path(
+    post, path = "/api/v1/workflows/runs/{id}/workspace/remove", tag = "workflows",
+    params(("id" = String, Path, description = "Run id or a unique prefix")),
+    security(("user" = [])),
+    responses((status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "No kept workspace to remove", body = ErrorBody))
+)]
+async fn remove_run_workspace(
+    State(state): State<AppState>,
+    user: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
+    use crate::workflow::workspace::{Step, WorkspaceJob};
+    user.require_admin()?;
+    let id = state.store.resolve_run_id(&id).await?;
+    let run = state
+        .store
+        .run(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run '{id}' not found")))?;
+    let conflict =
+        |m: String| ApiError::new(StatusCode::CONFLICT, drover_proto::ErrorCode::Conflict, m);
+    let removable = matches!(
+        run.workspace_state,
+        Some(WorkspaceState::Kept | WorkspaceState::RemoveFailed)
+    );
+    if run.state == RunState::Running || !removable {
+        return Err(conflict(format!(
+            "run {id} has no kept workspace to remove (workspace: {})",
+            run.workspace_state.map(|s| s.as_str()).unwrap_or("none")
+        )));
+    }
+    let spec = match &run.workspace_job {
+        Some(job) => state.store.job(job).await?.and_then(|j| j.workspace),
+        None => None,
+    };
+    let (Some(spec), Some(agent)) = (spec, &run.workspace_agent) else {
+        return Err(conflict(format!("run {id}'s workspace was never created")));
+    };
+    let job = WorkspaceJob::new(Step::Remove, agent, spec);
+    let created = state
+        .store
+        .remove_workspace(&id, job.new_job(&user.username), Utc::now())
+        .await?;
+    if created.is_none() {
+        return Err(conflict(format!(
+            "run {id}'s workspace is already being removed"
+        )));
+    }
+    state.hub.wake(agent);
+    state.hub.run_event(&id);
+    tracing::info!(run = %id, by = %user.username, agent = %agent, "workspace removal requested");
     Ok(Json(load_run(&state, &id).await?))
 }
 

@@ -6,8 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use drover_proto::sandbox::{is_profile_name, GitSource};
 use drover_proto::workflows::{
     valid_artifact_path, InputSpec, Mode, TaskDef, WebhookEvent, WebhookSpec, WorkflowDef,
+    WorkspaceDef,
 };
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Deserialize;
@@ -38,6 +40,21 @@ struct RawDef {
     #[serde(default)]
     webhooks: Vec<Spanned<RawWebhook>>,
     tasks: Vec<Spanned<RawTask>>,
+    #[serde(default)]
+    workspace: Option<Spanned<RawWorkspace>>,
+    #[serde(default)]
+    keep_workspace: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkspace {
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    sandbox: Option<String>,
+    #[serde(default)]
+    git: Option<GitSource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +106,8 @@ struct RawTask {
     optional: bool,
     #[serde(default)]
     artifacts: Vec<String>,
+    #[serde(default)]
+    sandbox: Option<String>,
 }
 
 /// A checked definition with where its tasks are in the source, for the
@@ -178,6 +197,40 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
         });
     }
 
+    let workspace = match raw.workspace {
+        Some(ws) => {
+            let ws_at = at(source, &ws.referenced);
+            let w = ws.value;
+            let target = w.target.or_else(|| raw.defaults.target.clone()).ok_or_else(|| {
+                format!("{ws_at}: workspace: no target: set 'target' on the workspace or in 'defaults'")
+            })?;
+            if let Some(s) = &w.sandbox {
+                if !is_profile_name(s) {
+                    return Err(format!(
+                        "{ws_at}: workspace: sandbox '{s}' is not a sandbox profile name"
+                    ));
+                }
+            }
+            if let Some(g) = &w.git {
+                g.validate()
+                    .map_err(|e| format!("{ws_at}: workspace: {e}"))?;
+            }
+            Some(WorkspaceDef {
+                target,
+                sandbox: w.sandbox,
+                git: w.git,
+            })
+        }
+        None => None,
+    };
+    let keep_workspace = raw.keep_workspace.as_ref().is_some_and(|k| k.value);
+    if let (Some(k), true, None) = (&raw.keep_workspace, keep_workspace, &workspace) {
+        return Err(format!(
+            "{}: keep_workspace is set but the workflow has no workspace",
+            at(source, &k.referenced)
+        ));
+    }
+
     // Ids first: duplicates, syntax.
     let mut task_at: HashMap<String, String> = HashMap::new();
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -245,10 +298,29 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
             }
             previous = Some(id.clone());
         }
-        let target = t
-            .target
-            .or_else(|| raw.defaults.target.clone())
-            .ok_or_else(|| ctx("no target: set 'target' on the task or in 'defaults'".into()))?;
+        let target = match &workspace {
+            // Every task runs on the agent that holds the workspace.
+            Some(ws) => {
+                if t.target.is_some() {
+                    return Err(ctx(
+                        "a run with a workspace runs every task on the workspace's agent; remove 'target' (set it on 'workspace')"
+                            .into(),
+                    ));
+                }
+                ws.target.clone()
+            }
+            None => t
+                .target
+                .or_else(|| raw.defaults.target.clone())
+                .ok_or_else(
+                    || ctx("no target: set 'target' on the task or in 'defaults'".into()),
+                )?,
+        };
+        if let Some(s) = &t.sandbox {
+            if !is_profile_name(s) {
+                return Err(ctx(format!("sandbox '{s}' is not a sandbox profile name")));
+            }
+        }
         if t.timeout == Some(Duration::ZERO) {
             return Err(ctx("timeout must be longer than 0s".into()));
         }
@@ -290,6 +362,7 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
             retries: t.retries.or(raw.defaults.retries),
             optional: t.optional,
             artifacts: t.artifacts,
+            sandbox: t.sandbox,
         });
     }
 
@@ -353,6 +426,8 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
             timeout: raw.timeout,
             webhooks,
             tasks,
+            workspace,
+            keep_workspace,
         },
         task_at,
     })
@@ -544,6 +619,81 @@ tasks:
             let e = err(yaml);
             for want in *wants {
                 assert!(e.contains(want), "{e:?} should contain {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn workspaces_pin_tasks_and_are_checked() {
+        let ok = "\
+name: ws
+defaults: {target: group:build}
+workspace:
+  sandbox: builder
+  git: {repo: /srv/app.git, ref: v1.2}
+tasks:
+  - {id: a, action: noop}
+  - {id: b, action: noop, needs: [a], sandbox: builder}
+";
+        let p = parse(ok, "ws.yaml").expect("valid");
+        let ws = p.def.workspace.as_ref().expect("workspace");
+        assert_eq!(ws.target, "group:build");
+        assert_eq!(ws.sandbox.as_deref(), Some("builder"));
+        assert_eq!(
+            ws.git.as_ref().map(|g| g.repo.as_str()),
+            Some("/srv/app.git")
+        );
+        assert!(!p.def.keep_workspace);
+        assert_eq!(p.def.tasks[1].sandbox.as_deref(), Some("builder"));
+        // A definition without the new fields hashes as it always did.
+        let (plain, _) = canonical(&parse(DIAMOND, "d").expect("valid").def);
+        assert!(
+            !plain.contains("workspace") && !plain.contains("sandbox"),
+            "{plain}"
+        );
+
+        let table: &[(&str, &[&str])] = &[
+            (
+                "name: w\nworkspace: {git: {repo: /r}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 2", "workspace: no target"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*'}\ntasks:\n  - {id: a, action: noop, target: group:x}\n",
+                &["line 4", "task 'a'", "remove 'target'"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', git: {repo: '--upload-pack=touch /tmp/x'}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 2", "must not start with '-'"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', git: {repo: 'ext::id'}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 2", "refused"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', git: {repo: /r, ref: '-b'}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["git.ref '-b'"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', git: {repo: /r, branch: main}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["wf.yaml", "branch"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', sandbox: 'a b'}\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 2", "sandbox 'a b'"],
+            ),
+            (
+                "name: w\ndefaults: {target: '*'}\nkeep_workspace: true\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 3", "no workspace"],
+            ),
+            (
+                "name: w\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop, sandbox: '$(id)'}\n",
+                &["line 4", "task 'a'", "sandbox"],
+            ),
+        ];
+        for (yaml, wants) in table {
+            let e = err(yaml);
+            for w in *wants {
+                assert!(e.contains(w), "{yaml:?}: {e} (wanted {w})");
             }
         }
     }

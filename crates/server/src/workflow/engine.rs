@@ -9,6 +9,13 @@
 //! by two servers at once, happens once. A task's job is created in the
 //! transaction that starts the task; a job's attempts keep their own
 //! at-least-once retries, and the task takes the job's final state once.
+//!
+//! A run with a workspace first picks the agent that holds it and creates
+//! it there (a built-in job, `workspace::WorkspaceJob`); its tasks start
+//! once it is ready, all on that agent. The run ends once every task has,
+//! and never while the workspace is still being created; its end queues
+//! the job that removes the workspace (unless `keep_workspace`), in the
+//! same transaction, and the run is swept until that job has ended.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -16,15 +23,18 @@ use std::time::Duration;
 
 use chrono::Utc;
 use drover_proto::jobs::JobState;
+use drover_proto::sandbox::{Sandbox, WorkspaceSpec};
+use drover_proto::workflows::WorkspaceState;
 use drover_proto::workflows::{
     RunState, TaskDef, TaskState, WebhookEvent, WebhookPayload, WorkflowDef,
 };
 use drover_store::jobs::NewJob;
-use drover_store::workflows::{NewDelivery, RunRecord, TaskRecord};
+use drover_store::workflows::{NewDelivery, RunRecord, TaskRecord, WorkspaceEnd};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::template::{self, Scope};
+use super::workspace::{self, Step, WorkspaceJob};
 use crate::catalog::{render_argv, resolve_params};
 use crate::hub::JobEvent;
 use crate::routes::jobs::resolve_target;
@@ -125,6 +135,23 @@ pub enum EngineError {
 struct StartCache {
     actions: HashMap<String, Result<(drover_proto::jobs::ActionSpec, String), String>>,
     targets: HashMap<String, Result<Vec<String>, String>>,
+    /// By (action, the task's sandbox).
+    sandboxes: HashMap<(String, Option<String>), Result<Sandbox, String>>,
+}
+
+/// Where a run's workspace stands for its tasks.
+enum Workspace {
+    /// The run has none.
+    None,
+    /// Tasks wait.
+    NotReady,
+    /// Tasks run on this agent, in this workspace.
+    Ready {
+        agent: String,
+        spec: Box<WorkspaceSpec>,
+    },
+    /// It could not be created: tasks are skipped, the run fails.
+    Failed(String),
 }
 
 struct Engine {
@@ -172,6 +199,12 @@ impl Engine {
             return Ok(());
         };
         if run.state.is_final() {
+            // Only the removal of its workspace can still be under way.
+            if run.workspace_state == Some(WorkspaceState::Removing)
+                && self.settle_removal(&run).await?
+            {
+                self.state.hub.run_event(run_id);
+            }
             return Ok(());
         }
         let def = self.definition(&run.def_hash).await?;
@@ -249,6 +282,26 @@ impl Engine {
             None
         };
         if let Some((end, why)) = stop {
+            // A workspace being created is stopped too; the run ends (and
+            // its removal is queued) only once that job has ended.
+            let mut creating = false;
+            if run.workspace_state == Some(WorkspaceState::Creating) {
+                if let Some(job_id) = &run.workspace_job {
+                    let job = store.job(job_id).await?;
+                    if job.as_ref().is_some_and(|j| !j.state.is_final()) {
+                        creating = true;
+                        if job.is_some_and(|j| j.cancel_requested_at.is_none()) {
+                            let agents = store.cancel_job(job_id, &why, Utc::now()).await?;
+                            for agent in &agents {
+                                self.state.hub.wake(agent);
+                            }
+                            self.state.hub.job_changed(job_id);
+                        }
+                    } else {
+                        changed |= self.workspace_created(&run).await?;
+                    }
+                }
+            }
             for t in tasks.values_mut() {
                 if t.state.is_final() {
                     continue;
@@ -277,7 +330,8 @@ impl Engine {
                     }
                 }
             }
-            if tasks.values().all(|t| t.state.is_final()) {
+            if !creating && tasks.values().all(|t| t.state.is_final()) {
+                let run = store.run(run_id).await?.unwrap_or(run);
                 changed |= self.finish(&run, &def, &tasks, end, Some(why)).await?;
             }
             if changed {
@@ -285,6 +339,9 @@ impl Engine {
             }
             return Ok(());
         }
+
+        // 2b. The workspace, if any, comes before every task.
+        let ws = self.workspace(&run, &def, &mut changed).await?;
 
         // 3. Start (or skip) every pending task whose needs have ended,
         //    until nothing more moves.
@@ -316,15 +373,24 @@ impl Engine {
                     })
                     .map(|n| format!("{n} ({})", tasks[n].state.as_str()))
                     .collect();
+                if matches!(ws, Workspace::NotReady) {
+                    continue;
+                }
                 let now = Utc::now();
-                let new_state = if !blocking.is_empty() {
+                let new_state = if let Workspace::Failed(why) = &ws {
+                    let why = format!("the workspace could not be created: {why}");
+                    store
+                        .set_task_state(run_id, &task.id, TaskState::Skipped, Some(&why), None, now)
+                        .await?;
+                    TaskState::Skipped
+                } else if !blocking.is_empty() {
                     let why = format!("needs {}", blocking.join(", "));
                     store
                         .set_task_state(run_id, &task.id, TaskState::Skipped, Some(&why), None, now)
                         .await?;
                     TaskState::Skipped
                 } else {
-                    match self.start(&run, task, &tasks, &mut cache).await? {
+                    match self.start(&run, task, &tasks, &ws, &mut cache).await? {
                         Ok(()) => TaskState::Queued,
                         Err(why) => {
                             tracing::info!(run = %run_id, task = %task.id, reason = %why, "task cannot start");
@@ -361,7 +427,12 @@ impl Engine {
                 .filter(|d| !d.optional && tasks[&d.id].state != TaskState::Succeeded)
                 .map(|d| format!("{} ({})", d.id, tasks[&d.id].state.as_str()))
                 .collect();
-            let (end, why) = if failed.is_empty() {
+            let (end, why) = if let Workspace::Failed(why) = &ws {
+                (
+                    RunState::Failed,
+                    Some(format!("the workspace could not be created: {why}")),
+                )
+            } else if failed.is_empty() {
                 (RunState::Succeeded, None)
             } else {
                 (
@@ -378,6 +449,229 @@ impl Engine {
             self.state.hub.run_event(run_id);
         }
         Ok(())
+    }
+
+    /// Moves the run's workspace forward and says where it stands: picks
+    /// the agent and creates the job that makes it, notes when that job
+    /// has ended.
+    async fn workspace(
+        &self,
+        run: &RunRecord,
+        def: &WorkflowDef,
+        changed: &mut bool,
+    ) -> Result<Workspace, EngineError> {
+        let store = &self.state.store;
+        let (Some(ws_def), Some(ws_state)) = (&def.workspace, run.workspace_state) else {
+            return Ok(Workspace::None);
+        };
+        let now = Utc::now();
+        match ws_state {
+            WorkspaceState::Pending => {
+                let profile = match workspace::profile(&self.state, def).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(why)) => return self.workspace_failed(run, why, changed).await,
+                    Err(e) => return self.workspace_failed(run, e.message, changed).await,
+                };
+                let candidates = match self.candidates(&ws_def.target).await? {
+                    Ok(c) => c,
+                    Err(why) => return self.workspace_failed(run, why, changed).await,
+                };
+                let mut busy = HashMap::new();
+                for a in &candidates {
+                    busy.insert(a.id.clone(), store.busy_attempts(&a.id).await?);
+                }
+                let chosen = workspace::choose_agent(&candidates, &profile, &self.state, |id| {
+                    busy.get(id).copied().unwrap_or(0)
+                });
+                match chosen {
+                    Ok(Some(agent)) => {
+                        let spec = workspace::spec(&run.id, def, &profile);
+                        let job = WorkspaceJob::new(Step::Create, &agent, spec);
+                        if let Some(job_id) = store
+                            .start_workspace(&run.id, &agent, job.new_job(&run.created_by), now)
+                            .await?
+                        {
+                            tracing::info!(run = %run.id, agent = %agent, job = %job_id, sandbox = %profile.name(), "creating the workspace");
+                            *changed = true;
+                            self.state.hub.wake(&agent);
+                            self.state.hub.job_changed(&job_id);
+                        }
+                        Ok(Workspace::NotReady)
+                    }
+                    Ok(None) => {
+                        let why = format!(
+                            "waiting for an online agent of '{}' to hold the workspace",
+                            ws_def.target
+                        );
+                        *changed |= store
+                            .set_workspace_state(
+                                &run.id,
+                                &[WorkspaceState::Pending],
+                                WorkspaceState::Pending,
+                                Some(&why),
+                                now,
+                            )
+                            .await?;
+                        Ok(Workspace::NotReady)
+                    }
+                    Err(why) => self.workspace_failed(run, why, changed).await,
+                }
+            }
+            WorkspaceState::Creating => {
+                if self.workspace_created(run).await? {
+                    *changed = true;
+                    // Ready or failed now: take that into account at once.
+                    if let Some(run) = store.run(&run.id).await? {
+                        return Box::pin(self.workspace(&run, def, changed)).await;
+                    }
+                }
+                Ok(Workspace::NotReady)
+            }
+            WorkspaceState::Ready => {
+                let spec = match &run.workspace_job {
+                    Some(job) => store.job(job).await?.and_then(|j| j.workspace),
+                    None => None,
+                };
+                match (spec, &run.workspace_agent) {
+                    (Some(spec), Some(agent)) => Ok(Workspace::Ready {
+                        agent: agent.clone(),
+                        spec: Box::new(spec),
+                    }),
+                    _ => Ok(Workspace::Failed(
+                        "the workspace's job or agent is missing".to_owned(),
+                    )),
+                }
+            }
+            _ => Ok(Workspace::Failed(
+                run.workspace_reason
+                    .clone()
+                    .unwrap_or_else(|| "it could not be created".to_owned()),
+            )),
+        }
+    }
+
+    /// The agents a workspace target names (revoked ones left out).
+    async fn candidates(
+        &self,
+        target: &str,
+    ) -> Result<Result<Vec<drover_store::AgentRecord>, String>, EngineError> {
+        let selector = match crate::selector::Selector::parse(target) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(format!("workspace target: {e}"))),
+        };
+        let store = &self.state.store;
+        if let crate::selector::Selector::Agent(prefix) = &selector {
+            let id = match store.resolve_agent_id(prefix).await {
+                Ok(id) => id,
+                Err(drover_store::Error::NotFound { .. }) => {
+                    return Ok(Err(format!("target '{target}' matches no agent")))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            return Ok(Ok(store.agent(&id).await?.into_iter().collect()));
+        }
+        let agents: Vec<_> = store
+            .list_agents()
+            .await?
+            .into_iter()
+            .filter(|a| a.revoked_at.is_none() && selector.matches(a))
+            .collect();
+        if agents.is_empty() {
+            return Ok(Err(format!("target '{target}' matches no agent")));
+        }
+        Ok(Ok(agents))
+    }
+
+    async fn workspace_failed(
+        &self,
+        run: &RunRecord,
+        why: String,
+        changed: &mut bool,
+    ) -> Result<Workspace, EngineError> {
+        tracing::info!(run = %run.id, reason = %why, "the workspace cannot be created");
+        *changed |= self
+            .state
+            .store
+            .set_workspace_state(
+                &run.id,
+                &[WorkspaceState::Pending, WorkspaceState::Creating],
+                WorkspaceState::Failed,
+                Some(&why),
+                Utc::now(),
+            )
+            .await?;
+        Ok(Workspace::Failed(why))
+    }
+
+    /// Notes the end of the job creating the workspace. True when the
+    /// workspace changed state.
+    async fn workspace_created(&self, run: &RunRecord) -> Result<bool, EngineError> {
+        let Some(job_id) = &run.workspace_job else {
+            return Ok(false);
+        };
+        let Some(job) = self.state.store.job(job_id).await? else {
+            return Ok(false);
+        };
+        if !job.state.is_final() {
+            return Ok(false);
+        }
+        let (to, why) = if job.state == JobState::Succeeded {
+            let agent = run.workspace_agent.as_deref().unwrap_or("?");
+            (WorkspaceState::Ready, Some(format!("on agent {agent}")))
+        } else {
+            (
+                WorkspaceState::Failed,
+                self.job_outcome(job_id, job.state).await?,
+            )
+        };
+        Ok(self
+            .state
+            .store
+            .set_workspace_state(
+                &run.id,
+                &[WorkspaceState::Creating],
+                to,
+                why.as_deref(),
+                Utc::now(),
+            )
+            .await?)
+    }
+
+    /// Notes the end of the job removing an ended run's workspace. True
+    /// when it changed.
+    async fn settle_removal(&self, run: &RunRecord) -> Result<bool, EngineError> {
+        let Some(job_id) = &run.workspace_remove_job else {
+            return Ok(false);
+        };
+        let Some(job) = self.state.store.job(job_id).await? else {
+            return Ok(false);
+        };
+        if !job.state.is_final() {
+            return Ok(false);
+        }
+        let (to, why) = if job.state == JobState::Succeeded {
+            (
+                WorkspaceState::Removed,
+                Some(format!("removed by job {job_id}")),
+            )
+        } else {
+            (
+                WorkspaceState::RemoveFailed,
+                self.job_outcome(job_id, job.state).await?,
+            )
+        };
+        tracing::info!(run = %run.id, state = to.as_str(), "workspace removal ended");
+        Ok(self
+            .state
+            .store
+            .set_workspace_state(
+                &run.id,
+                &[WorkspaceState::Removing],
+                to,
+                why.as_deref(),
+                Utc::now(),
+            )
+            .await?)
     }
 
     /// Why a job ended as it did, from its last attempt.
@@ -410,6 +704,7 @@ impl Engine {
         run: &RunRecord,
         task: &TaskDef,
         tasks: &HashMap<String, TaskRecord>,
+        ws: &Workspace,
         cache: &mut StartCache,
     ) -> Result<Result<(), String>, EngineError> {
         let state = &self.state;
@@ -454,15 +749,40 @@ impl Engine {
             Ok(a) => a,
             Err(e) => return Ok(Err(e)),
         };
-        if !cache.targets.contains_key(&task.target) {
-            let agents = resolve_target(state, &task.target)
-                .await
-                .map_err(|e| e.message);
-            cache.targets.insert(task.target.clone(), agents);
+        let sandbox_key = (task.action.clone(), task.sandbox.clone());
+        if !cache.sandboxes.contains_key(&sandbox_key) {
+            let found = match crate::sandboxes::resolve(state, &spec, task.sandbox.as_deref()).await
+            {
+                Ok(r) => r,
+                Err(e) => Err(e.message),
+            };
+            cache.sandboxes.insert(sandbox_key.clone(), found);
         }
-        let agents = match &cache.targets[&task.target] {
-            Ok(a) => a.clone(),
+        let own = match &cache.sandboxes[&sandbox_key] {
+            Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e.clone())),
+        };
+        let (agents, sandbox, workspace) = match ws {
+            // Pinned to the workspace's agent, in its sandbox.
+            Workspace::Ready {
+                agent,
+                spec: ws_spec,
+            } => match workspace::task_sandbox(task, &spec, own, &ws_spec.sandbox) {
+                Ok(s) => (vec![agent.clone()], s, Some(&**ws_spec)),
+                Err(e) => return Ok(Err(e)),
+            },
+            _ => {
+                if !cache.targets.contains_key(&task.target) {
+                    let agents = resolve_target(state, &task.target)
+                        .await
+                        .map_err(|e| e.message);
+                    cache.targets.insert(task.target.clone(), agents);
+                }
+                match &cache.targets[&task.target] {
+                    Ok(a) => (a.clone(), own, None),
+                    Err(e) => return Ok(Err(e.clone())),
+                }
+            }
         };
         let timeout = task.timeout.unwrap_or(spec.timeout);
         if timeout.as_millis() == 0 || timeout.as_millis() > MAX_TIMEOUT_MS {
@@ -494,6 +814,8 @@ impl Engine {
                     created_by: &run.created_by,
                     agent_ids: &agents,
                     artifacts: &task.artifacts,
+                    sandbox: &sandbox,
+                    workspace,
                 },
                 Utc::now(),
             )
@@ -555,11 +877,37 @@ impl Engine {
                 }
             })
             .collect();
+        // The workspace goes with the run, unless it is to be kept.
+        let remove = match (
+            run.workspace_state,
+            &run.workspace_job,
+            &run.workspace_agent,
+        ) {
+            (Some(_), Some(job), Some(agent)) if !def.keep_workspace => self
+                .state
+                .store
+                .job(job)
+                .await?
+                .and_then(|j| j.workspace)
+                .map(|spec| WorkspaceJob::new(Step::Remove, agent, spec)),
+            _ => None,
+        };
+        let workspace = match (run.workspace_state, &run.workspace_job, &remove) {
+            (None, _, _) => WorkspaceEnd::None,
+            (Some(_), None, _) => WorkspaceEnd::NeverCreated,
+            (Some(_), Some(_), Some(job)) => WorkspaceEnd::Remove(job.new_job(&run.created_by)),
+            (Some(_), Some(_), None) => WorkspaceEnd::Keep,
+        };
         let ended = self
             .state
             .store
-            .finish_run(&run.id, end, why.as_deref(), &deliveries, now)
+            .finish_run(&run.id, end, why.as_deref(), &deliveries, workspace, now)
             .await?;
+        if ended {
+            if let (Some(agent), Some(_)) = (&run.workspace_agent, &remove) {
+                self.state.hub.wake(agent);
+            }
+        }
         if ended {
             tracing::info!(run = %run.id, workflow = %run.name, state = end.as_str(), "run ended");
             if !deliveries.is_empty() {

@@ -1,6 +1,8 @@
 //! Durable workflows: definitions (`def`), parameter references
-//! (`template`) and the engine that moves runs forward (`engine`).
+//! (`template`), the engine that moves runs forward (`engine`) and the
+//! workspace a run's tasks share (`workspace`).
 
 pub mod def;
 pub mod engine;
 pub mod template;
+pub mod workspace;
