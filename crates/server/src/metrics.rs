@@ -48,6 +48,14 @@ pub struct Metrics {
     runs: Family<StateLabels, Gauge>,
     webhooks: Family<OutcomeLabels, Counter>,
     artifact_bytes: Counter,
+    dispatch: Family<StateLabels, Gauge>,
+    fleet_stopped: Gauge,
+    limits: Family<LimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,7 +126,28 @@ impl Metrics {
             "Bytes of artifacts stored",
             artifact_bytes.clone(),
         );
+        let dispatch = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "agents_dispatch",
+            "Agents (not revoked) by whether they take work: active, draining, stopped",
+            dispatch.clone(),
+        );
+        let fleet_stopped = Gauge::default();
+        registry.register(
+            "fleet_stopped",
+            "1 while dispatch is paused fleet-wide (emergency stop)",
+            fleet_stopped.clone(),
+        );
+        let limits = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "attempt_limits_exceeded",
+            "Attempts stopped by a sandbox limit, by limit",
+            limits.clone(),
+        );
         Metrics {
+            dispatch,
+            fleet_stopped,
+            limits,
             runs,
             webhooks,
             artifact_bytes,
@@ -168,6 +197,22 @@ impl Metrics {
         self.webhooks
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    pub fn set_dispatch(&self, state: &str, n: i64) {
+        self.dispatch
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .set(n);
+    }
+
+    pub fn set_fleet_stopped(&self, stopped: bool) {
+        self.fleet_stopped.set(i64::from(stopped));
+    }
+
+    pub fn limit_exceeded(&self, limit: &'static str) {
+        self.limits.get_or_create(&LimitLabels { limit }).inc();
     }
 
     pub fn artifact_stored(&self, bytes: u64) {

@@ -44,10 +44,80 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on("127.0.0.1")
+}
+
+/// A port of this address nobody listens on right now.
+pub fn free_port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("free port")
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}
+
+/// The Docker test image (`DROVER_TEST_IMAGE`, built by `scripts/test`).
+/// Fails loudly when it is not set, the engine is not reachable or the
+/// image is missing: a sandbox test never passes without Docker.
+pub fn docker_image() -> String {
+    let image = std::env::var("DROVER_TEST_IMAGE").unwrap_or_else(|_| {
+        panic!("DROVER_TEST_IMAGE is not set: run the tests through ./scripts/test, which builds the Docker test image")
+    });
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", &image])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the docker CLI ({e}): the sandbox tests need Docker")
+        });
+    assert!(
+        out.status.success(),
+        "the Docker engine does not have {image} (or is not reachable): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// Runs the docker CLI and returns its stdout; fails loudly.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The address of the host on Docker's default bridge network (the
+/// gateway of `bridge`), which containers on that network can reach.
+pub fn docker_gateway() -> String {
+    let out = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ]);
+    let ip = out.trim().to_owned();
+    assert!(!ip.is_empty(), "the bridge network has no gateway address");
+    ip
+}
+
+/// Containers (any state) and volumes Drover made for this agent.
+pub fn drover_leftovers(agent_id: &str) -> Vec<String> {
+    let filter = format!("label=io.drover.agent={agent_id}");
+    let mut left: Vec<String> = docker(&["ps", "-aq", "--filter", &filter])
+        .lines()
+        .map(|l| format!("container {l}"))
+        .collect();
+    left.extend(
+        docker(&["volume", "ls", "-q", "--filter", &filter])
+            .lines()
+            .map(|l| format!("volume {l}")),
+    );
+    left
 }
 
 /// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
@@ -118,6 +188,9 @@ pub struct ServerOptions {
     pub extra_args: Vec<String>,
     /// Variables set for the server process.
     pub extra_env: Vec<(String, String)>,
+    /// The address to listen on instead of 127.0.0.1, e.g. the Docker
+    /// bridge's gateway, so that containers could reach the server.
+    pub listen_ip: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -127,6 +200,7 @@ impl Default for ServerOptions {
             agent_access_ttl: None,
             extra_args: Vec::new(),
             extra_env: Vec::new(),
+            listen_ip: None,
         }
     }
 }
@@ -156,14 +230,18 @@ impl Cluster {
 
     pub async fn start_with(backend: Backend, options: ServerOptions) -> Cluster {
         let db = TestDb::new(backend).await;
-        let port = free_port();
+        let ip = options
+            .listen_ip
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_owned());
+        let port = free_port_on(&ip);
         let mut cluster = Cluster {
             backend,
             database_url: db.url.clone(),
             _db: db,
             dir: tempfile::tempdir().expect("temp dir"),
             port,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{ip}:{port}"),
             options,
             server: None,
             starts: 0,
@@ -190,8 +268,13 @@ impl Cluster {
         self.starts += 1;
         let log = File::create(self.server_log(self.starts)).expect("server log");
         let mut cmd = Command::new(bin("drover"));
+        let ip = self
+            .options
+            .listen_ip
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_owned());
         cmd.arg("server")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--listen", &format!("{ip}:{}", self.port)])
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--database-url", &self.database_url])

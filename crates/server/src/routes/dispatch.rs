@@ -378,6 +378,9 @@ async fn report_result(
             state
                 .metrics
                 .result_recorded(result.outcome.state().as_str());
+            if let Some(limit) = result.limit_exceeded {
+                state.metrics.limit_exceeded(limit.as_str());
+            }
             state.hub.job_changed(&job_id);
             if let Some(agent) = retry_agent {
                 state.hub.wake(&agent);

@@ -6,6 +6,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use chrono::Utc;
+use drover_proto::api::DispatchState;
 
 use crate::metrics::{to_prometheus_text, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use crate::state::AppState;
@@ -81,6 +82,27 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl Into
             }
         }
         Err(e) => tracing::warn!(error = %e, "counting runs for metrics failed"),
+    }
+    match state.store.count_agents_by_dispatch().await {
+        Ok(counts) => {
+            for st in [
+                DispatchState::Active,
+                DispatchState::Draining,
+                DispatchState::Stopped,
+            ] {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == st.as_str())
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0);
+                state.metrics.set_dispatch(st.as_str(), n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "counting agents by dispatch for metrics failed"),
+    }
+    match state.store.fleet().await {
+        Ok(f) => state.metrics.set_fleet_stopped(f.stopped_at.is_some()),
+        Err(e) => tracing::warn!(error = %e, "reading the fleet state for metrics failed"),
     }
     match state.store.queue_depth().await {
         Ok(n) => state.metrics.set_queue_depth(n),

@@ -111,7 +111,7 @@ impl WorkspaceJob {
             env: BTreeMap::new(),
             retry: RetryPolicy {
                 max,
-                backoff: Duration::from_secs(2),
+                backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(60),
                 on_timeout: false,
                 on_lost: true,
