@@ -980,3 +980,55 @@ async fn fleet_emergency_stop_and_resume() {
         assert!(audit.contains("POST /api/v1/fleet/resume"), "{audit}");
     }
 }
+
+/// The example catalog applies, and the workspace example checks out the
+/// repository given as an input and runs as the README says.
+#[tokio::test]
+async fn the_examples_apply_and_the_workspace_example_runs() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let catalog = root.join("examples/actions.yaml");
+    let applied = cluster.cli_ok(&["actions", "apply", "-f", catalog.to_str().unwrap()]);
+    assert!(applied.contains("created\tsandbox container"), "{applied}");
+    let listed = cluster.cli_ok(&["sandboxes", "list"]);
+    assert!(
+        listed.contains("memory=64m") && listed.contains("cpu_time=30s"),
+        "{listed}"
+    );
+    let agent = cluster.enroll_agent(&["--group", "local"]).await;
+    cluster.wait_online(&agent.id).await;
+    let repo = git_repo(cluster.dir.path());
+    let example = root.join("examples/workspace.yaml");
+    let out = cluster.cli(&[
+        "workflow",
+        "submit",
+        "-f",
+        example.to_str().unwrap(),
+        "--input",
+        &format!("repo={repo}"),
+        "--input",
+        "ref=v1",
+        "--follow",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("[readme] hello from v1"), "{text}");
+    assert!(
+        text.contains("workspace") && text.contains("creating"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("checked out v1 of {repo}")),
+        "{text}"
+    );
+    let runs: Vec<Run> = cluster.cli_json(&["workflow", "list"]);
+    let run = wait_workspace(&cluster, &runs[0].id, WorkspaceState::Removed).await;
+    assert!(!workspace_dir(&agent, &run.id).exists());
+    // The artifact was collected from the workspace.
+    let artifacts = cluster.cli_ok(&["workflow", "artifacts", &run.id]);
+    assert!(artifacts.contains("summary.txt"), "{artifacts}");
+}

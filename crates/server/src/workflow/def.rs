@@ -212,8 +212,7 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
                 }
             }
             if let Some(g) = &w.git {
-                g.validate()
-                    .map_err(|e| format!("{ws_at}: workspace: {e}"))?;
+                check_git(g, &raw.inputs).map_err(|e| format!("{ws_at}: workspace: {e}"))?;
             }
             Some(WorkspaceDef {
                 target,
@@ -493,6 +492,40 @@ fn ancestors(tasks: &[TaskDef]) -> HashMap<String, BTreeSet<String>> {
     memo
 }
 
+/// A workspace's git source: `repo` and `ref` may hold `${{ inputs.NAME }}`
+/// and `${{ run.id }}` (rendered, then checked, when the workspace is
+/// created); without references they are checked now.
+fn check_git(g: &GitSource, inputs: &BTreeMap<String, Option<RawInput>>) -> Result<(), String> {
+    let mut templated = false;
+    for (field, value) in [
+        ("git.repo", Some(&g.repo)),
+        ("git.ref", g.reference.as_ref()),
+    ] {
+        let Some(value) = value else { continue };
+        for r in template::refs(value).map_err(|e| format!("{field}: {e}"))? {
+            templated = true;
+            match r {
+                Ref::Input(name) if !inputs.contains_key(&name) => {
+                    return Err(format!(
+                        "{field} refers to inputs.{name}, which is not declared under 'inputs'"
+                    ))
+                }
+                Ref::TaskOutput(task, _) => {
+                    return Err(format!(
+                        "{field} refers to tasks.{task}: the workspace is made before any task runs"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    if templated {
+        Ok(())
+    } else {
+        g.validate()
+    }
+}
+
 /// A webhook URL must be http or https with a host.
 pub fn check_webhook_url(url: &str) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("url '{url}': {e}"))?;
@@ -645,6 +678,8 @@ tasks:
         );
         assert!(!p.def.keep_workspace);
         assert_eq!(p.def.tasks[1].sandbox.as_deref(), Some("builder"));
+        let templated = "name: t\ninputs: {repo: {}, ref: {default: main}}\nworkspace: {target: '*', git: {repo: '${{ inputs.repo }}', ref: '${{ inputs.ref }}'}}\ntasks:\n  - {id: a, action: noop}\n";
+        assert!(parse(templated, "t.yaml").is_ok());
         // A definition without the new fields hashes as it always did.
         let (plain, _) = canonical(&parse(DIAMOND, "d").expect("valid").def);
         assert!(
@@ -684,6 +719,14 @@ tasks:
             (
                 "name: w\ndefaults: {target: '*'}\nkeep_workspace: true\ntasks:\n  - {id: a, action: noop}\n",
                 &["line 3", "no workspace"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', git: {repo: '${{ inputs.repo }}'}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 2", "inputs.repo", "not declared"],
+            ),
+            (
+                "name: w\nworkspace: {target: '*', git: {repo: /r, ref: '${{ tasks.a.outputs.x }}'}}\ntasks:\n  - {id: a, action: noop}\n",
+                &["line 2", "before any task"],
             ),
             (
                 "name: w\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop, sandbox: '$(id)'}\n",

@@ -485,7 +485,10 @@ impl Engine {
                 });
                 match chosen {
                     Ok(Some(agent)) => {
-                        let spec = workspace::spec(&run.id, def, &profile);
+                        let spec = match workspace::spec(&run.id, &run.inputs, def, &profile) {
+                            Ok(s) => s,
+                            Err(why) => return self.workspace_failed(run, why, changed).await,
+                        };
                         let job = WorkspaceJob::new(Step::Create, &agent, spec);
                         if let Some(job_id) = store
                             .start_workspace(&run.id, &agent, job.new_job(&run.created_by), now)

@@ -14,13 +14,14 @@ use std::time::Duration;
 use drover_proto::api::{AgentStatus, DispatchState};
 use drover_proto::jobs::{ActionSpec, RetryPolicy};
 use drover_proto::sandbox::{
-    Sandbox, WorkspaceSpec, BUILTIN_WORKSPACE_CREATE, BUILTIN_WORKSPACE_REMOVE, PROCESS,
+    GitSource, Sandbox, WorkspaceSpec, BUILTIN_WORKSPACE_CREATE, BUILTIN_WORKSPACE_REMOVE, PROCESS,
     WORKSPACE_ACTION,
 };
 use drover_proto::workflows::{TaskDef, WorkflowDef};
 use drover_store::jobs::NewJob;
 use drover_store::AgentRecord;
 
+use super::template::{self, Scope};
 use crate::error::ApiError;
 use crate::sandboxes;
 use crate::state::AppState;
@@ -73,13 +74,41 @@ pub fn task_sandbox(
     }
 }
 
-/// What the agent is told about the workspace of run `run_id`.
-pub fn spec(run_id: &str, def: &WorkflowDef, profile: &Sandbox) -> WorkspaceSpec {
-    WorkspaceSpec {
+/// What the agent is told about the workspace of run `run_id`: the git
+/// source with its `${{ inputs.NAME }}` and `${{ run.id }}` rendered, then
+/// checked as if written out.
+pub fn spec(
+    run_id: &str,
+    inputs: &BTreeMap<String, String>,
+    def: &WorkflowDef,
+    profile: &Sandbox,
+) -> Result<WorkspaceSpec, String> {
+    let no_outputs = BTreeMap::new();
+    let scope = Scope {
+        run_id,
+        inputs,
+        outputs: &no_outputs,
+    };
+    let git = match def.workspace.as_ref().and_then(|w| w.git.as_ref()) {
+        Some(g) => {
+            let rendered = GitSource {
+                repo: template::render(&g.repo, &scope).map_err(|e| format!("git.repo: {e}"))?,
+                reference: g
+                    .reference
+                    .as_deref()
+                    .map(|r| template::render(r, &scope).map_err(|e| format!("git.ref: {e}")))
+                    .transpose()?,
+            };
+            rendered.validate()?;
+            Some(rendered)
+        }
+        None => None,
+    };
+    Ok(WorkspaceSpec {
         id: run_id.to_owned(),
         sandbox: profile.clone(),
-        git: def.workspace.as_ref().and_then(|w| w.git.clone()),
-    }
+        git,
+    })
 }
 
 /// Which built-in job.
