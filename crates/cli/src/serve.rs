@@ -159,6 +159,14 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
         allow_actions: vec!["*".into()],
         capacity: drover_agent::config::DEFAULT_CAPACITY,
         metrics_listen: None,
+        // Docker sandboxes when the machine's engine answers; the agent
+        // reports whether it does.
+        docker_host: drover_agent::config::DockerHost::Unix(
+            drover_agent::config::DEFAULT_DOCKER_HOST
+                .trim_start_matches("unix://")
+                .into(),
+        ),
+        allow_sandboxes: drover_agent::config::SandboxKind::ALL.to_vec(),
     };
     let agent_shutdown = shutdown.clone();
     let agent_task =

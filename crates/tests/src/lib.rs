@@ -90,19 +90,42 @@ pub fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The address of the host on Docker's default bridge network (the
-/// gateway of `bridge`), which containers on that network can reach.
+/// The address of the host on Docker's default bridge network (its
+/// gateway), which containers on that network can reach. Engines do not
+/// always record the gateway, so the bridge interface is asked too.
 pub fn docker_gateway() -> String {
-    let out = docker(&[
+    let recorded = docker(&[
         "network",
         "inspect",
         "bridge",
         "--format",
         "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
     ]);
-    let ip = out.trim().to_owned();
-    assert!(!ip.is_empty(), "the bridge network has no gateway address");
-    ip
+    if !recorded.trim().is_empty() {
+        return recorded.trim().to_owned();
+    }
+    let name = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{index .Options \"com.docker.network.bridge.name\"}}",
+    ]);
+    let name = match name.trim() {
+        "" | "<no value>" => "docker0".to_owned(),
+        n => n.to_owned(),
+    };
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", &name])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ip to read {name}'s address: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("the bridge {name} has no IPv4 address: {text}"))
 }
 
 /// Containers (any state) and volumes Drover made for this agent.

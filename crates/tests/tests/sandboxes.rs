@@ -56,7 +56,7 @@ actions:
     timeout: 60s
   - name: forkbomb
     description: A fork bomb beside a main process that needs no fork
-    argv: ["/bin/sh", "-c", "echo started; bomb() { bomb | bomb & }; bomb & exec sleep 30"]
+    argv: ["/bin/sh", "-c", "echo started; bomb() { while true; do bomb & done; }; bomb & exec sleep 30"]
     sandbox: tight
     timeout: 6s
     kill_grace: 1s
@@ -327,16 +327,14 @@ async fn missing_runtimes_are_refused_and_targets_select_on_docker() {
     assert!(b.inventory.unwrap().docker.is_none());
 
     // docker=true picks the agent with an engine, docker=false the other.
-    let job = cluster.submit(
-        "echo",
-        "role=box,docker=true",
-        &["--param", "message=hi", "--wait"],
-    );
-    let job = cluster.job(&job);
+    let job = cluster.submit("echo", "role=box,docker=true", &["--param", "message=hi"]);
+    let job = cluster.wait_job(&job, Duration::from_secs(20)).await;
+    assert_eq!(job.state, JobState::Succeeded);
     let agents: Vec<&str> = job.attempts.iter().map(|a| a.agent_id.as_str()).collect();
     assert_eq!(agents, vec![with.id.as_str()]);
-    let job = cluster.submit("echo", "docker=false", &["--param", "message=hi", "--wait"]);
-    let job = cluster.job(&job);
+    let job = cluster.submit("echo", "docker=false", &["--param", "message=hi"]);
+    let job = cluster.wait_job(&job, Duration::from_secs(20)).await;
+    assert_eq!(job.attempts.len(), 1);
     assert_eq!(job.attempts[0].agent_id, without.id);
 
     // No engine here offers runsc: refused with the reason.
