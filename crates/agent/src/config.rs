@@ -1,5 +1,9 @@
 //! Agent configuration: `agent.yaml`, `DROVER_*` variables and flags.
 //! A flag beats its variable, which beats the file, which beats the default.
+//!
+//! Besides the server and the allow-list of actions, the agent's own say
+//! over sandboxes lives here: which kinds it runs (`allow_sandboxes`) and
+//! which Docker engine it uses (`docker_host`, or `off`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +16,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/drover/agent.yaml";
 
 /// Attempts run at once unless configured otherwise.
 pub const DEFAULT_CAPACITY: u32 = 4;
+
+/// The Docker engine used unless configured otherwise.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
 /// Largest accepted `capacity`: each attempt holds processes, pipes and a
 /// log buffer, so a typo such as 10000 should not be taken at its word.
@@ -75,6 +82,25 @@ pub struct AgentArgs {
         global = true
     )]
     pub metrics_listen: Option<SocketAddr>,
+    /// The Docker engine for docker sandboxes: unix:///PATH, tcp://HOST:PORT,
+    /// http://HOST:PORT, or off [default: unix:///var/run/docker.sock].
+    #[arg(
+        long,
+        env = "DROVER_AGENT_DOCKER_HOST",
+        value_name = "URL",
+        global = true
+    )]
+    pub docker_host: Option<String>,
+    /// A sandbox kind this agent runs: process or docker; repeatable.
+    /// Replaces allow_sandboxes of agent.yaml [default: process, docker].
+    #[arg(
+        long = "allow-sandbox",
+        env = "DROVER_AGENT_ALLOW_SANDBOXES",
+        value_delimiter = ',',
+        value_name = "KIND",
+        global = true
+    )]
+    pub allow_sandboxes: Option<Vec<String>>,
 }
 
 /// Log output format.
@@ -99,6 +125,82 @@ struct FileConfig {
     allow_actions: Option<Vec<String>>,
     capacity: Option<u32>,
     metrics_listen: Option<SocketAddr>,
+    docker_host: Option<String>,
+    allow_sandboxes: Option<Vec<String>>,
+}
+
+/// Where the Docker engine is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerHost {
+    /// Docker is not used: docker sandboxes are refused.
+    Off,
+    /// A unix socket, e.g. /var/run/docker.sock.
+    Unix(PathBuf),
+    /// Plain HTTP to `host:port` (what `tcp://` means to Docker).
+    Http(String),
+}
+
+impl DockerHost {
+    /// Reads `unix:///PATH`, `tcp://HOST:PORT`, `http://HOST:PORT` or `off`.
+    pub fn parse(text: &str) -> Result<DockerHost, ConfigError> {
+        let text = text.trim();
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "docker_host '{text}' is not unix:///PATH, tcp://HOST:PORT, http://HOST:PORT or off"
+            ))
+        };
+        if text == "off" {
+            return Ok(DockerHost::Off);
+        }
+        if let Some(path) = text.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(bad());
+            }
+            return Ok(DockerHost::Unix(PathBuf::from(path)));
+        }
+        let addr = text
+            .strip_prefix("tcp://")
+            .or_else(|| text.strip_prefix("http://"))
+            .ok_or_else(bad)?
+            .trim_end_matches('/');
+        let url = reqwest::Url::parse(&format!("http://{addr}")).map_err(|_| bad())?;
+        if url.host().is_none() || url.path() != "/" || addr.is_empty() {
+            return Err(bad());
+        }
+        Ok(DockerHost::Http(addr.to_owned()))
+    }
+}
+
+impl std::fmt::Display for DockerHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DockerHost::Off => f.write_str("off"),
+            DockerHost::Unix(p) => write!(f, "unix://{}", p.display()),
+            DockerHost::Http(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// A kind of sandbox an agent may run (`Sandbox::kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxKind {
+    Process,
+    Docker,
+}
+
+impl SandboxKind {
+    pub const ALL: [SandboxKind; 2] = [SandboxKind::Process, SandboxKind::Docker];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxKind::Process => "process",
+            SandboxKind::Docker => "docker",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SandboxKind> {
+        SandboxKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
 }
 
 /// The resolved configuration.
@@ -118,6 +220,11 @@ pub struct AgentConfig {
     pub capacity: u32,
     /// Where to serve Prometheus metrics; `None` (the default) serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// The Docker engine for docker sandboxes and workspaces.
+    pub docker_host: DockerHost,
+    /// Sandbox kinds this agent runs; an assignment of another kind is
+    /// rejected. A plain process (no sandbox) counts as `process`.
+    pub allow_sandboxes: Vec<SandboxKind>,
 }
 
 /// A configuration that cannot be used, naming the file, line or option.
@@ -147,7 +254,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// True when the effective user is root (`/proc/self` belongs to it).
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
@@ -219,6 +326,23 @@ impl AgentConfig {
                 .collect(),
             capacity: args.capacity.or(file.capacity).unwrap_or(DEFAULT_CAPACITY),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            docker_host: DockerHost::parse(
+                args.docker_host
+                    .as_deref()
+                    .or(file.docker_host.as_deref())
+                    .unwrap_or(DEFAULT_DOCKER_HOST),
+            )?,
+            allow_sandboxes: parse_sandbox_kinds(
+                args.allow_sandboxes
+                    .clone()
+                    .or(file.allow_sandboxes)
+                    .unwrap_or_else(|| {
+                        SandboxKind::ALL
+                            .iter()
+                            .map(|k| k.as_str().to_owned())
+                            .collect()
+                    }),
+            )?,
         };
         if config.max_backoff < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
@@ -244,6 +368,31 @@ impl AgentConfig {
         }
         Ok(config)
     }
+}
+
+/// Reads the sandbox kinds of `allow_sandboxes`, without repeats.
+fn parse_sandbox_kinds(names: Vec<String>) -> Result<Vec<SandboxKind>, ConfigError> {
+    let mut kinds = Vec::new();
+    for name in names {
+        let name = name.trim();
+        if name.is_empty() {
+            continue;
+        }
+        let kind = SandboxKind::parse(name).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "allow_sandboxes: unknown sandbox kind '{name}' (use process or docker)"
+            ))
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    if kinds.is_empty() {
+        return Err(ConfigError::Invalid(
+            "allow_sandboxes must name at least one of process, docker".to_owned(),
+        ));
+    }
+    Ok(kinds)
 }
 
 /// The PATH given to job processes: the agent's own, or a safe default.
@@ -344,6 +493,129 @@ mod tests {
             let err = load_text(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn docker_hosts_table() {
+        let cases: [(&str, Result<DockerHost, &str>); 10] = [
+            ("off", Ok(DockerHost::Off)),
+            (
+                "unix:///var/run/docker.sock",
+                Ok(DockerHost::Unix("/var/run/docker.sock".into())),
+            ),
+            (
+                "tcp://10.0.0.5:2375",
+                Ok(DockerHost::Http("10.0.0.5:2375".into())),
+            ),
+            (
+                "http://docker.lan:2375/",
+                Ok(DockerHost::Http("docker.lan:2375".into())),
+            ),
+            ("unix://relative.sock", Err("unix://relative.sock")),
+            ("https://docker.lan:2376", Err("https://docker.lan:2376")),
+            ("ssh://me@host", Err("ssh://me@host")),
+            ("tcp://", Err("tcp://")),
+            ("tcp://host:2375/path", Err("tcp://host:2375/path")),
+            ("/var/run/docker.sock", Err("/var/run/docker.sock")),
+        ];
+        for (text, want) in cases {
+            match (DockerHost::parse(text), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{text}"),
+                (Err(e), Err(named)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains(named) && e.contains("docker_host"),
+                        "{text}: {e}"
+                    );
+                }
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
+        assert_eq!(
+            DockerHost::Unix("/run/d.sock".into()).to_string(),
+            "unix:///run/d.sock"
+        );
+    }
+
+    #[test]
+    fn sandbox_options_default_and_parse() {
+        let c = load_text("server: http://h:1\n").unwrap();
+        assert_eq!(
+            c.docker_host,
+            DockerHost::Unix("/var/run/docker.sock".into())
+        );
+        assert_eq!(
+            c.allow_sandboxes,
+            vec![SandboxKind::Process, SandboxKind::Docker]
+        );
+        let cases: [(&str, Result<Vec<SandboxKind>, &str>); 6] = [
+            (
+                "allow_sandboxes: [process]\n",
+                Ok(vec![SandboxKind::Process]),
+            ),
+            (
+                "allow_sandboxes: [docker, process, docker]\n",
+                Ok(vec![SandboxKind::Docker, SandboxKind::Process]),
+            ),
+            ("allow_sandboxes: [vm]\n", Err("'vm'")),
+            ("allow_sandboxes: []\n", Err("at least one")),
+            ("allow_sandboxes: docker\n", Err("agent.yaml")),
+            ("docker_host: tcp:/x\n", Err("tcp:/x")),
+        ];
+        for (text, want) in cases {
+            match (load_text(text), want) {
+                (Ok(c), Ok(kinds)) => assert_eq!(c.allow_sandboxes, kinds, "{text}"),
+                (Err(e), Err(named)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(named), "{text}: {e}");
+                }
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
+        let c = load_text("docker_host: \"off\"\n").unwrap();
+        assert_eq!(c.docker_host, DockerHost::Off);
+    }
+
+    #[test]
+    fn sandbox_flags_override_the_file() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AgentArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, "allow_sandboxes: [process]\ndocker_host: off\n").unwrap();
+        let file = path.to_str().unwrap();
+        let parse = |argv: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap();
+            AgentConfig::load(&cli.args).unwrap()
+        };
+        let c = parse(&["x", "--config", file]);
+        assert_eq!(c.allow_sandboxes, vec![SandboxKind::Process]);
+        assert_eq!(c.docker_host, DockerHost::Off);
+        let c = parse(&[
+            "x",
+            "--config",
+            file,
+            "--allow-sandbox",
+            "docker",
+            "--allow-sandbox",
+            "process",
+            "--docker-host",
+            "tcp://127.0.0.1:2375",
+        ]);
+        assert_eq!(
+            c.allow_sandboxes,
+            vec![SandboxKind::Docker, SandboxKind::Process]
+        );
+        assert_eq!(c.docker_host, DockerHost::Http("127.0.0.1:2375".into()));
+        // The variable's form: one comma-separated value.
+        let c = parse(&["x", "--config", file, "--allow-sandbox", "docker,process"]);
+        assert_eq!(
+            c.allow_sandboxes,
+            vec![SandboxKind::Docker, SandboxKind::Process]
+        );
     }
 
     #[test]

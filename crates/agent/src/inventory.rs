@@ -1,4 +1,5 @@
-//! What the agent reports about its machine in every heartbeat.
+//! What the agent reports about its machine in every heartbeat (the
+//! heartbeat loop adds its capacity, running attempts and sandboxes).
 
 use std::path::Path;
 use std::time::Instant;
@@ -64,6 +65,11 @@ impl Collector {
             agent_version: crate::VERSION.to_owned(),
             agent_uptime_secs: self.started.elapsed().as_secs(),
             system_uptime_secs: System::uptime().unwrap_or(0),
+            // The agent's own figures are the heartbeat loop's to fill in.
+            capacity: 0,
+            running: 0,
+            sandboxes: Vec::new(),
+            docker: None,
         }
     }
 }

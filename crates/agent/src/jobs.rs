@@ -3,9 +3,12 @@
 //!
 //! - **poller**: keeps one long poll in flight at all times (also at full
 //!   capacity, so cancels arrive within one round trip) and starts what it
-//!   gets, never more than `capacity` at once. On stop: returns.
+//!   gets, never more than `capacity` at once; cancels and forced stops
+//!   (`kill`: SIGKILL at once, even during a grace) reach running attempts
+//!   at once. On stop: returns.
 //! - **lease renewer**: renews the leases of running attempts every
-//!   `lease_ms / 3` and cancels those the server gives up. On stop: returns.
+//!   `lease_ms / 3` and cancels (or kills) those the server gives up. On
+//!   stop: returns.
 //! - **attempt tasks**: one per attempt: runs it (`executor`), ships its
 //!   output (a log shipper task), writes the result to the outbox. On stop:
 //!   the attempt is cancelled and its result still written.
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::allow::action_allowed;
 use crate::client::ClientError;
-use crate::executor::{self, ExecOptions};
+use crate::executor::{self, ExecOptions, Stop};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::runner::Backoff;
@@ -62,7 +65,7 @@ pub(crate) struct JobsConfig {
 }
 
 struct Running {
-    cancel: CancellationToken,
+    stop: Stop,
     lease: Duration,
 }
 
@@ -222,9 +225,7 @@ impl Jobs {
         for a in resp.assignments {
             self.start_attempt(a);
         }
-        for id in resp.cancel {
-            self.cancel_local(&id, "poll");
-        }
+        stop_listed(self, &resp.cancel, &resp.kill, "poll");
     }
 
     fn start_attempt(self: &Arc<Self>, a: Assignment) {
@@ -243,7 +244,7 @@ impl Jobs {
             self.result_ready.notify_one();
             return;
         }
-        let cancel = self.attempts_stop.child_token();
+        let stop = Stop::child_of(&self.attempts_stop);
         {
             let mut running = lock(&self.running);
             if running.len() >= self.config.capacity as usize {
@@ -259,7 +260,7 @@ impl Jobs {
             running.insert(
                 a.attempt_id.clone(),
                 Running {
-                    cancel: cancel.clone(),
+                    stop: stop.clone(),
                     lease: lease_of(a.lease_ms),
                 },
             );
@@ -273,22 +274,32 @@ impl Jobs {
         tokio::spawn(async move {
             // Counted down even if the attempt task panics.
             let _alive = AliveGuard(jobs.clone());
-            jobs.run_attempt(a, cancel).await;
+            jobs.run_attempt(a, stop).await;
         });
     }
 
-    fn cancel_local(&self, attempt_id: &str, source: &str) {
+    /// Stops a running attempt: gracefully, or at once when `force`d
+    /// (also while a graceful stop waits out its grace).
+    fn cancel_local(&self, attempt_id: &str, source: &str, force: bool) {
         if let Some(r) = lock(&self.running).get(attempt_id) {
-            if !r.cancel.is_cancelled() {
+            if force && !r.stop.is_killed() {
+                tracing::info!(attempt = %attempt_id, source, "the server killed the attempt (forced stop)");
+                r.stop.kill();
+            } else if !r.stop.is_cancelled() {
                 tracing::info!(attempt = %attempt_id, source, "the server cancelled the attempt");
-                r.cancel.cancel();
+                r.stop.cancel();
             }
         }
     }
 
+    /// Attempts running now.
+    pub(crate) fn running_count(&self) -> u32 {
+        lock(&self.running).len() as u32
+    }
+
     // ---- attempts ----
 
-    async fn run_attempt(self: &Arc<Self>, a: Assignment, cancel: CancellationToken) {
+    async fn run_attempt(self: &Arc<Self>, a: Assignment, stop: Stop) {
         let started_at = Utc::now();
         let (tx, rx) = mpsc::channel(LOG_QUEUE);
         let shipper = tokio::spawn(ship_logs(
@@ -298,13 +309,13 @@ impl Jobs {
             rx,
             self.config.max_backoff,
         ));
-        let mut result = executor::execute(&a, &self.config.exec, &cancel, &tx).await;
+        let mut result = executor::execute(&a, &self.config.exec, &stop, &tx).await;
         drop(tx);
         if !a.artifacts.is_empty() {
             // Uploaded while the attempt still counts as running (its lease
             // is renewed), so the result is recorded only once they are in.
             if result.outcome != Outcome::Rejected {
-                if let Err(why) = self.collect_artifacts(&a, &cancel).await {
+                if let Err(why) = self.collect_artifacts(&a, &stop).await {
                     tracing::warn!(attempt = %a.attempt_id, error = %why, "collecting artifacts failed");
                     if result.outcome == Outcome::Succeeded {
                         result.outcome = Outcome::Failed;
@@ -352,11 +363,7 @@ impl Jobs {
     /// Uploads every declared path of the attempt's working dir (files, or
     /// every regular file under a directory). A declared path that is
     /// missing, or a symlink, is an error; so is a refusal by the server.
-    async fn collect_artifacts(
-        &self,
-        a: &Assignment,
-        cancel: &CancellationToken,
-    ) -> Result<(), String> {
+    async fn collect_artifacts(&self, a: &Assignment, stop: &Stop) -> Result<(), String> {
         let root = executor::work_dir(&self.config.exec, a);
         let files = tokio::task::spawn_blocking({
             let root = root.clone();
@@ -396,7 +403,7 @@ impl Jobs {
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
-                            _ = cancel.cancelled() => return Err(format!("artifact '{rel}' not uploaded: the attempt was stopped")),
+                            _ = stop.cancelled() => return Err(format!("artifact '{rel}' not uploaded: the attempt was stopped")),
                             _ = self.session.rejected().cancelled() => return Err("the agent's session ended".to_owned()),
                         }
                     }
@@ -474,9 +481,7 @@ impl Jobs {
                             }
                         }
                     }
-                    for id in &resp.cancel {
-                        self.cancel_local(id, "lease");
-                    }
+                    stop_listed(&self, &resp.cancel, &resp.kill, "lease");
                 }
                 Err(e) if e.is_terminal() => return,
                 Err(e) => {
@@ -616,6 +621,18 @@ impl Jobs {
                 Err(backoff.next())
             }
         }
+    }
+}
+
+/// Stops the attempts the server listed: those in `kill` at once, the
+/// others in `cancel` gracefully (`kill` is meant to be a subset of
+/// `cancel`; an id only in `kill` is killed all the same).
+fn stop_listed(jobs: &Jobs, cancel: &[String], kill: &[String], source: &str) {
+    for id in kill {
+        jobs.cancel_local(id, source, true);
+    }
+    for id in cancel.iter().filter(|id| !kill.contains(id)) {
+        jobs.cancel_local(id, source, false);
     }
 }
 

@@ -1,7 +1,9 @@
 //! The Drover node agent: enrolls with a one-time bootstrap token, then
 //! heartbeats its inventory to the server and pulls, runs and reports the
-//! jobs it is allowed to run, riding out outages with jittered backoff and
-//! keeping everything it knows in its state dir.
+//! jobs it is allowed to run — as processes (rlimits, an unprivileged
+//! user), in Docker containers, or in workspaces shared by a workflow
+//! run's tasks — riding out outages with jittered backoff and keeping
+//! everything it knows in its state dir.
 //!
 //! Key design decision: the agent only ever opens outbound connections and
 //! keeps its own state on disk (atomic writes, results in an outbox until
@@ -9,25 +11,41 @@
 //! and of the server without losing its identity or a result. It depends on
 //! `drover-proto` for the wire model, never on the server.
 //!
-//! The tasks of `run`: the heartbeat loop (`runner`), and the poller, lease
-//! renewer, attempt tasks and reporter (`jobs`, which names what each does
-//! on stop), plus the optional metrics endpoint (`metrics`). They share one
-//! `session::Session` for credentials.
+//! The tasks of `run`: the heartbeat loop (`runner`, which also probes the
+//! Docker engine), and the poller, lease renewer, attempt tasks and
+//! reporter (`jobs`, which names what each does on stop), plus the
+//! optional metrics endpoint (`metrics`). They share one
+//! `session::Session` for credentials. Before polling, `run` removes the
+//! attempt containers a killed agent left behind (`docker`).
+//!
+//! Where an attempt runs: `executor` (the supervision loop shared by all
+//! kinds of work), `process` (process sandboxes), `docker` (containers and
+//! execs over the Docker Engine API), `workspace` (the workspace
+//! built-ins).
 
 pub mod allow;
 pub mod client;
 pub mod config;
+pub mod docker;
+#[cfg(test)]
+mod docker_tests;
 pub mod executor;
 pub mod inventory;
 mod jobs;
 pub mod metrics;
 pub mod outbox;
+mod process;
 #[cfg(test)]
 mod run_tests;
 mod runner;
 mod session;
 pub mod signals;
 pub mod state;
+#[cfg(test)]
+mod test_support;
+pub mod workspace;
+#[cfg(test)]
+mod workspace_tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +92,8 @@ pub enum Error {
 
 /// How long the last outbox drain may take when the agent stops.
 const FINAL_DRAIN: Duration = Duration::from_secs(5);
+/// How long the start-up clean-up of leftover containers may take.
+const CLEANUP_BOUND: Duration = Duration::from_secs(20);
 
 /// How to enroll.
 #[derive(Debug, Clone)]
@@ -173,18 +193,48 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
         }
         None => None,
     };
-    let work_root = dir.path().join("work");
-    // Leftovers of attempts a killed agent could not clean up.
-    let _ = std::fs::remove_dir_all(&work_root);
+    let can_switch_users = config::running_as_root();
+    let docker = match &config.docker_host {
+        config::DockerHost::Off => None,
+        host => Some(Arc::new(docker::Engine::new(
+            host.clone(),
+            session.agent_id(),
+        ))),
+    };
+    let exec = executor::ExecOptions {
+        path: config::process_path(),
+        allow_sandboxes: config.allow_sandboxes.clone(),
+        docker: docker.clone(),
+        can_switch_users,
+        ..executor::ExecOptions::new(dir.path())
+    };
+    // Leftovers of attempts a killed agent could not clean up; workspaces
+    // stay until their runs remove them.
+    let _ = std::fs::remove_dir_all(&exec.work_root);
+    if can_switch_users {
+        // A sandbox's unprivileged user must reach its working dir below
+        // the state dir: others may pass through, list nothing, and read
+        // nothing of the agent's (its files are 0600, the outbox 0700).
+        dir.allow_traversal()?;
+    }
+    exec.prepare().map_err(|source| {
+        Error::State(state::StateError::Io {
+            path: exec.work_root.clone(),
+            source,
+        })
+    })?;
+    if let Some(engine) = &docker {
+        tokio::select! {
+            _ = prepare_docker(engine) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
     let jobs = Arc::new(jobs::Jobs::new(
         session.clone(),
         jobs::JobsConfig {
             capacity: config.capacity,
             allow_actions: config.allow_actions.clone(),
-            exec: executor::ExecOptions {
-                work_root,
-                path: config::process_path(),
-            },
+            exec,
             max_backoff: config.max_backoff,
         },
         outbox,
@@ -197,6 +247,8 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
         state_dir = %dir.path().display(),
         capacity = config.capacity,
         allow_actions = ?config.allow_actions,
+        allow_sandboxes = ?config.allow_sandboxes.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+        docker_host = %config.docker_host,
         "agent running"
     );
     if config.allow_actions.is_empty() {
@@ -207,7 +259,19 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
     let reporter = tokio::spawn(jobs.clone().report_loop());
 
     // The heartbeat loop runs here; it returns on shutdown or rejection.
-    let outcome = runner::Runner::new(config, session.clone(), dir, local)?
+    let reported = runner::Reported {
+        capacity: config.capacity,
+        // What the agent accepts: docker only with an engine configured.
+        sandboxes: config
+            .allow_sandboxes
+            .iter()
+            .filter(|k| **k != config::SandboxKind::Docker || docker.is_some())
+            .map(|k| k.as_str().to_owned())
+            .collect(),
+        jobs: jobs.clone(),
+        docker,
+    };
+    let outcome = runner::Runner::new(config, session.clone(), dir, local, reported)?
         .run(shutdown)
         .await;
 
@@ -225,4 +289,34 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
     session.settle().await;
     tracing::info!("agent stopped");
     outcome
+}
+
+/// Probes the Docker engine once and removes the attempt containers this
+/// agent left behind, within a bound: an engine that is away is logged,
+/// never fatal (process attempts still run, docker ones fail until it is
+/// back).
+async fn prepare_docker(engine: &docker::Engine) {
+    let status = engine.status().await;
+    if !status.available {
+        tracing::warn!(
+            error = status.error.as_deref().unwrap_or(""),
+            "the Docker engine is unreachable; docker sandboxes fail until it answers"
+        );
+        return;
+    }
+    tracing::info!(
+        version = status.version.as_deref().unwrap_or(""),
+        runtimes = ?status.runtimes,
+        unenforced = ?status.unenforced,
+        "Docker engine found"
+    );
+    match tokio::time::timeout(CLEANUP_BOUND, engine.remove_leftover_attempts()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(
+            containers = n,
+            "removed attempt containers left by an earlier run"
+        ),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove leftover attempt containers"),
+        Err(_) => tracing::warn!("removing leftover attempt containers took too long; going on"),
+    }
 }

@@ -32,6 +32,13 @@ impl Outbox {
             path: dir.clone(),
             source,
         })?;
+        // The state dir may let others pass (sandbox users); the outbox is
+        // the agent's alone.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name();
@@ -166,6 +173,7 @@ mod tests {
             stdout_truncated: false,
             stderr_truncated: false,
             outputs: Default::default(),
+            limit_exceeded: None,
         }
     }
 

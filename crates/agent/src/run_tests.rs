@@ -1,5 +1,6 @@
 //! The whole agent (`run`) against a fake in-process server: drains the
-//! outbox at start, runs allowed work, rejects the rest, obeys cancels,
+//! outbox at start, runs allowed work, rejects the rest, obeys cancels
+//! and forced stops, reports its inventory,
 //! and stops cleanly; and the shared session's refresh rules.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -28,6 +29,8 @@ struct Fake {
     calls: Vec<(String, Value)>,
     assignments: VecDeque<Assignment>,
     cancels: Vec<String>,
+    /// Of the cancels, those to kill at once.
+    kills: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -67,10 +70,11 @@ async fn handle(fake: Shared, req: hyper::Request<hyper::body::Incoming>) -> Val
                     let mut f = fake.lock().unwrap();
                     let free = body["free_slots"].as_u64().unwrap_or(0) as usize;
                     if !f.assignments.is_empty() && free > 0 || !f.cancels.is_empty() {
+                        let kill = std::mem::take(&mut f.kills);
                         let n = free.min(f.assignments.len());
                         let assignments: Vec<_> = f.assignments.drain(..n).collect();
                         let cancel = std::mem::take(&mut f.cancels);
-                        return json!({"assignments": assignments, "cancel": cancel});
+                        return json!({"assignments": assignments, "cancel": cancel, "kill": kill});
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -210,6 +214,8 @@ fn assignment(id: &str, action: &str, argv: &[&str]) -> Assignment {
         log_cap_bytes: 1 << 20,
         lease_ms: 3_000,
         artifacts: Vec::new(),
+        sandbox: None,
+        workspace: None,
     }
 }
 
@@ -267,6 +273,11 @@ fn runs_work_end_to_end() {
             allow_actions: vec!["echo*".into()],
             capacity: 2,
             metrics_listen: None,
+            docker_host: crate::config::DockerHost::Off,
+            allow_sandboxes: vec![
+                crate::config::SandboxKind::Process,
+                crate::config::SandboxKind::Docker,
+            ],
         };
         let shutdown = CancellationToken::new();
         let agent = tokio::spawn({
@@ -329,6 +340,19 @@ fn runs_work_end_to_end() {
             .iter()
             .any(|(p, b)| p == "/agent/poll" && b["capacity"] == 2 && b["wait_ms"] == 25_000));
 
+        // Heartbeats carry the agent's figures besides the machine's.
+        let heartbeat = calls
+            .iter()
+            .find(|(p, _)| p == "/agent/heartbeat")
+            .map(|(_, b)| b["inventory"].clone())
+            .unwrap();
+        assert_eq!(heartbeat["capacity"], 2);
+        // Docker is allowed but off: only what the agent accepts is said.
+        assert_eq!(heartbeat["sandboxes"], json!(["process"]));
+        assert!(heartbeat["running"].is_u64(), "{heartbeat}");
+        // Docker is off: no engine status at all.
+        assert!(heartbeat.get("docker").is_none(), "{heartbeat}");
+
         shutdown.cancel();
         let stopped = tokio::time::timeout(Duration::from_secs(10), agent)
             .await
@@ -336,5 +360,81 @@ fn runs_work_end_to_end() {
             .unwrap();
         assert!(stopped.is_ok(), "{stopped:?}");
         assert!(outbox.is_empty());
+    });
+}
+
+/// A forced stop from the poll reaches a running attempt at once, even
+/// while a graceful cancel waits out a long grace.
+#[test]
+fn forced_kill_from_the_poll_reaches_a_running_attempt() {
+    rt().block_on(async {
+        let fake: Shared = Arc::default();
+        let url = start_fake(fake.clone()).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        dir.save_credentials(&credentials(&url)).unwrap();
+        let mut a = assignment(
+            "k-1",
+            "stubborn",
+            &["sh", "-c", "trap '' TERM; echo up; sleep 100; sleep 100"],
+        );
+        a.kill_grace_ms = 60_000;
+        fake.lock().unwrap().assignments.push_back(a);
+        let config = AgentConfig {
+            server: None,
+            state_dir: tmp.path().to_owned(),
+            log_format: crate::config::LogFormat::Human,
+            log_level: String::new(),
+            max_backoff: Duration::from_secs(2),
+            allow_actions: vec!["*".into()],
+            capacity: 1,
+            metrics_listen: None,
+            docker_host: crate::config::DockerHost::Off,
+            allow_sandboxes: vec![crate::config::SandboxKind::Process],
+        };
+        let shutdown = CancellationToken::new();
+        let agent = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { crate::run(&config, shutdown).await }
+        });
+        wait_until("k-1 output", || {
+            fake.lock()
+                .unwrap()
+                .calls
+                .iter()
+                .any(|(p, _)| p == "/agent/attempts/k-1/logs")
+        })
+        .await;
+        // A graceful cancel: the program ignores SIGTERM and the grace is
+        // a minute long.
+        fake.lock().unwrap().cancels.push("k-1".into());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(results(&fake).is_empty(), "ended before the grace");
+        // The forced stop does not wait for it.
+        let killed_at = std::time::Instant::now();
+        {
+            let mut f = fake.lock().unwrap();
+            f.cancels.push("k-1".into());
+            f.kills.push("k-1".into());
+        }
+        wait_until("k-1 result", || !results(&fake).is_empty()).await;
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            killed_at.elapsed()
+        );
+        let r = results(&fake).remove(0);
+        assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+        assert_eq!(r.signal, Some(libc::SIGKILL), "{r:?}");
+        assert_eq!(
+            r.error.as_deref(),
+            Some("cancelled: killed at once (forced stop)")
+        );
+        shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(10), agent)
+            .await
+            .expect("agent stops")
+            .unwrap();
+        assert!(stopped.is_ok(), "{stopped:?}");
     });
 }

@@ -2,6 +2,11 @@
 //! back off with jitter while the server is unreachable, and stop for good
 //! when it refuses the credentials (refreshing them is the shared
 //! session's job, see `session`). It alone writes the local state.
+//!
+//! Each heartbeat carries the inventory: the machine (`inventory`), the
+//! agent's capacity, running attempts and sandbox kinds, and what its
+//! Docker engine offers, probed at most every 30 s and within a few
+//! seconds, so a slow or absent engine never holds a heartbeat back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,13 +17,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::ClientError;
 use crate::config::AgentConfig;
+use crate::docker::Engine;
 use crate::inventory::Collector;
+use crate::jobs::Jobs;
 use crate::session::Session;
 use crate::state::{LocalState, StateDir};
 use crate::Error;
 
 /// Rewrite the local state at least this often while all is well.
 const STATE_WRITE_EVERY: chrono::Duration = chrono::Duration::seconds(60);
+/// Ask the Docker engine what it offers at most this often.
+const DOCKER_PROBE_EVERY: Duration = Duration::from_secs(30);
+
+/// What the heartbeat reports about the agent's work, besides the machine.
+pub(crate) struct Reported {
+    pub capacity: u32,
+    /// Sandbox kinds the agent runs.
+    pub sandboxes: Vec<String>,
+    pub jobs: Arc<Jobs>,
+    /// The Docker engine, when Docker is not off.
+    pub docker: Option<Arc<Engine>>,
+}
 
 /// Exponential backoff with jitter: each wait is drawn between half and all
 /// of a ceiling that doubles from 1 s up to the configured cap.
@@ -62,6 +81,7 @@ pub(crate) struct Runner {
     dir: StateDir,
     local: LocalState,
     collector: Collector,
+    reported: Reported,
     backoff: Backoff,
     last_state_write: Option<chrono::DateTime<Utc>>,
 }
@@ -72,12 +92,14 @@ impl Runner {
         session: Arc<Session>,
         dir: StateDir,
         local: LocalState,
+        reported: Reported,
     ) -> Result<Runner, Error> {
         Ok(Runner {
             session,
             dir,
             local,
             collector: Collector::new(),
+            reported,
             backoff: Backoff::new(config.max_backoff),
             last_state_write: None,
         })
@@ -136,9 +158,15 @@ impl Runner {
     }
 
     async fn beat(&mut self) -> Result<HeartbeatResponse, ClientError> {
-        let req = &HeartbeatRequest {
-            inventory: self.collector.collect(self.dir.path()),
+        let mut inventory = self.collector.collect(self.dir.path());
+        inventory.capacity = self.reported.capacity;
+        inventory.running = self.reported.jobs.running_count();
+        inventory.sandboxes = self.reported.sandboxes.clone();
+        inventory.docker = match &self.reported.docker {
+            Some(engine) => Some(engine.status_at_most(DOCKER_PROBE_EVERY).await),
+            None => None,
         };
+        let req = &HeartbeatRequest { inventory };
         self.session
             .call(|client, token| async move { client.heartbeat(&token, req).await })
             .await

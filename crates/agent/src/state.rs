@@ -72,6 +72,23 @@ impl StateDir {
         })
     }
 
+    /// Lets other users pass through the directory (0711) without listing
+    /// it: the working dirs of sandboxes run as another user are below it.
+    /// Everything the agent keeps here is readable by itself only.
+    pub fn allow_traversal(&self) -> Result<(), StateError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| StateError::Io {
+                    path: self.root.clone(),
+                    source,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// Opens the directory only if it exists (for `status`).
     pub fn existing(root: &Path) -> Option<StateDir> {
         root.is_dir().then(|| StateDir {

@@ -1,0 +1,375 @@
+//! Workspaces: a directory that the tasks of one workflow run share on one
+//! agent, optionally checked out from git, and, for a docker workspace, a
+//! volume over it and a long-lived container the tasks run in as execs.
+//!
+//! On the host everything is under `<state_dir>/workspaces/`: the
+//! workspace `<id>/` and its meta dir `<id>.drover/` (the `ready` marker,
+//! and the outputs files of tasks run in the container, mounted there at
+//! `/drover`). The agent's start-up wipe of `<state_dir>/work` never
+//! touches them: a workspace outlives agent restarts until its run
+//! removes it.
+//!
+//! Key design decision: creating is idempotent and all or nothing. The
+//! `ready` marker is written last, so a create retried after a crash
+//! either finds a complete workspace (and the container running) and
+//! succeeds, or wipes what is there and starts again; a create that fails
+//! removes what it made.
+
+use std::path::{Path, PathBuf};
+
+use drover_proto::jobs::{Assignment, AttemptResult};
+use drover_proto::sandbox::{valid_workspace_id, GitSource, Sandbox, WorkspaceSpec};
+use tokio::process::Command;
+
+use crate::executor::{self, ExecOptions, Failure, Supervisor};
+use crate::process::{self, Limits, ProcessRun};
+
+/// The marker of a complete workspace, in its meta dir.
+const READY: &str = "ready";
+
+/// A workspace's directory.
+pub fn dir(opts: &ExecOptions, id: &str) -> PathBuf {
+    opts.workspaces_root.join(id)
+}
+
+/// A workspace's meta dir: the agent's files about it.
+pub fn meta_dir(opts: &ExecOptions, id: &str) -> PathBuf {
+    opts.workspaces_root.join(format!("{id}.drover"))
+}
+
+fn spec<'a>(a: &'a Assignment, opts: &ExecOptions) -> Result<&'a WorkspaceSpec, Failure> {
+    let ws = a.workspace.as_ref().ok_or_else(|| {
+        Failure::Rejected(format!("{} needs a workspace in its assignment", a.argv[0]))
+    })?;
+    if !valid_workspace_id(&ws.id) {
+        return Err(Failure::Rejected(format!(
+            "workspace id '{}' is not valid",
+            ws.id
+        )));
+    }
+    executor::admit(&ws.sandbox, opts).map_err(Failure::Rejected)?;
+    if let Sandbox::Process(p) = &ws.sandbox {
+        process::check_sandbox(p, opts.can_switch_users).map_err(Failure::Rejected)?;
+    }
+    Ok(ws)
+}
+
+/// `builtin:workspace-create`.
+pub(crate) async fn create(
+    a: &Assignment,
+    opts: &ExecOptions,
+    sup: &mut Supervisor<'_>,
+) -> AttemptResult {
+    let ws = match spec(a, opts) {
+        Ok(ws) => ws,
+        Err(f) => return sup.fail(f),
+    };
+    let mut building = false;
+    match try_create(a, opts, ws, sup, &mut building).await {
+        Ok(()) => sup.succeed(),
+        Err(f) => {
+            // A create that failed while building leaves nothing behind; a
+            // retry starts afresh. One that failed before (the engine did
+            // not answer whether the workspace runs) touches nothing.
+            if building {
+                let problems = wipe(opts, ws).await;
+                if !problems.is_empty() {
+                    tracing::warn!(workspace = %ws.id, ?problems, "could not clean up after a failed create");
+                }
+            }
+            sup.fail(f)
+        }
+    }
+}
+
+async fn try_create(
+    a: &Assignment,
+    opts: &ExecOptions,
+    ws: &WorkspaceSpec,
+    sup: &mut Supervisor<'_>,
+    building: &mut bool,
+) -> Result<(), Failure> {
+    let dir = dir(opts, &ws.id);
+    let meta = meta_dir(opts, &ws.id);
+    if let Some(git) = &ws.git {
+        git.validate().map_err(Failure::Rejected)?;
+    }
+    if meta.join(READY).is_file() {
+        let complete = match (&ws.sandbox, &opts.docker) {
+            (Sandbox::Docker(_), Some(engine)) => {
+                sup.bounded(crate::docker::workspace_running(engine, &ws.id))
+                    .await??
+            }
+            (Sandbox::Docker(_), None) => false,
+            (Sandbox::Process(_), _) => dir.is_dir(),
+        };
+        if complete {
+            sup.note(&format!("workspace {} exists already", ws.id));
+            return Ok(());
+        }
+    }
+    let problems = wipe(opts, ws).await;
+    if !problems.is_empty() {
+        return Err(Failure::Failed(format!(
+            "cannot clear what is left of workspace {}: {}",
+            ws.id,
+            problems.join(", ")
+        )));
+    }
+    *building = true;
+    sup.note(&format!("creating workspace {}", ws.id));
+    opts.prepare()
+        .map_err(|e| Failure::Failed(format!("cannot create the workspace root: {e}")))?;
+    executor::private_dir(&meta, None)?;
+    std::fs::create_dir(&dir)
+        .map_err(|e| Failure::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    if let Some(git) = &ws.git {
+        checkout(a, opts, git, &dir, sup).await?;
+    }
+    if let Some((uid, gid)) = owner(&ws.sandbox).await? {
+        for path in [&dir, &meta] {
+            // A checkout may be large: off the agent's only thread.
+            let tree = path.clone();
+            tokio::task::spawn_blocking(move || process::chown_tree(&tree, uid, gid))
+                .await
+                .map_err(|e| Failure::Failed(format!("handing over the workspace failed: {e}")))?
+                .map_err(|e| {
+                    Failure::Failed(format!("cannot hand {} to uid {uid}: {e}", path.display()))
+                })?;
+        }
+    } else {
+        // Root, or a user the image knows only by name: the tree stays the
+        // agent's, readable by all. Such a user can still write its
+        // outputs file: the meta dir is then shared like /tmp.
+        let named = matches!(&ws.sandbox, Sandbox::Docker(d) if d.user.is_some());
+        let setup = executor::set_mode(&dir, 0o755)
+            .and_then(|()| executor::set_mode(&meta, if named { 0o1777 } else { 0o700 }));
+        setup.map_err(|e| Failure::Failed(format!("cannot set up {}: {e}", dir.display())))?;
+    }
+    if let (Sandbox::Docker(sandbox), Some(engine)) = (&ws.sandbox, &opts.docker) {
+        sup.note(&format!(
+            "starting workspace container {}",
+            crate::docker::workspace_name(&ws.id)
+        ));
+        crate::docker::create_workspace(engine, ws, sandbox, &dir, &meta, sup).await?;
+    }
+    let marker = serde_json::json!({
+        "attempt_id": a.attempt_id,
+        "created_at": chrono::Utc::now(),
+    });
+    std::fs::write(meta.join(READY), marker.to_string())
+        .map_err(|e| Failure::Failed(format!("cannot mark the workspace ready: {e}")))?;
+    Ok(())
+}
+
+/// Who gets the workspace tree: a numeric docker user, or the resolvable
+/// user of a process sandbox.
+async fn owner(sandbox: &Sandbox) -> Result<Option<(u32, Option<u32>)>, Failure> {
+    match sandbox {
+        Sandbox::Docker(d) => {
+            let Some(user) = d.user.as_deref() else {
+                return Ok(None);
+            };
+            let (u, g) = match user.split_once(':') {
+                Some((u, g)) => (u, g.parse().ok()),
+                None => (user, None),
+            };
+            Ok(u.parse().ok().map(|uid| (uid, g)))
+        }
+        Sandbox::Process(p) => {
+            let Some(user) = p.user.clone() else {
+                return Ok(None);
+            };
+            let ids = tokio::task::spawn_blocking(move || process::resolve_user(&user))
+                .await
+                .map_err(|e| Failure::Failed(format!("looking up the user failed: {e}")))?
+                .map_err(Failure::Rejected)?;
+            Ok(Some((ids.uid, Some(ids.gid))))
+        }
+    }
+}
+
+/// Checks `git` out into `dir` with the host's git, step by step through
+/// the supervisor (its output is the attempt's log; timeout and cancel
+/// apply). Never a shell, `--` before the repository, and an environment
+/// that reads no config and allows only plain transports (no `ext::`).
+async fn checkout(
+    a: &Assignment,
+    opts: &ExecOptions,
+    git: &GitSource,
+    dir: &Path,
+    sup: &mut Supervisor<'_>,
+) -> Result<(), Failure> {
+    let home = executor::drover_dir(opts, a).join("home");
+    executor::private_dir(&home, None)?;
+    let at = git
+        .reference
+        .as_deref()
+        .map(|r| format!(" at {r}"))
+        .unwrap_or_default();
+    let failed =
+        |why: String| Failure::Failed(format!("git checkout of {}{at} failed: {why}", git.repo));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let git_cmd = |args: &[&str]| {
+        let mut cmd = Command::new("git");
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", &opts.path)
+            .env("HOME", &home)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
+            .current_dir(&opts.workspaces_root);
+        cmd
+    };
+    sup.note(&format!("cloning {}{at}", git.repo));
+    let Some(reference) = git.reference.as_deref() else {
+        let ok = step(
+            sup,
+            git_cmd(&["clone", "--quiet", "--", &git.repo, &dir_arg]),
+        )
+        .await
+        .map_err(|f| map_failed(f, &failed))?;
+        if !ok {
+            return Err(failed("git clone failed (see the log)".to_owned()));
+        }
+        sup.note(&format!("checked out the default branch of {}", git.repo));
+        return Ok(());
+    };
+    let ok = step(
+        sup,
+        git_cmd(&[
+            "clone",
+            "--no-checkout",
+            "--quiet",
+            "--",
+            &git.repo,
+            &dir_arg,
+        ]),
+    )
+    .await
+    .map_err(|f| map_failed(f, &failed))?;
+    if !ok {
+        return Err(failed("git clone failed (see the log)".to_owned()));
+    }
+    let mut commit = None;
+    for candidate in [format!("origin/{reference}"), reference.to_owned()] {
+        sup.capture_stdout();
+        let spec = format!("{candidate}^{{commit}}");
+        let ok = step(
+            sup,
+            git_cmd(&["-C", &dir_arg, "rev-parse", "--verify", "--quiet", &spec]),
+        )
+        .await
+        .map_err(|f| map_failed(f, &failed))?;
+        let out = sup.take_capture();
+        let sha = String::from_utf8_lossy(&out).trim().to_owned();
+        if ok && (sha.len() == 40 || sha.len() == 64) && sha.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            commit = Some(sha);
+            break;
+        }
+    }
+    let Some(sha) = commit else {
+        return Err(failed(format!(
+            "the repository has no branch, tag or commit named '{reference}'"
+        )));
+    };
+    let ok = step(
+        sup,
+        git_cmd(&["-C", &dir_arg, "checkout", "--quiet", "--detach", &sha]),
+    )
+    .await
+    .map_err(|f| map_failed(f, &failed))?;
+    if !ok {
+        return Err(failed(format!(
+            "git checkout of {sha} failed (see the log)"
+        )));
+    }
+    sup.note(&format!("checked out {reference} of {} ({sha})", git.repo));
+    Ok(())
+}
+
+fn map_failed(f: Failure, failed: &impl Fn(String) -> Failure) -> Failure {
+    match f {
+        Failure::Failed(why) => failed(why),
+        other => other,
+    }
+}
+
+/// Runs one helper process under the supervisor; true when it exited 0.
+async fn step(sup: &mut Supervisor<'_>, cmd: Command) -> Result<bool, Failure> {
+    if sup.stopped() {
+        return Err(Failure::Stopped);
+    }
+    let mut run = ProcessRun::spawn(cmd, Limits::none())
+        .map_err(|e| Failure::Failed(format!("cannot run git: {e}")))?;
+    let ended = sup.supervise(&mut run).await?;
+    if sup.stopped() {
+        return Err(Failure::Stopped);
+    }
+    Ok(ended.exit.is_some_and(|e| e.success()))
+}
+
+/// `builtin:workspace-remove`: the container, the volume, the directory
+/// and the meta dir; what is missing is fine.
+pub(crate) async fn remove(
+    a: &Assignment,
+    opts: &ExecOptions,
+    sup: &mut Supervisor<'_>,
+) -> AttemptResult {
+    let Some(ws) = &a.workspace else {
+        return sup.fail(Failure::Rejected(format!(
+            "{} needs a workspace in its assignment",
+            a.argv[0]
+        )));
+    };
+    if !valid_workspace_id(&ws.id) {
+        return sup.fail(Failure::Rejected(format!(
+            "workspace id '{}' is not valid",
+            ws.id
+        )));
+    }
+    let problems = match sup.bounded(wipe(opts, ws)).await {
+        Ok(p) => p,
+        Err(f) => return sup.fail(f),
+    };
+    if problems.is_empty() {
+        sup.succeed()
+    } else {
+        sup.fail(Failure::Failed(format!(
+            "could not remove workspace {}: {}",
+            ws.id,
+            problems.join(", ")
+        )))
+    }
+}
+
+/// Removes every piece of a workspace; says what could not be removed.
+async fn wipe(opts: &ExecOptions, ws: &WorkspaceSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Sandbox::Docker(_) = &ws.sandbox {
+        match &opts.docker {
+            Some(engine) => problems.extend(crate::docker::remove_workspace(engine, &ws.id).await),
+            None => {
+                let name = crate::docker::workspace_name(&ws.id);
+                problems.push(format!(
+                    "container and volume {name} (Docker is off on this agent)"
+                ));
+            }
+        }
+    }
+    for path in [dir(opts, &ws.id), meta_dir(opts, &ws.id)] {
+        // A workspace may be large: off the agent's only thread.
+        let target = path.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&target)).await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(e)) => problems.push(format!("{} ({e})", path.display())),
+            Err(e) => problems.push(format!("{} ({e})", path.display())),
+        }
+    }
+    problems
+}
