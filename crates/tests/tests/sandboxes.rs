@@ -286,7 +286,10 @@ async fn docker_limits_are_enforced() {
     // ends and its container goes.
     let job = cluster.submit("forkbomb", &agent.id, &[]);
     let ended = cluster.wait_job(&job, Duration::from_secs(30)).await;
-    assert!(ended.state.is_final() && ended.state != JobState::Succeeded, "{ended:?}");
+    assert!(
+        ended.state.is_final() && ended.state != JobState::Succeeded,
+        "{ended:?}"
+    );
     let out = logs(&cluster, &job);
     assert!(out.contains("started"), "{out}");
     assert!(out.contains("can't fork"), "{out}");
@@ -301,8 +304,14 @@ async fn docker_limits_are_enforced() {
         .filter_map(|l| l.trim().parse::<u32>().ok())
         .max()
         .unwrap_or(0);
-    assert!((25..=30).contains(&started), "started {started} processes:\n{out}");
-    assert!(!out.contains("all started") && out.contains("can't fork"), "{out}");
+    assert!(
+        (25..=30).contains(&started),
+        "started {started} processes:\n{out}"
+    );
+    assert!(
+        !out.contains("all started") && out.contains("can't fork"),
+        "{out}"
+    );
     // The server never noticed.
     let metrics = cluster.metrics().await;
     assert!(metrics.contains("drover_agents"), "{metrics}");
