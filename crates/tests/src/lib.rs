@@ -630,8 +630,20 @@ impl AgentProc {
 }
 
 impl Drop for AgentProc {
+    /// Stops the agent as a service manager would — SIGTERM, so that it
+    /// stops its attempts and removes their containers — and kills it if
+    /// it is still there after a while (a test that failed half-way must
+    /// not leave containers behind).
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
