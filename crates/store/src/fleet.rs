@@ -43,6 +43,16 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// An active agent in a running fleet.
+    pub fn open() -> Gate {
+        Gate {
+            fleet_stopped: false,
+            fleet_force: false,
+            agent: DispatchState::Active,
+            agent_force: false,
+        }
+    }
+
     /// What the agent runs must stop (and is not renewed).
     pub fn stopping(&self) -> bool {
         self.fleet_stopped || self.agent == DispatchState::Stopped

@@ -15,6 +15,7 @@ use drover_proto::jobs::{
     ResultAck, StartRequest, MAX_LOG_CHUNK,
 };
 use drover_proto::{ErrorBody, ErrorCode};
+use drover_store::fleet::Gate;
 use drover_store::jobs::{Appended, Ownership, Recorded};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -151,18 +152,20 @@ async fn poll(
     }
     loop {
         let now = Utc::now();
-        // A drained or stopped agent, or a stopped fleet, gets no work (the
-        // claim checks it too, atomically); a stop also cancels what runs.
-        let gate = state.store.gate(agent).await?;
-        let paused = gate.fleet_stopped || gate.agent != DispatchState::Active;
-        let claimed = if paused {
-            Vec::new()
+        // A drained or stopped agent, or a stopped fleet, gets no work: the
+        // claim checks that itself, atomically. Only when it hands out
+        // nothing is the gate read, to cancel what runs on a stop and not
+        // to spin on work that may not be claimed.
+        let claimed = state
+            .store
+            .claim_attempts(agent, req.free_slots, now + lease, now)
+            .await?;
+        let gate = if claimed.is_empty() {
+            state.store.gate(agent).await?
         } else {
-            state
-                .store
-                .claim_attempts(agent, req.free_slots, now + lease, now)
-                .await?
+            Gate::open()
         };
+        let paused = gate.fleet_stopped || gate.agent != DispatchState::Active;
         let stops = state.store.cancels_for_agent(agent, &gate).await?;
         let kill: Vec<String> = stops
             .iter()

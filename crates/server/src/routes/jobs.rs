@@ -353,7 +353,9 @@ pub async fn load_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
             }
         }
     }
-    let fleet = if attempts.iter().any(|a| !a.state.is_final()) {
+    // The fleet's stop explains why queued work waits (a running attempt
+    // told to stop carries its own reason).
+    let fleet = if attempts.iter().any(|a| a.state == JobState::Queued) {
         Some(state.store.fleet().await?)
     } else {
         None
