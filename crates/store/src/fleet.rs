@@ -99,40 +99,8 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<crate::jobs::Upsert> {
-        use crate::jobs::Upsert;
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let updated = sqlx::query(
-                "UPDATE sandboxes SET spec = $1, hash = $2, updated_at = $3, updated_by = $4 \
-                 WHERE name = $5 AND hash <> $2",
-            )
-            .bind(spec_json)
-            .bind(hash)
-            .bind(to_ms(now))
-            .bind(by)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 1 {
-                tx.commit().await?;
-                return Ok(Upsert::Updated);
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO sandboxes (name, spec, hash, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(name)
-            .bind(spec_json)
-            .bind(hash)
-            .bind(to_ms(now))
-            .bind(by)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            tx.commit().await?;
-            Ok(if inserted == 1 { Upsert::Created } else { Upsert::Unchanged })
-        })
+        self.upsert_by_hash("sandboxes", name, spec_json, hash, by, now)
+            .await
     }
 
     pub async fn list_sandboxes(&self) -> Result<Vec<SandboxRecord>> {

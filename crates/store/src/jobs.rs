@@ -387,36 +387,54 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<Upsert> {
+        self.upsert_by_hash("actions", name, spec_json, hash, by, now)
+            .await
+    }
+
+    /// Creates or replaces a row of a catalog table (`actions`,
+    /// `sandboxes`: a name fixed in the code) by name; unchanged when the
+    /// hash is the same.
+    pub(crate) async fn upsert_by_hash(
+        &self,
+        table: &'static str,
+        name: &str,
+        spec_json: &str,
+        hash: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Upsert> {
+        let update = format!(
+            "UPDATE {table} SET spec = $1, hash = $2, updated_at = $3, updated_by = $4 \
+             WHERE name = $5 AND hash <> $2"
+        );
+        let insert = format!(
+            "INSERT INTO {table} (name, spec, hash, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (name) DO NOTHING"
+        );
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let updated = sqlx::query(
-                "UPDATE actions SET spec = $1, hash = $2, updated_at = $3, updated_by = $4 \
-                 WHERE name = $5 AND hash <> $2",
-            )
-            .bind(spec_json)
-            .bind(hash)
-            .bind(to_ms(now))
-            .bind(by)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let updated = sqlx::query(&update)
+                .bind(spec_json)
+                .bind(hash)
+                .bind(to_ms(now))
+                .bind(by)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             if updated == 1 {
                 tx.commit().await?;
                 return Ok(Upsert::Updated);
             }
-            let inserted = sqlx::query(
-                "INSERT INTO actions (name, spec, hash, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(name)
-            .bind(spec_json)
-            .bind(hash)
-            .bind(to_ms(now))
-            .bind(by)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let inserted = sqlx::query(&insert)
+                .bind(name)
+                .bind(spec_json)
+                .bind(hash)
+                .bind(to_ms(now))
+                .bind(by)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             tx.commit().await?;
             Ok(if inserted == 1 { Upsert::Created } else { Upsert::Unchanged })
         })

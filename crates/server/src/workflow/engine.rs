@@ -139,6 +139,14 @@ struct StartCache {
     sandboxes: HashMap<(String, Option<String>), Result<Sandbox, String>>,
 }
 
+/// Where a workspace goes when the job of one of its steps ends.
+struct WorkspaceStep {
+    from: WorkspaceState,
+    ok: WorkspaceState,
+    ok_reason: String,
+    failed: WorkspaceState,
+}
+
 /// Where a run's workspace stands for its tasks.
 enum Workspace {
     /// The run has none.
@@ -609,41 +617,40 @@ impl Engine {
     /// Notes the end of the job creating the workspace. True when the
     /// workspace changed state.
     async fn workspace_created(&self, run: &RunRecord) -> Result<bool, EngineError> {
-        let Some(job_id) = &run.workspace_job else {
-            return Ok(false);
+        let agent = run.workspace_agent.as_deref().unwrap_or("?");
+        let done = WorkspaceStep {
+            from: WorkspaceState::Creating,
+            ok: WorkspaceState::Ready,
+            ok_reason: format!("on agent {agent}"),
+            failed: WorkspaceState::Failed,
         };
-        let Some(job) = self.state.store.job(job_id).await? else {
-            return Ok(false);
-        };
-        if !job.state.is_final() {
-            return Ok(false);
-        }
-        let (to, why) = if job.state == JobState::Succeeded {
-            let agent = run.workspace_agent.as_deref().unwrap_or("?");
-            (WorkspaceState::Ready, Some(format!("on agent {agent}")))
-        } else {
-            (
-                WorkspaceState::Failed,
-                self.job_outcome(job_id, job.state).await?,
-            )
-        };
-        Ok(self
-            .state
-            .store
-            .set_workspace_state(
-                &run.id,
-                &[WorkspaceState::Creating],
-                to,
-                why.as_deref(),
-                Utc::now(),
-            )
-            .await?)
+        self.settle_workspace_job(run, run.workspace_job.as_deref(), done)
+            .await
     }
 
     /// Notes the end of the job removing an ended run's workspace. True
     /// when it changed.
     async fn settle_removal(&self, run: &RunRecord) -> Result<bool, EngineError> {
-        let Some(job_id) = &run.workspace_remove_job else {
+        let job = run.workspace_remove_job.as_deref();
+        let done = WorkspaceStep {
+            from: WorkspaceState::Removing,
+            ok: WorkspaceState::Removed,
+            ok_reason: format!("removed by job {}", job.unwrap_or("?")),
+            failed: WorkspaceState::RemoveFailed,
+        };
+        self.settle_workspace_job(run, job, done).await
+    }
+
+    /// Moves the workspace on once its job has ended: to `done.ok` when it
+    /// succeeded, else to `done.failed` with the job's outcome. True when
+    /// it changed.
+    async fn settle_workspace_job(
+        &self,
+        run: &RunRecord,
+        job_id: Option<&str>,
+        done: WorkspaceStep,
+    ) -> Result<bool, EngineError> {
+        let Some(job_id) = job_id else {
             return Ok(false);
         };
         let Some(job) = self.state.store.job(job_id).await? else {
@@ -653,27 +660,15 @@ impl Engine {
             return Ok(false);
         }
         let (to, why) = if job.state == JobState::Succeeded {
-            (
-                WorkspaceState::Removed,
-                Some(format!("removed by job {job_id}")),
-            )
+            (done.ok, Some(done.ok_reason))
         } else {
-            (
-                WorkspaceState::RemoveFailed,
-                self.job_outcome(job_id, job.state).await?,
-            )
+            (done.failed, self.job_outcome(job_id, job.state).await?)
         };
-        tracing::info!(run = %run.id, state = to.as_str(), "workspace removal ended");
+        tracing::info!(run = %run.id, job = %job_id, state = to.as_str(), "workspace job ended");
         Ok(self
             .state
             .store
-            .set_workspace_state(
-                &run.id,
-                &[WorkspaceState::Removing],
-                to,
-                why.as_deref(),
-                Utc::now(),
-            )
+            .set_workspace_state(&run.id, &[done.from], to, why.as_deref(), Utc::now())
             .await?)
     }
 
