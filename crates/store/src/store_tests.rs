@@ -65,6 +65,44 @@ async fn enrolled(store: &Store, id: &str) -> AgentRecord {
     }
 }
 
+/// A job running `/bin/true` on `agents`, with one queued attempt each.
+async fn true_job(
+    store: &Store,
+    agents: &[String],
+    retry: &drover_proto::jobs::RetryPolicy,
+    sandbox: &drover_proto::sandbox::Sandbox,
+    workspace: Option<&drover_proto::sandbox::WorkspaceSpec>,
+) -> String {
+    let argv = vec!["/bin/true".to_owned()];
+    store
+        .create_job(
+            crate::jobs::NewJob {
+                action: "true",
+                action_hash: "h",
+                target: "*",
+                params_json: "{}",
+                argv: &argv,
+                env: &std::collections::BTreeMap::new(),
+                timeout_ms: 1000,
+                kill_grace_ms: 100,
+                retry,
+                created_by: "admin",
+                agent_ids: agents,
+                artifacts: &[],
+                sandbox,
+                workspace,
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap()
+}
+
+/// A lease that runs 30 s from now.
+fn lease() -> chrono::DateTime<Utc> {
+    Utc::now() + Duration::seconds(30)
+}
+
 #[tokio::test]
 async fn migrations_apply_once_and_reopen() {
     for backend in BACKENDS {
@@ -342,7 +380,6 @@ mod jobs {
     use crate::jobs::*;
     use drover_proto::jobs::{AttemptResult, JobState, Outcome, RetryPolicy, Stream};
     use drover_proto::sandbox::Sandbox;
-    use std::collections::BTreeMap;
 
     fn result(attempt: &str, outcome: Outcome) -> AttemptResult {
         AttemptResult {
@@ -362,33 +399,7 @@ mod jobs {
     }
 
     async fn job(store: &Store, agents: &[String], retry: RetryPolicy) -> String {
-        let argv = vec!["/bin/true".to_owned()];
-        store
-            .create_job(
-                NewJob {
-                    action: "true",
-                    action_hash: "h",
-                    target: "*",
-                    params_json: "{}",
-                    argv: &argv,
-                    env: &BTreeMap::new(),
-                    timeout_ms: 1000,
-                    kill_grace_ms: 100,
-                    retry: &retry,
-                    created_by: "admin",
-                    agent_ids: agents,
-                    artifacts: &[],
-                    sandbox: &Sandbox::default_process(),
-                    workspace: None,
-                },
-                Utc::now(),
-            )
-            .await
-            .unwrap()
-    }
-
-    fn lease() -> chrono::DateTime<Utc> {
-        Utc::now() + Duration::seconds(30)
+        true_job(store, agents, &retry, &Sandbox::default_process(), None).await
     }
 
     /// Results of a job's attempts on two agents recorded at the same
@@ -1247,33 +1258,7 @@ mod fleet {
         sandbox: &Sandbox,
         workspace: Option<&WorkspaceSpec>,
     ) -> String {
-        let argv = vec!["/bin/true".to_owned()];
-        store
-            .create_job(
-                NewJob {
-                    action: "true",
-                    action_hash: "h",
-                    target: "*",
-                    params_json: "{}",
-                    argv: &argv,
-                    env: &BTreeMap::new(),
-                    timeout_ms: 1000,
-                    kill_grace_ms: 100,
-                    retry: &RetryPolicy::default(),
-                    created_by: "admin",
-                    agent_ids: agents,
-                    artifacts: &[],
-                    sandbox,
-                    workspace,
-                },
-                Utc::now(),
-            )
-            .await
-            .unwrap()
-    }
-
-    fn lease() -> chrono::DateTime<Utc> {
-        Utc::now() + Duration::seconds(30)
+        true_job(store, agents, &RetryPolicy::default(), sandbox, workspace).await
     }
 
     async fn claim(store: &Store, agent: &str) -> Vec<Claimed> {
