@@ -6,7 +6,8 @@ use drover_proto::api::DispatchState;
 use drover_proto::labels::Labels;
 
 use crate::auth::{labels_from_json, labels_to_json};
-use crate::{from_ms, on_pool, to_ms, Error, Result, Store};
+use crate::tx::on_tx;
+use crate::{from_ms, on_pool, on_write, to_ms, Error, Result, Store};
 
 /// An agent as stored.
 #[derive(Debug, Clone)]
@@ -149,9 +150,9 @@ impl Store {
         agent: NewAgent<'_>,
         now: DateTime<Utc>,
     ) -> Result<EnrollOutcome> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let claimed: Option<(String, Option<String>)> = sqlx::query_as(
+        {
+            let mut tx = self.begin().await?;
+            let claimed: Option<(String, Option<String>)> = on_tx!(&mut tx, c => sqlx::query_as(
                 "UPDATE bootstrap_tokens SET used_at = $1, used_by_agent = $2 \
                  WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 \
                  RETURNING labels, grp",
@@ -159,23 +160,27 @@ impl Store {
             .bind(to_ms(now))
             .bind(agent.id)
             .bind(bootstrap_hash)
-            .fetch_optional(&mut *tx)
-            .await?;
+            .fetch_optional(&mut *c)
+            .await)?;
             let Some((labels, grp)) = claimed else {
-                let found: Option<(Option<i64>, i64)> = sqlx::query_as(
+                let found: Option<(Option<i64>, i64)> = on_tx!(&mut tx, c => sqlx::query_as(
                     "SELECT used_at, expires_at FROM bootstrap_tokens WHERE token_hash = $1",
                 )
                 .bind(bootstrap_hash)
-                .fetch_optional(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *c)
+                .await)?;
                 tx.rollback().await?;
                 return Ok(match found {
                     None => EnrollOutcome::TokenUnknown,
-                    Some((Some(used), _)) => EnrollOutcome::TokenUsed { used_at: from_ms(used) },
-                    Some((None, expires)) => EnrollOutcome::TokenExpired { expired_at: from_ms(expires) },
+                    Some((Some(used), _)) => EnrollOutcome::TokenUsed {
+                        used_at: from_ms(used),
+                    },
+                    Some((None, expires)) => EnrollOutcome::TokenExpired {
+                        expired_at: from_ms(expires),
+                    },
                 });
             };
-            sqlx::query(
+            on_tx!(&mut tx, c => sqlx::query(
                 "INSERT INTO agents (id, hostname, labels, grp, agent_version, enrolled_at, session_id) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
@@ -186,9 +191,9 @@ impl Store {
             .bind(agent.agent_version)
             .bind(to_ms(now))
             .bind(agent.session_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+            on_tx!(&mut tx, c => sqlx::query(
                 "INSERT INTO agent_refresh_tokens (token_hash, agent_id, session_id, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5)",
             )
@@ -197,8 +202,8 @@ impl Store {
             .bind(agent.session_id)
             .bind(to_ms(now))
             .bind(to_ms(agent.refresh_expires_at))
-            .execute(&mut *tx)
-            .await?;
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
             tx.commit().await?;
             Ok(EnrollOutcome::Enrolled(Box::new(AgentRecord {
                 id: agent.id.to_owned(),
@@ -217,7 +222,7 @@ impl Store {
                 dispatch_reason: None,
                 dispatch_force: false,
             })))
-        })
+        }
     }
 
     /// Presents a refresh token (by hash). If it is the current one of a live
@@ -230,64 +235,69 @@ impl Store {
         new_expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<RefreshOutcome> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let claimed: Option<(String, String, i64)> = sqlx::query_as(
+        {
+            let mut tx = self.begin().await?;
+            let claimed: Option<(String, String, i64)> = on_tx!(&mut tx, c => sqlx::query_as(
                 "UPDATE agent_refresh_tokens SET used_at = $1 \
                  WHERE token_hash = $2 AND used_at IS NULL \
                  RETURNING agent_id, session_id, expires_at",
             )
             .bind(to_ms(now))
             .bind(old_hash)
-            .fetch_optional(&mut *tx)
-            .await?;
+            .fetch_optional(&mut *c)
+            .await)?;
             let Some((agent_id, session_id, expires_at)) = claimed else {
-                let found: Option<(String, String)> = sqlx::query_as(
+                let found: Option<(String, String)> = on_tx!(&mut tx, c => sqlx::query_as(
                     "SELECT agent_id, session_id FROM agent_refresh_tokens WHERE token_hash = $1",
                 )
                 .bind(old_hash)
-                .fetch_optional(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *c)
+                .await)?;
                 let Some((agent_id, session_id)) = found else {
                     tx.rollback().await?;
                     return Ok(RefreshOutcome::Unknown);
                 };
                 // A rotated token came back: whoever holds the family is not
                 // to be trusted any more. End the session it belongs to.
-                sqlx::query(
+                on_tx!(&mut tx, c => sqlx::query(
                     "UPDATE agents SET session_id = NULL, session_ended_reason = $1 \
                      WHERE id = $2 AND session_id = $3",
                 )
                 .bind("refresh token reuse detected")
                 .bind(&agent_id)
                 .bind(&session_id)
-                .execute(&mut *tx)
-                .await?;
+                .execute(&mut *c)
+                .await.map(|r| r.rows_affected()))?;
                 tx.commit().await?;
                 return Ok(RefreshOutcome::Reused { agent_id });
             };
             /// session_id, session_ended_reason, revoked_at, revoked_reason
             type AgentAuthRow = (Option<String>, Option<String>, Option<i64>, Option<String>);
-            let state: Option<AgentAuthRow> = sqlx::query_as(
+            let state: Option<AgentAuthRow> = on_tx!(&mut tx, c => sqlx::query_as(
                 "SELECT session_id, session_ended_reason, revoked_at, revoked_reason FROM agents WHERE id = $1",
             )
             .bind(&agent_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            .fetch_optional(&mut *c)
+            .await)?;
             let outcome = match state {
                 None => RefreshOutcome::Unknown,
                 Some((_, _, Some(_), reason)) => RefreshOutcome::AgentRevoked { reason },
-                Some((current, reason, None, _)) if current.as_deref() != Some(session_id.as_str()) => {
+                Some((current, reason, None, _))
+                    if current.as_deref() != Some(session_id.as_str()) =>
+                {
                     RefreshOutcome::SessionEnded { reason }
                 }
                 Some(_) if expires_at <= to_ms(now) => RefreshOutcome::Expired,
-                Some(_) => RefreshOutcome::Rotated { agent_id: agent_id.clone(), session_id: session_id.clone() },
+                Some(_) => RefreshOutcome::Rotated {
+                    agent_id: agent_id.clone(),
+                    session_id: session_id.clone(),
+                },
             };
             if !matches!(outcome, RefreshOutcome::Rotated { .. }) {
                 tx.rollback().await?;
                 return Ok(outcome);
             }
-            sqlx::query(
+            on_tx!(&mut tx, c => sqlx::query(
                 "INSERT INTO agent_refresh_tokens (token_hash, agent_id, session_id, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5)",
             )
@@ -296,11 +306,11 @@ impl Store {
             .bind(&session_id)
             .bind(to_ms(now))
             .bind(to_ms(new_expires_at))
-            .execute(&mut *tx)
-            .await?;
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
             tx.commit().await?;
             Ok(outcome)
-        })
+        }
     }
 
     /// Records a heartbeat if the agent exists, is not revoked and `session_id`
@@ -318,14 +328,14 @@ impl Store {
         })?;
         let sql = "UPDATE agents SET last_seen_at = $1, inventory = $2, agent_version = $3, hostname = $4 \
                    WHERE id = $5 AND session_id = $6 AND revoked_at IS NULL";
-        let done = on_pool!(self, p => sqlx::query(sql)
+        let done = on_write!(self, c => sqlx::query(sql)
             .bind(to_ms(now))
             .bind(json)
             .bind(&inventory.agent_version)
             .bind(&inventory.hostname)
             .bind(agent_id)
             .bind(session_id)
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         Ok(done == 1)
@@ -391,10 +401,10 @@ impl Store {
 
     /// Replaces an agent's labels.
     pub async fn set_agent_labels(&self, id: &str, labels: &Labels) -> Result<()> {
-        let done = on_pool!(self, p => sqlx::query("UPDATE agents SET labels = $1 WHERE id = $2")
+        let done = on_write!(self, c => sqlx::query("UPDATE agents SET labels = $1 WHERE id = $2")
             .bind(labels_to_json(labels))
             .bind(id)
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         if done == 0 {
@@ -413,11 +423,11 @@ impl Store {
                    revoked_reason = COALESCE(revoked_reason, $2), session_id = NULL, \
                    session_ended_reason = COALESCE(session_ended_reason, 'agent revoked') \
                    WHERE id = $3";
-        let done = on_pool!(self, p => sqlx::query(sql)
+        let done = on_write!(self, c => sqlx::query(sql)
             .bind(to_ms(now))
             .bind(reason)
             .bind(id)
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         if done == 0 {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use drover_proto::api::Role;
 use drover_proto::labels::Labels;
 
-use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store};
+use crate::{from_ms, new_id, on_pool, on_write, to_ms, Error, Result, Store};
 
 /// A user who can log in.
 #[derive(Debug, Clone)]
@@ -121,13 +121,13 @@ impl Store {
     ) -> Result<User> {
         let id = new_id();
         let sql = "INSERT INTO users (id, username, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)";
-        on_pool!(self, p => sqlx::query(sql)
+        on_write!(self, c => sqlx::query(sql)
             .bind(&id)
             .bind(username)
             .bind(password_hash)
             .bind(role.as_str())
             .bind(to_ms(now))
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         Ok(User {
@@ -163,7 +163,7 @@ impl Store {
         let id = new_id();
         let sql = "INSERT INTO user_tokens (id, user_id, kind, token_hash, name, created_at, expires_at) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7)";
-        on_pool!(self, p => sqlx::query(sql)
+        on_write!(self, c => sqlx::query(sql)
             .bind(&id)
             .bind(t.user_id)
             .bind(t.kind)
@@ -171,7 +171,7 @@ impl Store {
             .bind(t.name)
             .bind(to_ms(now))
             .bind(t.expires_at.map(to_ms))
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         Ok(id)
@@ -218,7 +218,7 @@ impl Store {
         let id = new_id();
         let sql = "INSERT INTO bootstrap_tokens (id, token_hash, labels, grp, name, created_by, created_at, expires_at) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-        on_pool!(self, p => sqlx::query(sql)
+        on_write!(self, c => sqlx::query(sql)
             .bind(&id)
             .bind(t.token_hash)
             .bind(labels_to_json(t.labels))
@@ -227,7 +227,7 @@ impl Store {
             .bind(t.created_by)
             .bind(to_ms(now))
             .bind(to_ms(t.expires_at))
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         Ok(BootstrapToken {

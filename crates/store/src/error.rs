@@ -17,6 +17,14 @@ pub enum Error {
     Ambiguous { what: &'static str, prefix: String },
     #[error("{what} already exists")]
     Conflict { what: &'static str },
+    /// The store cannot write right now (its writer lost its connection);
+    /// nothing was changed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The commit did not reach the disk; nothing of the transaction
+    /// was kept.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
 }
 
 impl Error {

@@ -12,7 +12,8 @@
 use chrono::{DateTime, Utc};
 use drover_proto::api::DispatchState;
 
-use crate::{from_ms, on_pool, to_ms, Error, Result, Store};
+use crate::tx::on_tx;
+use crate::{from_ms, on_pool, on_write, to_ms, Error, Result, Store};
 
 /// A profile as stored: canonical JSON and its hash.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -163,11 +164,11 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<()> {
         let sql = "UPDATE agents SET dispatch = $1, dispatch_reason = $2, dispatch_force = 0 WHERE id = $3";
-        let done = on_pool!(self, p => sqlx::query(sql)
+        let done = on_write!(self, c => sqlx::query(sql)
             .bind(dispatch.as_str())
             .bind(reason)
             .bind(agent_id)
-            .execute(p)
+            .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
         if done == 0 {
@@ -182,22 +183,24 @@ impl Store {
     /// Stops an agent: it takes no new work, and every attempt it has been
     /// given is told to stop (at once with `force`), in one transaction.
     pub async fn stop_agent(&self, agent_id: &str, force: bool, reason: &str) -> Result<Stopped> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let found = sqlx::query(
+        {
+            let mut tx = self.begin().await?;
+            let found = on_tx!(&mut tx, c => sqlx::query(
                 "UPDATE agents SET dispatch = 'stopped', dispatch_reason = $1, dispatch_force = $2 WHERE id = $3",
             )
             .bind(reason)
             .bind(i64::from(force))
             .bind(agent_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
             if found == 0 {
                 tx.rollback().await?;
-                return Err(Error::NotFound { what: "agent", id: agent_id.to_owned() });
+                return Err(Error::NotFound {
+                    what: "agent",
+                    id: agent_id.to_owned(),
+                });
             }
-            let attempts: Vec<(String, String, String)> = sqlx::query_as(
+            let attempts: Vec<(String, String, String)> = on_tx!(&mut tx, c => sqlx::query_as(
                 "UPDATE attempts SET cancel_requested = 1, \
                  cancel_force = CASE WHEN $1 = 1 THEN 1 ELSE cancel_force END, reason = $2 \
                  WHERE agent_id = $3 AND state IN ('dispatched', 'running') \
@@ -206,11 +209,12 @@ impl Store {
             .bind(i64::from(force))
             .bind(reason)
             .bind(agent_id)
-            .fetch_all(&mut *tx)
-            .await?;
+            .fetch_all(&mut *c)
+            .await)?;
+            tx.changes.agents.insert(agent_id.to_owned());
             tx.commit().await?;
             Ok(Stopped { attempts })
-        })
+        }
     }
 
     /// The emergency stop: dispatch pauses everywhere and every attempt
@@ -223,9 +227,9 @@ impl Store {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<Stopped> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            sqlx::query(
+        {
+            let mut tx = self.begin().await?;
+            on_tx!(&mut tx, c => sqlx::query(
                 "UPDATE fleet SET stopped_at = COALESCE(stopped_at, $1), stopped_by = $2, reason = $3, \
                  force = CASE WHEN $4 = 1 THEN 1 ELSE force END WHERE id = 1",
             )
@@ -233,27 +237,31 @@ impl Store {
             .bind(by)
             .bind(reason)
             .bind(i64::from(force))
-            .execute(&mut *tx)
-            .await?;
-            let attempts: Vec<(String, String, String)> = sqlx::query_as(
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+            let attempts: Vec<(String, String, String)> = on_tx!(&mut tx, c => sqlx::query_as(
                 "UPDATE attempts SET cancel_requested = 1, \
                  cancel_force = CASE WHEN $1 = 1 THEN 1 ELSE cancel_force END, reason = $2 \
                  WHERE state IN ('dispatched', 'running') RETURNING id, agent_id, job_id",
             )
             .bind(i64::from(force))
             .bind(reason)
-            .fetch_all(&mut *tx)
-            .await?;
+            .fetch_all(&mut *c)
+            .await)?;
+            tx.changes.all_agents = true;
             tx.commit().await?;
             Ok(Stopped { attempts })
-        })
+        }
     }
 
     /// Ends the emergency stop: dispatch resumes. Attempts already told to
     /// stop still stop.
     pub async fn resume_fleet(&self) -> Result<()> {
         let sql = "UPDATE fleet SET stopped_at = NULL, stopped_by = NULL, reason = NULL, force = 0 WHERE id = 1";
-        on_pool!(self, p => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()))?;
+        let mut tx = self.begin().await?;
+        on_tx!(&mut tx, c => sqlx::query(sql).execute(&mut *c).await.map(|r| r.rows_affected()))?;
+        tx.changes.all_agents = true;
+        tx.commit().await?;
         Ok(())
     }
 

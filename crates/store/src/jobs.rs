@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use drover_proto::jobs::{aggregate_state, AttemptResult, JobState, RetryPolicy, Stream};
 use drover_proto::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
 
-use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store};
+use crate::tx::on_tx;
+use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store, Tx};
 
 /// An action as stored: the spec as canonical JSON and its hash.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -342,39 +343,319 @@ pub struct AuditFilter {
     pub limit: i64,
 }
 
-/// Recomputes and stores a job's state from the latest attempt per agent.
-/// Returns the new state. Must run inside the caller's transaction.
-macro_rules! recompute_job {
-    ($tx:expr, $job_id:expr, $now:expr) => {{
-        // Lock the job row first. Two attempts of one job ending at once
-        // would otherwise each read the other as still running (under
-        // PostgreSQL's READ COMMITTED) and leave the job running for good;
-        // after the lock, the read below sees the other's committed change.
-        sqlx::query("UPDATE jobs SET state = state WHERE id = $1")
-            .bind($job_id)
-            .execute(&mut *$tx)
-            .await?;
-        let states: Vec<String> = sqlx::query_scalar(
+/// `IN (…)` over a JSON array of text bound as parameter `$n`, per engine.
+pub(crate) fn in_json(backend: crate::Backend, n: u32) -> String {
+    match backend {
+        crate::Backend::Sqlite => format!("IN (SELECT value FROM json_each(${n}))"),
+        crate::Backend::Postgres => format!("IN (SELECT jsonb_array_elements_text(${n}::jsonb))"),
+    }
+}
+
+/// Where an attempt's output goes: looked up once per attempt by the
+/// caller, which keeps it (and the bytes used) for the attempt's life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTarget {
+    pub agent_id: String,
+    pub job_id: String,
+    pub run_id: Option<String>,
+    pub task_id: Option<String>,
+    /// Bytes stored so far per stream (stdout, stderr).
+    pub used: [i64; 2],
+}
+
+/// Domain steps of jobs and attempts, composed by callers in one
+/// transaction.
+impl Tx {
+    /// Recomputes and stores a job's state from the latest attempt per
+    /// agent. Returns the new state.
+    pub async fn recompute_job(&mut self, job_id: &str, now: DateTime<Utc>) -> Result<JobState> {
+        // On PostgreSQL, lock the job row first: two attempts of one job
+        // ending at once would otherwise each read the other as still
+        // running (READ COMMITTED) and leave the job running for good.
+        // SQLite has one writer, so the read below already sees all.
+        if self.backend() == crate::Backend::Postgres {
+            on_tx!(self, c => sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(job_id)
+                .execute(&mut *c)
+                .await.map(|r| r.rows_affected()))?;
+        }
+        let states: Vec<String> = on_tx!(self, c => sqlx::query_scalar(
             "SELECT a.state FROM attempts a WHERE a.job_id = $1 AND a.number = \
              (SELECT MAX(b.number) FROM attempts b WHERE b.job_id = a.job_id AND b.agent_id = a.agent_id)",
         )
-        .bind($job_id)
-        .fetch_all(&mut *$tx)
-        .await?;
-        let parsed = states.iter().map(|s| parse_state(s)).collect::<Result<Vec<_>>>()?;
+        .bind(job_id)
+        .fetch_all(&mut *c)
+        .await)?;
+        let parsed = states
+            .iter()
+            .map(|s| parse_state(s))
+            .collect::<Result<Vec<_>>>()?;
         let state = aggregate_state(&parsed);
-        let finished = state.is_final().then(|| to_ms($now));
-        sqlx::query(
+        let finished = state.is_final().then(|| to_ms(now));
+        let run: Option<Option<String>> = on_tx!(self, c => sqlx::query_scalar(
             "UPDATE jobs SET state = $1, finished_at = CASE WHEN $2 IS NULL THEN NULL ELSE COALESCE(finished_at, $2) END \
-             WHERE id = $3",
+             WHERE id = $3 RETURNING run_id",
         )
         .bind(state.as_str())
         .bind(finished)
-        .bind($job_id)
-        .execute(&mut *$tx)
-        .await?;
-        Ok::<JobState, Error>(state)
-    }};
+        .bind(job_id)
+        .fetch_optional(&mut *c)
+        .await)?;
+        self.changes.jobs.insert(job_id.to_owned());
+        if let Some(Some(run)) = run {
+            self.changes.runs.insert(run);
+        }
+        Ok(state)
+    }
+
+    /// Queues the next attempt on the same agent when the job's retry
+    /// policy asks for it (and the job is not being cancelled). Returns
+    /// whether a retry was queued.
+    pub async fn queue_retry(
+        &mut self,
+        job_id: &str,
+        agent_id: &str,
+        number: i64,
+        state: JobState,
+        jitter: f64,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let (retry, cancelled): (String, Option<i64>) = on_tx!(self, c => sqlx::query_as(
+            "SELECT retry, cancel_requested_at FROM jobs WHERE id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *c)
+        .await)?;
+        let policy: RetryPolicy =
+            serde_json::from_str(&retry).map_err(|e| corrupt("job retry")(e.to_string()))?;
+        let delay = if cancelled.is_some() {
+            None
+        } else {
+            policy.next_delay(u32::try_from(number).unwrap_or(u32::MAX), state, jitter)
+        };
+        let Some(d) = delay else {
+            return Ok(false);
+        };
+        let at = now + chrono::Duration::milliseconds(d.as_millis() as i64);
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO attempts (id, job_id, agent_id, number, state, reason, created_at, not_before) \
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7)",
+        )
+        .bind(new_id())
+        .bind(job_id)
+        .bind(agent_id)
+        .bind(number + 1)
+        .bind(format!("awaiting retry at {}", at.to_rfc3339()))
+        .bind(to_ms(now))
+        .bind(to_ms(at))
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        self.changes.agents.insert(agent_id.to_owned());
+        Ok(true)
+    }
+
+    /// Inserts job `id` and one queued attempt per agent (one statement
+    /// for all of them).
+    pub async fn insert_job(
+        &mut self,
+        id: &str,
+        job: &NewJob<'_>,
+        run_id: Option<&str>,
+        task_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
+             retry, state, created_by, created_at, run_id, task_id, artifacts, sandbox, workspace) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .bind(id)
+        .bind(job.action)
+        .bind(job.action_hash)
+        .bind(job.target)
+        .bind(job.params_json)
+        .bind(to_json(job.argv))
+        .bind(to_json(job.env))
+        .bind(job.timeout_ms)
+        .bind(job.kill_grace_ms)
+        .bind(to_json(job.retry))
+        .bind(JobState::Queued.as_str())
+        .bind(job.created_by)
+        .bind(to_ms(now))
+        .bind(run_id)
+        .bind(task_id)
+        .bind(to_json(job.artifacts))
+        .bind(to_json(job.sandbox))
+        .bind(job.workspace.map(to_json))
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if !job.agent_ids.is_empty() {
+            on_tx!(self, c => {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO attempts (id, job_id, agent_id, number, state, created_at, not_before) ",
+                );
+                q.push_values(job.agent_ids, |mut b, agent| {
+                    b.push_bind(new_id())
+                        .push_bind(id)
+                        .push_bind(agent)
+                        .push_bind(1_i64)
+                        .push_bind(JobState::Queued.as_str())
+                        .push_bind(to_ms(now))
+                        .push_bind(to_ms(now));
+                });
+                q.build().execute(&mut *c).await.map(|r| r.rows_affected())
+            })?;
+        }
+        self.changes.jobs.insert(id.to_owned());
+        self.changes.agents.extend(job.agent_ids.iter().cloned());
+        if let Some(run) = run_id {
+            self.changes.runs.insert(run.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Records an attempt's result once, queues a retry if the job's
+    /// policy asks for one, and updates the job.
+    pub async fn record_result(
+        &mut self,
+        agent_id: &str,
+        result: &AttemptResult,
+        jitter: f64,
+        now: DateTime<Utc>,
+    ) -> Result<Recorded> {
+        let state = result.outcome.state();
+        // A result also counts for an attempt already marked lost: the
+        // agent was only out of touch, and its report is the truth.
+        let updated: Option<(String, i64)> = on_tx!(self, c => sqlx::query_as(
+            "UPDATE attempts SET state = $1, finished_at = $2, exit_code = $3, signal = $4, duration_ms = $5, \
+             error = $6, stdout_truncated = $7, stderr_truncated = $8, started_at = COALESCE(started_at, $9), \
+             reason = NULL, lease_expires_at = NULL, outputs = $12, limit_exceeded = $13 \
+             WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost') \
+             AND finished_at IS NULL \
+             RETURNING job_id, number",
+        )
+        .bind(state.as_str())
+        .bind(to_ms(result.finished_at))
+        .bind(result.exit_code.map(i64::from))
+        .bind(result.signal.map(i64::from))
+        .bind(result.duration_ms as i64)
+        .bind(&result.error)
+        .bind(i64::from(result.stdout_truncated))
+        .bind(i64::from(result.stderr_truncated))
+        .bind(result.started_at.map(to_ms))
+        .bind(&result.attempt_id)
+        .bind(agent_id)
+        .bind(to_json(&result.outputs))
+        .bind(result.limit_exceeded.map(LimitExceeded::as_str))
+        .fetch_optional(&mut *c)
+        .await)?;
+        let Some((job_id, number)) = updated else {
+            return Ok(
+                match self.attempt_owner(&result.attempt_id, agent_id).await? {
+                    Ownership::Owned { job_id } => Recorded::Duplicate { job_id },
+                    Ownership::NotFound => Recorded::NotFound,
+                    Ownership::Foreign => Recorded::Foreign,
+                },
+            );
+        };
+        let retried = self
+            .queue_retry(&job_id, agent_id, number, state, jitter, now)
+            .await?;
+        self.recompute_job(&job_id, now).await?;
+        Ok(Recorded::Recorded {
+            job_id,
+            retry_agent: retried.then(|| agent_id.to_owned()),
+        })
+    }
+
+    /// Whose attempt this is, read inside the transaction.
+    pub async fn attempt_owner(&mut self, attempt_id: &str, agent_id: &str) -> Result<Ownership> {
+        let row: Option<(String, String)> = on_tx!(self, c => sqlx::query_as(
+            "SELECT agent_id, job_id FROM attempts WHERE id = $1",
+        )
+        .bind(attempt_id)
+        .fetch_optional(&mut *c)
+        .await)?;
+        Ok(ownership(row, agent_id))
+    }
+
+    /// Marks a dispatched attempt running.
+    pub async fn mark_started(
+        &mut self,
+        attempt_id: &str,
+        agent_id: &str,
+        started_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Ownership> {
+        let job: Option<String> = on_tx!(self, c => sqlx::query_scalar(
+            "UPDATE attempts SET state = 'running', started_at = $1 \
+             WHERE id = $2 AND agent_id = $3 AND state = 'dispatched' RETURNING job_id",
+        )
+        .bind(to_ms(started_at))
+        .bind(attempt_id)
+        .bind(agent_id)
+        .fetch_optional(&mut *c)
+        .await)?;
+        match job {
+            Some(job_id) => {
+                self.recompute_job(&job_id, now).await?;
+                Ok(Ownership::Owned { job_id })
+            }
+            None => self.attempt_owner(attempt_id, agent_id).await,
+        }
+    }
+
+    /// Stores one chunk of output once per (attempt, stream, seq); a
+    /// workflow task's output is also an event of its run, so a stream
+    /// resumed by event id misses none. True when it was new.
+    pub async fn append_log(
+        &mut self,
+        target: &LogTarget,
+        attempt_id: &str,
+        stream: Stream,
+        seq: i64,
+        data: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let inserted = on_tx!(self, c => sqlx::query(
+            "INSERT INTO attempt_logs (job_id, attempt_id, stream, seq, data) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (attempt_id, stream, seq) DO NOTHING",
+        )
+        .bind(&target.job_id)
+        .bind(attempt_id)
+        .bind(stream.as_str())
+        .bind(seq)
+        .bind(data)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        self.changes.logs.insert(target.job_id.clone());
+        if let Some(run_id) = &target.run_id {
+            self.emit(
+                run_id,
+                &crate::workflows::Event {
+                    kind: "log",
+                    task: target.task_id.as_deref(),
+                    state: None,
+                    message: Some(data),
+                    stream: Some(stream.as_str()),
+                },
+                now,
+            )
+            .await?;
+        }
+        Ok(true)
+    }
+}
+
+fn ownership(row: Option<(String, String)>, agent_id: &str) -> Ownership {
+    match row {
+        None => Ownership::NotFound,
+        Some((owner, _)) if owner != agent_id => Ownership::Foreign,
+        Some((_, job_id)) => Ownership::Owned { job_id },
+    }
 }
 
 impl Store {
@@ -411,32 +692,32 @@ impl Store {
             "INSERT INTO {table} (name, spec, hash, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (name) DO NOTHING"
         );
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let updated = sqlx::query(&update)
-                .bind(spec_json)
-                .bind(hash)
-                .bind(to_ms(now))
-                .bind(by)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if updated == 1 {
-                tx.commit().await?;
-                return Ok(Upsert::Updated);
-            }
-            let inserted = sqlx::query(&insert)
-                .bind(name)
-                .bind(spec_json)
-                .bind(hash)
-                .bind(to_ms(now))
-                .bind(by)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+        let mut tx = self.begin().await?;
+        let updated = on_tx!(&mut tx, c => sqlx::query(&update)
+            .bind(spec_json)
+            .bind(hash)
+            .bind(to_ms(now))
+            .bind(by)
+            .bind(name)
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+        if updated == 1 {
             tx.commit().await?;
-            Ok(if inserted == 1 { Upsert::Created } else { Upsert::Unchanged })
+            return Ok(Upsert::Updated);
+        }
+        let inserted = on_tx!(&mut tx, c => sqlx::query(&insert)
+            .bind(name)
+            .bind(spec_json)
+            .bind(hash)
+            .bind(to_ms(now))
+            .bind(by)
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(if inserted == 1 {
+            Upsert::Created
+        } else {
+            Upsert::Unchanged
         })
     }
 
@@ -453,12 +734,9 @@ impl Store {
     /// Creates a job and one queued attempt per agent, atomically.
     pub async fn create_job(&self, job: NewJob<'_>, now: DateTime<Utc>) -> Result<String> {
         let id = new_id();
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            insert_job!(tx, &id, &job, None::<&str>, None::<&str>, now);
-            tx.commit().await?;
-            Ok::<(), Error>(())
-        })?;
+        let mut tx = self.begin().await?;
+        tx.insert_job(&id, &job, None, None, now).await?;
+        tx.commit().await?;
         Ok(id)
     }
 
@@ -472,6 +750,18 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Vec<Claimed>> {
         if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Most polls find nothing: find out with a read, so that an empty
+        // poll costs no write (and on SQLite does not wait for the writer).
+        let any: Option<String> = on_pool!(self, p => sqlx::query_scalar(
+            "SELECT id FROM attempts WHERE agent_id = $1 AND state = 'queued' AND not_before <= $2 LIMIT 1",
+        )
+        .bind(agent_id)
+        .bind(to_ms(now))
+        .fetch_optional(p)
+        .await)?;
+        if any.is_none() {
             return Ok(Vec::new());
         }
         // PostgreSQL may run an `IN (SELECT … LIMIT n)` sub-select more than
@@ -501,44 +791,60 @@ impl Store {
                  RETURNING id, job_id, not_before"
             }
         };
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let rows: Vec<(String, String, i64)> = sqlx::query_as(claim)
-                .bind(to_ms(now))
-                .bind(to_ms(lease_until))
-                .bind(agent_id)
-                .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
-                .await?;
-            let mut claimed = Vec::with_capacity(rows.len());
-            let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
-            for (attempt_id, job_id, not_before) in rows {
-                if !jobs.contains_key(&job_id) {
-                    let row: JobRow = sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-                        .bind(&job_id)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    jobs.insert(job_id.clone(), JobRecord::try_from(row)?);
-                    recompute_job!(tx, &job_id, now)?;
-                }
-                let job = &jobs[&job_id];
-                claimed.push(Claimed {
-                    attempt_id,
-                    job_id: job_id.clone(),
-                    action: job.action.clone(),
-                    argv: job.argv.clone(),
-                    env: job.env.clone(),
-                    timeout_ms: job.timeout_ms,
-                    kill_grace_ms: job.kill_grace_ms,
-                    artifacts: job.artifacts.clone(),
-                    sandbox: job.sandbox.clone(),
-                    workspace: job.workspace.clone(),
-                    ready_at: from_ms(not_before),
-                });
-            }
-            tx.commit().await?;
-            Ok(claimed)
-        })
+        let mut tx = self.begin().await?;
+        let rows: Vec<(String, String, i64)> = on_tx!(&mut tx, c => sqlx::query_as(claim)
+            .bind(to_ms(now))
+            .bind(to_ms(lease_until))
+            .bind(agent_id)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *c)
+            .await)?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<&String> = rows.iter().map(|(_, j, _)| j).collect();
+        ids.sort();
+        ids.dedup();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id {}",
+            in_json(self.backend(), 1)
+        );
+        let ids_json = to_json(&ids);
+        let job_rows: Vec<JobRow> = on_tx!(&mut tx, c => sqlx::query_as(&sql)
+            .bind(&ids_json)
+            .fetch_all(&mut *c)
+            .await)?;
+        let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
+        for row in job_rows {
+            let job = JobRecord::try_from(row)?;
+            jobs.insert(job.id.clone(), job);
+        }
+        for id in &ids {
+            tx.recompute_job(id, now).await?;
+        }
+        let mut claimed = Vec::with_capacity(rows.len());
+        for (attempt_id, job_id, not_before) in rows {
+            let job = jobs.get(&job_id).ok_or_else(|| Error::NotFound {
+                what: "job",
+                id: job_id.clone(),
+            })?;
+            claimed.push(Claimed {
+                attempt_id,
+                job_id: job_id.clone(),
+                action: job.action.clone(),
+                argv: job.argv.clone(),
+                env: job.env.clone(),
+                timeout_ms: job.timeout_ms,
+                kill_grace_ms: job.kill_grace_ms,
+                artifacts: job.artifacts.clone(),
+                sandbox: job.sandbox.clone(),
+                workspace: job.workspace.clone(),
+                ready_at: from_ms(not_before),
+            });
+        }
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// Puts back in the queue the attempts dispatched to this agent before
@@ -564,36 +870,30 @@ impl Store {
         if dispatched.iter().all(|id| known.contains(id)) {
             return Ok(Vec::new());
         }
+        let sql = format!(
+            "UPDATE attempts SET state = 'queued', dispatched_at = NULL, lease_expires_at = NULL, \
+             reason = 'queued again: the assignment never reached the agent' \
+             WHERE agent_id = $1 AND state = 'dispatched' AND started_at IS NULL AND dispatched_at < $2 \
+             AND NOT (id {}) RETURNING id, job_id",
+            in_json(self.backend(), 3)
+        );
         let known_json = to_json(known);
-        let sql = match self.backend() {
-            crate::Backend::Sqlite => {
-                "UPDATE attempts SET state = 'queued', dispatched_at = NULL, lease_expires_at = NULL, \
-                 reason = 'queued again: the assignment never reached the agent' \
-                 WHERE agent_id = $1 AND state = 'dispatched' AND started_at IS NULL AND dispatched_at < $2 \
-                 AND id NOT IN (SELECT value FROM json_each($3)) RETURNING id, job_id"
-            }
-            crate::Backend::Postgres => {
-                "UPDATE attempts SET state = 'queued', dispatched_at = NULL, lease_expires_at = NULL, \
-                 reason = 'queued again: the assignment never reached the agent' \
-                 WHERE agent_id = $1 AND state = 'dispatched' AND started_at IS NULL AND dispatched_at < $2 \
-                 AND id <> ALL (SELECT jsonb_array_elements_text($3::jsonb)) RETURNING id, job_id"
-            }
-        };
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let rows: Vec<(String, String)> = sqlx::query_as(sql)
-                .bind(agent_id)
-                .bind(to_ms(now))
-                .bind(&known_json)
-                .fetch_all(&mut *tx)
-                .await?;
-            let jobs: std::collections::BTreeSet<&String> = rows.iter().map(|(_, j)| j).collect();
-            for job in jobs {
-                recompute_job!(tx, job, now)?;
-            }
-            tx.commit().await?;
-            Ok(rows)
-        })
+        let mut tx = self.begin().await?;
+        let rows: Vec<(String, String)> = on_tx!(&mut tx, c => sqlx::query_as(&sql)
+            .bind(agent_id)
+            .bind(to_ms(now))
+            .bind(&known_json)
+            .fetch_all(&mut *c)
+            .await)?;
+        let jobs: std::collections::BTreeSet<&String> = rows.iter().map(|(_, j)| j).collect();
+        for job in jobs {
+            tx.recompute_job(job, now).await?;
+        }
+        if !rows.is_empty() {
+            tx.changes.agents.insert(agent_id.to_owned());
+        }
+        tx.commit().await?;
+        Ok(rows)
     }
 
     /// The earliest time a queued attempt of this agent becomes runnable.
@@ -631,11 +931,7 @@ impl Store {
         let sql = "SELECT agent_id, job_id FROM attempts WHERE id = $1";
         let row: Option<(String, String)> =
             on_pool!(self, p => sqlx::query_as(sql).bind(attempt_id).fetch_optional(p).await)?;
-        Ok(match row {
-            None => Ownership::NotFound,
-            Some((owner, _)) if owner != agent_id => Ownership::Foreign,
-            Some((_, job_id)) => Ownership::Owned { job_id },
-        })
+        Ok(ownership(row, agent_id))
     }
 
     /// Marks a dispatched attempt running.
@@ -646,35 +942,18 @@ impl Store {
         started_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Ownership> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let job: Option<String> = sqlx::query_scalar(
-                "UPDATE attempts SET state = 'running', started_at = $1 \
-                 WHERE id = $2 AND agent_id = $3 AND state = 'dispatched' RETURNING job_id",
-            )
-            .bind(to_ms(started_at))
-            .bind(attempt_id)
-            .bind(agent_id)
-            .fetch_optional(&mut *tx)
+        let mut tx = self.begin().await?;
+        let owner = tx
+            .mark_started(attempt_id, agent_id, started_at, now)
             .await?;
-            match job {
-                Some(job_id) => {
-                    recompute_job!(tx, &job_id, now)?;
-                    tx.commit().await?;
-                    Ok(Ownership::Owned { job_id })
-                }
-                None => {
-                    tx.rollback().await?;
-                    self.attempt_owner(attempt_id, agent_id).await
-                }
-            }
-        })
+        tx.commit().await?;
+        Ok(owner)
     }
 
-    /// Extends the leases of this agent's live attempts among `ids`.
-    /// Attempts that are final, cancelled, unknown or another agent's are
-    /// to be cancelled, and every one while the agent or the fleet is
-    /// stopped (`gate`); forced stops are also to be killed.
+    /// Extends the leases of this agent's live attempts among `ids`, in one
+    /// statement. Attempts that are final, cancelled, unknown or another
+    /// agent's are to be cancelled, and every one while the agent or the
+    /// fleet is stopped (`gate`); forced stops are also to be killed.
     pub async fn renew_leases(
         &self,
         agent_id: &str,
@@ -688,33 +967,33 @@ impl Store {
             if gate.killing() {
                 out.kill = ids.to_vec();
             }
+            return Ok(out);
         }
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            for id in ids {
-                if gate.stopping() {
-                    break;
-                }
-                let ok = sqlx::query(
-                    "UPDATE attempts SET lease_expires_at = $1 WHERE id = $2 AND agent_id = $3 \
-                     AND state IN ('dispatched', 'running') AND cancel_requested = 0",
-                )
-                .bind(to_ms(until))
-                .bind(id)
-                .bind(agent_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if ok == 1 {
-                    out.renewed.push(id.clone());
-                } else {
-                    out.cancel.push(id.clone());
-                }
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let ids_json = to_json(ids);
+        let sql = format!(
+            "UPDATE attempts SET lease_expires_at = $1 WHERE agent_id = $2 \
+             AND state IN ('dispatched', 'running') AND cancel_requested = 0 AND id {} RETURNING id",
+            in_json(self.backend(), 3)
+        );
+        let mut tx = self.begin().await?;
+        let renewed: Vec<String> = on_tx!(&mut tx, c => sqlx::query_scalar(&sql)
+            .bind(to_ms(until))
+            .bind(agent_id)
+            .bind(&ids_json)
+            .fetch_all(&mut *c)
+            .await)?;
+        tx.commit().await?;
+        for id in ids {
+            if renewed.contains(id) {
+                out.renewed.push(id.clone());
+            } else {
+                out.cancel.push(id.clone());
             }
-            tx.commit().await?;
-            Ok::<(), Error>(())
-        })?;
-        if !gate.killing() && !out.cancel.is_empty() {
+        }
+        if !out.cancel.is_empty() {
             out.kill = self.forced_among(agent_id, &out.cancel).await?;
         }
         Ok(out)
@@ -722,19 +1001,16 @@ impl Store {
 
     /// Which of these attempts of an agent were asked to stop at once.
     async fn forced_among(&self, agent_id: &str, ids: &[String]) -> Result<Vec<String>> {
-        let mut forced = Vec::new();
-        for id in ids {
-            let sql = "SELECT cancel_force FROM attempts WHERE id = $1 AND agent_id = $2";
-            let f: Option<i64> = on_pool!(self, p => sqlx::query_scalar(sql)
-                .bind(id)
-                .bind(agent_id)
-                .fetch_optional(p)
-                .await)?;
-            if f.is_some_and(|f| f != 0) {
-                forced.push(id.clone());
-            }
-        }
-        Ok(forced)
+        let sql = format!(
+            "SELECT id FROM attempts WHERE agent_id = $1 AND cancel_force <> 0 AND id {} ORDER BY id",
+            in_json(self.backend(), 2)
+        );
+        let ids_json = to_json(ids);
+        Ok(on_pool!(self, p => sqlx::query_scalar(&sql)
+            .bind(agent_id)
+            .bind(&ids_json)
+            .fetch_all(p)
+            .await)?)
     }
 
     /// Records an attempt's result once, queues a retry if the job's policy
@@ -746,71 +1022,54 @@ impl Store {
         jitter: f64,
         now: DateTime<Utc>,
     ) -> Result<Recorded> {
-        let state = result.outcome.state();
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            // A result also counts for an attempt already marked lost: the
-            // agent was only out of touch, and its report is the truth.
-            let updated: Option<(String, i64)> = sqlx::query_as(
-                "UPDATE attempts SET state = $1, finished_at = $2, exit_code = $3, signal = $4, duration_ms = $5, \
-                 error = $6, stdout_truncated = $7, stderr_truncated = $8, started_at = COALESCE(started_at, $9), \
-                 reason = NULL, lease_expires_at = NULL, outputs = $12, limit_exceeded = $13 \
-                 WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost') \
-                 AND finished_at IS NULL \
-                 RETURNING job_id, number",
-            )
-            .bind(state.as_str())
-            .bind(to_ms(result.finished_at))
-            .bind(result.exit_code.map(i64::from))
-            .bind(result.signal.map(i64::from))
-            .bind(result.duration_ms as i64)
-            .bind(&result.error)
-            .bind(i64::from(result.stdout_truncated))
-            .bind(i64::from(result.stderr_truncated))
-            .bind(result.started_at.map(to_ms))
-            .bind(&result.attempt_id)
-            .bind(agent_id)
-            .bind(to_json(&result.outputs))
-            .bind(result.limit_exceeded.map(LimitExceeded::as_str))
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((job_id, number)) = updated else {
-                tx.rollback().await?;
-                return Ok(match self.attempt_owner(&result.attempt_id, agent_id).await? {
-                    Ownership::Owned { job_id } => Recorded::Duplicate { job_id },
-                    Ownership::NotFound => Recorded::NotFound,
-                    Ownership::Foreign => Recorded::Foreign,
-                });
-            };
-            let retry_agent = queue_retry!(tx, &job_id, agent_id, number, state, jitter, now);
-            recompute_job!(tx, &job_id, now)?;
-            tx.commit().await?;
-            Ok(Recorded::Recorded { job_id, retry_agent })
-        })
+        let mut tx = self.begin().await?;
+        let recorded = tx.record_result(agent_id, result, jitter, now).await?;
+        match recorded {
+            Recorded::Recorded { .. } => {
+                tx.commit().await?;
+            }
+            _ => tx.rollback().await?,
+        }
+        Ok(recorded)
     }
 
     /// Marks attempts whose lease ran out as lost and queues retries.
     pub async fn expire_leases(&self, jitter: f64, now: DateTime<Utc>) -> Result<Vec<Expired>> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-                "UPDATE attempts SET state = 'lost', reason = 'agent stopped renewing its lease', \
-                 lease_expires_at = NULL \
-                 WHERE state IN ('dispatched', 'running') AND lease_expires_at < $1 \
-                 RETURNING id, job_id, agent_id, number",
-            )
-            .bind(to_ms(now))
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for (attempt_id, job_id, agent_id, number) in rows {
-                let retried = queue_retry!(tx, &job_id, &agent_id, number, JobState::Lost, jitter, now).is_some();
-                recompute_job!(tx, &job_id, now)?;
-                out.push(Expired { attempt_id, job_id, agent_id, retried });
-            }
-            tx.commit().await?;
-            Ok(out)
-        })
+        // Usually nothing expired: find out with a read.
+        let any: Option<String> = on_pool!(self, p => sqlx::query_scalar(
+            "SELECT id FROM attempts WHERE state IN ('dispatched', 'running') AND lease_expires_at < $1 LIMIT 1",
+        )
+        .bind(to_ms(now))
+        .fetch_optional(p)
+        .await)?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        let rows: Vec<(String, String, String, i64)> = on_tx!(&mut tx, c => sqlx::query_as(
+            "UPDATE attempts SET state = 'lost', reason = 'agent stopped renewing its lease', \
+             lease_expires_at = NULL \
+             WHERE state IN ('dispatched', 'running') AND lease_expires_at < $1 \
+             RETURNING id, job_id, agent_id, number",
+        )
+        .bind(to_ms(now))
+        .fetch_all(&mut *c)
+        .await)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (attempt_id, job_id, agent_id, number) in rows {
+            let retried = tx
+                .queue_retry(&job_id, &agent_id, number, JobState::Lost, jitter, now)
+                .await?;
+            tx.recompute_job(&job_id, now).await?;
+            out.push(Expired {
+                attempt_id,
+                job_id,
+                agent_id,
+                retried,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Ends every unfinished attempt of an agent that can no longer run
@@ -822,25 +1081,10 @@ impl Store {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<Vec<String>> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let mut jobs: Vec<String> = sqlx::query_scalar(
-                "UPDATE attempts SET state = 'lost', reason = $1, finished_at = $2, lease_expires_at = NULL \
-                 WHERE agent_id = $3 AND state IN ('queued', 'dispatched', 'running') RETURNING job_id",
-            )
-            .bind(reason)
-            .bind(to_ms(now))
-            .bind(agent_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            jobs.sort();
-            jobs.dedup();
-            for job_id in &jobs {
-                recompute_job!(tx, job_id, now)?;
-            }
-            tx.commit().await?;
-            Ok(jobs)
-        })
+        let mut tx = self.begin().await?;
+        let jobs = tx.abandon_agent_attempts(agent_id, reason, now).await?;
+        tx.commit().await?;
+        Ok(jobs)
     }
 
     /// Requests cancellation: queued attempts end at once, running ones are
@@ -851,43 +1095,174 @@ impl Store {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<Vec<String>> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let found = sqlx::query(
-                "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, $1) WHERE id = $2",
-            )
-            .bind(to_ms(now))
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if found == 0 {
-                tx.rollback().await?;
-                return Err(Error::NotFound { what: "job", id: job_id.to_owned() });
-            }
-            sqlx::query(
-                "UPDATE attempts SET state = 'cancelled', reason = $1, finished_at = $2 \
-                 WHERE job_id = $3 AND state = 'queued'",
-            )
-            .bind(reason)
-            .bind(to_ms(now))
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
-            let agents: Vec<String> = sqlx::query_scalar(
-                "UPDATE attempts SET cancel_requested = 1, reason = $1 \
-                 WHERE job_id = $2 AND state IN ('dispatched', 'running') RETURNING agent_id",
-            )
-            .bind(reason)
-            .bind(job_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            recompute_job!(tx, job_id, now)?;
-            tx.commit().await?;
-            Ok(agents)
-        })
+        let mut tx = self.begin().await?;
+        let agents = tx.cancel_job(job_id, reason, now).await?;
+        tx.commit().await?;
+        Ok(agents)
     }
 
+    /// Where the output of an attempt goes, with the bytes stored so far;
+    /// `None` when there is no such attempt.
+    pub async fn log_target(&self, attempt_id: &str) -> Result<Option<LogTarget>> {
+        /// agent, job, run, task, stdout bytes, stderr bytes
+        type Row = (String, String, Option<String>, Option<String>, i64, i64);
+        let row: Option<Row> = on_pool!(self, p => sqlx::query_as(
+                "SELECT a.agent_id, a.job_id, j.run_id, j.task_id, \
+                 COALESCE((SELECT SUM(LENGTH(data)) FROM attempt_logs l WHERE l.attempt_id = a.id AND l.stream = 'stdout'), 0), \
+                 COALESCE((SELECT SUM(LENGTH(data)) FROM attempt_logs l WHERE l.attempt_id = a.id AND l.stream = 'stderr'), 0) \
+                 FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
+            )
+            .bind(attempt_id)
+            .fetch_optional(p)
+            .await)?;
+        Ok(
+            row.map(|(agent_id, job_id, run_id, task_id, out, err)| LogTarget {
+                agent_id,
+                job_id,
+                run_id,
+                task_id,
+                used: [out, err],
+            }),
+        )
+    }
+
+    /// Stores one chunk of output, once per (attempt, stream, seq), while the
+    /// stream is under `cap` bytes. Callers on the hot path keep the
+    /// [`LogTarget`] and use `Tx::append_log`.
+    pub async fn append_log(
+        &self,
+        agent_id: &str,
+        attempt_id: &str,
+        stream: Stream,
+        seq: i64,
+        data: &str,
+        cap: i64,
+    ) -> Result<Appended> {
+        let Some(target) = self.log_target(attempt_id).await? else {
+            return Ok(Appended::NotFound);
+        };
+        if target.agent_id != agent_id {
+            return Ok(Appended::Foreign);
+        }
+        let used = target.used[usize::from(stream == Stream::Stderr)];
+        if used + data.len() as i64 > cap {
+            return Ok(Appended::OverCap);
+        }
+        let mut tx = self.begin().await?;
+        let inserted = tx
+            .append_log(&target, attempt_id, stream, seq, data, Utc::now())
+            .await?;
+        tx.commit().await?;
+        Ok(if inserted {
+            Appended::Stored {
+                job_id: target.job_id,
+            }
+        } else {
+            Appended::Duplicate {
+                job_id: target.job_id,
+            }
+        })
+    }
+}
+
+impl Tx {
+    /// Ends every unfinished attempt of an agent that can no longer run
+    /// them (it was revoked): they become lost with `reason`, without
+    /// retry. Returns the jobs that changed.
+    pub async fn abandon_agent_attempts(
+        &mut self,
+        agent_id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        let mut jobs: Vec<String> = on_tx!(self, c => sqlx::query_scalar(
+            "UPDATE attempts SET state = 'lost', reason = $1, finished_at = $2, lease_expires_at = NULL \
+             WHERE agent_id = $3 AND state IN ('queued', 'dispatched', 'running') RETURNING job_id",
+        )
+        .bind(reason)
+        .bind(to_ms(now))
+        .bind(agent_id)
+        .fetch_all(&mut *c)
+        .await)?;
+        jobs.sort();
+        jobs.dedup();
+        for job_id in &jobs {
+            self.recompute_job(job_id, now).await?;
+        }
+        Ok(jobs)
+    }
+
+    /// Requests cancellation: queued attempts end at once, running ones
+    /// are flagged for their agents. Returns the agents to tell.
+    pub async fn cancel_job(
+        &mut self,
+        job_id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        let found = on_tx!(self, c => sqlx::query(
+            "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, $1) WHERE id = $2",
+        )
+        .bind(to_ms(now))
+        .bind(job_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if found == 0 {
+            return Err(Error::NotFound {
+                what: "job",
+                id: job_id.to_owned(),
+            });
+        }
+        on_tx!(self, c => sqlx::query(
+            "UPDATE attempts SET state = 'cancelled', reason = $1, finished_at = $2 \
+             WHERE job_id = $3 AND state = 'queued'",
+        )
+        .bind(reason)
+        .bind(to_ms(now))
+        .bind(job_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        let agents: Vec<String> = on_tx!(self, c => sqlx::query_scalar(
+            "UPDATE attempts SET cancel_requested = 1, reason = $1 \
+             WHERE job_id = $2 AND state IN ('dispatched', 'running') RETURNING agent_id",
+        )
+        .bind(reason)
+        .bind(job_id)
+        .fetch_all(&mut *c)
+        .await)?;
+        self.changes.agents.extend(agents.iter().cloned());
+        self.recompute_job(job_id, now).await?;
+        Ok(agents)
+    }
+
+    /// Appends to the audit log.
+    pub async fn audit(&mut self, entry: &AuditEntry<'_>, now: DateTime<Utc>) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO audit (at, actor, action, target, status, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(to_ms(now))
+        .bind(entry.actor)
+        .bind(entry.action)
+        .bind(entry.target)
+        .bind(i64::from(entry.status))
+        .bind(entry.outcome)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+}
+
+/// One audit entry to append.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditEntry<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: &'a str,
+    pub status: u16,
+    pub outcome: &'a str,
+}
+
+impl Store {
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
         let row: Option<JobRow> =
@@ -933,69 +1308,6 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_scalar(sql).bind(agent_id).fetch_one(p).await)?)
     }
 
-    /// Stores one chunk of output, once per (attempt, stream, seq), while the
-    /// stream is under `cap` bytes.
-    pub async fn append_log(
-        &self,
-        agent_id: &str,
-        attempt_id: &str,
-        stream: Stream,
-        seq: i64,
-        data: &str,
-        cap: i64,
-    ) -> Result<Appended> {
-        let job_id = match self.attempt_owner(attempt_id, agent_id).await? {
-            Ownership::Owned { job_id } => job_id,
-            Ownership::NotFound => return Ok(Appended::NotFound),
-            Ownership::Foreign => return Ok(Appended::Foreign),
-        };
-        let used: i64 = on_pool!(self, p => sqlx::query_scalar(
-            "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM attempt_logs WHERE attempt_id = $1 AND stream = $2",
-        )
-        .bind(attempt_id)
-        .bind(stream.as_str())
-        .fetch_one(p)
-        .await)?;
-        if used + data.len() as i64 > cap {
-            return Ok(Appended::OverCap);
-        }
-        let run: Option<(Option<String>, Option<String>)> = on_pool!(self, p => sqlx::query_as(
-            "SELECT run_id, task_id FROM jobs WHERE id = $1",
-        )
-        .bind(&job_id)
-        .fetch_optional(p)
-        .await)?;
-        let now = Utc::now();
-        let inserted = on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let inserted = sqlx::query(
-                "INSERT INTO attempt_logs (job_id, attempt_id, stream, seq, data) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (attempt_id, stream, seq) DO NOTHING",
-            )
-            .bind(&job_id)
-            .bind(attempt_id)
-            .bind(stream.as_str())
-            .bind(seq)
-            .bind(data)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            // A workflow task's output is also an event of its run, in the
-            // same transaction, so a stream resumed by event id misses none.
-            if let (1, Some((Some(run_id), task_id))) = (inserted, &run) {
-                crate::workflows::emit!(tx, run_id, "log", task_id.as_deref(), None::<&str>,
-                    Some(data), Some(stream.as_str()), now);
-            }
-            tx.commit().await?;
-            Ok::<u64, Error>(inserted)
-        })?;
-        Ok(if inserted == 1 {
-            Appended::Stored { job_id }
-        } else {
-            Appended::Duplicate { job_id }
-        })
-    }
-
     /// Output of a job after cursor `after`, in order.
     pub async fn logs_after(&self, job_id: &str, after: i64, limit: i64) -> Result<Vec<LogRecord>> {
         let sql =
@@ -1028,17 +1340,19 @@ impl Store {
         outcome: &str,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let sql = "INSERT INTO audit (at, actor, action, target, status, outcome) VALUES ($1, $2, $3, $4, $5, $6)";
-        on_pool!(self, p => sqlx::query(sql)
-            .bind(to_ms(now))
-            .bind(actor)
-            .bind(action)
-            .bind(target)
-            .bind(i64::from(status))
-            .bind(outcome)
-            .execute(p)
-            .await
-            .map(|r| r.rows_affected()))?;
+        let mut tx = self.begin().await?;
+        tx.audit(
+            &AuditEntry {
+                actor,
+                action,
+                target,
+                status,
+                outcome,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1057,94 +1371,6 @@ impl Store {
             .await)?)
     }
 }
-
-/// Queues the next attempt on the same agent when the job's retry policy
-/// asks for it (and the job is not being cancelled). Evaluates to the agent
-/// id when a retry was queued. Runs inside the caller's transaction.
-macro_rules! queue_retry {
-    ($tx:expr, $job_id:expr, $agent_id:expr, $number:expr, $state:expr, $jitter:expr, $now:expr) => {{
-        let (retry, cancelled): (String, Option<i64>) =
-            sqlx::query_as("SELECT retry, cancel_requested_at FROM jobs WHERE id = $1")
-                .bind($job_id)
-                .fetch_one(&mut *$tx)
-                .await?;
-        let policy: RetryPolicy =
-            serde_json::from_str(&retry).map_err(|e| corrupt("job retry")(e.to_string()))?;
-        let delay = if cancelled.is_some() {
-            None
-        } else {
-            policy.next_delay(u32::try_from($number).unwrap_or(u32::MAX), $state, $jitter)
-        };
-        match delay {
-            Some(d) => {
-                let at = $now + chrono::Duration::milliseconds(d.as_millis() as i64);
-                sqlx::query(
-                    "INSERT INTO attempts (id, job_id, agent_id, number, state, reason, created_at, not_before) \
-                     VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7)",
-                )
-                .bind(new_id())
-                .bind($job_id)
-                .bind($agent_id)
-                .bind($number + 1)
-                .bind(format!("awaiting retry at {}", at.to_rfc3339()))
-                .bind(to_ms($now))
-                .bind(to_ms(at))
-                .execute(&mut *$tx)
-                .await?;
-                Some($agent_id.to_owned())
-            }
-            None => None,
-        }
-    }};
-}
-use queue_retry;
-
-/// Inserts a job and one queued attempt per agent. Runs inside the
-/// caller's transaction.
-macro_rules! insert_job {
-    ($tx:expr, $id:expr, $job:expr, $run_id:expr, $task_id:expr, $now:expr) => {{
-        let job: &NewJob<'_> = $job;
-        sqlx::query(
-            "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
-             retry, state, created_by, created_at, run_id, task_id, artifacts, sandbox, workspace) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-        )
-        .bind($id)
-        .bind(job.action)
-        .bind(job.action_hash)
-        .bind(job.target)
-        .bind(job.params_json)
-        .bind($crate::jobs::to_json(job.argv))
-        .bind($crate::jobs::to_json(job.env))
-        .bind(job.timeout_ms)
-        .bind(job.kill_grace_ms)
-        .bind($crate::jobs::to_json(job.retry))
-        .bind(drover_proto::jobs::JobState::Queued.as_str())
-        .bind(job.created_by)
-        .bind($crate::to_ms($now))
-        .bind($run_id)
-        .bind($task_id)
-        .bind($crate::jobs::to_json(job.artifacts))
-        .bind($crate::jobs::to_json(job.sandbox))
-        .bind(job.workspace.map(|w| $crate::jobs::to_json(w)))
-        .execute(&mut *$tx)
-        .await?;
-        for agent in job.agent_ids {
-            sqlx::query(
-                "INSERT INTO attempts (id, job_id, agent_id, number, state, created_at, not_before) \
-                 VALUES ($1, $2, $3, 1, $4, $5, $5)",
-            )
-            .bind($crate::new_id())
-            .bind($id)
-            .bind(agent)
-            .bind(drover_proto::jobs::JobState::Queued.as_str())
-            .bind($crate::to_ms($now))
-            .execute(&mut *$tx)
-            .await?;
-        }
-    }};
-}
-pub(crate) use insert_job;
 
 /// JSON text of a value stored as text; these types always serialize.
 pub(crate) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {

@@ -16,22 +16,26 @@ mod auth;
 mod error;
 pub mod fleet;
 pub mod jobs;
+pub mod notify;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod tx;
 pub mod workflows;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{ConnectOptions, Connection, PgPool, SqlitePool};
 
 pub use agents::{AgentCounts, AgentRecord, EnrollOutcome, NewAgent, RefreshOutcome};
 pub use auth::{BootstrapToken, NewBootstrapToken, NewUserToken, User, UserToken};
 pub use error::Error;
 pub use sqlx::Error as SqlxError;
+pub use tx::{Changes, CommitHook, StatsSnapshot, Tx};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -53,26 +57,46 @@ impl std::fmt::Display for Backend {
 
 #[derive(Debug, Clone)]
 enum Pool {
-    Sqlite(SqlitePool),
+    /// Readers share a pool of read-only connections; every write goes
+    /// through the one writer (see `tx`).
+    Sqlite {
+        read: SqlitePool,
+        writer: Arc<tx::Writer>,
+    },
     Postgres(PgPool),
 }
 
-/// Runs the same body against whichever pool is open. The body is compiled
-/// once per engine, so sqlx checks the types for both.
+/// Runs the same read against whichever pool is open. The body is compiled
+/// once per engine, so sqlx checks the types for both. Counts one
+/// statement. Writes go through a `Tx` (`on_tx!`).
 macro_rules! on_pool {
-    ($store:expr, $pool:ident => $body:expr) => {
+    ($store:expr, $pool:ident => $body:expr) => {{
+        $store.shared.stats.statement();
         match &$store.pool {
-            $crate::Pool::Sqlite($pool) => $body,
+            $crate::Pool::Sqlite { read: $pool, .. } => $body,
             $crate::Pool::Postgres($pool) => $body,
         }
-    };
+    }};
 }
 pub(crate) use on_pool;
+
+/// Runs one write in a transaction of its own and commits it; evaluates
+/// to the body's value.
+macro_rules! on_write {
+    ($store:expr, $c:ident => $body:expr) => {{
+        let mut tx = $store.begin().await?;
+        let out = $crate::tx::on_tx!(&mut tx, $c => $body)?;
+        tx.commit().await?;
+        Ok::<_, $crate::Error>(out)
+    }};
+}
+pub(crate) use on_write;
 
 /// Handle to the database. Cheap to clone; all clones share one pool.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    shared: Arc<tx::Shared>,
 }
 
 /// How to open a store.
@@ -99,12 +123,22 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new()
+            // Migrations first, on a connection of their own, so that the
+            // readers open a database that has its tables.
+            {
+                let mut conn = connect.connect().await?;
+                sqlx::migrate!("./migrations/sqlite").run(&mut conn).await?;
+                conn.close().await?;
+            }
+            let writer = tx::Writer::open(connect.clone()).await?;
+            let read = SqlitePoolOptions::new()
                 .max_connections(options.max_connections.max(1))
-                .connect_with(connect)
+                .connect_with(connect.read_only(true))
                 .await?;
-            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            Pool::Sqlite(pool)
+            Pool::Sqlite {
+                read,
+                writer: Arc::new(writer),
+            }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let connect = PgConnectOptions::from_str(url)
                 .map_err(|e| Error::InvalidUrl(format!("{}: {e}", redact(url))))?;
@@ -121,12 +155,15 @@ impl Store {
                 redact(url)
             )));
         };
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            shared: Arc::new(tx::Shared::new()),
+        })
     }
 
     pub fn backend(&self) -> Backend {
         match self.pool {
-            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Sqlite { .. } => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
         }
     }
@@ -139,6 +176,9 @@ impl Store {
 
     /// Closes every connection, waiting for running queries.
     pub async fn close(&self) {
+        if let Pool::Sqlite { writer, .. } = &self.pool {
+            writer.close().await;
+        }
         on_pool!(self, p => p.close().await)
     }
 }

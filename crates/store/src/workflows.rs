@@ -17,37 +17,9 @@ use drover_proto::workflows::{
     DeliveryAttempt, RunEvent, RunState, TaskState, WebhookEvent, WorkspaceState,
 };
 
-use crate::jobs::{insert_job, to_json, NewJob};
-use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store};
-
-/// Appends one event to a run's stream. Runs inside the caller's
-/// transaction; evaluates to the event's number.
-macro_rules! emit {
-    ($tx:expr, $run_id:expr, $kind:expr, $task:expr, $state:expr, $message:expr, $stream:expr, $now:expr) => {{
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE workflow_runs SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq",
-        )
-        .bind($run_id)
-        .fetch_one(&mut *$tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO workflow_events (run_id, seq, at, kind, task_id, state, message, stream) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind($run_id)
-        .bind(seq)
-        .bind($crate::to_ms($now))
-        .bind($kind)
-        .bind($task)
-        .bind($state)
-        .bind($message)
-        .bind($stream)
-        .execute(&mut *$tx)
-        .await?;
-        seq
-    }};
-}
-pub(crate) use emit;
+use crate::jobs::{in_json, to_json, NewJob};
+use crate::tx::on_tx;
+use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store, Tx};
 
 fn corrupt(what: &'static str) -> impl Fn(String) -> Error {
     move |detail| Error::Corrupt { what, detail }
@@ -368,53 +340,483 @@ pub enum DeliveryOutcome {
 
 const FINAL_TASK_STATES: &str = "('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')";
 
+/// One event of a run's stream, to append.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub kind: &'a str,
+    pub task: Option<&'a str>,
+    pub state: Option<&'a str>,
+    pub message: Option<&'a str>,
+    pub stream: Option<&'a str>,
+}
+
+impl<'a> Event<'a> {
+    fn new(kind: &'a str) -> Event<'a> {
+        Event {
+            kind,
+            task: None,
+            state: None,
+            message: None,
+            stream: None,
+        }
+    }
+}
+
+/// Domain steps of workflow runs. Each is guarded by the state it leaves,
+/// so a replayed step changes nothing twice.
+impl Tx {
+    /// Appends one event to a run's stream; returns its number.
+    pub async fn emit(&mut self, run_id: &str, ev: &Event<'_>, now: DateTime<Utc>) -> Result<i64> {
+        let seq: i64 = on_tx!(self, c => sqlx::query_scalar(
+            "UPDATE workflow_runs SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *c)
+        .await)?;
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO workflow_events (run_id, seq, at, kind, task_id, state, message, stream) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(run_id)
+        .bind(seq)
+        .bind(to_ms(now))
+        .bind(ev.kind)
+        .bind(ev.task)
+        .bind(ev.state)
+        .bind(ev.message)
+        .bind(ev.stream)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        self.changes.run_events.insert(run_id.to_owned());
+        Ok(seq)
+    }
+
+    /// Creates a run (storing its definition once per hash), its tasks as
+    /// pending and its first event.
+    pub async fn create_run(&mut self, run: &NewRun<'_>, now: DateTime<Utc>) -> Result<String> {
+        let id = new_id();
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO workflow_defs (hash, name, body, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(run.def_hash)
+        .bind(run.name)
+        .bind(run.def_body)
+        .bind(to_ms(now))
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO workflow_runs (id, name, def_hash, state, inputs, created_by, created_at, deadline_at, \
+             workspace_state) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
+        )
+        .bind(&id)
+        .bind(run.name)
+        .bind(run.def_hash)
+        .bind(to_json(run.inputs))
+        .bind(run.created_by)
+        .bind(to_ms(now))
+        .bind(run.deadline.map(to_ms))
+        .bind(run.workspace.then_some(WorkspaceState::Pending.as_str()))
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if !run.tasks.is_empty() {
+            on_tx!(self, c => {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO workflow_tasks (run_id, task_id, position, state) ",
+                );
+                q.push_values(run.tasks.iter().enumerate(), |mut b, (position, task)| {
+                    b.push_bind(&id)
+                        .push_bind(task)
+                        .push_bind(position as i64)
+                        .push_bind("pending");
+                });
+                q.build().execute(&mut *c).await.map(|r| r.rows_affected())
+            })?;
+        }
+        let ev = Event {
+            state: Some("running"),
+            message: Some("submitted"),
+            ..Event::new("run")
+        };
+        self.emit(&id, &ev, now).await?;
+        self.changes.runs.insert(id.clone());
+        Ok(id)
+    }
+
+    /// Starts creating a run's workspace on an agent: marks it creating
+    /// and creates the job that does it. `None` when it was not pending.
+    pub async fn start_workspace(
+        &mut self,
+        run_id: &str,
+        agent_id: &str,
+        job: &NewJob<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let job_id = new_id();
+        let marked = on_tx!(self, c => sqlx::query(
+            "UPDATE workflow_runs SET workspace_state = 'creating', workspace_agent = $1, workspace_job = $2, \
+             workspace_reason = NULL WHERE id = $3 AND workspace_state = 'pending' AND state = 'running'",
+        )
+        .bind(agent_id)
+        .bind(&job_id)
+        .bind(run_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if marked == 0 {
+            return Ok(None);
+        }
+        self.insert_job(&job_id, job, Some(run_id), None, now)
+            .await?;
+        let message = format!("on agent {agent_id} (job {job_id})");
+        let ev = Event {
+            state: Some("creating"),
+            message: Some(&message),
+            ..Event::new("workspace")
+        };
+        self.emit(run_id, &ev, now).await?;
+        Ok(Some(job_id))
+    }
+
+    /// Moves a run's workspace from one of `from` to `to`, with a reason
+    /// (for a pending one, also the reason it waits). True when it changed.
+    pub async fn set_workspace_state(
+        &mut self,
+        run_id: &str,
+        from: &[WorkspaceState],
+        to: WorkspaceState,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let from_json = to_json(&from);
+        let sql = format!(
+            "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2 WHERE id = $3 \
+             AND workspace_state {} \
+             AND (workspace_state <> $1 OR COALESCE(workspace_reason, '') <> COALESCE($2, ''))",
+            in_json(self.backend(), 4)
+        );
+        let changed = on_tx!(self, c => sqlx::query(&sql)
+            .bind(to.as_str())
+            .bind(reason)
+            .bind(run_id)
+            .bind(&from_json)
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        let ev = Event {
+            state: Some(to.as_str()),
+            message: reason,
+            ..Event::new("workspace")
+        };
+        self.emit(run_id, &ev, now).await?;
+        Ok(true)
+    }
+
+    /// Starts removing a kept workspace (or one whose removal failed) of
+    /// an ended run. `None` when there is none to remove.
+    pub async fn remove_workspace(
+        &mut self,
+        run_id: &str,
+        job: &NewJob<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let job_id = new_id();
+        let marked = on_tx!(self, c => sqlx::query(
+            "UPDATE workflow_runs SET workspace_state = 'removing', workspace_remove_job = $1, \
+             workspace_reason = NULL WHERE id = $2 AND state <> 'running' \
+             AND workspace_state IN ('kept', 'remove_failed')",
+        )
+        .bind(&job_id)
+        .bind(run_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if marked == 0 {
+            return Ok(None);
+        }
+        self.insert_job(&job_id, job, Some(run_id), None, now)
+            .await?;
+        let message = format!("job {job_id}");
+        let ev = Event {
+            state: Some("removing"),
+            message: Some(&message),
+            ..Event::new("workspace")
+        };
+        self.emit(run_id, &ev, now).await?;
+        Ok(Some(job_id))
+    }
+
+    /// Starts a pending task: marks it queued and creates its job. `None`
+    /// when the task was not pending (started before).
+    pub async fn start_task(
+        &mut self,
+        run_id: &str,
+        task_id: &str,
+        job: &NewJob<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let job_id = new_id();
+        let marked = on_tx!(self, c => sqlx::query(
+            "UPDATE workflow_tasks SET state = 'queued', job_id = $1, started_at = $2, reason = NULL \
+             WHERE run_id = $3 AND task_id = $4 AND state = 'pending'",
+        )
+        .bind(&job_id)
+        .bind(to_ms(now))
+        .bind(run_id)
+        .bind(task_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if marked == 0 {
+            return Ok(None);
+        }
+        self.insert_job(&job_id, job, Some(run_id), Some(task_id), now)
+            .await?;
+        let message = format!("job {job_id}");
+        let ev = Event {
+            task: Some(task_id),
+            state: Some("queued"),
+            message: Some(&message),
+            ..Event::new("task")
+        };
+        self.emit(run_id, &ev, now).await?;
+        Ok(Some(job_id))
+    }
+
+    /// Moves a task that has not ended to `state` (once: a task already in
+    /// that state, or ended, is left alone). Final states record the end
+    /// time and, when given, the outputs. True when it changed.
+    pub async fn set_task_state(
+        &mut self,
+        run_id: &str,
+        task_id: &str,
+        state: TaskState,
+        reason: Option<&str>,
+        outputs: Option<&BTreeMap<String, String>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let finished = state.is_final().then(|| to_ms(now));
+        let outputs = outputs.map(to_json);
+        let sql = format!(
+            "UPDATE workflow_tasks SET state = $1, reason = $2, finished_at = $3, outputs = COALESCE($4, outputs) \
+             WHERE run_id = $5 AND task_id = $6 AND state <> $1 AND state NOT IN {FINAL_TASK_STATES}"
+        );
+        let changed = on_tx!(self, c => sqlx::query(&sql)
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(finished)
+            .bind(&outputs)
+            .bind(run_id)
+            .bind(task_id)
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        let ev = Event {
+            task: Some(task_id),
+            state: Some(state.as_str()),
+            message: reason,
+            ..Event::new("task")
+        };
+        self.emit(run_id, &ev, now).await?;
+        Ok(true)
+    }
+
+    /// Ends a running run, queues its webhook deliveries and settles its
+    /// workspace. False when it had ended before.
+    pub async fn finish_run(
+        &mut self,
+        run_id: &str,
+        state: RunState,
+        reason: Option<&str>,
+        deliveries: &[NewDelivery],
+        workspace: &WorkspaceEnd<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let changed = on_tx!(self, c => sqlx::query(
+            "UPDATE workflow_runs SET state = $1, reason = $2, finished_at = $3 WHERE id = $4 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(to_ms(now))
+        .bind(run_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        if !deliveries.is_empty() {
+            on_tx!(self, c => {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO webhook_deliveries (id, run_id, url, secret, event, payload, state, next_at, created_at) ",
+                );
+                q.push_values(deliveries, |mut b, d| {
+                    b.push_bind(&d.id)
+                        .push_bind(run_id)
+                        .push_bind(&d.url)
+                        .push_bind(&d.secret)
+                        .push_bind(d.event.as_str())
+                        .push_bind(&d.payload)
+                        .push_bind("pending")
+                        .push_bind(to_ms(now))
+                        .push_bind(to_ms(now));
+                });
+                q.build().execute(&mut *c).await.map(|r| r.rows_affected())
+            })?;
+            self.changes.deliveries = true;
+        }
+        let (ws_state, ws_reason, remove_job) = match workspace {
+            WorkspaceEnd::None => (None, None, None),
+            WorkspaceEnd::NeverCreated => (
+                Some(WorkspaceState::Removed),
+                Some("the run ended before the workspace was created".to_owned()),
+                None,
+            ),
+            WorkspaceEnd::Keep => (
+                Some(WorkspaceState::Kept),
+                Some("keep_workspace is set".to_owned()),
+                None,
+            ),
+            WorkspaceEnd::Remove(job) => {
+                let job_id = new_id();
+                self.insert_job(&job_id, job, Some(run_id), None, now)
+                    .await?;
+                (
+                    Some(WorkspaceState::Removing),
+                    Some(format!("job {job_id}")),
+                    Some(job_id),
+                )
+            }
+        };
+        if let Some(ws) = ws_state {
+            on_tx!(self, c => sqlx::query(
+                "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2, \
+                 workspace_remove_job = COALESCE($3, workspace_remove_job) WHERE id = $4",
+            )
+            .bind(ws.as_str())
+            .bind(&ws_reason)
+            .bind(&remove_job)
+            .bind(run_id)
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+            let ev = Event {
+                state: Some(ws.as_str()),
+                message: ws_reason.as_deref(),
+                ..Event::new("workspace")
+            };
+            self.emit(run_id, &ev, now).await?;
+        }
+        let ev = Event {
+            state: Some(state.as_str()),
+            message: reason,
+            ..Event::new("run")
+        };
+        self.emit(run_id, &ev, now).await?;
+        self.changes.runs.insert(run_id.to_owned());
+        Ok(true)
+    }
+
+    /// Asks a running run to stop. False when it has ended or a cancel was
+    /// asked before.
+    pub async fn request_run_cancel(
+        &mut self,
+        run_id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let changed = on_tx!(self, c => sqlx::query(
+            "UPDATE workflow_runs SET cancel_requested_at = $1 WHERE id = $2 AND state = 'running' \
+             AND cancel_requested_at IS NULL",
+        )
+        .bind(to_ms(now))
+        .bind(run_id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        let why = format!("cancel requested by {by}");
+        let ev = Event {
+            state: Some("running"),
+            message: Some(&why),
+            ..Event::new("run")
+        };
+        self.emit(run_id, &ev, now).await?;
+        self.changes.runs.insert(run_id.to_owned());
+        Ok(true)
+    }
+
+    /// Records an uploaded file; a repeated upload of the same path of the
+    /// same attempt replaces the record.
+    pub async fn record_artifact(&mut self, a: &ArtifactRecord) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO artifacts (id, run_id, task_id, job_id, attempt_id, path, size, sha256, store_key, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (attempt_id, path) DO UPDATE SET size = $7, sha256 = $8, store_key = $9, created_at = $10",
+        )
+        .bind(&a.id)
+        .bind(&a.run_id)
+        .bind(&a.task_id)
+        .bind(&a.job_id)
+        .bind(&a.attempt_id)
+        .bind(&a.path)
+        .bind(a.size)
+        .bind(&a.sha256)
+        .bind(&a.store_key)
+        .bind(a.created_at)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Appends one attempt to a pending delivery's history and moves it on.
+    pub async fn record_delivery_attempt(
+        &mut self,
+        id: &str,
+        attempt: &DeliveryAttempt,
+        outcome: &DeliveryOutcome,
+    ) -> Result<()> {
+        let (state, next_at, delivered_at) = match outcome {
+            DeliveryOutcome::Delivered => ("delivered", None, Some(to_ms(attempt.at))),
+            DeliveryOutcome::RetryAt(t) => ("pending", Some(to_ms(*t)), None),
+            DeliveryOutcome::GaveUp => ("failed", None, None),
+        };
+        let history: Option<String> = on_tx!(self, c => sqlx::query_scalar(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1 WHERE id = $1 AND state = 'pending' RETURNING history",
+        )
+        .bind(id)
+        .fetch_optional(&mut *c)
+        .await)?;
+        let Some(history) = history else {
+            return Ok(());
+        };
+        let mut history: Vec<DeliveryAttempt> = serde_json::from_str(&history)
+            .map_err(|e| corrupt("delivery history")(e.to_string()))?;
+        history.push(attempt.clone());
+        on_tx!(self, c => sqlx::query(
+            "UPDATE webhook_deliveries SET state = $1, next_at = $2, delivered_at = $3, history = $4 WHERE id = $5",
+        )
+        .bind(state)
+        .bind(next_at)
+        .bind(delivered_at)
+        .bind(to_json(&history))
+        .bind(id)
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+}
+
 impl Store {
     // ---- definitions and runs ----
 
     /// Creates a run (storing its definition once per hash), its tasks as
     /// pending and its first event, in one transaction.
     pub async fn create_run(&self, run: NewRun<'_>, now: DateTime<Utc>) -> Result<String> {
-        let id = new_id();
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            sqlx::query(
-                "INSERT INTO workflow_defs (hash, name, body, created_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (hash) DO NOTHING",
-            )
-            .bind(run.def_hash)
-            .bind(run.name)
-            .bind(run.def_body)
-            .bind(to_ms(now))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO workflow_runs (id, name, def_hash, state, inputs, created_by, created_at, deadline_at, \
-                 workspace_state) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
-            )
-            .bind(&id)
-            .bind(run.name)
-            .bind(run.def_hash)
-            .bind(to_json(run.inputs))
-            .bind(run.created_by)
-            .bind(to_ms(now))
-            .bind(run.deadline.map(to_ms))
-            .bind(run.workspace.then_some(WorkspaceState::Pending.as_str()))
-            .execute(&mut *tx)
-            .await?;
-            for (position, task) in run.tasks.iter().enumerate() {
-                sqlx::query(
-                    "INSERT INTO workflow_tasks (run_id, task_id, position, state) VALUES ($1, $2, $3, 'pending')",
-                )
-                .bind(&id)
-                .bind(task)
-                .bind(position as i64)
-                .execute(&mut *tx)
-                .await?;
-            }
-            emit!(tx, &id, "run", None::<&str>, Some("running"), Some("submitted"), None::<&str>, now);
-            tx.commit().await?;
-            Ok::<(), Error>(())
-        })?;
+        let mut tx = self.begin().await?;
+        let id = tx.create_run(&run, now).await?;
+        tx.commit().await?;
         Ok(id)
     }
 
@@ -478,29 +880,14 @@ impl Store {
         job: NewJob<'_>,
         now: DateTime<Utc>,
     ) -> Result<Option<String>> {
-        let job_id = new_id();
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let started = sqlx::query(
-                "UPDATE workflow_runs SET workspace_state = 'creating', workspace_agent = $1, workspace_job = $2, \
-                 workspace_reason = NULL WHERE id = $3 AND workspace_state = 'pending' AND state = 'running'",
-            )
-            .bind(agent_id)
-            .bind(&job_id)
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if started == 0 {
-                tx.rollback().await?;
-                return Ok(None);
-            }
-            insert_job!(tx, &job_id, &job, Some(run_id), None::<&str>, now);
-            let message = format!("on agent {agent_id} (job {job_id})");
-            emit!(tx, run_id, "workspace", None::<&str>, Some("creating"), Some(message), None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx.start_workspace(run_id, agent_id, &job, now).await?;
+        if out.is_some() {
             tx.commit().await?;
-            Ok(Some(job_id))
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// Moves a run's workspace from one of `from` to `to`, with a reason
@@ -513,38 +900,16 @@ impl Store {
         reason: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let from_json = to_json(&from);
-        let sql = match self.backend() {
-            crate::Backend::Sqlite => {
-                "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2 WHERE id = $3 \
-                 AND workspace_state IN (SELECT value FROM json_each($4)) \
-                 AND (workspace_state <> $1 OR COALESCE(workspace_reason, '') <> COALESCE($2, ''))"
-            }
-            crate::Backend::Postgres => {
-                "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2 WHERE id = $3 \
-                 AND workspace_state IN (SELECT jsonb_array_elements_text($4::jsonb)) \
-                 AND (workspace_state <> $1 OR COALESCE(workspace_reason, '') <> COALESCE($2, ''))"
-            }
-        };
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let changed = sqlx::query(sql)
-                .bind(to.as_str())
-                .bind(reason)
-                .bind(run_id)
-                .bind(&from_json)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if changed == 0 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-            emit!(tx, run_id, "workspace", None::<&str>, Some(to.as_str()), reason, None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx
+            .set_workspace_state(run_id, from, to, reason, now)
+            .await?;
+        if out {
             tx.commit().await?;
-            Ok(true)
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// Starts removing a kept workspace (or one whose removal failed) of an
@@ -555,29 +920,14 @@ impl Store {
         job: NewJob<'_>,
         now: DateTime<Utc>,
     ) -> Result<Option<String>> {
-        let job_id = new_id();
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let started = sqlx::query(
-                "UPDATE workflow_runs SET workspace_state = 'removing', workspace_remove_job = $1, \
-                 workspace_reason = NULL WHERE id = $2 AND state <> 'running' \
-                 AND workspace_state IN ('kept', 'remove_failed')",
-            )
-            .bind(&job_id)
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if started == 0 {
-                tx.rollback().await?;
-                return Ok(None);
-            }
-            insert_job!(tx, &job_id, &job, Some(run_id), None::<&str>, now);
-            let message = format!("job {job_id}");
-            emit!(tx, run_id, "workspace", None::<&str>, Some("removing"), Some(message), None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx.remove_workspace(run_id, &job, now).await?;
+        if out.is_some() {
             tx.commit().await?;
-            Ok(Some(job_id))
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// The run a job belongs to, if any.
@@ -607,29 +957,14 @@ impl Store {
         job: NewJob<'_>,
         now: DateTime<Utc>,
     ) -> Result<Option<String>> {
-        let job_id = new_id();
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let started = sqlx::query(
-                "UPDATE workflow_tasks SET state = 'queued', job_id = $1, started_at = $2, reason = NULL \
-                 WHERE run_id = $3 AND task_id = $4 AND state = 'pending'",
-            )
-            .bind(&job_id)
-            .bind(to_ms(now))
-            .bind(run_id)
-            .bind(task_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if started == 0 {
-                tx.rollback().await?;
-                return Ok(None);
-            }
-            insert_job!(tx, &job_id, &job, Some(run_id), Some(task_id), now);
-            emit!(tx, run_id, "task", Some(task_id), Some("queued"), Some(format!("job {job_id}")), None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx.start_task(run_id, task_id, &job, now).await?;
+        if out.is_some() {
             tx.commit().await?;
-            Ok(Some(job_id))
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// Moves a task that has not ended to `state` (once: a task already in
@@ -644,32 +979,16 @@ impl Store {
         outputs: Option<&BTreeMap<String, String>>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let finished = state.is_final().then(|| to_ms(now));
-        let outputs = outputs.map(to_json);
-        let sql = format!(
-            "UPDATE workflow_tasks SET state = $1, reason = $2, finished_at = $3, outputs = COALESCE($4, outputs) \
-             WHERE run_id = $5 AND task_id = $6 AND state <> $1 AND state NOT IN {FINAL_TASK_STATES}"
-        );
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let changed = sqlx::query(&sql)
-                .bind(state.as_str())
-                .bind(reason)
-                .bind(finished)
-                .bind(&outputs)
-                .bind(run_id)
-                .bind(task_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if changed == 0 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-            emit!(tx, run_id, "task", Some(task_id), Some(state.as_str()), reason, None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx
+            .set_task_state(run_id, task_id, state, reason, outputs, now)
+            .await?;
+        if out {
             tx.commit().await?;
-            Ok(true)
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// Ends a running run, queues its webhook deliveries and settles its
@@ -684,72 +1003,16 @@ impl Store {
         workspace: WorkspaceEnd<'_>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let changed = sqlx::query(
-                "UPDATE workflow_runs SET state = $1, reason = $2, finished_at = $3 WHERE id = $4 AND state = 'running'",
-            )
-            .bind(state.as_str())
-            .bind(reason)
-            .bind(to_ms(now))
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if changed == 0 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-            for d in deliveries {
-                sqlx::query(
-                    "INSERT INTO webhook_deliveries (id, run_id, url, secret, event, payload, state, next_at, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
-                )
-                .bind(&d.id)
-                .bind(run_id)
-                .bind(&d.url)
-                .bind(&d.secret)
-                .bind(d.event.as_str())
-                .bind(&d.payload)
-                .bind(to_ms(now))
-                .execute(&mut *tx)
-                .await?;
-            }
-            let (ws_state, ws_reason, remove_job) = match &workspace {
-                WorkspaceEnd::None => (None, None, None),
-                WorkspaceEnd::NeverCreated => (
-                    Some(WorkspaceState::Removed),
-                    Some("the run ended before the workspace was created".to_owned()),
-                    None,
-                ),
-                WorkspaceEnd::Keep => (
-                    Some(WorkspaceState::Kept),
-                    Some("keep_workspace is set".to_owned()),
-                    None,
-                ),
-                WorkspaceEnd::Remove(job) => {
-                    let job_id = new_id();
-                    insert_job!(tx, &job_id, job, Some(run_id), None::<&str>, now);
-                    (Some(WorkspaceState::Removing), Some(format!("job {job_id}")), Some(job_id))
-                }
-            };
-            if let Some(ws) = ws_state {
-                sqlx::query(
-                    "UPDATE workflow_runs SET workspace_state = $1, workspace_reason = $2, \
-                     workspace_remove_job = COALESCE($3, workspace_remove_job) WHERE id = $4",
-                )
-                .bind(ws.as_str())
-                .bind(&ws_reason)
-                .bind(&remove_job)
-                .bind(run_id)
-                .execute(&mut *tx)
-                .await?;
-                emit!(tx, run_id, "workspace", None::<&str>, Some(ws.as_str()), ws_reason.as_deref(), None::<&str>, now);
-            }
-            emit!(tx, run_id, "run", None::<&str>, Some(state.as_str()), reason, None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx
+            .finish_run(run_id, state, reason, deliveries, &workspace, now)
+            .await?;
+        if out {
             tx.commit().await?;
-            Ok(true)
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// Asks a running run to stop. False when it has ended or a cancel
@@ -760,26 +1023,14 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let changed = sqlx::query(
-                "UPDATE workflow_runs SET cancel_requested_at = $1 WHERE id = $2 AND state = 'running' \
-                 AND cancel_requested_at IS NULL",
-            )
-            .bind(to_ms(now))
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if changed == 0 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-            let why = format!("cancel requested by {by}");
-            emit!(tx, run_id, "run", None::<&str>, Some("running"), Some(why.as_str()), None::<&str>, now);
+        let mut tx = self.begin().await?;
+        let out = tx.request_run_cancel(run_id, by, now).await?;
+        if out {
             tx.commit().await?;
-            Ok(true)
-        })
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
     }
 
     /// Events of a run after number `after`, in order.
@@ -849,24 +1100,9 @@ impl Store {
     /// Records an uploaded file; a repeated upload of the same path of the
     /// same attempt replaces the record.
     pub async fn record_artifact(&self, a: &ArtifactRecord) -> Result<()> {
-        on_pool!(self, p => sqlx::query(
-            "INSERT INTO artifacts (id, run_id, task_id, job_id, attempt_id, path, size, sha256, store_key, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (attempt_id, path) DO UPDATE SET size = $7, sha256 = $8, store_key = $9, created_at = $10",
-        )
-        .bind(&a.id)
-        .bind(&a.run_id)
-        .bind(&a.task_id)
-        .bind(&a.job_id)
-        .bind(&a.attempt_id)
-        .bind(&a.path)
-        .bind(a.size)
-        .bind(&a.sha256)
-        .bind(&a.store_key)
-        .bind(a.created_at)
-        .execute(p)
-        .await
-        .map(drop))?;
+        let mut tx = self.begin().await?;
+        tx.record_artifact(a).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -893,7 +1129,8 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<String> {
         let id = new_id();
-        on_pool!(self, p => sqlx::query(
+        let mut tx = self.begin().await?;
+        on_tx!(&mut tx, c => sqlx::query(
             "INSERT INTO webhooks (id, url, secret, events, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&id)
@@ -902,9 +1139,9 @@ impl Store {
         .bind(to_json(events))
         .bind(by)
         .bind(to_ms(now))
-        .execute(p)
-        .await
-        .map(drop))?;
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        tx.commit().await?;
         Ok(id)
     }
 
@@ -929,8 +1166,12 @@ impl Store {
 
     /// Deletes a global webhook; false when there was none.
     pub async fn delete_webhook(&self, id: &str) -> Result<bool> {
-        let sql = "DELETE FROM webhooks WHERE id = $1";
-        let n = on_pool!(self, p => sqlx::query(sql).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        let mut tx = self.begin().await?;
+        let n = on_tx!(&mut tx, c => sqlx::query("DELETE FROM webhooks WHERE id = $1")
+            .bind(id)
+            .execute(&mut *c)
+            .await.map(|r| r.rows_affected()))?;
+        tx.commit().await?;
         Ok(n == 1)
     }
 
@@ -962,39 +1203,10 @@ impl Store {
         attempt: &DeliveryAttempt,
         outcome: &DeliveryOutcome,
     ) -> Result<()> {
-        let (state, next_at, delivered_at) = match outcome {
-            DeliveryOutcome::Delivered => ("delivered", None, Some(to_ms(attempt.at))),
-            DeliveryOutcome::RetryAt(t) => ("pending", Some(to_ms(*t)), None),
-            DeliveryOutcome::GaveUp => ("failed", None, None),
-        };
-        on_pool!(self, p => {
-            let mut tx = p.begin().await?;
-            let history: Option<String> = sqlx::query_scalar(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1 WHERE id = $1 AND state = 'pending' RETURNING history",
-            )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(history) = history else {
-                tx.rollback().await?;
-                return Ok(());
-            };
-            let mut history: Vec<DeliveryAttempt> = serde_json::from_str(&history)
-                .map_err(|e| corrupt("delivery history")(e.to_string()))?;
-            history.push(attempt.clone());
-            sqlx::query(
-                "UPDATE webhook_deliveries SET state = $1, next_at = $2, delivered_at = $3, history = $4 WHERE id = $5",
-            )
-            .bind(state)
-            .bind(next_at)
-            .bind(delivered_at)
-            .bind(to_json(&history))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok::<(), Error>(())
-        })
+        let mut tx = self.begin().await?;
+        tx.record_delivery_attempt(id, attempt, outcome).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Deliveries, newest first; of one run when given.
