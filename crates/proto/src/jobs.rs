@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
 
+// Where the server has always imported them from; they are defined, with
+// the other bounds of the protocol, in `limits`.
+pub use crate::limits::{MAX_KNOWN_ATTEMPTS, MAX_LOG_CHUNK};
+
 /// `actions.yaml`: the catalog file `drover actions apply -f` reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -339,9 +343,11 @@ pub struct LogPage {
 pub struct PollRequest {
     /// How many more attempts the agent can run now.
     pub free_slots: u32,
-    /// Longest time the server may hold the request.
+    /// Longest time the server may hold the request; it holds it at most
+    /// `limits::MAX_POLL_WAIT`.
     pub wait_ms: u64,
-    /// The agent's capacity, for "at capacity" reasons.
+    /// The agent's capacity, for "at capacity" reasons; at most
+    /// `limits::MAX_CAPACITY`.
     pub capacity: u32,
     /// Every attempt the agent holds (running, or its result not yet
     /// acknowledged), when it can list them all. An attempt dispatched to
@@ -350,9 +356,6 @@ pub struct PollRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub known: Option<Vec<String>>,
 }
-
-/// Most attempt ids an agent lists in `PollRequest::known`.
-pub const MAX_KNOWN_ATTEMPTS: usize = 1000;
 
 /// Work and cancels for an agent.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -379,7 +382,8 @@ pub struct Assignment {
     pub env: BTreeMap<String, String>,
     pub timeout_ms: u64,
     pub kill_grace_ms: u64,
-    /// Bytes kept per stream; the rest is dropped after a marker.
+    /// Bytes kept per stream; the rest is dropped after a marker (the
+    /// server keeps `limits::LOG_MARKER_ROOM` more for it).
     pub log_cap_bytes: u64,
     /// Renew the lease at least this often.
     pub lease_ms: u64,
@@ -417,9 +421,6 @@ pub struct LogUpload {
     pub seq: u64,
     pub data: String,
 }
-
-/// Largest `data` of one log upload, in bytes.
-pub const MAX_LOG_CHUNK: usize = 64 * 1024;
 
 /// `POST /api/v1/agent/leases`: keep these attempts alive.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -480,7 +481,8 @@ pub struct AttemptResult {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: DateTime<Utc>,
     pub duration_ms: u64,
-    /// Why it failed to run, was rejected, timed out, …
+    /// Why it failed to run, was rejected, timed out, …; at most
+    /// `limits::MAX_RESULT_ERROR` bytes.
     pub error: Option<String>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,

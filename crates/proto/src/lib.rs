@@ -11,6 +11,7 @@ pub mod api;
 pub mod error;
 pub mod jobs;
 pub mod labels;
+pub mod limits;
 pub mod metrics_text;
 pub mod sandbox;
 pub mod workflows;
