@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_proto::limits::MAX_CAPACITY;
 use serde::Deserialize;
 
 /// Default place of the configuration file.
@@ -19,10 +20,6 @@ pub const DEFAULT_CAPACITY: u32 = 4;
 
 /// The Docker engine used unless configured otherwise.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
-
-/// Largest accepted `capacity`: each attempt holds processes, pipes and a
-/// log buffer, so a typo such as 10000 should not be taken at its word.
-const MAX_CAPACITY: u32 = 256;
 
 /// Options shared by `drover-agent run`, `enroll` and `status`.
 #[derive(Debug, Clone, Default, clap::Args)]

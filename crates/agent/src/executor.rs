@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use drover_proto::jobs::{
-    Assignment, AttemptResult, LogUpload, Outcome, Stream, BUILTIN_NOOP, MAX_LOG_CHUNK,
-};
+use drover_proto::jobs::{Assignment, AttemptResult, LogUpload, Outcome, Stream, BUILTIN_NOOP};
+use drover_proto::limits::MAX_LOG_CHUNK;
 use drover_proto::sandbox::{
     valid_workspace_id, DockerSandbox, LimitExceeded, ProcessSandbox, Sandbox, WorkspaceSpec,
     BUILTIN_WORKSPACE_CREATE, BUILTIN_WORKSPACE_REMOVE,
@@ -44,6 +43,8 @@ use crate::docker::Engine;
 const FLUSH_EVERY: Duration = Duration::from_millis(150);
 /// Output waiting for the uploader, per stream, beyond which it is dropped.
 const PENDING_LIMIT: usize = 4 * MAX_LOG_CHUNK;
+/// Where output was dropped because the uploader fell behind.
+const DROPPED_MARKER: &[u8] = b"\n[drover: output dropped: log upload fell behind]\n";
 /// After the main process exits, how long its output is still read (a
 /// background child may hold the pipes open).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
@@ -946,9 +947,10 @@ impl StreamLog {
         self.append(&bytes[..keep]);
         if keep < bytes.len() {
             self.truncated = true;
-            // The marker goes in whatever the backlog, once.
-            let marker = format!("\n[drover: output truncated after {} bytes]\n", self.cap);
-            self.pending.extend_from_slice(marker.as_bytes());
+            // The marker goes in whatever the backlog, once, beyond the
+            // cap: the server keeps room for it (`LOG_MARKER_ROOM`).
+            self.pending
+                .extend_from_slice(truncation_marker(self.cap).as_bytes());
         }
     }
 
@@ -958,8 +960,10 @@ impl StreamLog {
             self.dropping = false;
         } else if !self.dropping {
             self.dropping = true;
-            self.pending
-                .extend_from_slice(b"\n[drover: output dropped: log upload fell behind]\n");
+            self.pending.extend_from_slice(DROPPED_MARKER);
+            // Counted against the cap, however many runs are dropped: only
+            // the truncation marker goes beyond it.
+            self.seen = self.seen.saturating_add(DROPPED_MARKER.len() as u64);
         }
     }
 
@@ -1021,6 +1025,11 @@ impl StreamLog {
         self.seq += 1;
         true
     }
+}
+
+/// Where the output of a stream was cut at its cap.
+fn truncation_marker(cap: u64) -> String {
+    format!("\n[drover: output truncated after {cap} bytes]\n")
 }
 
 /// Decodes (lossily) and removes from the front of `buf` at most `max`
@@ -1477,6 +1486,33 @@ mod tests {
             assert_eq!(take_chunk(&mut buf, max, eof), chunk, "{input:?}");
             assert_eq!(buf, left, "{input:?}");
         }
+    }
+
+    #[test]
+    fn markers_stay_within_the_room_the_server_keeps_beyond_the_cap() {
+        use drover_proto::limits::LOG_MARKER_ROOM;
+        assert!(
+            (truncation_marker(u64::MAX).len() + DROPPED_MARKER.len()) as u64 <= LOG_MARKER_ROOM
+        );
+        // An uploader that stays just behind a trickle of output: every
+        // other byte starts a run of dropped output, with its marker.
+        let cap = (PENDING_LIMIT + 10_000) as u64;
+        let mut log = StreamLog::new(Stream::Stdout, cap);
+        let mut shipped = 0;
+        log.push(&vec![b'x'; PENDING_LIMIT]);
+        for _ in 0..1000 {
+            log.push(b"y");
+            let n = (DROPPED_MARKER.len() + 1).min(log.pending.len());
+            shipped += log.pending.drain(..n).len();
+            log.push(b"z");
+        }
+        log.push(&[b'w'; 10_000]);
+        assert!(log.truncated);
+        shipped += log.pending.len();
+        assert!(
+            shipped as u64 <= cap + LOG_MARKER_ROOM,
+            "{shipped} bytes stored for a cap of {cap}"
+        );
     }
 
     #[test]

@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use drover_proto::jobs::{
     Assignment, AttemptResult, LeaseRequest, LogUpload, Outcome, PollRequest, PollResponse,
-    StartRequest, MAX_KNOWN_ATTEMPTS,
+    StartRequest,
+};
+use drover_proto::limits::{
+    DEFAULT_LEASE, MAX_KNOWN_ATTEMPTS, MAX_RESULT_ERROR, MIN_LEASE, POLL_WAIT,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -39,12 +42,8 @@ use crate::runner::Backoff;
 use crate::session::{retry_after_jittered, Session};
 use crate::state::StateError;
 
-/// How long the server may hold a poll.
-const POLL_WAIT: Duration = Duration::from_secs(25);
 /// The HTTP timeout of a poll: the wait plus room for a slow network.
-const POLL_TIMEOUT: Duration = Duration::from_secs(25 + 15);
-/// Lease renewal interval when the server gave none.
-const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+const POLL_TIMEOUT: Duration = POLL_WAIT.saturating_add(Duration::from_secs(15));
 /// Retry a failed lease renewal at least this soon.
 const LEASE_RETRY: Duration = Duration::from_secs(2);
 /// Log chunks queued per attempt for the shipper (≤ 64 KiB each).
@@ -240,7 +239,7 @@ impl Jobs {
         if !action_allowed(&self.config.allow_actions, &a.action) {
             tracing::warn!(attempt = %a.attempt_id, action = %a.action, "refusing an action not in allow_actions");
             let why = format!("action '{}' is not in this agent's allow-list", a.action);
-            self.store_result(&executor::rejected(&a, why));
+            self.store_result(executor::rejected(&a, why));
             self.result_ready.notify_one();
             return;
         }
@@ -253,7 +252,7 @@ impl Jobs {
                     "agent at capacity ({} attempts running)",
                     self.config.capacity
                 );
-                self.store_result(&executor::rejected(&a, why));
+                self.store_result(executor::rejected(&a, why));
                 self.result_ready.notify_one();
                 return;
             }
@@ -332,7 +331,7 @@ impl Jobs {
             duration_ms = result.duration_ms,
             "attempt ended"
         );
-        self.store_result(&result);
+        self.store_result(result);
         {
             let mut running = lock(&self.running);
             running.remove(&a.attempt_id);
@@ -415,7 +414,11 @@ impl Jobs {
     }
 
     /// Writes a result to the outbox (nothing is reported before that).
-    fn store_result(&self, result: &AttemptResult) {
+    fn store_result(&self, mut result: AttemptResult) {
+        if let Some(error) = &mut result.error {
+            cap_error(error);
+        }
+        let result = &result;
         self.metrics.attempt_ended(result.outcome);
         if let Err(e) = self.outbox.put(result) {
             // Nothing else can keep it: say so loudly, with the result.
@@ -649,9 +652,22 @@ fn lease_of(lease_ms: u64) -> Duration {
     if lease_ms == 0 {
         DEFAULT_LEASE
     } else {
-        // Renewing more often than every 300 ms would only load the server.
-        Duration::from_millis(lease_ms.max(900))
+        Duration::from_millis(lease_ms).max(MIN_LEASE)
     }
+}
+
+/// Cuts an error text to what the server accepts, at a character
+/// boundary, with an ellipsis where it was cut.
+fn cap_error(error: &mut String) {
+    if error.len() <= MAX_RESULT_ERROR {
+        return;
+    }
+    let mut cut = MAX_RESULT_ERROR - '…'.len_utf8();
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    error.truncate(cut);
+    error.push('…');
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
@@ -813,6 +829,37 @@ mod tests {
             assert_eq!(valid_attempt_id(id), want, "{id:?}");
         }
         assert!(!valid_attempt_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn long_errors_are_cut_to_what_the_server_accepts() {
+        // (text, its length after the cut)
+        let cases = [
+            ("x".repeat(MAX_RESULT_ERROR), MAX_RESULT_ERROR),
+            ("x".repeat(MAX_RESULT_ERROR + 1), MAX_RESULT_ERROR),
+            // Cut at a character boundary: 'é' is two bytes.
+            ("é".repeat(MAX_RESULT_ERROR), MAX_RESULT_ERROR - 1),
+            ("short".to_owned(), 5),
+        ];
+        for (text, want) in cases {
+            let mut error = text.clone();
+            cap_error(&mut error);
+            assert_eq!(error.len(), want, "{}", &text[..10.min(text.len())]);
+            assert_eq!(error.ends_with('…'), text.len() > MAX_RESULT_ERROR);
+        }
+    }
+
+    #[test]
+    fn leases_table() {
+        let cases = [
+            (0, DEFAULT_LEASE),
+            (1, MIN_LEASE),
+            (999, MIN_LEASE),
+            (30_000, Duration::from_secs(30)),
+        ];
+        for (lease_ms, want) in cases {
+            assert_eq!(lease_of(lease_ms), want, "{lease_ms}");
+        }
     }
 
     #[test]
