@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use drover_proto::jobs::{Assignment, AttemptResult, LogUpload, Stream};
 use tokio::sync::mpsc;
 
-use crate::executor::{execute, ExecOptions, Stop};
+use crate::executor::{drover_dir, execute, ExecOptions, Stop};
 
 /// An attempt of `argv` with a unique id, a 10 s timeout and a 1 s grace.
 pub(crate) fn assignment(argv: &[&str]) -> Assignment {
@@ -74,6 +74,18 @@ pub(crate) async fn run_with(opts: &ExecOptions, a: &Assignment, stop: &Stop) ->
         chunks,
         elapsed,
     }
+}
+
+/// Runs `a` with process-only options in a state dir of its own, and
+/// checks that its working dir and drover dir are gone after.
+pub(crate) async fn run(a: &Assignment, stop: &Stop) -> Run {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ExecOptions::new(tmp.path());
+    let r = run_with(&opts, a, stop).await;
+    // The working dir and the drover dir are gone.
+    assert!(!opts.work_root.join(&a.attempt_id).exists());
+    assert!(!drover_dir(&opts, a).exists());
+    r
 }
 
 /// Runs `a` like `run_with`, and once its first output arrives applies
