@@ -2,13 +2,15 @@
 //! work or a cancel for it exists, and watchers of a job (`--wait`,
 //! `--follow`) sleep until it changes. The store stays the truth; a wake-up
 //! only says "look again", so a lost one costs latency, never correctness.
-//! Across replicas the same calls would be driven by PostgreSQL
-//! LISTEN/NOTIFY; nothing else here assumes one process.
+//! Wake-ups come from one place: the store's commit hook calls
+//! [`Hub::apply`] with what each commit changed, and on PostgreSQL the
+//! changes other replicas commit arrive the same way (LISTEN/NOTIFY).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use drover_store::Changes;
 use tokio::sync::{broadcast, Notify, Semaphore};
 
 /// What changed about a job.
@@ -20,6 +22,8 @@ pub enum JobEvent {
     RunChanged(String),
     /// A run's event stream grew.
     RunEvent(String),
+    /// Another replica changed too much to list: look at everything.
+    Everything,
 }
 
 impl JobEvent {
@@ -27,7 +31,7 @@ impl JobEvent {
     pub fn job_id(&self) -> Option<&str> {
         match self {
             JobEvent::Changed(id) | JobEvent::Log(id) => Some(id),
-            JobEvent::RunChanged(_) | JobEvent::RunEvent(_) => None,
+            JobEvent::RunChanged(_) | JobEvent::RunEvent(_) | JobEvent::Everything => None,
         }
     }
 }
@@ -105,6 +109,37 @@ impl Hub {
         self.deliveries.notify_one();
     }
 
+    /// Sends the wake-ups a commit calls for. The store calls this after
+    /// every commit (and for other replicas' commits heard through
+    /// PostgreSQL): the one place wake-ups come from.
+    pub fn apply(&self, c: &Changes) {
+        if c.all_agents || c.everything {
+            self.wake_all();
+        } else {
+            for agent in &c.agents {
+                self.wake(agent);
+            }
+        }
+        for job in &c.jobs {
+            self.job_changed(job);
+        }
+        for job in &c.logs {
+            self.log_appended(job);
+        }
+        for run in &c.runs {
+            self.run_changed(run);
+        }
+        for run in &c.run_events {
+            self.run_event(run);
+        }
+        if c.everything {
+            let _ = self.events.send(JobEvent::Everything);
+        }
+        if c.deliveries || c.everything {
+            self.deliveries_queued();
+        }
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
         self.events.subscribe()
     }
@@ -135,7 +170,7 @@ pub async fn wait_for_job(
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return false,
-            Ok(Ok(ev)) if ev.job_id() == Some(job_id) => return true,
+            Ok(Ok(ev)) if ev.job_id() == Some(job_id) || ev == JobEvent::Everything => return true,
             Ok(Ok(_)) => continue,
             // Missed events: look again to be safe.
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,

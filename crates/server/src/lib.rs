@@ -17,6 +17,7 @@ pub mod routes;
 pub mod sandboxes;
 pub mod selector;
 pub mod state;
+pub mod tasks;
 pub mod webhooks;
 pub mod workflow;
 
@@ -36,6 +37,7 @@ pub use config::{ServerArgs, ServerConfig};
 use crate::auth::SigningKey;
 use crate::metrics::Metrics;
 use crate::state::AppState;
+use crate::tasks::TaskKind;
 
 /// Name of the user created at the first start.
 pub const ADMIN_USER: &str = "admin";
@@ -60,6 +62,8 @@ pub enum Error {
     Api(#[from] error::ApiError),
     #[error(transparent)]
     Artifacts(#[from] artifacts::ArtifactError),
+    #[error(transparent)]
+    Task(#[from] tasks::TaskFailure),
 }
 
 /// What happened to the admin user at start.
@@ -100,13 +104,19 @@ impl Server {
             database = %drover_store::redact(&config.database_url),
             "store opened"
         );
+        let hub = Arc::new(hub::Hub::new(max_long_polls));
+        // Every wake-up comes from what a commit changed.
+        store.on_commit({
+            let hub = hub.clone();
+            Arc::new(move |changes| hub.apply(changes))
+        });
         Ok(Server {
             state: AppState {
                 store,
                 config: Arc::new(config),
                 signing_key,
                 metrics: Arc::new(Metrics::new()),
-                hub: Arc::new(hub::Hub::new(max_long_polls)),
+                hub,
                 artifacts,
                 shutdown: CancellationToken::new(),
             },
@@ -193,26 +203,61 @@ impl Server {
             forward.cancelled().await;
             state_shutdown.cancel();
         });
-        let reaper = tokio::spawn(reap_leases(self.state.clone()));
-        let engine = tokio::spawn(workflow::engine::run(
-            self.state.clone(),
-            self.state.shutdown.clone(),
-        ));
-        let sender = tokio::spawn(webhooks::run(
-            self.state.clone(),
-            self.state.shutdown.clone(),
-        ));
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(Error::Serve)?;
+        let mut tasks = tasks::Supervisor::new(self.state.shutdown.clone());
+        tasks.spawn(TaskKind::Reaper, reap_leases(self.state.clone()));
+        tasks.spawn(
+            TaskKind::Engine,
+            workflow::engine::run(self.state.clone(), self.state.shutdown.clone()),
+        );
+        tasks.spawn(
+            TaskKind::Webhooks,
+            webhooks::run(self.state.clone(), self.state.shutdown.clone()),
+        );
+        if let Some(listener) = self.state.store.listen().await? {
+            tasks.spawn(TaskKind::Hub, hear_replicas(self.state.clone(), listener));
+        }
+        let served =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let outcome = tokio::select! {
+            served = served => served.map_err(Error::Serve),
+            failure = tasks.watch() => {
+                // Stop serving and tell the caller: a half-dead server
+                // must not go on answering.
+                shutdown.cancel();
+                Err(Error::Task(failure))
+            }
+        };
         self.state.shutdown.cancel();
-        let _ = reaper.await;
-        let _ = engine.await;
-        let _ = sender.await;
+        tasks.join_all().await;
         self.state.store.close().await;
         tracing::info!("server stopped");
-        Ok(())
+        outcome
+    }
+}
+
+/// Background task (PostgreSQL): wakes this replica's waiters for what the
+/// other replicas commit. A broken connection loses the notifications sent
+/// meanwhile, so after one everything is looked at again.
+async fn hear_replicas(state: AppState, mut listener: drover_store::notify::Listener) {
+    loop {
+        let heard = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            heard = listener.next() => heard,
+        };
+        match heard {
+            Ok(changes) => state.store.announce(&changes),
+            Err(e) => {
+                tracing::warn!(error = %e, "listening for other replicas failed; reconnecting");
+                state.store.announce(&drover_store::Changes {
+                    everything: true,
+                    ..Default::default()
+                });
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                }
+            }
+        }
     }
 }
 
@@ -234,10 +279,6 @@ async fn reap_leases(state: AppState) {
                 for e in expired {
                     tracing::warn!(attempt = %e.attempt_id, job = %e.job_id, agent = %e.agent_id, retried = e.retried, "attempt lost: lease expired");
                     state.metrics.result_recorded("lost");
-                    state.hub.job_changed(&e.job_id);
-                    if e.retried {
-                        state.hub.wake(&e.agent_id);
-                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "expiring leases failed"),

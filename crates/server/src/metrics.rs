@@ -51,6 +51,10 @@ pub struct Metrics {
     dispatch: Family<StateLabels, Gauge>,
     fleet_stopped: Gauge,
     limits: Family<LimitLabels, Counter>,
+    store_statements: Counter,
+    store_commits: Counter,
+    store_syncs: Counter,
+    store_commit_failures: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +148,35 @@ impl Metrics {
             "Attempts stopped by a sandbox limit, by limit",
             limits.clone(),
         );
+        let store_statements = Counter::default();
+        registry.register(
+            "store_statements",
+            "SQL statements the store sent (reads and writes)",
+            store_statements.clone(),
+        );
+        let store_commits = Counter::default();
+        registry.register(
+            "store_commits",
+            "Transactions the store committed",
+            store_commits.clone(),
+        );
+        let store_syncs = Counter::default();
+        registry.register(
+            "store_syncs",
+            "Durable database commits (on SQLite one per commit group: commits minus syncs shared another's fsync)",
+            store_syncs.clone(),
+        );
+        let store_commit_failures = Counter::default();
+        registry.register(
+            "store_commit_failures",
+            "Transactions whose commit failed (none of them was acknowledged)",
+            store_commit_failures.clone(),
+        );
         Metrics {
+            store_statements,
+            store_commits,
+            store_syncs,
+            store_commit_failures,
             dispatch,
             fleet_stopped,
             limits,
@@ -225,6 +257,18 @@ impl Metrics {
 
     pub fn set_long_polls(&self, n: i64) {
         self.long_polls.set(n);
+    }
+
+    /// Brings the store's counters up to its snapshot.
+    pub fn set_store_stats(&self, s: &drover_store::StatsSnapshot) {
+        for (counter, value) in [
+            (&self.store_statements, s.statements),
+            (&self.store_commits, s.commits),
+            (&self.store_syncs, s.syncs),
+            (&self.store_commit_failures, s.commit_failures),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
     }
 
     pub fn observe_dispatch(&self, seconds: f64) {

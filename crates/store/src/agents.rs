@@ -423,7 +423,8 @@ impl Store {
                    revoked_reason = COALESCE(revoked_reason, $2), session_id = NULL, \
                    session_ended_reason = COALESCE(session_ended_reason, 'agent revoked') \
                    WHERE id = $3";
-        let done = on_write!(self, c => sqlx::query(sql)
+        let mut tx = self.begin().await?;
+        let done = on_tx!(&mut tx, c => sqlx::query(sql)
             .bind(to_ms(now))
             .bind(reason)
             .bind(id)
@@ -436,6 +437,8 @@ impl Store {
                 id: id.to_owned(),
             });
         }
+        tx.changes.agents.insert(id.to_owned());
+        tx.commit().await?;
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use drover_proto::api::DispatchState;
 
 use crate::tx::on_tx;
-use crate::{from_ms, on_pool, on_write, to_ms, Error, Result, Store};
+use crate::{from_ms, on_pool, to_ms, Error, Result, Store};
 
 /// A profile as stored: canonical JSON and its hash.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -164,7 +164,8 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<()> {
         let sql = "UPDATE agents SET dispatch = $1, dispatch_reason = $2, dispatch_force = 0 WHERE id = $3";
-        let done = on_write!(self, c => sqlx::query(sql)
+        let mut tx = self.begin().await?;
+        let done = on_tx!(&mut tx, c => sqlx::query(sql)
             .bind(dispatch.as_str())
             .bind(reason)
             .bind(agent_id)
@@ -177,6 +178,8 @@ impl Store {
                 id: agent_id.to_owned(),
             });
         }
+        tx.changes.agents.insert(agent_id.to_owned());
+        tx.commit().await?;
         Ok(())
     }
 
@@ -212,6 +215,9 @@ impl Store {
             .fetch_all(&mut *c)
             .await)?;
             tx.changes.agents.insert(agent_id.to_owned());
+            tx.changes
+                .jobs
+                .extend(attempts.iter().map(|(_, _, job)| job.clone()));
             tx.commit().await?;
             Ok(Stopped { attempts })
         }
@@ -249,6 +255,9 @@ impl Store {
             .fetch_all(&mut *c)
             .await)?;
             tx.changes.all_agents = true;
+            tx.changes
+                .jobs
+                .extend(attempts.iter().map(|(_, _, job)| job.clone()));
             tx.commit().await?;
             Ok(Stopped { attempts })
         }

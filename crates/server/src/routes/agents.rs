@@ -168,13 +168,10 @@ async fn revoke_agent(
     let id = state.store.resolve_agent_id(&id).await?;
     state.store.revoke_agent(&id, &reason, Utc::now()).await?;
     // Its unfinished attempts can never run now: end them, with the reason.
-    let jobs = state
+    state
         .store
         .abandon_agent_attempts(&id, &format!("agent revoked: {reason}"), Utc::now())
         .await?;
-    for job in &jobs {
-        state.hub.job_changed(job);
-    }
     tracing::info!(by = %user.username, agent = %id, %reason, "agent revoked");
     let a = load(&state, &id).await?;
     Ok(Json(to_api(&state, a, Utc::now())))
@@ -241,7 +238,6 @@ async fn resume_agent(
         .store
         .set_agent_dispatch(&a.id, DispatchState::Active, None)
         .await?;
-    state.hub.wake(&a.id);
     tracing::info!(by = %user.username, agent = %a.id, "agent resumed");
     let a = load(&state, &a.id).await?;
     Ok(Json(to_api(&state, a, Utc::now())))
@@ -274,10 +270,6 @@ async fn stop_agent(
     };
     let reason = dispatch_reason(verb, &user.username, req.reason.as_deref());
     let stopped = state.store.stop_agent(&a.id, req.force, &reason).await?;
-    state.hub.wake(&a.id);
-    for job in stopped.jobs() {
-        state.hub.job_changed(&job);
-    }
     tracing::warn!(by = %user.username, agent = %a.id, force = req.force, attempts = stopped.attempts.len(), "agent stopped");
     Ok(Json(StopResponse {
         cancelled: stopped.attempts.len() as u64,

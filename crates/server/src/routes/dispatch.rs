@@ -147,7 +147,6 @@ async fn poll(
             .await?;
         for (attempt, job) in &requeued {
             tracing::warn!(attempt = %attempt, job = %job, agent = %agent, "assignment never reached the agent; queued again");
-            state.hub.job_changed(job);
         }
     }
     loop {
@@ -179,7 +178,6 @@ async fn poll(
                 state.metrics.observe_dispatch(
                     (now - c.ready_at).num_microseconds().unwrap_or(0) as f64 / 1e6,
                 );
-                state.hub.job_changed(&c.job_id);
                 assignments.push(Assignment {
                     attempt_id: c.attempt_id,
                     job_id: c.job_id,
@@ -242,10 +240,7 @@ async fn start(
         .mark_started(&id, &claims.sub, req.started_at, Utc::now())
         .await?
     {
-        Ownership::Owned { job_id } => {
-            state.hub.job_changed(&job_id);
-            Ok(Json(ResultAck { recorded: true }))
-        }
+        Ownership::Owned { .. } => Ok(Json(ResultAck { recorded: true })),
         Ownership::Foreign => Err(forbidden_attempt(&id)),
         Ownership::NotFound => Err(unknown_attempt(&id)),
     }
@@ -288,10 +283,7 @@ async fn upload_log(
         .append_log(&claims.sub, &id, req.stream, seq, &req.data, cap)
         .await?
     {
-        Appended::Stored { job_id } => {
-            state.hub.log_appended(&job_id);
-            Ok(Json(ResultAck { recorded: true }))
-        }
+        Appended::Stored { .. } => Ok(Json(ResultAck { recorded: true })),
         Appended::Duplicate { .. } => Ok(Json(ResultAck { recorded: false })),
         Appended::OverCap => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -374,19 +366,12 @@ async fn report_result(
         .record_result(&claims.sub, &result, fastrand::f64(), Utc::now())
         .await?
     {
-        Recorded::Recorded {
-            job_id,
-            retry_agent,
-        } => {
+        Recorded::Recorded { .. } => {
             state
                 .metrics
                 .result_recorded(result.outcome.state().as_str());
             if let Some(limit) = result.limit_exceeded {
                 state.metrics.limit_exceeded(limit.as_str());
-            }
-            state.hub.job_changed(&job_id);
-            if let Some(agent) = retry_agent {
-                state.hub.wake(&agent);
             }
             Ok(Json(ResultAck { recorded: true }))
         }

@@ -98,12 +98,6 @@ async fn stop_fleet(
         .stop_fleet(&user.username, req.force, &reason, Utc::now())
         .await?;
     let agents = stopped.agents();
-    for agent in &agents {
-        state.hub.wake(agent);
-    }
-    for job in stopped.jobs() {
-        state.hub.job_changed(&job);
-    }
     tracing::warn!(by = %user.username, force = req.force, attempts = stopped.attempts.len(), agents = agents.len(), %reason, "fleet stopped");
     Ok(Json(StopResponse {
         cancelled: stopped.attempts.len() as u64,
@@ -125,7 +119,6 @@ async fn resume_fleet(
 ) -> Result<Json<FleetStatus>, ApiError> {
     user.require_admin()?;
     state.store.resume_fleet().await?;
-    state.hub.wake_all();
     tracing::warn!(by = %user.username, "fleet resumed");
     Ok(Json(status(&state).await?))
 }

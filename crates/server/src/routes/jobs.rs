@@ -161,10 +161,6 @@ async fn submit_job(
             now,
         )
         .await?;
-    for agent in &agents {
-        state.hub.wake(agent);
-    }
-    state.hub.job_changed(&id);
     tracing::info!(job = %id, action = %spec.name, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
     Ok((StatusCode::CREATED, Json(load_job(&state, &id).await?)))
 }
@@ -329,10 +325,6 @@ async fn cancel_job(
     let id = state.store.resolve_job_id(&id).await?;
     let reason = format!("cancelled by {}", user.username);
     let agents = state.store.cancel_job(&id, &reason, Utc::now()).await?;
-    for agent in &agents {
-        state.hub.wake(agent);
-    }
-    state.hub.job_changed(&id);
     tracing::info!(job = %id, by = %user.username, running = agents.len(), "job cancel requested");
     Ok(Json(load_job(&state, &id).await?))
 }

@@ -108,6 +108,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl Into
         Ok(n) => state.metrics.set_queue_depth(n),
         Err(e) => tracing::warn!(error = %e, "measuring the queue for metrics failed"),
     }
+    state.metrics.set_store_stats(&state.store.stats());
     state.metrics.set_long_polls(
         state
             .hub

@@ -103,7 +103,6 @@ async fn submit_run(
             now,
         )
         .await?;
-    state.hub.run_changed(&id);
     tracing::info!(run = %id, workflow = %parsed.def.name, tasks = task_ids.len(), by = %user.username, "run submitted");
     Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?)))
 }
@@ -399,8 +398,6 @@ async fn cancel_run(
         }
         return Ok(Json(run));
     }
-    state.hub.run_changed(&id);
-    state.hub.run_event(&id);
     tracing::info!(run = %id, by = %user.username, "run cancel requested");
     Ok(Json(load_run(&state, &id).await?))
 }
@@ -455,8 +452,6 @@ async fn remove_run_workspace(
             "run {id}'s workspace is already being removed"
         )));
     }
-    state.hub.wake(agent);
-    state.hub.run_event(&id);
     tracing::info!(run = %id, by = %user.username, agent = %agent, "workspace removal requested");
     Ok(Json(load_run(&state, &id).await?))
 }

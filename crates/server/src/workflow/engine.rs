@@ -65,14 +65,13 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty: HashSet<String> = HashSet::new();
-    let mut jobs: HashSet<String> = HashSet::new();
     loop {
         let mut sweep = false;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => sweep = true,
             ev = rx.recv() => match ev {
-                Ok(ev) => note(ev, &mut dirty, &mut jobs),
+                Ok(ev) => sweep |= note(ev, &mut dirty),
                 Err(RecvError::Lagged(_)) => sweep = true,
                 Err(RecvError::Closed) => return,
             },
@@ -80,18 +79,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         // Take whatever else is already there in the same round.
         loop {
             match rx.try_recv() {
-                Ok(ev) => note(ev, &mut dirty, &mut jobs),
+                Ok(ev) => sweep |= note(ev, &mut dirty),
                 Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => sweep = true,
                 Err(_) => break,
-            }
-        }
-        for job in jobs.drain() {
-            match state.store.run_of_job(&job).await {
-                Ok(Some(run)) => {
-                    dirty.insert(run);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(job = %job, error = %e, "looking up a job's run failed"),
             }
         }
         if sweep {
@@ -101,22 +91,26 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             }
         }
         for run in dirty.drain() {
-            if let Err(e) = engine.advance(&run).await {
-                tracing::warn!(run = %run, error = %e, "advancing a run failed; will retry");
+            match engine.advance(&run).await {
+                Ok(moved) => tracing::trace!(run = %run, moved, "run looked at"),
+                Err(e) => {
+                    tracing::warn!(run = %run, error = %e, "advancing a run failed; will retry")
+                }
             }
         }
     }
 }
 
-fn note(ev: JobEvent, dirty: &mut HashSet<String>, jobs: &mut HashSet<String>) {
+/// Notes a run to look at; true when everything should be looked at. A
+/// commit that changed a run's job also names the run.
+fn note(ev: JobEvent, dirty: &mut HashSet<String>) -> bool {
     match ev {
-        JobEvent::Changed(job) => {
-            jobs.insert(job);
-        }
         JobEvent::RunChanged(run) => {
             dirty.insert(run);
+            false
         }
-        JobEvent::Log(_) | JobEvent::RunEvent(_) => {}
+        JobEvent::Everything => true,
+        JobEvent::Changed(_) | JobEvent::Log(_) | JobEvent::RunEvent(_) => false,
     }
 }
 
@@ -201,19 +195,17 @@ impl Engine {
     }
 
     /// Looks at one run and takes every step that is due.
-    async fn advance(&self, run_id: &str) -> Result<(), EngineError> {
+    async fn advance(&self, run_id: &str) -> Result<bool, EngineError> {
         let store = &self.state.store;
         let Some(run) = store.run(run_id).await? else {
-            return Ok(());
+            return Ok(false);
         };
         if run.state.is_final() {
             // Only the removal of its workspace can still be under way.
-            if run.workspace_state == Some(WorkspaceState::Removing)
-                && self.settle_removal(&run).await?
-            {
-                self.state.hub.run_event(run_id);
+            if run.workspace_state == Some(WorkspaceState::Removing) {
+                self.settle_removal(&run).await?;
             }
-            return Ok(());
+            return Ok(false);
         }
         let def = self.definition(&run.def_hash).await?;
         let mut tasks: HashMap<String, TaskRecord> = store
@@ -299,11 +291,7 @@ impl Engine {
                     if job.as_ref().is_some_and(|j| !j.state.is_final()) {
                         creating = true;
                         if job.is_some_and(|j| j.cancel_requested_at.is_none()) {
-                            let agents = store.cancel_job(job_id, &why, Utc::now()).await?;
-                            for agent in &agents {
-                                self.state.hub.wake(agent);
-                            }
-                            self.state.hub.job_changed(job_id);
+                            store.cancel_job(job_id, &why, Utc::now()).await?;
                         }
                     } else {
                         changed |= self.workspace_created(&run).await?;
@@ -316,11 +304,7 @@ impl Engine {
                 }
                 match &t.job_id {
                     Some(job_id) => {
-                        let agents = store.cancel_job(job_id, &why, Utc::now()).await?;
-                        for agent in &agents {
-                            self.state.hub.wake(agent);
-                        }
-                        self.state.hub.job_changed(job_id);
+                        store.cancel_job(job_id, &why, Utc::now()).await?;
                     }
                     None => {
                         store
@@ -342,10 +326,7 @@ impl Engine {
                 let run = store.run(run_id).await?.unwrap_or(run);
                 changed |= self.finish(&run, &def, &tasks, end, Some(why)).await?;
             }
-            if changed {
-                self.state.hub.run_event(run_id);
-            }
-            return Ok(());
+            return Ok(changed);
         }
 
         // 2b. The workspace, if any, comes before every task.
@@ -453,10 +434,7 @@ impl Engine {
             };
             changed |= self.finish(&run, &def, &tasks, end, why).await?;
         }
-        if changed {
-            self.state.hub.run_event(run_id);
-        }
-        Ok(())
+        Ok(changed)
     }
 
     /// Moves the run's workspace forward and says where it stands: picks
@@ -504,8 +482,6 @@ impl Engine {
                         {
                             tracing::info!(run = %run.id, agent = %agent, job = %job_id, sandbox = %profile.name(), "creating the workspace");
                             *changed = true;
-                            self.state.hub.wake(&agent);
-                            self.state.hub.job_changed(&job_id);
                         }
                         Ok(Workspace::NotReady)
                     }
@@ -820,10 +796,6 @@ impl Engine {
             .await?;
         if let Some(job_id) = created {
             tracing::debug!(run = %run.id, task = %task.id, job = %job_id, "task started");
-            for agent in &agents {
-                state.hub.wake(agent);
-            }
-            state.hub.job_changed(&job_id);
         }
         Ok(Ok(()))
     }
@@ -902,15 +874,7 @@ impl Engine {
             .finish_run(&run.id, end, why.as_deref(), &deliveries, workspace, now)
             .await?;
         if ended {
-            if let (Some(agent), Some(_)) = (&run.workspace_agent, &remove) {
-                self.state.hub.wake(agent);
-            }
-        }
-        if ended {
             tracing::info!(run = %run.id, workflow = %run.name, state = end.as_str(), "run ended");
-            if !deliveries.is_empty() {
-                self.state.hub.deliveries_queued();
-            }
         }
         Ok(ended)
     }
