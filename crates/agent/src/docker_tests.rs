@@ -17,9 +17,8 @@ use drover_proto::sandbox::{LimitExceeded, Sandbox};
 
 use crate::config::{DockerHost, SandboxKind, DEFAULT_DOCKER_HOST};
 use crate::docker::api::{Client, Endpoint};
-use crate::docker::{
-    container_config, ContainerSpec, Engine, LABEL_AGENT, LABEL_KIND, LABEL_MANAGED,
-};
+use crate::docker::container::{container_config, ContainerSpec};
+use crate::docker::{Engine, LABEL_AGENT, LABEL_KIND, LABEL_MANAGED};
 use crate::executor::{set_mode, ExecOptions, Stop};
 use crate::test_support::{assignment, rt, run_stopped_after_output, run_with, Run};
 

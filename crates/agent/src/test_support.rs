@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drover_proto::jobs::{Assignment, AttemptResult, LogUpload, Stream};
+use drover_proto::sandbox::{DockerSandbox, Sandbox};
 use tokio::sync::mpsc;
 
 use crate::executor::{drover_dir, execute, ExecOptions, Stop};
@@ -154,4 +155,17 @@ pub(crate) fn stop_later(stop: &Stop, after: Duration, kill: bool) {
             stop.cancel();
         }
     });
+}
+
+/// A docker profile of busybox with `extra` fields (not run: for the
+/// tests of what is made of a profile).
+pub(crate) fn docker_profile(extra: serde_json::Value) -> DockerSandbox {
+    let mut v = serde_json::json!({"type": "docker", "name": "d", "image": "busybox:1"});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    match serde_json::from_value::<Sandbox>(v).unwrap() {
+        Sandbox::Docker(d) => d,
+        Sandbox::Process(_) => unreachable!(),
+    }
 }

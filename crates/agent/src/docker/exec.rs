@@ -22,7 +22,8 @@ use drover_proto::sandbox::{
 };
 
 use super::api::{Client, ExecConfig};
-use super::{env_list, wait_exit, workspace_name, BoxFuture, Engine, OutputState, CALL_TIMEOUT};
+use super::container::env_list;
+use super::{wait_exit, workspace_name, BoxFuture, Engine, OutputState, CALL_TIMEOUT};
 use crate::executor::{
     Event, ExecOptions, Exit, Failure, Signal, Supervisor, Workload, OUTPUTS_FILE,
 };

@@ -566,4 +566,31 @@ mod tests {
         assert_eq!(r.result.signal, Some(libc::SIGTERM));
         assert!(r.elapsed < Duration::from_secs(3), "{:?}", r.elapsed);
     }
+
+    #[test]
+    fn exit_statuses_table() {
+        let exit = |code, signal, oom| Exit {
+            code,
+            signal,
+            oom_killed: oom,
+        };
+        let cases = [
+            ((Some(0), false, false), exit(Some(0), None, false)),
+            // A program may exit 137 on its own: a signal only when the
+            // agent or the engine sent one.
+            ((Some(137), false, false), exit(Some(137), None, false)),
+            ((Some(137), true, false), exit(None, Some(9), false)),
+            ((Some(143), true, false), exit(None, Some(15), false)),
+            ((Some(137), false, true), exit(None, Some(9), true)),
+            ((Some(1), true, false), exit(Some(1), None, false)),
+            ((None, true, false), exit(None, None, false)),
+        ];
+        for ((status, signalled, oom), want) in cases {
+            assert_eq!(
+                Exit::from_status(status.map(i64::from), signalled, oom),
+                want,
+                "{status:?} {signalled} {oom}"
+            );
+        }
+    }
 }
