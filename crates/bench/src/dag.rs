@@ -181,6 +181,7 @@ pub async fn s3(
         let yaml = definition(action, layers, width, agents);
         // One run to warm up (definition stored, caches filled), not counted.
         run_once(http, url, token, &yaml, layers, width).await?;
+        let before = crate::store_stats(http, url).await?;
         let mut all = Vec::new();
         for n in 0..runs {
             eprintln!("S3 {action}: run {}/{runs}", n + 1);
@@ -196,8 +197,10 @@ pub async fn s3(
             .copied()
             .unwrap_or(f64::NAN);
         met &= median <= TARGET_OVERHEAD_MS;
+        let after = crate::store_stats(http, url).await?;
         out[action] = json!({
             "median_per_task_overhead_ms": median,
+            "store_per_task": crate::per_unit(before, after, runs * layers * width),
             "runs": all,
         });
     }

@@ -330,6 +330,45 @@ struct Api {
     token: String,
 }
 
+/// The server's store counters (statements, commits, syncs) from /metrics.
+pub(crate) async fn store_stats(http: &reqwest::Client, url: &str) -> Result<[f64; 3]> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .context("GET /metrics")?
+        .text()
+        .await
+        .context("reading /metrics")?;
+    let mut out = [f64::NAN; 3];
+    for line in text.lines() {
+        for (i, name) in [
+            "drover_store_statements_total ",
+            "drover_store_commits_total ",
+            "drover_store_syncs_total ",
+        ]
+        .iter()
+        .enumerate()
+        {
+            if let Some(v) = line.strip_prefix(name) {
+                out[i] = v.trim().parse().unwrap_or(f64::NAN);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Store work per job (or task) between two snapshots. The scrapes
+/// themselves add a few reads, spread over every unit.
+pub(crate) fn per_unit(before: [f64; 3], after: [f64; 3], units: usize) -> Value {
+    let per = |i: usize| ((after[i] - before[i]) / units.max(1) as f64 * 100.0).round() / 100.0;
+    json!({
+        "statements": per(0),
+        "commits": per(1),
+        "syncs": per(2),
+    })
+}
+
 /// One job, run to its end.
 #[derive(Debug)]
 struct Finished {
@@ -494,10 +533,12 @@ async fn s1(api: &Api, procs: &Procs, agent: &str, args: &Args) -> Result<Value>
     }
     let mut done = Vec::with_capacity(args.s1_jobs);
     let cpu = procs.snapshot()?;
+    let store_before = store_stats(&api.http, &api.url).await?;
     for _ in 0..args.s1_jobs {
         done.push(api.run("true", agent).await?);
     }
     let cpu = procs.cpu_per_job(cpu, args.s1_jobs)?;
+    let store = per_unit(store_before, store_stats(&api.http, &api.url).await?, args.s1_jobs);
     let latencies: Vec<f64> = done.iter().map(|f| f.latency_ms).collect();
     let client = summarize(&latencies).context("no S1 samples")?;
     eprintln!(
@@ -512,6 +553,7 @@ async fn s1(api: &Api, procs: &Procs, agent: &str, args: &Args) -> Result<Value>
         "submit_to_final_ms": client,
         "server": server_side(&done),
         "cpu": cpu,
+        "store_per_job": store,
         "target": {"p50_ms_max": TARGET_P50_MS, "p99_ms_max": TARGET_P99_MS},
         "met": {
             "p50": client.p50_ms <= TARGET_P50_MS,
@@ -538,6 +580,7 @@ async fn throughput(
     let next = Arc::new(AtomicUsize::new(0));
     let agents: Arc<Vec<String>> = Arc::new(agents.to_vec());
     let cpu = procs.snapshot()?;
+    let store_before = store_stats(&api.http, &api.url).await?;
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency.min(n) {
@@ -559,6 +602,7 @@ async fn throughput(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = procs.cpu_per_job(cpu, n)?;
+    let store = per_unit(store_before, store_stats(&api.http, &api.url).await?, n);
     let rate = n as f64 / elapsed;
     let first = done.iter().map(|f| f.job.created_at).min();
     let last = done.iter().filter_map(|f| f.job.finished_at).max();
@@ -578,6 +622,7 @@ async fn throughput(
         "server_jobs_per_sec": server_rate,
         "submit_to_final_ms": summarize(&latencies),
         "cpu": cpu,
+        "store_per_job": store,
     }))
 }
 

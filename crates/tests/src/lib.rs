@@ -203,6 +203,19 @@ pub fn promtool_check(text: &str) {
     );
 }
 
+/// A second server process on a cluster's database; killed on drop.
+pub struct Replica {
+    pub url: String,
+    child: Child,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Options for the server of a test cluster.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -342,6 +355,52 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts another `drover server` on the same database and data dir
+    /// (so the same signing key): a replica, on a port of its own.
+    pub async fn start_replica(&self) -> Replica {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log_path = self.dir.path().join(format!("replica-{port}.log"));
+        let log = File::create(&log_path).expect("replica log");
+        let mut child = Command::new(bin("drover"))
+            .arg("server")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--database-url", &self.database_url])
+            .args(["--heartbeat-interval", self.options.heartbeat_interval])
+            .args(["--log-format", "json"])
+            .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("HOME", self.dir.path())
+            .env_remove("DROVER_CONFIG")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn replica");
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(format!("{url}/readyz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "replica exited with {status} at start:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "replica not ready after 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Replica { url, child }
     }
 
     /// SIGTERM, then waits for a clean exit.

@@ -898,3 +898,47 @@ async fn agent_metrics_are_valid_for_promtool() {
     );
     promtool_check(&text);
 }
+
+/// Two servers on one PostgreSQL: a job submitted to one wakes the
+/// long-poll the agent holds on the other within moments (LISTEN/NOTIFY),
+/// and a wait on the first answers as soon as the other records the
+/// result. Without the notification the poll would sleep out its wait.
+#[tokio::test]
+async fn a_job_on_one_replica_wakes_a_poll_held_by_another() {
+    let (cluster, agent) = cluster_with_agent(Backend::Postgres, ServerOptions::default()).await;
+    let replica = cluster.start_replica().await;
+    // Let the agent's current long-poll settle on the first server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = &cluster.http;
+    for round in 0..5 {
+        let started = Instant::now();
+        let created: Value = http
+            .post(format!("{}/api/v1/jobs", replica.url))
+            .bearer_auth(&cluster.admin_token)
+            .json(&json!({"action": "echo", "target": agent.id, "params": {"message": format!("r{round}")}}))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let job: Value = http
+            .get(format!("{}/api/v1/jobs/{id}?wait_ms=20000", replica.url))
+            .bearer_auth(&cluster.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(job["state"], "succeeded", "round {round}: {job}");
+        assert!(
+            took < Duration::from_secs(3),
+            "round {round}: submit on the replica to result took {took:?}; the poll held by the other server was not woken"
+        );
+    }
+}
