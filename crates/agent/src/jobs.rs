@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::allow::action_allowed;
 use crate::client::ClientError;
-use crate::executor::{self, ExecOptions, Stop};
+use crate::executor::{self, ExecOptions, Refusal, Stop};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::runner::Backoff;
@@ -238,8 +238,10 @@ impl Jobs {
         }
         if !action_allowed(&self.config.allow_actions, &a.action) {
             tracing::warn!(attempt = %a.attempt_id, action = %a.action, "refusing an action not in allow_actions");
-            let why = format!("action '{}' is not in this agent's allow-list", a.action);
-            self.store_result(executor::rejected(&a, why));
+            let why = Refusal::ActionNotAllowed {
+                action: a.action.clone(),
+            };
+            self.store_result(executor::rejected(&a, &why));
             self.result_ready.notify_one();
             return;
         }
@@ -248,11 +250,10 @@ impl Jobs {
             let mut running = lock(&self.running);
             if running.len() >= self.config.capacity as usize {
                 drop(running);
-                let why = format!(
-                    "agent at capacity ({} attempts running)",
-                    self.config.capacity
-                );
-                self.store_result(executor::rejected(&a, why));
+                let why = Refusal::AtCapacity {
+                    capacity: self.config.capacity,
+                };
+                self.store_result(executor::rejected(&a, &why));
                 self.result_ready.notify_one();
                 return;
             }
@@ -318,7 +319,7 @@ impl Jobs {
                     tracing::warn!(attempt = %a.attempt_id, error = %why, "collecting artifacts failed");
                     if result.outcome == Outcome::Succeeded {
                         result.outcome = Outcome::Failed;
-                        result.error = Some(why);
+                        result.error = Some(why.to_string());
                     }
                 }
             }
@@ -362,7 +363,7 @@ impl Jobs {
     /// Uploads every declared path of the attempt's working dir (files, or
     /// every regular file under a directory). A declared path that is
     /// missing, or a symlink, is an error; so is a refusal by the server.
-    async fn collect_artifacts(&self, a: &Assignment, stop: &Stop) -> Result<(), String> {
+    async fn collect_artifacts(&self, a: &Assignment, stop: &Stop) -> Result<(), ArtifactError> {
         let root = executor::work_dir(&self.config.exec, a);
         let files = tokio::task::spawn_blocking({
             let root = root.clone();
@@ -370,15 +371,21 @@ impl Jobs {
             move || list_artifact_files(&root, &declared)
         })
         .await
-        .map_err(|e| format!("listing artifacts failed: {e}"))??;
+        .map_err(ArtifactError::Listing)??;
         for (rel, path) in files {
             let sha = tokio::task::spawn_blocking({
                 let path = path.clone();
                 move || sha256_file(&path)
             })
             .await
-            .map_err(|e| format!("hashing {rel} failed: {e}"))?
-            .map_err(|e| format!("cannot read artifact '{rel}': {e}"))?;
+            .map_err(|source| ArtifactError::Hashing {
+                path: rel.clone(),
+                source,
+            })?
+            .map_err(|source| ArtifactError::Read {
+                path: rel.clone(),
+                source,
+            })?;
             let mut backoff = Backoff::new(self.config.max_backoff);
             loop {
                 let (id, rel_ref, sha_ref, path_ref) = (&a.attempt_id, &rel, &sha, &path);
@@ -402,11 +409,11 @@ impl Jobs {
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
-                            _ = stop.cancelled() => return Err(format!("artifact '{rel}' not uploaded: the attempt was stopped")),
-                            _ = self.session.rejected().cancelled() => return Err("the agent's session ended".to_owned()),
+                            _ = stop.cancelled() => return Err(ArtifactError::Stopped { path: rel }),
+                            _ = self.session.rejected().cancelled() => return Err(ArtifactError::SessionEnded),
                         }
                     }
-                    Err(e) => return Err(format!("artifact '{rel}' refused: {e}")),
+                    Err(source) => return Err(ArtifactError::Refused { path: rel, source }),
                 }
             }
         }
@@ -677,32 +684,68 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Why the artifacts of an attempt were not all collected; `path` is the
+/// declared path (or one under a declared directory).
+#[derive(Debug, thiserror::Error)]
+enum ArtifactError {
+    #[error("artifact path '{path}' is not a plain relative path")]
+    NotPlain { path: String },
+    #[error("declared artifact '{path}' was not produced")]
+    NotProduced { path: String },
+    #[error("artifact '{path}' is a symlink; only regular files are collected")]
+    Symlink { path: String },
+    #[error("artifact '{path}': {source}")]
+    Inspect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read artifact '{path}': {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("listing artifacts failed: {0}")]
+    Listing(tokio::task::JoinError),
+    #[error("hashing {path} failed: {source}")]
+    Hashing {
+        path: String,
+        source: tokio::task::JoinError,
+    },
+    #[error("artifact '{path}' not uploaded: the attempt was stopped")]
+    Stopped { path: String },
+    #[error("the agent's session ended")]
+    SessionEnded,
+    #[error("artifact '{path}' refused: {source}")]
+    Refused { path: String, source: ClientError },
+}
+
 /// The files to upload for `declared` paths under `root`, as (relative
 /// path, file). Symlinks are never followed: a declared symlink is an
 /// error, one inside a declared directory is skipped.
 fn list_artifact_files(
     root: &std::path::Path,
     declared: &[String],
-) -> Result<Vec<(String, std::path::PathBuf)>, String> {
+) -> Result<Vec<(String, std::path::PathBuf)>, ArtifactError> {
     let mut out = Vec::new();
     for rel in declared {
         if !drover_proto::workflows::valid_artifact_path(rel) {
-            return Err(format!(
-                "artifact path '{rel}' is not a plain relative path"
-            ));
+            return Err(ArtifactError::NotPlain { path: rel.clone() });
         }
         let path = root.join(rel);
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(format!("declared artifact '{rel}' was not produced"))
+                return Err(ArtifactError::NotProduced { path: rel.clone() })
             }
-            Err(e) => return Err(format!("artifact '{rel}': {e}")),
+            Err(source) => {
+                return Err(ArtifactError::Inspect {
+                    path: rel.clone(),
+                    source,
+                })
+            }
         };
         if meta.file_type().is_symlink() {
-            return Err(format!(
-                "artifact '{rel}' is a symlink; only regular files are collected"
-            ));
+            return Err(ArtifactError::Symlink { path: rel.clone() });
         }
         if meta.is_file() {
             out.push((rel.clone(), path));
@@ -711,16 +754,20 @@ fn list_artifact_files(
         let mut stack = vec![(rel.clone(), path)];
         while let Some((dir_rel, dir)) = stack.pop() {
             let mut entries: Vec<_> = std::fs::read_dir(&dir)
-                .map_err(|e| format!("artifact '{dir_rel}': {e}"))?
+                .map_err(|source| ArtifactError::Inspect {
+                    path: dir_rel.clone(),
+                    source,
+                })?
                 .filter_map(Result::ok)
                 .collect();
             entries.sort_by_key(|e| e.file_name());
             for entry in entries {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let child_rel = format!("{dir_rel}/{name}");
-                let ft = entry
-                    .file_type()
-                    .map_err(|e| format!("artifact '{child_rel}': {e}"))?;
+                let ft = entry.file_type().map_err(|source| ArtifactError::Inspect {
+                    path: child_rel.clone(),
+                    source,
+                })?;
                 if ft.is_symlink() {
                     tracing::warn!(path = %child_rel, "skipping a symlink inside an artifact directory");
                 } else if ft.is_dir() {

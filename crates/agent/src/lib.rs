@@ -83,6 +83,9 @@ pub enum Error {
     NoServer,
     #[error("the server refused this agent's credentials for good: {0}")]
     CredentialsRejected(String),
+    /// The roots of attempts' and workspaces' dirs cannot be made.
+    #[error(transparent)]
+    WorkDirs(executor::Error),
     #[error("cannot serve metrics on {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -217,12 +220,7 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
         // nothing of the agent's (its files are 0600, the outbox 0700).
         dir.allow_traversal()?;
     }
-    exec.prepare().map_err(|source| {
-        Error::State(state::StateError::Io {
-            path: exec.work_root.clone(),
-            source,
-        })
-    })?;
+    exec.prepare().map_err(Error::WorkDirs)?;
     if let Some(engine) = &docker {
         tokio::select! {
             _ = prepare_docker(engine) => {}

@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::executor::{
-    self, private_dir, Ended, Event, ExecOptions, Exit, Failure, Signal, Supervisor, Workload,
-    OUTPUTS_FILE,
+    self, private_dir, Ended, Error, Event, ExecOptions, Exit, Failure, Refusal, Signal,
+    Supervisor, Workload, OUTPUTS_FILE,
 };
 
 /// The type `setrlimit` takes for a resource.
@@ -134,14 +134,28 @@ fn clamped(resource: Resource, soft: u64, hard: u64) -> (Resource, libc::rlimit)
 
 /// Refuses a process sandbox this agent cannot honour before anything
 /// runs: a user switch needs root.
-pub(crate) fn check_sandbox(p: &ProcessSandbox, can_switch_users: bool) -> Result<(), String> {
+pub(crate) fn check_sandbox(p: &ProcessSandbox, can_switch_users: bool) -> Result<(), Refusal> {
     match &p.user {
-        Some(user) if !can_switch_users => Err(format!(
-            "sandbox '{}' runs as user '{user}', but this agent cannot switch users: the agent is not running as root",
-            p.name
-        )),
+        Some(user) if !can_switch_users => Err(Refusal::CannotSwitchUsers {
+            sandbox: p.name.clone(),
+            user: user.clone(),
+        }),
         _ => Ok(()),
     }
+}
+
+/// Why a sandbox's user cannot be found on this agent.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("'{0}' is not a user name or uid[:gid]")]
+    Malformed(String),
+    #[error("user '{0}' does not exist on this agent")]
+    Unknown(String),
+    /// A name with a NUL inside, which no lookup can take.
+    #[error("'{0}' is not a user name")]
+    NotAName(String),
+    #[error("cannot look up the user: {0}")]
+    Lookup(std::io::Error),
 }
 
 /// A user's ids on this machine.
@@ -153,19 +167,19 @@ pub(crate) struct UserIds {
 
 /// Resolves a user name (through NSS) or `uid[:gid]`. A bare uid takes the
 /// group of its passwd entry, or the same number when it has none.
-pub(crate) fn resolve_user(user: &str) -> Result<UserIds, String> {
+pub(crate) fn resolve_user(user: &str) -> Result<UserIds, UserError> {
     let number = |s: &str| s.parse::<u32>().ok();
     if let Some((u, g)) = user.split_once(':') {
         return match (number(u), number(g)) {
             (Some(uid), Some(gid)) => Ok(UserIds { uid, gid }),
-            _ => Err(format!("'{user}' is not a user name or uid[:gid]")),
+            _ => Err(UserError::Malformed(user.to_owned())),
         };
     }
     if let Some(uid) = number(user) {
         let gid = passwd(Lookup::Uid(uid))?.map_or(uid, |ids| ids.gid);
         return Ok(UserIds { uid, gid });
     }
-    passwd(Lookup::Name(user))?.ok_or_else(|| format!("user '{user}' does not exist on this agent"))
+    passwd(Lookup::Name(user))?.ok_or_else(|| UserError::Unknown(user.to_owned()))
 }
 
 enum Lookup<'a> {
@@ -176,10 +190,10 @@ enum Lookup<'a> {
 /// One passwd entry through getpwnam_r/getpwuid_r, so NSS sources other
 /// than /etc/passwd count too.
 #[allow(unsafe_code)]
-fn passwd(key: Lookup<'_>) -> Result<Option<UserIds>, String> {
+fn passwd(key: Lookup<'_>) -> Result<Option<UserIds>, UserError> {
     let name = match &key {
         Lookup::Name(n) => {
-            Some(std::ffi::CString::new(*n).map_err(|_| format!("'{n}' is not a user name"))?)
+            Some(std::ffi::CString::new(*n).map_err(|_| UserError::NotAName((*n).to_owned()))?)
         }
         Lookup::Uid(_) => None,
     };
@@ -215,10 +229,7 @@ fn passwd(key: Lookup<'_>) -> Result<Option<UserIds>, String> {
             continue;
         }
         if rc != 0 {
-            return Err(format!(
-                "cannot look up the user: {}",
-                std::io::Error::from_raw_os_error(rc)
-            ));
+            return Err(UserError::Lookup(std::io::Error::from_raw_os_error(rc)));
         }
         if found.is_null() {
             return Ok(None);
@@ -259,8 +270,11 @@ async fn try_run_attempt(
         Some(name) => {
             let ids = tokio::task::spawn_blocking(move || resolve_user(&name))
                 .await
-                .map_err(|e| Failure::Failed(format!("looking up the user failed: {e}")))?
-                .map_err(Failure::Rejected)?;
+                .map_err(|source| Error::Blocking {
+                    what: "looking up the user",
+                    source,
+                })?
+                .map_err(Refusal::User)?;
             Some(ids)
         }
         None => None,
@@ -268,12 +282,7 @@ async fn try_run_attempt(
     let owner = user.map(|ids| (ids.uid, Some(ids.gid)));
     let cwd = executor::work_dir(opts, a);
     match workspace {
-        Some(ws) if !cwd.is_dir() => {
-            return Err(Failure::Failed(format!(
-                "workspace '{}' does not exist on this agent (it is created by builtin:workspace-create)",
-                ws.id
-            )))
-        }
+        Some(ws) if !cwd.is_dir() => return Err(Error::NoWorkspace { id: ws.id.clone() }.into()),
         Some(_) => {}
         None => private_dir(&cwd, owner)?,
     }
@@ -292,8 +301,10 @@ async fn try_run_attempt(
         cmd.uid(ids.uid).gid(ids.gid);
     }
     let limits = sandbox.map_or_else(Limits::none, Limits::of);
-    let mut run = ProcessRun::spawn(cmd, limits)
-        .map_err(|e| Failure::Failed(format!("cannot run '{program}': {e}")))?;
+    let mut run = ProcessRun::spawn(cmd, limits).map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let ended = sup.supervise(&mut run).await?;
     let limit = sandbox.and_then(|p| cpu_time_exceeded(p, &ended));
     Ok(sup.finish(&ended, Some(&outputs), limit))
@@ -355,7 +366,7 @@ impl ProcessRun {
 }
 
 impl Workload for ProcessRun {
-    async fn next(&mut self) -> Result<Event, String> {
+    async fn next(&mut self) -> Result<Event, Error> {
         tokio::select! {
             n = read_some(&mut self.stdout, &mut self.out_buf) => Ok(match n {
                 Some(n) => Event::Output(Stream::Stdout, Bytes::copy_from_slice(&self.out_buf[..n])),
@@ -382,7 +393,7 @@ impl Workload for ProcessRun {
                     Err(e) => {
                         // Cannot happen short of a kernel oddity; do not spin.
                         signal_group(self.pgid, Signal::Kill);
-                        Err(format!("waiting for the process failed: {e}"))
+                        Err(Error::WaitProcess(e))
                     }
                 }
             }
@@ -393,7 +404,7 @@ impl Workload for ProcessRun {
         self.stdout.is_some() || self.stderr.is_some()
     }
 
-    async fn signal(&mut self, sig: Signal) -> Result<(), String> {
+    async fn signal(&mut self, sig: Signal) -> Result<(), Error> {
         if !signal_group(self.pgid, sig) && sig == Signal::Kill && !self.exited {
             let _ = self.child.start_kill();
         }
@@ -592,7 +603,7 @@ mod tests {
         };
         let err = check_sandbox(&p, false).unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             "sandbox 'as-nobody' runs as user 'nobody', but this agent cannot switch users: the agent is not running as root"
         );
         assert!(check_sandbox(&p, true).is_ok());
@@ -630,7 +641,7 @@ mod tests {
         for (user, want) in cases {
             match (resolve_user(user), want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want, "{user}"),
-                (Err(got), Err(want)) => assert_eq!(got, want, "{user}"),
+                (Err(got), Err(want)) => assert_eq!(got.to_string(), want, "{user}"),
                 (got, want) => panic!("{user}: got {got:?}, want {want:?}"),
             }
         }

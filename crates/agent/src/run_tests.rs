@@ -252,7 +252,7 @@ fn runs_work_end_to_end() {
         outbox
             .put(&crate::executor::rejected(
                 &assignment("old-1", "x", &[]),
-                "earlier".into(),
+                &crate::executor::Refusal::AtCapacity { capacity: 1 },
             ))
             .unwrap();
         {

@@ -21,7 +21,7 @@ use drover_proto::jobs::{Assignment, AttemptResult};
 use drover_proto::sandbox::{valid_workspace_id, GitSource, Sandbox, WorkspaceSpec};
 use tokio::process::Command;
 
-use crate::executor::{self, ExecOptions, Failure, Supervisor};
+use crate::executor::{self, Error, ExecOptions, Failure, Refusal, Supervisor};
 use crate::process::{self, Limits, ProcessRun};
 
 /// The marker of a complete workspace, in its meta dir.
@@ -38,18 +38,18 @@ pub fn meta_dir(opts: &ExecOptions, id: &str) -> PathBuf {
 }
 
 fn spec<'a>(a: &'a Assignment, opts: &ExecOptions) -> Result<&'a WorkspaceSpec, Failure> {
-    let ws = a.workspace.as_ref().ok_or_else(|| {
-        Failure::Rejected(format!("{} needs a workspace in its assignment", a.argv[0]))
-    })?;
+    let ws = a
+        .workspace
+        .as_ref()
+        .ok_or_else(|| Refusal::NoWorkspaceSpec {
+            builtin: a.argv[0].clone(),
+        })?;
     if !valid_workspace_id(&ws.id) {
-        return Err(Failure::Rejected(format!(
-            "workspace id '{}' is not valid",
-            ws.id
-        )));
+        return Err(Refusal::InvalidWorkspaceId { id: ws.id.clone() }.into());
     }
-    executor::admit(&ws.sandbox, opts).map_err(Failure::Rejected)?;
+    executor::admit(&ws.sandbox, opts)?;
     if let Sandbox::Process(p) = &ws.sandbox {
-        process::check_sandbox(p, opts.can_switch_users).map_err(Failure::Rejected)?;
+        process::check_sandbox(p, opts.can_switch_users)?;
     }
     Ok(ws)
 }
@@ -92,7 +92,7 @@ async fn try_create(
     let dir = dir(opts, &ws.id);
     let meta = meta_dir(opts, &ws.id);
     if let Some(git) = &ws.git {
-        git.validate().map_err(Failure::Rejected)?;
+        git.validate().map_err(Refusal::InvalidGitSource)?;
     }
     if meta.join(READY).is_file() {
         let complete = match (&ws.sandbox, &opts.docker) {
@@ -108,21 +108,22 @@ async fn try_create(
             return Ok(());
         }
     }
-    let problems = wipe(opts, ws).await;
-    if !problems.is_empty() {
-        return Err(Failure::Failed(format!(
-            "cannot clear what is left of workspace {}: {}",
-            ws.id,
-            problems.join(", ")
-        )));
+    let leftovers = wipe(opts, ws).await;
+    if !leftovers.is_empty() {
+        return Err(Error::ClearWorkspace {
+            id: ws.id.clone(),
+            leftovers,
+        }
+        .into());
     }
     *building = true;
     sup.note(&format!("creating workspace {}", ws.id));
-    opts.prepare()
-        .map_err(|e| Failure::Failed(format!("cannot create the workspace root: {e}")))?;
+    opts.prepare()?;
     executor::private_dir(&meta, None)?;
-    std::fs::create_dir(&dir)
-        .map_err(|e| Failure::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir(&dir).map_err(|source| Error::CreateDir {
+        path: dir.clone(),
+        source,
+    })?;
     if let Some(git) = &ws.git {
         checkout(a, opts, git, &dir, sup).await?;
     }
@@ -132,9 +133,14 @@ async fn try_create(
             let tree = path.clone();
             tokio::task::spawn_blocking(move || process::chown_tree(&tree, uid, gid))
                 .await
-                .map_err(|e| Failure::Failed(format!("handing over the workspace failed: {e}")))?
-                .map_err(|e| {
-                    Failure::Failed(format!("cannot hand {} to uid {uid}: {e}", path.display()))
+                .map_err(|source| Error::Blocking {
+                    what: "handing over the workspace",
+                    source,
+                })?
+                .map_err(|source| Error::Chown {
+                    path: path.clone(),
+                    uid,
+                    source,
                 })?;
         }
     } else {
@@ -142,9 +148,12 @@ async fn try_create(
         // agent's, readable by all. Such a user can still write its
         // outputs file: the meta dir is then shared like /tmp.
         let named = matches!(&ws.sandbox, Sandbox::Docker(d) if d.user.is_some());
-        let setup = executor::set_mode(&dir, 0o755)
-            .and_then(|()| executor::set_mode(&meta, if named { 0o1777 } else { 0o700 }));
-        setup.map_err(|e| Failure::Failed(format!("cannot set up {}: {e}", dir.display())))?;
+        for (path, mode) in [(&dir, 0o755), (&meta, if named { 0o1777 } else { 0o700 })] {
+            executor::set_mode(path, mode).map_err(|source| Error::SetMode {
+                path: path.clone(),
+                source,
+            })?;
+        }
     }
     if let (Sandbox::Docker(sandbox), Some(engine)) = (&ws.sandbox, &opts.docker) {
         sup.note(&format!(
@@ -157,8 +166,11 @@ async fn try_create(
         "attempt_id": a.attempt_id,
         "created_at": chrono::Utc::now(),
     });
-    std::fs::write(meta.join(READY), marker.to_string())
-        .map_err(|e| Failure::Failed(format!("cannot mark the workspace ready: {e}")))?;
+    let ready = meta.join(READY);
+    std::fs::write(&ready, marker.to_string()).map_err(|source| Error::Write {
+        path: ready,
+        source,
+    })?;
     Ok(())
 }
 
@@ -182,8 +194,11 @@ async fn owner(sandbox: &Sandbox) -> Result<Option<(u32, Option<u32>)>, Failure>
             };
             let ids = tokio::task::spawn_blocking(move || process::resolve_user(&user))
                 .await
-                .map_err(|e| Failure::Failed(format!("looking up the user failed: {e}")))?
-                .map_err(Failure::Rejected)?;
+                .map_err(|source| Error::Blocking {
+                    what: "looking up the user",
+                    source,
+                })?
+                .map_err(Refusal::User)?;
             Ok(Some((ids.uid, Some(ids.gid))))
         }
     }
@@ -207,8 +222,13 @@ async fn checkout(
         .as_deref()
         .map(|r| format!(" at {r}"))
         .unwrap_or_default();
-    let failed =
-        |why: String| Failure::Failed(format!("git checkout of {}{at} failed: {why}", git.repo));
+    let failed = |e: Error| {
+        Failure::Failed(Error::Checkout {
+            repo: git.repo.clone(),
+            at: at.clone(),
+            source: Box::new(e),
+        })
+    };
     let dir_arg = dir.to_string_lossy().into_owned();
     let git_cmd = |args: &[&str]| {
         let mut cmd = Command::new("git");
@@ -232,7 +252,7 @@ async fn checkout(
         .await
         .map_err(|f| map_failed(f, &failed))?;
         if !ok {
-            return Err(failed("git clone failed (see the log)".to_owned()));
+            return Err(failed(Error::Clone));
         }
         sup.note(&format!("checked out the default branch of {}", git.repo));
         return Ok(());
@@ -251,7 +271,7 @@ async fn checkout(
     .await
     .map_err(|f| map_failed(f, &failed))?;
     if !ok {
-        return Err(failed("git clone failed (see the log)".to_owned()));
+        return Err(failed(Error::Clone));
     }
     let mut commit = None;
     for candidate in [format!("origin/{reference}"), reference.to_owned()] {
@@ -272,9 +292,9 @@ async fn checkout(
         }
     }
     let Some(sha) = commit else {
-        return Err(failed(format!(
-            "the repository has no branch, tag or commit named '{reference}'"
-        )));
+        return Err(failed(Error::NoSuchRef {
+            reference: reference.to_owned(),
+        }));
     };
     let ok = step(
         sup,
@@ -283,17 +303,15 @@ async fn checkout(
     .await
     .map_err(|f| map_failed(f, &failed))?;
     if !ok {
-        return Err(failed(format!(
-            "git checkout of {sha} failed (see the log)"
-        )));
+        return Err(failed(Error::Detach { sha }));
     }
     sup.note(&format!("checked out {reference} of {} ({sha})", git.repo));
     Ok(())
 }
 
-fn map_failed(f: Failure, failed: &impl Fn(String) -> Failure) -> Failure {
+fn map_failed(f: Failure, failed: &impl Fn(Error) -> Failure) -> Failure {
     match f {
-        Failure::Failed(why) => failed(why),
+        Failure::Failed(e) => failed(e),
         other => other,
     }
 }
@@ -303,8 +321,10 @@ async fn step(sup: &mut Supervisor<'_>, cmd: Command) -> Result<bool, Failure> {
     if sup.stopped() {
         return Err(Failure::Stopped);
     }
-    let mut run = ProcessRun::spawn(cmd, Limits::none())
-        .map_err(|e| Failure::Failed(format!("cannot run git: {e}")))?;
+    let mut run = ProcessRun::spawn(cmd, Limits::none()).map_err(|source| Error::Spawn {
+        program: "git".to_owned(),
+        source,
+    })?;
     let ended = sup.supervise(&mut run).await?;
     if sup.stopped() {
         return Err(Failure::Stopped);
@@ -320,29 +340,30 @@ pub(crate) async fn remove(
     sup: &mut Supervisor<'_>,
 ) -> AttemptResult {
     let Some(ws) = &a.workspace else {
-        return sup.fail(Failure::Rejected(format!(
-            "{} needs a workspace in its assignment",
-            a.argv[0]
-        )));
+        return sup.fail(
+            Refusal::NoWorkspaceSpec {
+                builtin: a.argv[0].clone(),
+            }
+            .into(),
+        );
     };
     if !valid_workspace_id(&ws.id) {
-        return sup.fail(Failure::Rejected(format!(
-            "workspace id '{}' is not valid",
-            ws.id
-        )));
+        return sup.fail(Refusal::InvalidWorkspaceId { id: ws.id.clone() }.into());
     }
-    let problems = match sup.bounded(wipe(opts, ws)).await {
+    let leftovers = match sup.bounded(wipe(opts, ws)).await {
         Ok(p) => p,
         Err(f) => return sup.fail(f),
     };
-    if problems.is_empty() {
+    if leftovers.is_empty() {
         sup.succeed()
     } else {
-        sup.fail(Failure::Failed(format!(
-            "could not remove workspace {}: {}",
-            ws.id,
-            problems.join(", ")
-        )))
+        sup.fail(
+            Error::RemoveWorkspace {
+                id: ws.id.clone(),
+                leftovers,
+            }
+            .into(),
+        )
     }
 }
 

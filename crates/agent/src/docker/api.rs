@@ -203,36 +203,9 @@ impl Client {
         Ok(Client { docker, host })
     }
 
-    /// The agent's error for one of bollard's: the engine's own refusals
-    /// keep their status; anything about the connection is unreachable.
+    /// The agent's error for one of bollard's.
     fn error(&self, e: EngineError) -> Error {
-        match e {
-            EngineError::DockerResponseServerError {
-                status_code,
-                message,
-            } => Error::Engine {
-                status: status_code,
-                message,
-            },
-            EngineError::DockerStreamError { error } => Error::Engine {
-                status: 0,
-                message: error,
-            },
-            e @ (EngineError::JsonDataError { .. } | EngineError::JsonSerdeError { .. }) => {
-                Error::Engine {
-                    status: 0,
-                    message: format!("the engine's answer is not understood: {e}"),
-                }
-            }
-            EngineError::RequestTimeoutError => Error::Unreachable {
-                host: self.host.clone(),
-                message: format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()),
-            },
-            other => Error::Unreachable {
-                host: self.host.clone(),
-                message: other.to_string(),
-            },
-        }
+        engine_error(&self.host, e)
     }
 
     pub(crate) async fn version(&self) -> Result<Version, Error> {
@@ -313,7 +286,10 @@ impl Client {
             .stdout(true)
             .stderr(true)
             .build();
-        Ok(Output::new(self.docker.logs(name, Some(options)).boxed()))
+        Ok(Output::new(
+            self.docker.logs(name, Some(options)).boxed(),
+            &self.host,
+        ))
     }
 
     /// Waits until the container stops; its exit status.
@@ -440,7 +416,7 @@ impl Client {
         {
             StartExecResults::Attached { output, input } => {
                 drop(input);
-                Ok(Output::new(output))
+                Ok(Output::new(output, &self.host))
             }
             StartExecResults::Detached => Err(Error::Engine {
                 status: 0,
@@ -531,6 +507,39 @@ impl Client {
     }
 }
 
+/// The agent's error for one of bollard's, from the engine at `host`: the
+/// engine's own refusals keep their status; anything about the connection
+/// is unreachable.
+fn engine_error(host: &str, e: EngineError) -> Error {
+    match e {
+        EngineError::DockerResponseServerError {
+            status_code,
+            message,
+        } => Error::Engine {
+            status: status_code,
+            message,
+        },
+        EngineError::DockerStreamError { error } => Error::Engine {
+            status: 0,
+            message: error,
+        },
+        e @ (EngineError::JsonDataError { .. } | EngineError::JsonSerdeError { .. }) => {
+            Error::Engine {
+                status: 0,
+                message: format!("the engine's answer is not understood: {e}"),
+            }
+        }
+        EngineError::RequestTimeoutError => Error::Unreachable {
+            host: host.to_owned(),
+            message: format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()),
+        },
+        other => Error::Unreachable {
+            host: host.to_owned(),
+            message: other.to_string(),
+        },
+    }
+}
+
 /// The engine's body of `POST /containers/create` for a config: nothing is
 /// attached, no TTY, never privileged.
 pub(crate) fn container_body(config: &ContainerConfig) -> ContainerCreateBody {
@@ -592,15 +601,20 @@ type OutputStream = Pin<Box<dyn FutureStream<Item = Result<LogOutput, EngineErro
 /// A container's or an exec's output as bollard demultiplexes it.
 pub(crate) struct Output {
     inner: OutputStream,
+    /// The engine's, for errors.
+    host: String,
 }
 
 impl Output {
-    fn new(inner: OutputStream) -> Output {
-        Output { inner }
+    fn new(inner: OutputStream, host: &str) -> Output {
+        Output {
+            inner,
+            host: host.to_owned(),
+        }
     }
 
     /// The next piece of output; `None` at its end.
-    pub(crate) async fn next(&mut self) -> Option<Result<(Stream, Bytes), String>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<(Stream, Bytes), Error>> {
         loop {
             return match self.inner.next().await? {
                 Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
@@ -609,7 +623,7 @@ impl Output {
                 Ok(LogOutput::StdErr { message }) => Some(Ok((Stream::Stderr, message))),
                 // Nothing is written to the containers' stdin.
                 Ok(LogOutput::StdIn { .. }) => continue,
-                Err(e) => Some(Err(e.to_string())),
+                Err(e) => Some(Err(engine_error(&self.host, e))),
             };
         }
     }

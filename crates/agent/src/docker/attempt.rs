@@ -20,8 +20,8 @@ use super::{
     CALL_TIMEOUT, LABEL_ATTEMPT, LABEL_JOB,
 };
 use crate::executor::{
-    self, private_dir, Ended, Event, ExecOptions, Exit, Failure, Signal, Supervisor, Workload,
-    OUTPUTS_FILE,
+    self, private_dir, Ended, Error, Event, ExecOptions, Exit, Failure, Signal, Supervisor,
+    Workload, OUTPUTS_FILE,
 };
 
 /// Removes a container when dropped, unless disarmed: the attempt's future
@@ -70,7 +70,7 @@ pub(crate) async fn run_attempt(
     };
     let client = match engine.client().await {
         Ok(c) => c,
-        Err(e) => return sup.fail(Failure::Failed(e.to_string())),
+        Err(e) => return sup.fail(e.into()),
     };
     if let Err(f) = ensure_image(&client, sandbox, sup).await {
         return sup.fail(f);
@@ -129,10 +129,7 @@ fn attempt_mounts(
     let work_mount = match workspace {
         Some(ws) => {
             if !work.is_dir() {
-                return Err(Failure::Failed(format!(
-                    "workspace '{}' does not exist on this agent (it is created by builtin:workspace-create)",
-                    ws.id
-                )));
+                return Err(Error::NoWorkspace { id: ws.id.clone() }.into());
             }
             bind(&work, WORKSPACE_MOUNT)
         }
@@ -161,10 +158,10 @@ async fn run_container(
 ) -> Result<AttemptResult, Failure> {
     sup.bounded(create_container(client, name, config))
         .await?
-        .map_err(|e| Failure::Failed(format!("cannot create the container: {e}")))?;
+        .map_err(Error::CreateContainer)?;
     sup.bounded(client.start_container(name))
         .await?
-        .map_err(|e| Failure::Failed(format!("cannot start the container: {e}")))?;
+        .map_err(Error::StartContainer)?;
     let mut run = ContainerRun::new(client.clone(), name);
     let ended = sup.supervise(&mut run).await?;
     let limit = memory_exceeded(sandbox, &ended);
@@ -188,7 +185,7 @@ struct ContainerRun {
     client: Client,
     name: String,
     output: OutputState,
-    exit: Option<BoxFuture<Result<Exit, String>>>,
+    exit: Option<BoxFuture<Result<Exit, Error>>>,
     signalled: Arc<AtomicBool>,
 }
 
@@ -200,7 +197,7 @@ impl ContainerRun {
             let name = name.to_owned();
             async move { client.logs(&name).await }
         }));
-        let exit: BoxFuture<Result<Exit, String>> = Box::pin({
+        let exit: BoxFuture<Result<Exit, Error>> = Box::pin({
             let client = client.clone();
             let name = name.to_owned();
             let signalled = signalled.clone();
@@ -208,11 +205,11 @@ impl ContainerRun {
                 client
                     .wait_container(&name)
                     .await
-                    .map_err(|e| format!("waiting for the container failed: {e}"))?;
+                    .map_err(Error::WaitContainer)?;
                 let info = client
                     .inspect_container(&name)
                     .await
-                    .map_err(|e| format!("inspecting the container failed: {e}"))?;
+                    .map_err(Error::InspectContainer)?;
                 Ok(Exit::from_status(
                     info.state.exit_code,
                     signalled.load(Ordering::Relaxed),
@@ -231,7 +228,7 @@ impl ContainerRun {
 }
 
 impl Workload for ContainerRun {
-    async fn next(&mut self) -> Result<Event, String> {
+    async fn next(&mut self) -> Result<Event, Error> {
         let reading = self.output.is_open();
         let waiting = self.exit.is_some();
         tokio::select! {
@@ -241,7 +238,7 @@ impl Workload for ContainerRun {
                 exit.map(Event::Exited)
             }
             // Not reached: the loop asks only while one is left.
-            else => Err("the container's output and wait both ended".to_owned()),
+            else => Err(Error::NothingToFollow("container")),
         }
     }
 
@@ -249,7 +246,7 @@ impl Workload for ContainerRun {
         self.output.is_open()
     }
 
-    async fn signal(&mut self, sig: Signal) -> Result<(), String> {
+    async fn signal(&mut self, sig: Signal) -> Result<(), Error> {
         self.signalled.store(true, Ordering::Relaxed);
         let name = match sig {
             Signal::Term => "SIGTERM",

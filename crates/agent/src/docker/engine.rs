@@ -12,7 +12,7 @@ use drover_proto::sandbox::{generic_runtimes, runtime_aliases, DockerSandbox, Do
 use super::api::{self, Client, Endpoint};
 use super::{remove_container, Error, LABEL_AGENT, LABEL_KIND, LABEL_MANAGED};
 use crate::config::DockerHost;
-use crate::executor::Failure;
+use crate::executor::{Failure, Refusal};
 
 /// Longest wait for the engine's answer to a probe (inventory, facts).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -208,12 +208,9 @@ impl Engine {
     /// The checks of a profile against what the engine offers: the
     /// engine's name for its runtime, or why it cannot run here.
     pub(super) async fn admit(&self, sandbox: &DockerSandbox) -> Result<Option<String>, Failure> {
-        let facts = self
-            .facts()
-            .await
-            .map_err(|e| Failure::Failed(e.to_string()))?;
-        check_enforced(sandbox, &facts.unenforced).map_err(Failure::Rejected)?;
-        engine_runtime(sandbox.runtime.as_deref(), &facts.runtimes).map_err(Failure::Rejected)
+        let facts = self.facts().await?;
+        check_enforced(sandbox, &facts.unenforced)?;
+        Ok(engine_runtime(sandbox.runtime.as_deref(), &facts.runtimes)?)
     }
 }
 
@@ -241,7 +238,10 @@ pub(crate) fn unenforced_limits(info: &api::Info) -> Vec<String> {
 
 /// Refuses a profile asking for a limit the engine cannot enforce (the
 /// engine would only warn and run the container without it).
-pub(crate) fn check_enforced(sandbox: &DockerSandbox, unenforced: &[String]) -> Result<(), String> {
+pub(crate) fn check_enforced(
+    sandbox: &DockerSandbox,
+    unenforced: &[String],
+) -> Result<(), Refusal> {
     let asked = [
         ("memory", sandbox.memory.is_some()),
         // Memory comes with an equal memory + swap limit (no swap).
@@ -249,7 +249,7 @@ pub(crate) fn check_enforced(sandbox: &DockerSandbox, unenforced: &[String]) -> 
         ("cpu", sandbox.cpus.is_some()),
         ("pids", sandbox.pids.is_some()),
     ];
-    let missing: Vec<&str> = asked
+    let missing: Vec<&'static str> = asked
         .into_iter()
         .filter(|(name, asked)| *asked && unenforced.iter().any(|u| u == name))
         .map(|(name, _)| name)
@@ -257,11 +257,10 @@ pub(crate) fn check_enforced(sandbox: &DockerSandbox, unenforced: &[String]) -> 
     if missing.is_empty() {
         return Ok(());
     }
-    Err(format!(
-        "sandbox '{}' sets limits the Docker engine on this agent cannot enforce: {} (see `docker info` warnings)",
-        sandbox.name,
-        missing.join(", ")
-    ))
+    Err(Refusal::Unenforced {
+        sandbox: sandbox.name.clone(),
+        limits: missing,
+    })
 }
 
 /// The engine's name for the runtime a profile asks for (`None`: the
@@ -269,7 +268,7 @@ pub(crate) fn check_enforced(sandbox: &DockerSandbox, unenforced: &[String]) -> 
 pub(crate) fn engine_runtime(
     wanted: Option<&str>,
     engine: &[String],
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, Refusal> {
     let Some(wanted) = wanted else {
         return Ok(None);
     };
@@ -283,15 +282,9 @@ pub(crate) fn engine_runtime(
         .into_iter()
         .find(|c| engine.iter().any(|e| e == c))
         .map(|c| Some(c.to_owned()))
-        .ok_or_else(|| {
-            format!(
-                "runtime '{wanted}' is not available on this agent (the engine offers: {})",
-                if engine.is_empty() {
-                    "none".to_owned()
-                } else {
-                    engine.join(", ")
-                }
-            )
+        .ok_or_else(|| Refusal::NoRuntime {
+            wanted: wanted.to_owned(),
+            engine: engine.to_vec(),
         })
 }
 
@@ -354,7 +347,7 @@ mod tests {
             match want {
                 None => assert!(got.is_ok(), "{extra}: {got:?}"),
                 Some(text) => {
-                    let err = got.unwrap_err();
+                    let err = got.unwrap_err().to_string();
                     assert!(
                         err.contains(text) && err.contains("sandbox 'd'"),
                         "{extra}: {err}"
@@ -386,7 +379,7 @@ mod tests {
             ),
         ];
         for (wanted, want) in cases {
-            let got = engine_runtime(wanted, &engine);
+            let got = engine_runtime(wanted, &engine).map_err(|e| e.to_string());
             assert_eq!(
                 got,
                 want.map(|o| o.map(String::from)).map_err(String::from),
@@ -394,7 +387,7 @@ mod tests {
             );
         }
         assert_eq!(
-            engine_runtime(Some("runsc"), &[]),
+            engine_runtime(Some("runsc"), &[]).map_err(|e| e.to_string()),
             Err("runtime 'runsc' is not available on this agent (the engine offers: none)".into())
         );
     }

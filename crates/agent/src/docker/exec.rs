@@ -25,7 +25,7 @@ use super::api::{Client, ExecConfig};
 use super::container::env_list;
 use super::{wait_exit, workspace_name, BoxFuture, Engine, OutputState, CALL_TIMEOUT};
 use crate::executor::{
-    Event, ExecOptions, Exit, Failure, Signal, Supervisor, Workload, OUTPUTS_FILE,
+    Error, Event, ExecOptions, Exit, Failure, Signal, Supervisor, Workload, OUTPUTS_FILE,
 };
 
 /// Runs an attempt as an exec in its docker workspace's container, under
@@ -52,26 +52,21 @@ async fn try_run_exec(
     ws: &WorkspaceSpec,
     sup: &mut Supervisor<'_>,
 ) -> Result<AttemptResult, Failure> {
-    let client = engine
-        .client()
-        .await
-        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let client = engine.client().await?;
     let name = workspace_name(&ws.id);
     let info = match sup.bounded(client.inspect_container(&name)).await? {
         Ok(info) => info,
         Err(e) if e.is_not_found() => {
-            return Err(Failure::Failed(format!(
-                "workspace '{}' has no container on this agent (it is created by builtin:workspace-create)",
-                ws.id
-            )))
+            return Err(Error::NoWorkspaceContainer { id: ws.id.clone() }.into())
         }
-        Err(e) => return Err(Failure::Failed(e.to_string())),
+        Err(e) => return Err(e.into()),
     };
     if !info.state.running || info.id.is_empty() {
-        return Err(Failure::Failed(format!(
-            "workspace '{}': container {name} is not running",
-            ws.id
-        )));
+        return Err(Error::WorkspaceContainerDown {
+            id: ws.id.clone(),
+            name,
+        }
+        .into());
     }
     let init_pid = info
         .state
@@ -92,15 +87,13 @@ async fn try_run_exec(
     let exec_id = sup
         .bounded(client.create_exec(&name, &config))
         .await?
-        .map_err(|e| Failure::Failed(format!("cannot create the exec: {e}")))?;
+        .map_err(Error::CreateExec)?;
     // Not cut short by a stop: once started, the exec is supervised (and
     // stopped there at once), never left running unwatched.
     let output = tokio::time::timeout(CALL_TIMEOUT, client.start_exec(&exec_id))
         .await
-        .map_err(|_| {
-            Failure::Failed("cannot start the exec: the engine did not answer".to_owned())
-        })?
-        .map_err(|e| Failure::Failed(format!("cannot start the exec: {e}")))?;
+        .map_err(|_| Error::StartExec(super::Error::Timeout(CALL_TIMEOUT)))?
+        .map_err(Error::StartExec)?;
     let mut run = ExecRun::new(
         client.clone(),
         &exec_id,
@@ -164,7 +157,7 @@ struct ExecRun {
     container_id: String,
     pid: Option<i32>,
     output: OutputState,
-    exit: Option<BoxFuture<Result<Exit, String>>>,
+    exit: Option<BoxFuture<Result<Exit, Error>>>,
     output_ended: Arc<tokio::sync::Notify>,
     signalled: Arc<AtomicBool>,
 }
@@ -173,7 +166,7 @@ impl ExecRun {
     fn new(client: Client, exec_id: &str, container_id: &str, output: OutputState) -> ExecRun {
         let output_ended = Arc::new(tokio::sync::Notify::new());
         let signalled = Arc::new(AtomicBool::new(false));
-        let exit: BoxFuture<Result<Exit, String>> = Box::pin({
+        let exit: BoxFuture<Result<Exit, Error>> = Box::pin({
             let client = client.clone();
             let exec_id = exec_id.to_owned();
             let output_ended = output_ended.clone();
@@ -187,7 +180,7 @@ impl ExecRun {
                     let info = client
                         .inspect_exec(&exec_id)
                         .await
-                        .map_err(|e| format!("inspecting the exec failed: {e}"))?;
+                        .map_err(Error::InspectExec)?;
                     if !info.running && info.exit_code.is_some() {
                         return Ok(Exit::from_status(
                             info.exit_code,
@@ -240,7 +233,7 @@ async fn exec_running(client: &Client, exec_id: &str) -> bool {
 }
 
 impl Workload for ExecRun {
-    async fn next(&mut self) -> Result<Event, String> {
+    async fn next(&mut self) -> Result<Event, Error> {
         let reading = self.output.is_open();
         let waiting = self.exit.is_some();
         tokio::select! {
@@ -254,7 +247,7 @@ impl Workload for ExecRun {
                 self.exit = None;
                 exit.map(Event::Exited)
             }
-            else => Err("the exec's output and wait both ended".to_owned()),
+            else => Err(Error::NothingToFollow("exec")),
         }
     }
 
@@ -262,7 +255,7 @@ impl Workload for ExecRun {
         self.output.is_open()
     }
 
-    async fn signal(&mut self, sig: Signal) -> Result<(), String> {
+    async fn signal(&mut self, sig: Signal) -> Result<(), Error> {
         self.signalled.store(true, Ordering::Relaxed);
         let pid = self.pid().await;
         let tree = pid
@@ -272,10 +265,7 @@ impl Workload for ExecRun {
             if !exec_running(&self.client, &self.exec_id).await {
                 return Ok(());
             }
-            return Err(format!(
-                "cannot stop the task: its process{} is not visible from the agent (is the agent in another pid namespace than the Docker engine?)",
-                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-            ));
+            return Err(Error::ExecNotVisible { pid });
         }
         for p in tree {
             crate::process::signal_pid(p, sig);

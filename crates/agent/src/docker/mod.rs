@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use drover_proto::sandbox::{DockerSandbox, PullPolicy};
 
-use crate::executor::{Event, Exit, Failure, Supervisor};
+use crate::executor::{self, Event, Exit, Failure, Supervisor};
 use api::{Client, ContainerConfig, Output};
 
 pub(crate) use attempt::run_attempt;
@@ -76,13 +76,16 @@ pub enum Error {
     /// The engine answered with an error (`status` 0: inside a stream).
     #[error("{message}")]
     Engine { status: u16, message: String },
+    /// The engine took the call but did not answer in time.
+    #[error("no answer within {}s", .0.as_secs())]
+    Timeout(Duration),
 }
 
 impl Error {
     fn status(&self) -> Option<u16> {
         match self {
             Error::Engine { status, .. } => Some(*status),
-            Error::Unreachable { .. } => None,
+            Error::Unreachable { .. } | Error::Timeout(_) => None,
         }
     }
 
@@ -113,15 +116,19 @@ pub(crate) async fn ensure_image(
     let present = sup
         .bounded(client.image_exists(image))
         .await?
-        .map_err(|e| Failure::Failed(format!("cannot inspect image '{image}': {e}")))?;
+        .map_err(|source| executor::Error::InspectImage {
+            image: image.to_owned(),
+            source,
+        })?;
     let pull = match sandbox.pull {
         PullPolicy::Always => true,
         PullPolicy::Missing => !present,
         PullPolicy::Never if present => false,
         PullPolicy::Never => {
-            return Err(Failure::Failed(format!(
-                "image '{image}' is not on this agent's Docker engine, and the sandbox's pull policy is never"
-            )))
+            return Err(executor::Error::ImageMissing {
+                image: image.to_owned(),
+            }
+            .into())
         }
     };
     if !pull {
@@ -131,17 +138,23 @@ pub(crate) async fn ensure_image(
     let (name, tag) = pull_ref(image);
     sup.bounded(client.pull(name, tag))
         .await?
-        .map_err(|e| Failure::Failed(format!("pulling image '{image}' failed: {e}")))
+        .map_err(|source| {
+            executor::Error::Pull {
+                image: image.to_owned(),
+                source,
+            }
+            .into()
+        })
 }
 
 /// Removes a container and its anonymous volumes, whatever its state; a
 /// missing one is fine.
-async fn remove_container(client: &Client, name: &str) -> Result<(), String> {
+async fn remove_container(client: &Client, name: &str) -> Result<(), Error> {
     match tokio::time::timeout(CALL_TIMEOUT, client.remove_container(name)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if e.is_not_found() => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {}s", CALL_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Timeout(CALL_TIMEOUT)),
     }
 }
 
@@ -155,12 +168,7 @@ async fn create_container(
     match client.create_container(name, config).await {
         Ok(_) => Ok(()),
         Err(e) if e.status() == Some(409) => {
-            remove_container(client, name)
-                .await
-                .map_err(|message| Error::Engine {
-                    status: 409,
-                    message,
-                })?;
+            remove_container(client, name).await?;
             client.create_container(name, config).await.map(|_| ())
         }
         Err(e) => Err(e),
@@ -212,7 +220,9 @@ impl OutputState {
     }
 }
 
-async fn wait_exit(exit: &mut Option<BoxFuture<Result<Exit, String>>>) -> Result<Exit, String> {
+async fn wait_exit(
+    exit: &mut Option<BoxFuture<Result<Exit, executor::Error>>>,
+) -> Result<Exit, executor::Error> {
     match exit {
         Some(f) => f.await,
         None => std::future::pending().await,

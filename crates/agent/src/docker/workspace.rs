@@ -13,7 +13,7 @@ use super::container::{bind, container_config, volume, ContainerSpec};
 use super::{
     create_container, ensure_image, remove_container, Engine, CALL_TIMEOUT, LABEL_WORKSPACE,
 };
-use crate::executor::{Failure, Supervisor};
+use crate::executor::{Error, Failure, Supervisor};
 
 /// The command of a workspace container: it only has to stay up for the
 /// execs (so the image needs `sleep`).
@@ -26,14 +26,11 @@ pub(crate) fn workspace_name(id: &str) -> String {
 
 /// Whether the workspace's container exists and runs.
 pub(crate) async fn workspace_running(engine: &Engine, id: &str) -> Result<bool, Failure> {
-    let client = engine
-        .client()
-        .await
-        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let client = engine.client().await?;
     match client.inspect_container(&workspace_name(id)).await {
         Ok(info) => Ok(info.state.running),
         Err(e) if e.is_not_found() => Ok(false),
-        Err(e) => Err(Failure::Failed(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -48,13 +45,13 @@ pub(crate) async fn create_workspace(
     sup: &mut Supervisor<'_>,
 ) -> Result<(), Failure> {
     let runtime = sup.bounded(engine.admit(sandbox)).await??;
-    let client = engine
-        .client()
-        .await
-        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let client = engine.client().await?;
     ensure_image(&client, sandbox, sup)
         .await
-        .map_err(|f| step_failure("workspace image", f))?;
+        .map_err(|f| match f {
+            Failure::Failed(e) => Failure::Failed(Error::WorkspaceImage(Box::new(e))),
+            other => other,
+        })?;
     let name = workspace_name(&ws.id);
     let labels = engine.labels("workspace", &[(LABEL_WORKSPACE, &ws.id)]);
     let volume_config = api::VolumeConfig {
@@ -69,7 +66,7 @@ pub(crate) async fn create_workspace(
     };
     sup.bounded(client.create_volume(&volume_config))
         .await?
-        .map_err(|e| Failure::Failed(format!("workspace volume: {e}")))?;
+        .map_err(Error::WorkspaceVolume)?;
     let config = container_config(ContainerSpec {
         sandbox,
         runtime,
@@ -83,27 +80,14 @@ pub(crate) async fn create_workspace(
     });
     sup.bounded(create_container(&client, &name, &config))
         .await?
-        .map_err(|e| Failure::Failed(format!("workspace container: {e}")))?;
+        .map_err(Error::WorkspaceContainer)?;
     sup.bounded(client.start_container(&name))
         .await?
-        .map_err(|e| {
-            Failure::Failed(format!(
-                "workspace container: cannot start it (the image needs `sleep`): {e}"
-            ))
-        })?;
+        .map_err(Error::StartWorkspaceContainer)?;
     if !workspace_running(engine, &ws.id).await? {
-        return Err(Failure::Failed(format!(
-            "workspace container: {name} stopped right after it started (the image needs `sleep`)"
-        )));
+        return Err(Error::WorkspaceContainerExited { name }.into());
     }
     Ok(())
-}
-
-fn step_failure(step: &str, f: Failure) -> Failure {
-    match f {
-        Failure::Failed(why) => Failure::Failed(format!("{step}: {why}")),
-        other => other,
-    }
 }
 
 /// Removes a docker workspace's container and volume; what is missing is

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use drover_proto::jobs::Assignment;
 use drover_proto::sandbox::valid_workspace_id;
 
-use super::{is_builtin, ExecOptions};
+use super::{is_builtin, Error, ExecOptions};
 
 /// The outputs file's name in an attempt's drover dir.
 pub(crate) const OUTPUTS_FILE: &str = "outputs.json";
@@ -16,10 +16,16 @@ impl ExecOptions {
     /// Creates the work and workspace roots. Both are traversable but not
     /// listable by other users (0711): a sandbox's unprivileged user must
     /// reach its own directory below them, and guess no one else's.
-    pub fn prepare(&self) -> std::io::Result<()> {
+    pub fn prepare(&self) -> Result<(), Error> {
         for dir in [&self.work_root, &self.workspaces_root] {
-            std::fs::create_dir_all(dir)?;
-            set_mode(dir, 0o711)?;
+            std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+            set_mode(dir, 0o711).map_err(|source| Error::SetMode {
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -68,13 +74,21 @@ pub(crate) fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 
 /// Creates a directory only its owner can use (and `owner`, when given,
 /// becomes that owner). An existing one is reused.
-pub(crate) fn private_dir(path: &Path, owner: Option<(u32, Option<u32>)>) -> Result<(), String> {
-    let what = |e: std::io::Error| format!("cannot create {}: {e}", path.display());
-    std::fs::create_dir_all(path).map_err(what)?;
-    set_mode(path, 0o700).map_err(what)?;
+pub(crate) fn private_dir(path: &Path, owner: Option<(u32, Option<u32>)>) -> Result<(), Error> {
+    std::fs::create_dir_all(path).map_err(|source| Error::CreateDir {
+        path: path.to_owned(),
+        source,
+    })?;
+    set_mode(path, 0o700).map_err(|source| Error::SetMode {
+        path: path.to_owned(),
+        source,
+    })?;
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::lchown(path, Some(uid), gid)
-            .map_err(|e| format!("cannot hand {} to uid {uid}: {e}", path.display()))?;
+        std::os::unix::fs::lchown(path, Some(uid), gid).map_err(|source| Error::Chown {
+            path: path.to_owned(),
+            uid,
+            source,
+        })?;
     }
     Ok(())
 }

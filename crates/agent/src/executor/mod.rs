@@ -16,12 +16,14 @@
 //! behind, output is coalesced up to a bound and then dropped with a
 //! marker, so a chatty workload is never slowed down.
 //!
-//! Its parts: `layout` (the working, drover and workspace dirs of an
+//! Its parts: `error` (why an attempt is refused, or a step of it failed),
+//! `layout` (the working, drover and workspace dirs of an
 //! attempt), `placement` (where an attempt runs, or why this agent refuses
 //! it), `supervisor` (the supervision loop, the `Workload` trait and the
 //! stop handle) and `output` (capped log chunks, `::set-output` lines and
 //! the outputs file).
 
+mod error;
 mod layout;
 mod output;
 mod placement;
@@ -39,11 +41,13 @@ use tokio::sync::mpsc;
 use crate::config::SandboxKind;
 use crate::docker::Engine;
 
+pub(crate) use error::Failure;
+pub use error::{Error, Refusal};
 pub(crate) use layout::{drover_dir, private_dir, set_mode, OUTPUTS_FILE};
 pub use layout::{remove_work_dir, work_dir};
 pub(crate) use placement::{admit, place, Placement};
 pub use supervisor::Stop;
-pub(crate) use supervisor::{Ended, Event, Exit, Failure, Signal, Supervisor, Workload};
+pub(crate) use supervisor::{Ended, Event, Exit, Signal, Supervisor, Workload};
 
 /// PATH when the agent itself has none.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -83,8 +87,8 @@ impl ExecOptions {
     }
 }
 
-/// A result for an attempt that was not run.
-pub fn rejected(a: &Assignment, error: String) -> AttemptResult {
+/// A result for an attempt that was not run, and why.
+pub fn rejected(a: &Assignment, why: &Refusal) -> AttemptResult {
     let now = Utc::now();
     AttemptResult {
         attempt_id: a.attempt_id.clone(),
@@ -94,7 +98,7 @@ pub fn rejected(a: &Assignment, error: String) -> AttemptResult {
         started_at: None,
         finished_at: now,
         duration_ms: 0,
-        error: Some(error),
+        error: Some(why.to_string()),
         stdout_truncated: false,
         stderr_truncated: false,
         outputs: BTreeMap::new(),
@@ -120,7 +124,7 @@ pub async fn execute(
 ) -> AttemptResult {
     let mut sup = Supervisor::new(a, stop, logs);
     if a.argv.is_empty() {
-        return sup.fail(Failure::Failed("the action has an empty argv".to_owned()));
+        return sup.fail(Error::EmptyArgv.into());
     }
     if is_builtin(a) {
         let result = match a.argv[0].as_str() {
@@ -133,7 +137,7 @@ pub async fn execute(
     }
     let placement = match place(a, opts) {
         Ok(p) => p,
-        Err(why) => return rejected(a, why),
+        Err(why) => return rejected(a, &why),
     };
     let result = match placement {
         Placement::Process { sandbox, workspace } => {

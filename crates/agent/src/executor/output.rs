@@ -71,6 +71,23 @@ fn set_output(outputs: &mut BTreeMap<String, String>, name: &str, value: String)
     outputs.insert(name.to_owned(), value);
 }
 
+/// Why the outputs file a workload wrote (`$DROVER_OUTPUT`) is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputsFileError {
+    #[error("${} must be a regular file, not a symlink", OUTPUT_FILE_ENV)]
+    Symlink,
+    #[error("${} must be a regular file", OUTPUT_FILE_ENV)]
+    NotAFile,
+    #[error("cannot read ${}: {}", OUTPUT_FILE_ENV, .0)]
+    Read(std::io::Error),
+    #[error("${} is larger than {limit} bytes", OUTPUT_FILE_ENV)]
+    TooLarge { limit: u64 },
+    #[error("${} must hold a JSON object: {}", OUTPUT_FILE_ENV, .0)]
+    NotAnObject(serde_json::Error),
+    #[error("${}: '{name}' is not a valid output name", OUTPUT_FILE_ENV)]
+    InvalidName { name: String },
+}
+
 /// Reads the outputs file a workload may have written: a JSON object whose
 /// string values are taken as is and other values as JSON text. The file
 /// is written by the sandboxed side, so a symlink, a FIFO or anything but
@@ -78,7 +95,7 @@ fn set_output(outputs: &mut BTreeMap<String, String>, name: &str, value: String)
 pub(crate) fn read_outputs_file(
     path: &Path,
     outputs: &mut BTreeMap<String, String>,
-) -> Result<(), String> {
+) -> Result<(), OutputsFileError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let limit = (MAX_OUTPUTS * MAX_OUTPUT_VALUE) as u64;
@@ -89,36 +106,28 @@ pub(crate) fn read_outputs_file(
     let file = match file {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(format!(
-                "${OUTPUT_FILE_ENV} must be a regular file, not a symlink"
-            ))
-        }
-        Err(e) => return Err(format!("cannot read ${OUTPUT_FILE_ENV}: {e}")),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(OutputsFileError::Symlink),
+        Err(e) => return Err(OutputsFileError::Read(e)),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot read ${OUTPUT_FILE_ENV}: {e}"))?;
+    let meta = file.metadata().map_err(OutputsFileError::Read)?;
     if !meta.is_file() {
-        return Err(format!("${OUTPUT_FILE_ENV} must be a regular file"));
+        return Err(OutputsFileError::NotAFile);
     }
     if meta.len() > limit {
-        return Err(format!("${OUTPUT_FILE_ENV} is larger than {limit} bytes"));
+        return Err(OutputsFileError::TooLarge { limit });
     }
     let mut text = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut text)
-        .map_err(|e| format!("cannot read ${OUTPUT_FILE_ENV}: {e}"))?;
+        .map_err(OutputsFileError::Read)?;
     if text.len() as u64 > limit {
-        return Err(format!("${OUTPUT_FILE_ENV} is larger than {limit} bytes"));
+        return Err(OutputsFileError::TooLarge { limit });
     }
-    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&text)
-        .map_err(|e| format!("${OUTPUT_FILE_ENV} must hold a JSON object: {e}"))?;
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&text).map_err(OutputsFileError::NotAnObject)?;
     for (name, value) in map {
         if !valid_output_name(&name) {
-            return Err(format!(
-                "${OUTPUT_FILE_ENV}: '{name}' is not a valid output name"
-            ));
+            return Err(OutputsFileError::InvalidName { name });
         }
         let value = match value {
             serde_json::Value::String(s) => s,

@@ -9,7 +9,7 @@ use drover_proto::sandbox::{
     valid_workspace_id, DockerSandbox, ProcessSandbox, Sandbox, WorkspaceSpec,
 };
 
-use super::ExecOptions;
+use super::{ExecOptions, Refusal};
 use crate::config::SandboxKind;
 use crate::docker::Engine;
 
@@ -39,10 +39,13 @@ pub(crate) enum Placement<'a> {
 /// Decides where `a` runs, or why this agent refuses it: a sandbox kind
 /// it does not run, Docker off, an invalid profile or workspace id, a user
 /// switch it cannot make.
-pub(crate) fn place<'a>(a: &'a Assignment, opts: &'a ExecOptions) -> Result<Placement<'a>, String> {
+pub(crate) fn place<'a>(
+    a: &'a Assignment,
+    opts: &'a ExecOptions,
+) -> Result<Placement<'a>, Refusal> {
     if let Some(ws) = &a.workspace {
         if !valid_workspace_id(&ws.id) {
-            return Err(format!("workspace id '{}' is not valid", ws.id));
+            return Err(Refusal::InvalidWorkspaceId { id: ws.id.clone() });
         }
         if let Sandbox::Docker(sandbox) = &ws.sandbox {
             admit(&ws.sandbox, opts)?;
@@ -86,21 +89,19 @@ pub(crate) fn place<'a>(a: &'a Assignment, opts: &'a ExecOptions) -> Result<Plac
 /// Checks that this agent runs sandboxes of `s`'s kind, that the profile
 /// is valid (the server checked it too, but the agent enforces only what
 /// it understands) and, for a docker profile, that Docker is on.
-pub(crate) fn admit(s: &Sandbox, opts: &ExecOptions) -> Result<(), String> {
+pub(crate) fn admit(s: &Sandbox, opts: &ExecOptions) -> Result<(), Refusal> {
     let kind = match s {
         Sandbox::Process(_) => SandboxKind::Process,
         Sandbox::Docker(_) => SandboxKind::Docker,
     };
     if !opts.allow_sandboxes.contains(&kind) {
-        let allowed: Vec<&str> = opts.allow_sandboxes.iter().map(|k| k.as_str()).collect();
-        return Err(format!(
-            "sandbox '{}' is a {} sandbox, which this agent does not run (allow_sandboxes: {})",
-            s.name(),
-            kind.as_str(),
-            allowed.join(", ")
-        ));
+        return Err(Refusal::KindNotAllowed {
+            sandbox: s.name().to_owned(),
+            kind,
+            allowed: opts.allow_sandboxes.clone(),
+        });
     }
-    s.validate()?;
+    s.validate().map_err(Refusal::InvalidProfile)?;
     if kind == SandboxKind::Docker {
         engine_for(s, opts)?;
     }
@@ -108,12 +109,9 @@ pub(crate) fn admit(s: &Sandbox, opts: &ExecOptions) -> Result<(), String> {
 }
 
 /// The engine a docker profile runs on, or why there is none.
-fn engine_for<'a>(s: &Sandbox, opts: &'a ExecOptions) -> Result<&'a Arc<Engine>, String> {
-    opts.docker.as_ref().ok_or_else(|| {
-        format!(
-            "sandbox '{}' needs Docker, which is off on this agent (docker_host: off)",
-            s.name()
-        )
+fn engine_for<'a>(s: &Sandbox, opts: &'a ExecOptions) -> Result<&'a Arc<Engine>, Refusal> {
+    opts.docker.as_ref().ok_or_else(|| Refusal::DockerOff {
+        sandbox: s.name().to_owned(),
     })
 }
 
@@ -221,7 +219,10 @@ mod tests {
             });
             match (got, want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want, "{a:?}"),
-                (Err(got), Err(want)) => assert!(got.starts_with(want), "{got}"),
+                (Err(got), Err(want)) => {
+                    let got = got.to_string();
+                    assert!(got.starts_with(want), "{got}");
+                }
                 (got, want) => panic!(
                     "{:?} {:?}: got {got:?}, want {want:?}",
                     a.sandbox, a.workspace

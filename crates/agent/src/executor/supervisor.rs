@@ -15,6 +15,7 @@ use drover_proto::sandbox::LimitExceeded;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::error::{Error, Failure};
 use super::output::{read_outputs_file, OutputScanner, StreamLog};
 
 /// Partial output is sent at least this often.
@@ -74,25 +75,6 @@ impl Stop {
     /// Resolves once the attempt is to be killed at once.
     pub async fn killed(&self) {
         self.kill.cancelled().await
-    }
-}
-
-/// Why an attempt did not get to run to its end.
-#[derive(Debug)]
-pub(crate) enum Failure {
-    /// It could not run here (a refused profile, a missing runtime):
-    /// reported `rejected`, nothing was started.
-    Rejected(String),
-    /// A step failed (the engine is unreachable, a pull failed, …).
-    Failed(String),
-    /// The attempt timed out or was cancelled during a step: the
-    /// supervisor knows which.
-    Stopped,
-}
-
-impl From<String> for Failure {
-    fn from(why: String) -> Failure {
-        Failure::Failed(why)
     }
 }
 
@@ -162,12 +144,12 @@ pub(crate) trait Workload {
     /// main process (each reported once).
     /// Must be cancel-safe: the loop drops it to handle timers. An error
     /// means the workload cannot be followed any more.
-    async fn next(&mut self) -> Result<Event, String>;
+    async fn next(&mut self) -> Result<Event, Error>;
     /// Whether output may still come.
     fn output_open(&self) -> bool;
     /// Sends `sig` to everything the workload runs. An error means it
     /// cannot be stopped from here, which ends the supervision.
-    async fn signal(&mut self, sig: Signal) -> Result<(), String>;
+    async fn signal(&mut self, sig: Signal) -> Result<(), Error>;
     /// After the loop: whatever the main process left behind is killed.
     async fn finish(&mut self);
 }
@@ -298,7 +280,7 @@ impl<'a> Supervisor<'a> {
         w: &mut W,
         ended: &mut Ended,
         kill_at: &mut Option<tokio::time::Instant>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         if self.stop.is_killed() {
             self.forced = true;
             ended.killed = true;
@@ -312,7 +294,7 @@ impl<'a> Supervisor<'a> {
     /// Follows `w` until it has exited and its output is drained (or the
     /// drain time is over), applying the timeout and stops on the way.
     /// An error means the workload could not be followed or stopped.
-    pub(crate) async fn supervise<W: Workload>(&mut self, w: &mut W) -> Result<Ended, String> {
+    pub(crate) async fn supervise<W: Workload>(&mut self, w: &mut W) -> Result<Ended, Error> {
         let id = &self.attempt.attempt_id;
         let stop = self.stop;
         let mut ended = Ended::default();
@@ -411,7 +393,7 @@ impl<'a> Supervisor<'a> {
             (None, Some((limit, why))) => (Outcome::Failed, Some(why), Some(limit)),
             (None, None) if exit.success() => match outputs_error {
                 None => (Outcome::Succeeded, None, None),
-                Some(e) => (Outcome::Failed, Some(e), None),
+                Some(e) => (Outcome::Failed, Some(e.to_string()), None),
             },
             (None, None) => (
                 Outcome::Failed,
@@ -439,12 +421,12 @@ impl<'a> Supervisor<'a> {
     pub(crate) fn fail(&mut self, failure: Failure) -> AttemptResult {
         let (outcome, why) = match (failure, self.stop_outcome()) {
             (Failure::Rejected(why), _) => {
-                let mut r = self.result(Outcome::Rejected, Some(why));
+                let mut r = self.result(Outcome::Rejected, Some(why.to_string()));
                 r.started_at = None;
                 return r;
             }
             (_, Some(stopped)) => stopped,
-            (Failure::Failed(why), None) => (Outcome::Failed, why),
+            (Failure::Failed(e), None) => (Outcome::Failed, e.to_string()),
             (Failure::Stopped, None) => (Outcome::Failed, "stopped".to_owned()),
         };
         self.result(outcome, Some(why))
