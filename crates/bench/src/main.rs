@@ -538,7 +538,11 @@ async fn s1(api: &Api, procs: &Procs, agent: &str, args: &Args) -> Result<Value>
         done.push(api.run("true", agent).await?);
     }
     let cpu = procs.cpu_per_job(cpu, args.s1_jobs)?;
-    let store = per_unit(store_before, store_stats(&api.http, &api.url).await?, args.s1_jobs);
+    let store = per_unit(
+        store_before,
+        store_stats(&api.http, &api.url).await?,
+        args.s1_jobs,
+    );
     let latencies: Vec<f64> = done.iter().map(|f| f.latency_ms).collect();
     let client = summarize(&latencies).context("no S1 samples")?;
     eprintln!(

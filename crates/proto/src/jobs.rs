@@ -16,7 +16,6 @@ use crate::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
 
 // Where the server has always imported them from; they are defined, with
 // the other bounds of the protocol, in `limits`.
-pub use crate::limits::{MAX_KNOWN_ATTEMPTS, MAX_LOG_CHUNK};
 
 /// `actions.yaml`: the catalog file `drover actions apply -f` reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -314,7 +314,7 @@ impl ServerConfig {
             attempt_lease: args
                 .attempt_lease
                 .or(file.attempt_lease)
-                .unwrap_or(Duration::from_secs(30)),
+                .unwrap_or(drover_proto::limits::DEFAULT_LEASE),
             log_cap_bytes: args
                 .log_cap_bytes
                 .or(file.log_cap_bytes)
@@ -377,7 +377,7 @@ impl ServerConfig {
         if self.agent_refresh_ttl < self.agent_access_ttl {
             return bad("agent_refresh_ttl must be at least agent_access_ttl");
         }
-        if self.attempt_lease < Duration::from_secs(1) {
+        if self.attempt_lease < drover_proto::limits::MIN_LEASE {
             return bad("attempt_lease must be at least 1s");
         }
         if self.log_cap_bytes < 1024 {

@@ -12,7 +12,7 @@ use chrono::Utc;
 use drover_proto::api::DispatchState;
 use drover_proto::jobs::{
     Assignment, AttemptResult, LeaseRequest, LeaseResponse, LogUpload, PollRequest, PollResponse,
-    ResultAck, StartRequest, MAX_LOG_CHUNK,
+    ResultAck, StartRequest,
 };
 use drover_proto::{ErrorBody, ErrorCode};
 use drover_store::fleet::Gate;
@@ -34,10 +34,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(upload_artifact))
 }
 
-/// Longest a poll is held.
-const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
-/// Most attempts an agent may run at once.
-const MAX_CAPACITY: u32 = 1024;
+use drover_proto::limits::{
+    LOG_MARKER_ROOM, MAX_CAPACITY, MAX_KNOWN_ATTEMPTS, MAX_LOG_CHUNK, MAX_POLL_WAIT,
+    MAX_RESULT_ERROR,
+};
 
 /// Refuses a revoked agent or an ended session (the JWT alone is not enough).
 pub async fn require_live_agent(state: &AppState, claims: &AgentClaims) -> Result<(), ApiError> {
@@ -134,11 +134,11 @@ async fn poll(
     let deadline = tokio::time::Instant::now() + wait;
     let lease = state.config.attempt_lease;
     if let Some(known) = &req.known {
-        if known.len() > drover_proto::jobs::MAX_KNOWN_ATTEMPTS {
+        if known.len() > MAX_KNOWN_ATTEMPTS {
             return Err(ApiError::invalid(format!(
                 "known lists {} attempts; at most {} are accepted",
                 known.len(),
-                drover_proto::jobs::MAX_KNOWN_ATTEMPTS
+                MAX_KNOWN_ATTEMPTS
             )));
         }
         let requeued = state
@@ -276,7 +276,7 @@ async fn upload_log(
         ));
     }
     // Room for the agent's truncation marker beyond the cap.
-    let cap = state.config.log_cap_bytes as i64 + 1024;
+    let cap = (state.config.log_cap_bytes + LOG_MARKER_ROOM) as i64;
     let seq = i64::try_from(req.seq).map_err(|_| ApiError::invalid("seq is too large"))?;
     match state
         .store
@@ -358,8 +358,14 @@ async fn report_result(
             result.attempt_id
         )));
     }
-    if result.error.as_ref().is_some_and(|e| e.len() > 4096) {
-        return Err(ApiError::invalid("error must be at most 4096 bytes"));
+    if result
+        .error
+        .as_ref()
+        .is_some_and(|e| e.len() > MAX_RESULT_ERROR)
+    {
+        return Err(ApiError::invalid(format!(
+            "error must be at most {MAX_RESULT_ERROR} bytes"
+        )));
     }
     match state
         .store
