@@ -1807,3 +1807,142 @@ mod fleet {
         }
     }
 }
+
+/// The transaction a caller holds: steps compose, a dropped one leaves
+/// nothing, commits say what changed, and SQLite groups concurrent commits.
+mod tx {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::jobs::{AuditEntry, AuditFilter};
+
+    fn entry(actor: &str) -> AuditEntry<'_> {
+        AuditEntry {
+            actor,
+            action: "POST /test",
+            target: "t",
+            status: 200,
+            outcome: "ok",
+        }
+    }
+
+    async fn actors(store: &Store) -> Vec<String> {
+        let mut a: Vec<String> = store
+            .list_audit(&AuditFilter {
+                limit: 1000,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.actor)
+            .collect();
+        a.sort();
+        a
+    }
+
+    #[tokio::test]
+    async fn a_dropped_transaction_leaves_nothing_and_the_next_commits() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            {
+                let mut tx = store.begin().await.unwrap();
+                tx.audit(&entry("dropped"), Utc::now()).await.unwrap();
+                // Dropped here without a commit.
+            }
+            let mut tx = store.begin().await.unwrap();
+            tx.audit(&entry("kept-1"), Utc::now()).await.unwrap();
+            tx.audit(&entry("kept-2"), Utc::now()).await.unwrap();
+            tx.commit().await.unwrap();
+            let mut tx = store.begin().await.unwrap();
+            tx.audit(&entry("rolled-back"), Utc::now()).await.unwrap();
+            tx.rollback().await.unwrap();
+            assert_eq!(actors(&store).await, ["kept-1", "kept-2"], "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_returns_what_changed_and_tells_the_hook() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a1 = enrolled(&store, "agent-1").await.id;
+            let a2 = enrolled(&store, "agent-2").await.id;
+            let heard: Arc<Mutex<Vec<Changes>>> = Arc::default();
+            store.on_commit({
+                let heard = heard.clone();
+                Arc::new(move |c| heard.lock().unwrap().push(c.clone()))
+            });
+            let job = true_job(
+                &store,
+                &[a1.clone(), a2.clone()],
+                &drover_proto::jobs::RetryPolicy::default(),
+                &drover_proto::sandbox::Sandbox::default_process(),
+                None,
+            )
+            .await;
+            let heard = heard.lock().unwrap().clone();
+            assert_eq!(heard.len(), 1, "{backend}: {heard:?}");
+            assert!(heard[0].jobs.contains(&job), "{backend}: {heard:?}");
+            assert_eq!(
+                heard[0].agents.iter().cloned().collect::<Vec<_>>(),
+                [a1, a2],
+                "{backend}"
+            );
+            assert!(
+                heard[0].runs.is_empty() && !heard[0].all_agents,
+                "{backend}"
+            );
+            // A commit that changed nothing tells nobody.
+            let tx = store.begin().await.unwrap();
+            assert!(tx.commit().await.unwrap().is_empty(), "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_all_land_and_share_syncs_on_sqlite() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let before = store.stats();
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..40 {
+                let store = store.clone();
+                tasks.spawn(async move {
+                    let actor = format!("writer-{i:02}");
+                    let mut tx = store.begin().await.unwrap();
+                    tx.audit(&entry(&actor), Utc::now()).await.unwrap();
+                    // Every fourth one gives up: it must take nothing of
+                    // the others with it.
+                    if i % 4 == 3 {
+                        drop(tx);
+                    } else {
+                        tx.commit().await.unwrap();
+                    }
+                });
+            }
+            while let Some(joined) = tasks.join_next().await {
+                joined.unwrap();
+            }
+            let expected: Vec<String> = (0..40)
+                .filter(|i| i % 4 != 3)
+                .map(|i| format!("writer-{i:02}"))
+                .collect();
+            // A dropped transaction is rolled back by a task of its own:
+            // give it a moment before reading.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert_eq!(actors(&store).await, expected, "{backend}");
+            let after = store.stats();
+            assert_eq!(after.commits - before.commits, 30, "{backend}");
+            assert_eq!(after.commit_failures, 0, "{backend}");
+            if backend == Backend::Sqlite {
+                assert!(
+                    after.syncs - before.syncs < 30,
+                    "30 concurrent commits took {} syncs: none was grouped",
+                    after.syncs - before.syncs
+                );
+            }
+        }
+    }
+}
