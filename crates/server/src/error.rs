@@ -67,6 +67,14 @@ impl From<drover_store::Error> for ApiError {
             _ if e.is_unique_violation() => {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, "already exists")
             }
+            E::Unavailable(_) | E::CommitFailed(_) => {
+                tracing::warn!(error = %e, "the store could not write");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the database could not write, try again",
+                )
+            }
             E::Database(sqlx_err) if is_unavailable(sqlx_err) => {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::new(
@@ -76,6 +84,17 @@ impl From<drover_store::Error> for ApiError {
                 )
             }
             _ => ApiError::internal("accessing the database", &e),
+        }
+    }
+}
+
+impl From<crate::domain::Error> for ApiError {
+    fn from(e: crate::domain::Error) -> ApiError {
+        use crate::domain::Error as E;
+        match e {
+            E::Store(e) => e.into(),
+            E::Corrupt { .. } => ApiError::internal("reading the catalog", &e),
+            input => ApiError::invalid(input.to_string()),
         }
     }
 }

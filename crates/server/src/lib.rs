@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod hub;
 pub mod metrics;

@@ -6,7 +6,7 @@
 //! submitted, whatever happens to the catalog afterwards.
 
 use drover_proto::jobs::ActionSpec;
-use drover_proto::sandbox::{Sandbox, PROCESS};
+use drover_proto::sandbox::Sandbox;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
@@ -20,52 +20,25 @@ pub fn spec_hash(s: &Sandbox) -> String {
 
 /// Looks a profile up by name, the built-in `process` included.
 pub async fn find(state: &AppState, name: &str) -> Result<Option<Sandbox>, ApiError> {
-    if name == PROCESS {
-        return Ok(Some(Sandbox::default_process()));
-    }
-    let Some(rec) = state.store.sandbox(name).await? else {
-        return Ok(None);
-    };
-    let profile: Sandbox = serde_json::from_str(&rec.spec)
-        .map_err(|e| ApiError::internal("reading a sandbox profile", &e))?;
-    Ok(Some(profile))
+    Ok(crate::domain::find_profile(&state.store, name).await?)
 }
 
-/// The profile a job of `action` runs in: the one `requested` by the job
-/// or task, else the action's, else `process`. The error (unknown profile,
-/// a process sandbox for an action that asks for a container) is meant for
-/// the submitter.
+/// The profile a job of `action` runs in (see `domain::Jobs::sandbox`).
+/// The inner error (unknown profile, a process sandbox for an action that
+/// asks for a container) is meant for the submitter.
 pub async fn resolve(
     state: &AppState,
     action: &ActionSpec,
     requested: Option<&str>,
 ) -> Result<Result<Sandbox, String>, ApiError> {
-    let action_profile = match action.sandbox.as_deref() {
-        Some(name) => match find(state, name).await? {
-            Some(p) => Some(p),
-            None => {
-                return Ok(Err(format!(
-                    "action '{}' names sandbox '{name}', which is not in the catalog",
-                    action.name
-                )))
-            }
-        },
-        None => None,
-    };
-    let Some(name) = requested else {
-        return Ok(Ok(action_profile.unwrap_or_else(Sandbox::default_process)));
-    };
-    let Some(chosen) = find(state, name).await? else {
-        return Ok(Err(format!(
-            "unknown sandbox '{name}': see drover sandboxes list"
-        )));
-    };
-    if let Some(floor) = &action_profile {
-        if let Err(e) = check_floor(&action.name, floor, &chosen) {
-            return Ok(Err(e));
-        }
+    match crate::domain::Jobs::new(&state.store)
+        .sandbox(action, requested)
+        .await
+    {
+        Ok(s) => Ok(Ok(s)),
+        Err(e) if e.is_input() => Ok(Err(e.to_string())),
+        Err(e) => Err(e.into()),
     }
-    Ok(Ok(chosen))
 }
 
 /// An action that asks for a container cannot be run as a bare process:

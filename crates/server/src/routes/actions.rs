@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
-use crate::catalog::{noop_spec, spec_hash, validate_spec, NOOP};
+use crate::catalog::{noop_spec, spec_hash, validate_spec};
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
 
@@ -22,17 +22,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Looks an action up, the built-in `noop` included.
 pub async fn find(state: &AppState, name: &str) -> Result<Option<(ActionSpec, String)>, ApiError> {
-    if name == NOOP {
-        let spec = noop_spec();
-        let hash = spec_hash(&spec);
-        return Ok(Some((spec, hash)));
-    }
-    let Some(rec) = state.store.action(name).await? else {
-        return Ok(None);
-    };
-    let spec: ActionSpec =
-        serde_json::from_str(&rec.spec).map_err(|e| ApiError::internal("reading an action", &e))?;
-    Ok(Some((spec, rec.hash)))
+    Ok(crate::domain::find_action(&state.store, name)
+        .await?
+        .map(|(spec, hash)| (ActionSpec::clone(&spec), hash)))
 }
 
 /// Create or replace the actions and sandbox profiles of a catalog. All

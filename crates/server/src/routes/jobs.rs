@@ -13,7 +13,7 @@ use drover_proto::api::{AgentStatus, DispatchState};
 use drover_proto::jobs::{Attempt, Job, JobState, LogChunk, LogPage, Stream, SubmitJobRequest};
 use drover_proto::ErrorBody;
 use drover_store::fleet::FleetRecord;
-use drover_store::jobs::{AttemptRecord, JobRecord, NewJob};
+use drover_store::jobs::{AttemptRecord, JobRecord};
 use drover_store::AgentRecord;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -21,10 +21,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
-use crate::catalog::{render_argv, resolve_params};
+use crate::domain;
 use crate::error::{ApiError, ApiJson};
 use crate::hub::wait_for_job;
-use crate::selector::Selector;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -37,63 +36,6 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Longest a request may wait for a job to change.
 const MAX_WAIT: Duration = Duration::from_secs(30);
-/// Longest timeout a job may be given (7 days).
-const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
-
-/// Resolves a target to the agents it names (never revoked ones). A label,
-/// group or `*` selector leaves out agents that take no new work (drained
-/// or stopped); an agent named by id is kept, and its work waits.
-pub(crate) async fn resolve_target(
-    state: &AppState,
-    target: &str,
-) -> Result<Vec<String>, ApiError> {
-    let selector = Selector::parse(target).map_err(ApiError::invalid)?;
-    if let Selector::Agent(prefix) = &selector {
-        let id = state
-            .store
-            .resolve_agent_id(prefix)
-            .await
-            .map_err(|e| match e {
-                drover_store::Error::NotFound { .. } => {
-                    ApiError::invalid(format!("target '{target}' matches no agent"))
-                }
-                other => other.into(),
-            })?;
-        let agent = state.store.agent(&id).await?;
-        if agent.as_ref().is_some_and(|a| a.revoked_at.is_some()) {
-            return Err(ApiError::invalid(format!("agent {id} is revoked")));
-        }
-        return Ok(vec![id]);
-    }
-    let matched: Vec<AgentRecord> = state
-        .store
-        .list_agents()
-        .await?
-        .into_iter()
-        .filter(|a| a.revoked_at.is_none() && selector.matches(a))
-        .collect();
-    if matched.is_empty() {
-        return Err(ApiError::invalid(format!(
-            "target '{target}' matches no agent"
-        )));
-    }
-    let (active, paused): (Vec<AgentRecord>, Vec<AgentRecord>) = matched
-        .into_iter()
-        .partition(|a| a.dispatch == DispatchState::Active);
-    if active.is_empty() {
-        let names: Vec<String> = paused
-            .iter()
-            .take(5)
-            .map(|a| format!("{} ({})", short(&a.id), a.dispatch.as_str()))
-            .collect();
-        return Err(ApiError::invalid(format!(
-            "target '{target}' matches only agents that take no new work: {}",
-            names.join(", ")
-        )));
-    }
-    Ok(active.into_iter().map(|a| a.id).collect())
-}
-
 /// Run an action on the agents a target names: one attempt per agent.
 #[utoipa::path(
     post, path = "/api/v1/jobs", tag = "jobs",
@@ -107,61 +49,33 @@ async fn submit_job(
     ApiJson(req): ApiJson<SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     user.require_admin()?;
-    let (spec, hash) = super::actions::find(&state, &req.action)
-        .await?
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "unknown action '{}': see drover actions list",
-                req.action
-            ))
-        })?;
-    let values = resolve_params(&spec, &req.params).map_err(ApiError::invalid)?;
-    let argv = render_argv(&spec, &values).map_err(ApiError::invalid)?;
-    let timeout_secs = req.timeout_secs.unwrap_or(spec.timeout.as_secs().max(1));
-    if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
-        return Err(ApiError::invalid(format!(
-            "timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}, got {timeout_secs}"
-        )));
-    }
-    let mut retry = spec.retries.clone();
-    if let Some(n) = req.retries {
-        if n > 100 {
+    if let Some(t) = req.timeout_secs {
+        if t == 0 || Duration::from_secs(t) > domain::MAX_TIMEOUT {
             return Err(ApiError::invalid(format!(
-                "retries must be at most 100, got {n}"
+                "timeout_secs must be between 1 and {}, got {t}",
+                domain::MAX_TIMEOUT.as_secs()
             )));
         }
-        retry.max = n;
     }
-    let sandbox = crate::sandboxes::resolve(&state, &spec, req.sandbox.as_deref())
-        .await?
-        .map_err(ApiError::invalid)?;
-    let agents = resolve_target(&state, &req.target).await?;
-    let params_json = serde_json::to_string(&req.params)
-        .map_err(|e| ApiError::internal("encoding parameters", &e))?;
-    let now = Utc::now();
+    let job = domain::Jobs::new(&state.store)
+        .build(&domain::JobRequest {
+            action: &req.action,
+            params: &req.params,
+            timeout: req.timeout_secs.map(Duration::from_secs),
+            retries: req.retries,
+            sandbox: req.sandbox.as_deref(),
+            placement: domain::Placement::Target(&req.target),
+            target: &req.target,
+            artifacts: &[],
+            who: "the job",
+        })
+        .await?;
     let id = state
         .store
-        .create_job(
-            NewJob {
-                action: &spec.name,
-                action_hash: &hash,
-                target: &req.target,
-                params_json: &params_json,
-                argv: &argv,
-                env: &spec.env,
-                timeout_ms: (timeout_secs * 1000) as i64,
-                kill_grace_ms: spec.kill_grace.as_millis() as i64,
-                retry: &retry,
-                created_by: &user.username,
-                agent_ids: &agents,
-                artifacts: &[],
-                sandbox: &sandbox,
-                workspace: None,
-            },
-            now,
-        )
+        .create_job(job.new_job(&user.username), Utc::now())
         .await?;
-    tracing::info!(job = %id, action = %spec.name, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
+    let (spec, sandbox, agents) = (&job, &job.sandbox, &job.agents);
+    tracing::info!(job = %id, action = %spec.action, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
     Ok((StatusCode::CREATED, Json(load_job(&state, &id).await?)))
 }
 

@@ -171,7 +171,9 @@ async fn check_sandboxes(state: &AppState, parsed: &Parsed) -> Result<(), ApiErr
             .await?
             .map_err(fail)?;
         if let Some(ws) = &ws_profile {
-            crate::workflow::workspace::task_sandbox(task, &spec, own, ws).map_err(fail)?;
+            let who = format!("task '{}'", task.id);
+            crate::workflow::workspace::task_sandbox(&who, task.sandbox.as_deref(), &spec, own, ws)
+                .map_err(fail)?;
         }
     }
     Ok(())

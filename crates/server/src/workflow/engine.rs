@@ -23,27 +23,23 @@ use std::time::Duration;
 
 use chrono::Utc;
 use drover_proto::jobs::JobState;
-use drover_proto::sandbox::{Sandbox, WorkspaceSpec};
+use drover_proto::sandbox::WorkspaceSpec;
 use drover_proto::workflows::WorkspaceState;
 use drover_proto::workflows::{
     RunState, TaskDef, TaskState, WebhookEvent, WebhookPayload, WorkflowDef,
 };
-use drover_store::jobs::NewJob;
 use drover_store::workflows::{NewDelivery, RunRecord, TaskRecord, WorkspaceEnd};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::template::{self, Scope};
 use super::workspace::{self, Step, WorkspaceJob};
-use crate::catalog::{render_argv, resolve_params};
+use crate::domain;
 use crate::hub::JobEvent;
-use crate::routes::jobs::resolve_target;
 use crate::state::AppState;
 
 /// How often every run not yet ended is looked at.
 const SWEEP: Duration = Duration::from_secs(1);
-/// Longest per-attempt timeout a task may have (7 days), as for jobs.
-const MAX_TIMEOUT_MS: u128 = 7 * 24 * 3600 * 1000;
 
 /// The task state that mirrors a job's.
 pub fn mirror(job: JobState) -> TaskState {
@@ -121,16 +117,6 @@ pub enum EngineError {
     Store(#[from] drover_store::Error),
     #[error("stored definition {0} is unreadable: {1}")]
     Definition(String, String),
-}
-
-/// Actions and targets looked up once per pass over a run: the tasks of a
-/// layer usually share them.
-#[derive(Default)]
-struct StartCache {
-    actions: HashMap<String, Result<(drover_proto::jobs::ActionSpec, String), String>>,
-    targets: HashMap<String, Result<Vec<String>, String>>,
-    /// By (action, the task's sandbox).
-    sandboxes: HashMap<(String, Option<String>), Result<Sandbox, String>>,
 }
 
 /// Where a workspace goes when the job of one of its steps ends.
@@ -334,7 +320,7 @@ impl Engine {
 
         // 3. Start (or skip) every pending task whose needs have ended,
         //    until nothing more moves.
-        let mut cache = StartCache::default();
+        let mut jobs = domain::Jobs::new(&self.state.store);
         loop {
             let mut moved = false;
             for task in &def.tasks {
@@ -379,7 +365,7 @@ impl Engine {
                         .await?;
                     TaskState::Skipped
                 } else {
-                    match self.start(&run, task, &tasks, &ws, &mut cache).await? {
+                    match self.start(&run, task, &tasks, &ws, &mut jobs).await? {
                         Ok(()) => TaskState::Queued,
                         Err(why) => {
                             tracing::info!(run = %run_id, task = %task.id, reason = %why, "task cannot start");
@@ -671,29 +657,19 @@ impl Engine {
         }))
     }
 
-    /// Renders a task's parameters and creates its job. The outer error is
-    /// the store's; the inner one says why the task cannot run at all.
+    /// Starts a task: renders its parameters from the run's inputs and
+    /// the outputs of the tasks before it, builds its job (the domain
+    /// layer's checks, as for a job submitted over HTTP) and creates it in
+    /// the transaction that marks the task started. An `Err` inside is
+    /// the task's failure, meant for the operator.
     async fn start(
         &self,
         run: &RunRecord,
         task: &TaskDef,
         tasks: &HashMap<String, TaskRecord>,
         ws: &Workspace,
-        cache: &mut StartCache,
+        jobs: &mut domain::Jobs<'_>,
     ) -> Result<Result<(), String>, EngineError> {
-        let state = &self.state;
-        if !cache.actions.contains_key(&task.action) {
-            let found = match crate::routes::actions::find(state, &task.action).await {
-                Ok(Some(found)) => Ok(found),
-                Ok(None) => Err(format!("unknown action '{}'", task.action)),
-                Err(e) => Err(e.message),
-            };
-            cache.actions.insert(task.action.clone(), found);
-        }
-        let (spec, hash) = match &cache.actions[&task.action] {
-            Ok(found) => found.clone(),
-            Err(e) => return Ok(Err(e.clone())),
-        };
         let outputs: BTreeMap<String, BTreeMap<String, String>> = tasks
             .iter()
             .filter(|(_, t)| t.state == TaskState::Succeeded)
@@ -715,84 +691,35 @@ impl Engine {
             };
             params.insert(name.clone(), v);
         }
-        let values = match resolve_params(&spec, &params) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        let argv = match render_argv(&spec, &values) {
-            Ok(a) => a,
-            Err(e) => return Ok(Err(e)),
-        };
-        let sandbox_key = (task.action.clone(), task.sandbox.clone());
-        if !cache.sandboxes.contains_key(&sandbox_key) {
-            let found = match crate::sandboxes::resolve(state, &spec, task.sandbox.as_deref()).await
-            {
-                Ok(r) => r,
-                Err(e) => Err(e.message),
-            };
-            cache.sandboxes.insert(sandbox_key.clone(), found);
-        }
-        let own = match &cache.sandboxes[&sandbox_key] {
-            Ok(s) => s.clone(),
-            Err(e) => return Ok(Err(e.clone())),
-        };
-        let (agents, sandbox, workspace) = match ws {
+        let placement = match ws {
             // Pinned to the workspace's agent, in its sandbox.
-            Workspace::Ready {
-                agent,
-                spec: ws_spec,
-            } => match workspace::task_sandbox(task, &spec, own, &ws_spec.sandbox) {
-                Ok(s) => (vec![agent.clone()], s, Some(&**ws_spec)),
-                Err(e) => return Ok(Err(e)),
-            },
-            _ => {
-                if !cache.targets.contains_key(&task.target) {
-                    let agents = resolve_target(state, &task.target)
-                        .await
-                        .map_err(|e| e.message);
-                    cache.targets.insert(task.target.clone(), agents);
-                }
-                match &cache.targets[&task.target] {
-                    Ok(a) => (a.clone(), own, None),
-                    Err(e) => return Ok(Err(e.clone())),
-                }
-            }
+            Workspace::Ready { agent, spec } => domain::Placement::Workspace { agent, spec },
+            _ => domain::Placement::Target(&task.target),
         };
-        let timeout = task.timeout.unwrap_or(spec.timeout);
-        if timeout.as_millis() == 0 || timeout.as_millis() > MAX_TIMEOUT_MS {
-            return Ok(Err(format!(
-                "timeout {} is out of range",
-                humantime::format_duration(timeout)
-            )));
-        }
-        let mut retry = spec.retries.clone();
-        if let Some(n) = task.retries {
-            retry.max = n.min(100);
-        }
-        let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
-        let created = state
+        let who = format!("task '{}'", task.id);
+        let built = jobs
+            .build(&domain::JobRequest {
+                action: &task.action,
+                params: &params,
+                timeout: task.timeout,
+                retries: task.retries,
+                sandbox: task.sandbox.as_deref(),
+                placement,
+                target: &task.target,
+                artifacts: &task.artifacts,
+                who: &who,
+            })
+            .await;
+        let job = match built {
+            Ok(job) => job,
+            Err(e) if e.is_input() => return Ok(Err(e.to_string())),
+            Err(domain::Error::Store(e)) => return Err(e.into()),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let created = self
+            .state
             .store
-            .start_task(
-                &run.id,
-                &task.id,
-                NewJob {
-                    action: &spec.name,
-                    action_hash: &hash,
-                    target: &task.target,
-                    params_json: &params_json,
-                    argv: &argv,
-                    env: &spec.env,
-                    timeout_ms: timeout.as_millis() as i64,
-                    kill_grace_ms: spec.kill_grace.as_millis() as i64,
-                    retry: &retry,
-                    created_by: &run.created_by,
-                    agent_ids: &agents,
-                    artifacts: &task.artifacts,
-                    sandbox: &sandbox,
-                    workspace,
-                },
-                Utc::now(),
-            )
+            .start_task(&run.id, &task.id, job.new_job(&run.created_by), Utc::now())
             .await?;
         if let Some(job_id) = created {
             tracing::debug!(run = %run.id, task = %task.id, job = %job_id, "task started");

@@ -17,7 +17,7 @@ use drover_proto::sandbox::{
     GitSource, Sandbox, WorkspaceSpec, BUILTIN_WORKSPACE_CREATE, BUILTIN_WORKSPACE_REMOVE, PROCESS,
     WORKSPACE_ACTION,
 };
-use drover_proto::workflows::{TaskDef, WorkflowDef};
+use drover_proto::workflows::WorkflowDef;
 use drover_store::jobs::NewJob;
 use drover_store::AgentRecord;
 
@@ -53,8 +53,10 @@ pub async fn profile(
 /// docker workspace every task runs in its container, so a task may only
 /// ask for that profile or leave the default; in a directory workspace it
 /// runs in its own profile (a container gets the directory mounted).
+/// `who` names the task in the message; `requested` is its own profile.
 pub fn task_sandbox(
-    task: &TaskDef,
+    who: &str,
+    requested: Option<&str>,
     action: &ActionSpec,
     own: Sandbox,
     ws: &Sandbox,
@@ -62,13 +64,12 @@ pub fn task_sandbox(
     if ws.docker().is_none() {
         return Ok(own);
     }
-    let asked = task.sandbox.as_deref().or(action.sandbox.as_deref());
+    let asked = requested.or(action.sandbox.as_deref());
     match asked {
         None | Some(PROCESS) => Ok(ws.clone()),
         Some(name) if name == ws.name() => Ok(ws.clone()),
         Some(name) => Err(format!(
-            "task '{}' runs in sandbox '{name}', but the tasks of this run run in the workspace's container (sandbox '{}')",
-            task.id,
+            "{who} runs in sandbox '{name}', but the tasks of this run run in the workspace's container (sandbox '{}')",
             ws.name()
         )),
     }
