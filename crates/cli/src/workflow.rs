@@ -365,11 +365,14 @@ fn print_run(run: &Run) {
         row("workspace", text);
     }
     println!();
+    // The column is there only when some task has a description; a
+    // table cell holds its first line (`-o json` has all of it).
+    let described = run.tasks.iter().any(|t| !t.description.trim().is_empty());
     let rows: Vec<Vec<String>> = run
         .tasks
         .iter()
         .map(|t| {
-            vec![
+            let mut row = vec![
                 t.id.clone(),
                 t.state.as_str().to_owned(),
                 t.action.clone(),
@@ -378,14 +381,21 @@ fn print_run(run: &Run) {
                     .map(|j| j.get(..13).unwrap_or(j).to_owned())
                     .unwrap_or_else(|| "-".to_owned()),
                 if t.optional { "yes" } else { "" }.to_owned(),
-                t.reason.clone().unwrap_or_default(),
-            ]
+            ];
+            if described {
+                let first = t.description.trim().lines().next().unwrap_or_default();
+                row.push(first.trim_end().to_owned());
+            }
+            row.push(t.reason.clone().unwrap_or_default());
+            row
         })
         .collect();
-    output::table(
-        &["TASK", "STATE", "ACTION", "JOB", "OPTIONAL", "REASON"],
-        &rows,
-    );
+    let mut headers = vec!["TASK", "STATE", "ACTION", "JOB", "OPTIONAL"];
+    if described {
+        headers.push("DESCRIPTION");
+    }
+    headers.push("REASON");
+    output::table(&headers, &rows);
 }
 
 /// Prints a run's events as they come, reconnecting with the last event

@@ -88,6 +88,11 @@ pub struct InputSpec {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskDef {
     pub id: String,
+    /// What the task is for, for people reading `workflow status`. Left
+    /// out of the canonical JSON when empty, so definitions without one
+    /// keep their hash.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
     pub action: String,
     /// Values may hold `${{ inputs.NAME }}` and `${{ tasks.ID.outputs.NAME }}`.
     pub params: BTreeMap<String, serde_json::Value>,
@@ -368,6 +373,9 @@ impl WorkspaceState {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskRun {
     pub id: String,
+    /// The task's `description` in the run's definition (empty: none).
+    #[serde(default)]
+    pub description: String,
     pub action: String,
     pub state: TaskState,
     /// What it waits for, or why it ended so.

@@ -350,6 +350,86 @@ async fn cancel_and_run_timeout_stop_everything() {
     assert_eq!(task(&done, "next").state, TaskState::Skipped);
 }
 
+/// A task's `description` is in `workflow status` (its first line, in a
+/// column shown only when some task has one) and in `-o json` whole.
+#[tokio::test]
+async fn task_descriptions_show_in_workflow_status() {
+    let (cluster, _agent) = cluster_with_agent(Backend::Sqlite, ServerOptions::default()).await;
+    let yaml = "\
+name: described
+defaults: {target: 'role=ci'}
+tasks:
+  - id: build
+    description: Build the image once
+    action: echo
+    params: {message: built}
+  - id: check
+    description: |
+      Check the image
+      against the staging fleet
+    action: echo
+    needs: [build]
+    params: {message: checked}
+  - {id: plain, action: echo, params: {message: plain}}
+";
+    let file = write(&cluster, "described.yaml", yaml);
+    let id = cluster
+        .cli_ok(&["workflow", "submit", "-f", &file])
+        .trim()
+        .to_owned();
+    wait_run(&cluster, &id, Duration::from_secs(20)).await;
+
+    let text = cluster.cli_ok(&["workflow", "status", &id]);
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .find(|l| l.starts_with("TASK"))
+        .unwrap_or_else(|| panic!("no task table in\n{text}"));
+    assert!(header.contains("DESCRIPTION"), "{text}");
+    let row = |id: &str| {
+        *lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no row for {id} in\n{text}"))
+    };
+    assert!(row("build").contains("Build the image once"), "{text}");
+    assert!(row("check").contains("Check the image"), "{text}");
+    assert!(!text.contains("against the staging fleet"), "{text}");
+
+    let run: serde_json::Value = cluster.cli_json(&["workflow", "status", &id]);
+    let described: BTreeMap<String, String> = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_owned(),
+                t["description"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        BTreeMap::from([
+            ("build".to_owned(), "Build the image once".to_owned()),
+            (
+                "check".to_owned(),
+                "Check the image\nagainst the staging fleet\n".to_owned()
+            ),
+            ("plain".to_owned(), String::new()),
+        ])
+    );
+
+    // Without any description the table keeps its old columns.
+    let yaml = "name: bare\ndefaults: {target: 'role=ci'}\ntasks:\n  - {id: only, action: echo, params: {message: x}}\n";
+    let run = submit(&cluster, yaml, json!({})).await;
+    let text = cluster.cli_ok(&["workflow", "status", &run.id]);
+    assert!(
+        text.contains("TASK") && !text.contains("DESCRIPTION"),
+        "{text}"
+    );
+}
+
 /// The server is killed (SIGKILL) three times during a 100-task layered
 /// DAG. The run completes; every task has one job and one final event.
 #[tokio::test]

@@ -341,6 +341,7 @@ pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
         };
         tasks.push(TaskRun {
             id: d.id.clone(),
+            description: d.description.clone(),
             action: d.action.clone(),
             state: t.state,
             reason,

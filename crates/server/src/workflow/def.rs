@@ -91,6 +91,8 @@ struct RawWebhook {
 #[serde(deny_unknown_fields)]
 struct RawTask {
     id: Spanned<String>,
+    #[serde(default)]
+    description: String,
     action: String,
     #[serde(default)]
     params: BTreeMap<String, serde_json::Value>,
@@ -353,6 +355,7 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
         }
         tasks.push(TaskDef {
             id,
+            description: t.description,
             action: t.action,
             params: t.params,
             target,
@@ -739,6 +742,21 @@ tasks:
                 assert!(e.contains(w), "{yaml:?}: {e} (wanted {w})");
             }
         }
+    }
+
+    #[test]
+    fn task_descriptions_are_kept_and_left_out_when_empty() {
+        let p = parse(
+            "name: d\ndefaults: {target: '*'}\ntasks:\n  - {id: a, action: noop, description: Build the image once}\n  - {id: b, action: noop}\n",
+            "d.yaml",
+        )
+        .expect("valid");
+        assert_eq!(p.def.tasks[0].description, "Build the image once");
+        assert_eq!(p.def.tasks[1].description, "");
+        // A task without one adds nothing to the canonical JSON, so
+        // definitions written before the field keep their hash.
+        let b = serde_json::to_value(&p.def.tasks[1]).expect("json");
+        assert!(b.get("description").is_none(), "{b}");
     }
 
     #[test]
