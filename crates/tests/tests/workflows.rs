@@ -49,6 +49,21 @@ actions:
     kill_grace: 2s
   - name: fail
     argv: ["/bin/false"]
+  - name: fail-retried
+    description: Fails every time; the action asks for two retries
+    argv: ["/bin/false"]
+    retries: {max: 2, backoff: 100ms}
+  - name: fail-once
+    description: Fails every time; the action asks for no retry
+    argv: ["/bin/false"]
+    retries: {max: 0, backoff: 100ms}
+  - name: sleep-briefly
+    description: A sleep whose action allows one second
+    argv: ["/bin/sleep", "{{seconds}}"]
+    params:
+      seconds: {type: string, pattern: "[0-9]+(\\.[0-9]+)?"}
+    timeout: 1s
+    kill_grace: 500ms
   - name: tick
     description: Three lines of output, a little apart
     argv: ["/bin/sh", "-c", 'for i in 1 2 3; do echo "$1-$i"; sleep 0.2; done', "sh", "{{tag}}"]
@@ -348,6 +363,163 @@ async fn cancel_and_run_timeout_stop_everything() {
         "{done:?}"
     );
     assert_eq!(task(&done, "next").state, TaskState::Skipped);
+}
+
+/// `mode: parallel`: every task starts at once, none waiting for another
+/// (three 2 s sleeps overlap and the run takes well under their 6 s), a
+/// failed task skips nobody (there are no needs) and fails the run once
+/// the others have ended; `needs` is refused in that mode.
+#[tokio::test]
+async fn parallel_mode_starts_every_task_at_once() {
+    for backend in BACKENDS {
+        let (cluster, _agent) = cluster_with_agent(backend, ServerOptions::default()).await;
+        let yaml = "name: fan\nmode: parallel\ndefaults: {target: 'role=ci'}\ntasks:\n  - {id: a, action: sleep, params: {seconds: '2'}}\n  - {id: b, action: sleep, params: {seconds: '2'}}\n  - {id: c, action: sleep, params: {seconds: '2'}}\n  - {id: broken, action: fail}\n";
+        let run = submit(&cluster, yaml, json!({})).await;
+        let done = wait_run(&cluster, &run.id, Duration::from_secs(30)).await;
+        assert_eq!(done.state, RunState::Failed, "{backend}: {done:?}");
+        assert!(
+            done.reason.as_deref().unwrap().contains("broken (failed)"),
+            "{backend}: {done:?}"
+        );
+        for id in ["a", "b", "c"] {
+            let t = task(&done, id);
+            assert_eq!(t.state, TaskState::Succeeded, "{backend}: {t:?}");
+            assert!(t.needs.is_empty(), "{backend}: {t:?}");
+        }
+        assert_eq!(task(&done, "broken").state, TaskState::Failed);
+
+        // The processes ran at the same time: each sleeper started before
+        // any of them ended.
+        let attempts: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| {
+                let job = cluster.job(task(&done, id).job_id.as_deref().unwrap());
+                assert_eq!(job.attempts.len(), 1, "{backend}: {job:?}");
+                job.attempts[0].clone()
+            })
+            .collect();
+        let last_start = attempts
+            .iter()
+            .map(|a| a.started_at.unwrap())
+            .max()
+            .unwrap();
+        let first_end = attempts
+            .iter()
+            .map(|a| a.finished_at.unwrap())
+            .min()
+            .unwrap();
+        assert!(
+            last_start < first_end,
+            "{backend}: the sleepers did not overlap: {attempts:#?}"
+        );
+        // Every task was started in the run's first steps, not one after
+        // another.
+        let started: Vec<_> = done.tasks.iter().map(|t| t.started_at.unwrap()).collect();
+        let spread = *started.iter().max().unwrap() - *started.iter().min().unwrap();
+        assert!(
+            spread < chrono::Duration::milliseconds(1000),
+            "{backend}: tasks started {spread:?} apart"
+        );
+        let took = done.finished_at.unwrap() - done.created_at;
+        assert!(
+            took < chrono::Duration::milliseconds(4500),
+            "{backend}: three 2 s sleeps in parallel took {took:?}"
+        );
+
+        // No `needs` in parallel mode: refused with its line, nothing made.
+        let resp = cluster
+            .http
+            .post(format!("{}/api/v1/workflows/runs", cluster.url))
+            .bearer_auth(&cluster.admin_token)
+            .json(&json!({
+                "definition": "name: p\nmode: parallel\ndefaults: {target: 'role=ci'}\ntasks:\n  - {id: a, action: fail}\n  - {id: b, action: fail, needs: [a]}\n",
+                "source": "p.yaml",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 422, "{backend}");
+        let text = resp.text().await.unwrap();
+        for want in ["p.yaml: line 6", "task 'b'", "'needs' is only for mode dag"] {
+            assert!(text.contains(want), "{backend}: {want:?} not in {text}");
+        }
+        let runs: Vec<Run> = cluster.cli_json(&["workflow", "list"]);
+        assert_eq!(runs.len(), 1, "{backend}: {runs:?}");
+    }
+}
+
+/// A task's own `timeout` and `retries` win over its action's, both ways;
+/// a task without them takes the action's.
+#[tokio::test]
+async fn a_task_timeout_and_retries_override_the_action() {
+    for backend in BACKENDS {
+        let (cluster, _agent) = cluster_with_agent(backend, ServerOptions::default()).await;
+        let yaml = "\
+name: overrides
+defaults: {target: 'role=ci'}
+tasks:
+  - {id: cut-short, action: sleep, params: {seconds: '30'}, timeout: 1s, optional: true}
+  - {id: given-time, action: sleep-briefly, params: {seconds: '2'}, timeout: 10s}
+  - {id: no-retry, action: fail-retried, retries: 0, optional: true}
+  - {id: retried, action: fail-once, retries: 2, optional: true}
+  - {id: action-retries, action: fail-retried, optional: true}
+";
+        let run = submit(&cluster, yaml, json!({})).await;
+        let done = wait_run(&cluster, &run.id, Duration::from_secs(40)).await;
+        let job = |id: &str| cluster.job(task(&done, id).job_id.as_deref().unwrap());
+
+        // The action allows 120 s; the task 1 s: the sleep is cut at 1 s
+        // and, timeouts not being retried, tried once.
+        let j = job("cut-short");
+        assert_eq!(
+            task(&done, "cut-short").state,
+            TaskState::TimedOut,
+            "{backend}: {j:?}"
+        );
+        assert_eq!(j.timeout_secs, 1, "{backend}: {j:?}");
+        assert_eq!(j.attempts.len(), 1, "{backend}: {j:?}");
+        assert_eq!(j.attempts[0].state, JobState::TimedOut, "{backend}: {j:?}");
+        assert!(
+            j.attempts[0].duration_ms.unwrap() < 10_000,
+            "{backend}: {j:?}"
+        );
+
+        // The action allows 1 s; the task 10 s: a 2 s sleep succeeds.
+        let j = job("given-time");
+        assert_eq!(
+            task(&done, "given-time").state,
+            TaskState::Succeeded,
+            "{backend}: {j:?}"
+        );
+        assert_eq!(j.timeout_secs, 10, "{backend}: {j:?}");
+
+        // The action retries twice; the task says no retry.
+        let j = job("no-retry");
+        assert_eq!(
+            task(&done, "no-retry").state,
+            TaskState::Failed,
+            "{backend}: {j:?}"
+        );
+        assert_eq!(j.max_retries, 0, "{backend}: {j:?}");
+        assert_eq!(j.attempts.len(), 1, "{backend}: {j:?}");
+
+        // The action never retries; the task asks for two.
+        let j = job("retried");
+        assert_eq!(
+            task(&done, "retried").state,
+            TaskState::Failed,
+            "{backend}: {j:?}"
+        );
+        assert_eq!(j.max_retries, 2, "{backend}: {j:?}");
+        let numbers: Vec<u32> = j.attempts.iter().map(|a| a.number).collect();
+        assert_eq!(numbers, [1, 2, 3], "{backend}: {j:?}");
+
+        // Without its own, a task takes the action's two retries.
+        let j = job("action-retries");
+        assert_eq!(j.max_retries, 2, "{backend}: {j:?}");
+        assert_eq!(j.attempts.len(), 3, "{backend}: {j:?}");
+        assert_eq!(done.state, RunState::Succeeded, "{backend}: {done:?}");
+    }
 }
 
 /// A task's `description` is in `workflow status` (its first line, in a
