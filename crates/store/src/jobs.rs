@@ -392,9 +392,10 @@ impl Tx {
             .collect::<Result<Vec<_>>>()?;
         let state = aggregate_state(&parsed);
         let finished = state.is_final().then(|| to_ms(now));
-        let run: Option<Option<String>> = on_tx!(self, c => sqlx::query_scalar(
+        // Only a change of state is written (and wakes the run's engine).
+        let changed: Option<(Option<String>, Option<String>)> = on_tx!(self, c => sqlx::query_as(
             "UPDATE jobs SET state = $1, finished_at = CASE WHEN $2 IS NULL THEN NULL ELSE COALESCE(finished_at, $2) END \
-             WHERE id = $3 RETURNING run_id",
+             WHERE id = $3 AND state <> $1 RETURNING run_id, task_id",
         )
         .bind(state.as_str())
         .bind(finished)
@@ -402,7 +403,20 @@ impl Tx {
         .fetch_optional(&mut *c)
         .await)?;
         self.changes.jobs.insert(job_id.to_owned());
-        if let Some(Some(run)) = run {
+        if let Some((Some(run), task)) = changed {
+            // A task that has not ended shows its job's live state: it is
+            // derived when read, and its event is written here, in the
+            // job's own transaction, instead of by the engine.
+            if let (Some(task), false) = (task.as_deref(), state.is_final()) {
+                let ev = crate::workflows::Event {
+                    kind: "task",
+                    task: Some(task),
+                    state: Some(state.as_str()),
+                    message: None,
+                    stream: None,
+                };
+                self.emit(&run, &ev, now).await?;
+            }
             self.changes.runs.insert(run);
         }
         Ok(state)

@@ -129,6 +129,8 @@ pub struct TaskRecord {
     pub job_id: Option<String>,
     /// The job's state, read in the same query.
     pub job_state: Option<drover_proto::jobs::JobState>,
+    /// A cancel was asked for the task's job.
+    pub job_cancel_requested: bool,
     pub outputs: BTreeMap<String, String>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -142,6 +144,7 @@ struct TaskRow {
     reason: Option<String>,
     job_id: Option<String>,
     job_state: Option<String>,
+    job_cancel_requested_at: Option<i64>,
     outputs: String,
     started_at: Option<i64>,
     finished_at: Option<i64>,
@@ -163,6 +166,7 @@ impl TryFrom<TaskRow> for TaskRecord {
             outputs: serde_json::from_str(&r.outputs)
                 .map_err(|e| corrupt("task outputs")(e.to_string()))?,
             job_state,
+            job_cancel_requested: r.job_cancel_requested_at.is_some(),
             task_id: r.task_id,
             position: r.position,
             reason: r.reason,
@@ -940,7 +944,8 @@ impl Store {
 
     /// The tasks of a run in definition order, with their jobs' states.
     pub async fn run_tasks(&self, run_id: &str) -> Result<Vec<TaskRecord>> {
-        let sql = "SELECT t.task_id, t.position, t.state, t.reason, t.job_id, j.state AS job_state, t.outputs, \
+        let sql = "SELECT t.task_id, t.position, t.state, t.reason, t.job_id, j.state AS job_state, \
+                   j.cancel_requested_at AS job_cancel_requested_at, t.outputs, \
                    t.started_at, t.finished_at FROM workflow_tasks t LEFT JOIN jobs j ON j.id = t.job_id \
                    WHERE t.run_id = $1 ORDER BY t.position";
         let rows: Vec<TaskRow> =

@@ -343,7 +343,8 @@ pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
             id: d.id.clone(),
             description: d.description.clone(),
             action: d.action.clone(),
-            state: t.state,
+            // Until it ends, a task shows its job's live state.
+            state: crate::workflow::plan::live_state(t.state, t.job_state),
             reason,
             needs: d.needs.clone(),
             optional: d.optional,

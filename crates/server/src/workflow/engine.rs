@@ -1,14 +1,18 @@
-//! The workflow engine: moves runs forward. It reacts to job changes (a
-//! task's job ended) and run changes (submitted, cancel asked), and sweeps
-//! every run not yet ended once a second, which is also how runs resume
-//! after a restart or a crash.
+//! The workflow engine: moves runs forward. It reacts to the runs commits
+//! name (a task's job changed state, a run was submitted or asked to
+//! stop), and sweeps every run not yet ended once a second, which is also
+//! how runs resume after a restart or a crash.
 //!
-//! Key design decision: the engine holds nothing that matters. Each step
-//! (`start_task`, `set_task_state`, `finish_run`) is one store transaction
-//! guarded by the state it leaves, so a step replayed after a crash, or run
-//! by two servers at once, happens once. A task's job is created in the
-//! transaction that starts the task; a job's attempts keep their own
-//! at-least-once retries, and the task takes the job's final state once.
+//! Key design decision: decide in a pure function, apply in one
+//! transaction. A pass gathers a run's facts, asks `plan::plan` for the
+//! due steps, applies them through the store's `Tx`, folds their effect
+//! into the facts and plans again until nothing is due — then commits
+//! once. Every step is guarded by the state it leaves, so a pass replayed
+//! after a crash, or run by two servers at once, changes nothing twice. A
+//! task's job is created in the transaction that starts the task; a job's
+//! attempts keep their own at-least-once retries, and the task takes the
+//! job's final state once. A task's state before then is its job's,
+//! derived when read (`plan::live_state`), never written by the engine.
 //!
 //! A run with a workspace first picks the agent that holds it and creates
 //! it there (a built-in job, `workspace::WorkspaceJob`); its tasks start
@@ -29,11 +33,13 @@ use drover_proto::workflows::{
     RunState, TaskDef, TaskState, WebhookEvent, WebhookPayload, WorkflowDef,
 };
 use drover_store::workflows::{NewDelivery, RunRecord, TaskRecord, WorkspaceEnd};
+use drover_store::Tx;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+use super::plan::{self, Facts, JobFacts, Step, TaskFacts, WorkspaceFacts};
 use super::template::{self, Scope};
-use super::workspace::{self, Step, WorkspaceJob};
+use super::workspace::{self, Step as WsStep, WorkspaceJob};
 use crate::domain;
 use crate::hub::JobEvent;
 use crate::state::AppState;
@@ -41,18 +47,7 @@ use crate::state::AppState;
 /// How often every run not yet ended is looked at.
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// The task state that mirrors a job's.
-pub fn mirror(job: JobState) -> TaskState {
-    match job {
-        JobState::Queued => TaskState::Queued,
-        JobState::Dispatched => TaskState::Dispatched,
-        JobState::Running => TaskState::Running,
-        JobState::Succeeded => TaskState::Succeeded,
-        JobState::TimedOut => TaskState::TimedOut,
-        JobState::Cancelled => TaskState::Cancelled,
-        JobState::Failed | JobState::Rejected | JobState::Lost => TaskState::Failed,
-    }
-}
+pub use super::plan::mirror;
 
 /// Runs the engine until `shutdown`.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
@@ -119,32 +114,30 @@ pub enum EngineError {
     Definition(String, String),
 }
 
+/// Most waves of plan-and-apply in one pass; each wave changes something,
+/// so a run of N tasks needs at most about N of them.
+const MAX_WAVES: usize = 1_000;
+/// Most definitions kept in memory (they are small and immutable; the
+/// cache is emptied when full).
+const MAX_CACHED_DEFS: usize = 256;
+
+/// The workspace of a run whose tasks may start: where and what.
+struct ReadyWorkspace {
+    agent: String,
+    spec: WorkspaceSpec,
+}
+
+struct Engine {
+    state: AppState,
+    defs: std::sync::Mutex<HashMap<String, Arc<WorkflowDef>>>,
+}
+
 /// Where a workspace goes when the job of one of its steps ends.
 struct WorkspaceStep {
     from: WorkspaceState,
     ok: WorkspaceState,
     ok_reason: String,
     failed: WorkspaceState,
-}
-
-/// Where a run's workspace stands for its tasks.
-enum Workspace {
-    /// The run has none.
-    None,
-    /// Tasks wait.
-    NotReady,
-    /// Tasks run on this agent, in this workspace.
-    Ready {
-        agent: String,
-        spec: Box<WorkspaceSpec>,
-    },
-    /// It could not be created: tasks are skipped, the run fails.
-    Failed(String),
-}
-
-struct Engine {
-    state: AppState,
-    defs: std::sync::Mutex<HashMap<String, Arc<WorkflowDef>>>,
 }
 
 impl Engine {
@@ -155,6 +148,7 @@ impl Engine {
         }
     }
 
+    /// A stored definition by hash, from a bounded cache.
     async fn definition(&self, hash: &str) -> Result<Arc<WorkflowDef>, EngineError> {
         if let Some(d) = self
             .defs
@@ -173,14 +167,17 @@ impl Engine {
         let def: WorkflowDef = serde_json::from_str(&body)
             .map_err(|e| EngineError::Definition(hash.to_owned(), e.to_string()))?;
         let def = Arc::new(def);
-        self.defs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash.to_owned(), def.clone());
+        let mut defs = self.defs.lock().unwrap_or_else(|p| p.into_inner());
+        if defs.len() >= MAX_CACHED_DEFS {
+            defs.clear();
+        }
+        defs.insert(hash.to_owned(), def.clone());
         Ok(def)
     }
 
-    /// Looks at one run and takes every step that is due.
+    /// Looks at one run: gathers its facts, then plans and applies the
+    /// due steps, wave after wave, in one transaction. True when
+    /// something changed.
     async fn advance(&self, run_id: &str) -> Result<bool, EngineError> {
         let store = &self.state.store;
         let Some(run) = store.run(run_id).await? else {
@@ -188,338 +185,325 @@ impl Engine {
         };
         if run.state.is_final() {
             // Only the removal of its workspace can still be under way.
-            if run.workspace_state == Some(WorkspaceState::Removing) {
-                self.settle_removal(&run).await?;
+            if run.workspace_state != Some(WorkspaceState::Removing) {
+                return Ok(false);
             }
-            return Ok(false);
+            let mut tx = store.begin().await?;
+            let moved = self.settle_removal(&mut tx, &run).await?;
+            tx.commit().await?;
+            return Ok(moved);
         }
         let def = self.definition(&run.def_hash).await?;
-        let mut tasks: HashMap<String, TaskRecord> = store
+        let records: HashMap<String, TaskRecord> = store
             .run_tasks(run_id)
             .await?
             .into_iter()
             .map(|t| (t.task_id.clone(), t))
             .collect();
-        let mut changed = false;
-
-        // 1. Tasks take their jobs' states.
-        for t in tasks.values_mut() {
-            if t.state.is_final() {
-                continue;
-            }
-            let (Some(job_id), Some(js)) = (t.job_id.clone(), t.job_state) else {
-                continue;
-            };
-            let now = Utc::now();
-            let target = mirror(js);
-            if js.is_final() {
-                let outputs = if js == JobState::Succeeded {
-                    store.job_outputs(&job_id).await?
-                } else {
-                    BTreeMap::new()
-                };
-                let reason = self.job_outcome(&job_id, js).await?;
-                if store
-                    .set_task_state(
-                        run_id,
-                        &t.task_id,
-                        target,
-                        reason.as_deref(),
-                        Some(&outputs),
-                        now,
+        let mut outputs: BTreeMap<String, BTreeMap<String, String>> = records
+            .iter()
+            .filter(|(_, t)| t.state == TaskState::Succeeded)
+            .map(|(id, t)| (id.clone(), t.outputs.clone()))
+            .collect();
+        let (workspace, mut ready) = self.workspace_facts(&run).await?;
+        let mut facts = Facts {
+            def: &def,
+            tasks: records
+                .iter()
+                .map(|(id, t)| {
+                    let job = match (&t.job_id, t.job_state) {
+                        (Some(id), Some(state)) => Some(JobFacts {
+                            id: id.clone(),
+                            state,
+                            cancel_requested: t.job_cancel_requested,
+                        }),
+                        _ => None,
+                    };
+                    (
+                        id.clone(),
+                        TaskFacts {
+                            state: t.state,
+                            job,
+                        },
                     )
-                    .await?
-                {
-                    changed = true;
-                }
-                t.state = target;
-                t.outputs = outputs;
-            } else if target != t.state {
-                if store
-                    .set_task_state(run_id, &t.task_id, target, None, None, now)
-                    .await?
-                {
-                    changed = true;
-                }
-                t.state = target;
-            }
-        }
-
-        // 2. A run asked to stop, or out of time, cancels what runs and
-        //    skips what waits.
-        let stop = if let Some(at) = run.cancel_requested_at {
-            Some((
-                RunState::Cancelled,
-                format!("cancelled at {}", at.to_rfc3339()),
-            ))
-        } else if let Some(deadline) = run.deadline_at.filter(|d| *d <= Utc::now()) {
-            let limit = def
-                .timeout
-                .map(|t| humantime::format_duration(t).to_string())
-                .unwrap_or_default();
-            Some((
-                RunState::TimedOut,
-                format!(
-                    "the run timed out after {limit} (at {})",
-                    deadline.to_rfc3339()
-                ),
-            ))
-        } else {
-            None
+                })
+                .collect(),
+            workspace,
+            cancel_requested_at: run.cancel_requested_at,
+            deadline_at: run.deadline_at,
+            now: Utc::now(),
         };
-        if let Some((end, why)) = stop {
-            // A workspace being created is stopped too; the run ends (and
-            // its removal is queued) only once that job has ended.
-            let mut creating = false;
-            if run.workspace_state == Some(WorkspaceState::Creating) {
-                if let Some(job_id) = &run.workspace_job {
-                    let job = store.job(job_id).await?;
-                    if job.as_ref().is_some_and(|j| !j.state.is_final()) {
-                        creating = true;
-                        if job.is_some_and(|j| j.cancel_requested_at.is_none()) {
-                            store.cancel_job(job_id, &why, Utc::now()).await?;
+
+        let mut tx = store.begin().await?;
+        let mut jobs = domain::Jobs::new(store);
+        let mut moved = false;
+        'waves: for _ in 0..MAX_WAVES {
+            let steps = plan::plan(&facts);
+            if steps.is_empty() {
+                break;
+            }
+            let now = Utc::now();
+            for step in steps {
+                moved = true;
+                match step {
+                    Step::EndTask { task, job, state } => {
+                        let js = facts
+                            .tasks
+                            .get(&task)
+                            .and_then(|t| t.job.as_ref())
+                            .map_or(JobState::Failed, |j| j.state);
+                        let (reason, outs) = if state == TaskState::Succeeded {
+                            (None, store.job_outputs(&job).await?)
+                        } else {
+                            (self.job_outcome(&job, js).await?, BTreeMap::new())
+                        };
+                        tx.set_task_state(
+                            run_id,
+                            &task,
+                            state,
+                            reason.as_deref(),
+                            Some(&outs),
+                            now,
+                        )
+                        .await?;
+                        if state == TaskState::Succeeded {
+                            outputs.insert(task.clone(), outs);
                         }
-                    } else {
-                        changed |= self.workspace_created(&run).await?;
+                        set_task(&mut facts, &task, state);
                     }
-                }
-            }
-            for t in tasks.values_mut() {
-                if t.state.is_final() {
-                    continue;
-                }
-                match &t.job_id {
-                    Some(job_id) => {
-                        store.cancel_job(job_id, &why, Utc::now()).await?;
-                    }
-                    None => {
-                        store
-                            .set_task_state(
-                                run_id,
-                                &t.task_id,
-                                TaskState::Skipped,
-                                Some(&why),
-                                None,
-                                Utc::now(),
-                            )
-                            .await?;
-                        t.state = TaskState::Skipped;
-                        changed = true;
-                    }
-                }
-            }
-            if !creating && tasks.values().all(|t| t.state.is_final()) {
-                let run = store.run(run_id).await?.unwrap_or(run);
-                changed |= self.finish(&run, &def, &tasks, end, Some(why)).await?;
-            }
-            return Ok(changed);
-        }
-
-        // 2b. The workspace, if any, comes before every task.
-        let ws = self.workspace(&run, &def, &mut changed).await?;
-
-        // 3. Start (or skip) every pending task whose needs have ended,
-        //    until nothing more moves.
-        let mut jobs = domain::Jobs::new(&self.state.store);
-        loop {
-            let mut moved = false;
-            for task in &def.tasks {
-                let Some(t) = tasks.get(&task.id) else {
-                    continue;
-                };
-                if t.state != TaskState::Pending {
-                    continue;
-                }
-                let ended = task
-                    .needs
-                    .iter()
-                    .all(|n| tasks.get(n).is_some_and(|d| d.state.is_final()));
-                if !ended {
-                    continue;
-                }
-                let blocking: Vec<String> = task
-                    .needs
-                    .iter()
-                    .filter(|n| {
-                        let done = &tasks[*n];
-                        let optional = def.tasks.iter().any(|d| &d.id == *n && d.optional);
-                        done.state != TaskState::Succeeded
-                            && !(optional && done.state != TaskState::Skipped)
-                    })
-                    .map(|n| format!("{n} ({})", tasks[n].state.as_str()))
-                    .collect();
-                if matches!(ws, Workspace::NotReady) {
-                    continue;
-                }
-                let now = Utc::now();
-                let new_state = if let Workspace::Failed(why) = &ws {
-                    let why = format!("the workspace could not be created: {why}");
-                    store
-                        .set_task_state(run_id, &task.id, TaskState::Skipped, Some(&why), None, now)
+                    Step::Skip { task, reason } => {
+                        tx.set_task_state(
+                            run_id,
+                            &task,
+                            TaskState::Skipped,
+                            Some(&reason),
+                            None,
+                            now,
+                        )
                         .await?;
-                    TaskState::Skipped
-                } else if !blocking.is_empty() {
-                    let why = format!("needs {}", blocking.join(", "));
-                    store
-                        .set_task_state(run_id, &task.id, TaskState::Skipped, Some(&why), None, now)
-                        .await?;
-                    TaskState::Skipped
-                } else {
-                    match self.start(&run, task, &tasks, &ws, &mut jobs).await? {
-                        Ok(()) => TaskState::Queued,
-                        Err(why) => {
-                            tracing::info!(run = %run_id, task = %task.id, reason = %why, "task cannot start");
-                            store
-                                .set_task_state(
+                        set_task(&mut facts, &task, TaskState::Skipped);
+                    }
+                    Step::Start { task } => {
+                        let Some(def_task) = def.tasks.iter().find(|t| t.id == task) else {
+                            continue;
+                        };
+                        match self
+                            .start(&mut tx, &run, def_task, &outputs, ready.as_ref(), &mut jobs)
+                            .await?
+                        {
+                            Ok(job) => {
+                                if let Some(t) = facts.tasks.get_mut(&task) {
+                                    t.state = TaskState::Queued;
+                                    t.job = job.map(|id| JobFacts {
+                                        id,
+                                        state: JobState::Queued,
+                                        cancel_requested: false,
+                                    });
+                                }
+                            }
+                            Err(why) => {
+                                tracing::info!(run = %run_id, task = %task, reason = %why, "task cannot start");
+                                tx.set_task_state(
                                     run_id,
-                                    &task.id,
+                                    &task,
                                     TaskState::Failed,
                                     Some(&why),
                                     None,
                                     now,
                                 )
                                 .await?;
-                            TaskState::Failed
+                                set_task(&mut facts, &task, TaskState::Failed);
+                            }
                         }
                     }
-                };
-                if let Some(t) = tasks.get_mut(&task.id) {
-                    t.state = new_state;
+                    Step::CancelJob { job, reason } => {
+                        tx.cancel_job(&job, &reason, now).await?;
+                        mark_cancelled(&mut facts, &job);
+                    }
+                    Step::CreateWorkspace => {
+                        facts.workspace = self.create_workspace(&mut tx, &run, &def).await?;
+                    }
+                    Step::WorkspaceCreated { job, ok } => {
+                        let agent = run.workspace_agent.as_deref().unwrap_or("?");
+                        let done = WorkspaceStep {
+                            from: WorkspaceState::Creating,
+                            ok: WorkspaceState::Ready,
+                            ok_reason: format!("on agent {agent}"),
+                            failed: WorkspaceState::Failed,
+                        };
+                        let state = if ok {
+                            JobState::Succeeded
+                        } else {
+                            JobState::Failed
+                        };
+                        let why = self
+                            .settle_workspace_job(&mut tx, &run, &job, state, done)
+                            .await?;
+                        facts.workspace = match why {
+                            None => match self.ready_workspace(&run).await? {
+                                Some(r) => {
+                                    ready = Some(r);
+                                    WorkspaceFacts::Ready
+                                }
+                                None => WorkspaceFacts::Failed(
+                                    "the workspace's job or agent is missing".to_owned(),
+                                ),
+                            },
+                            Some(why) => WorkspaceFacts::Failed(why),
+                        };
+                    }
+                    Step::Finish { state, reason } => {
+                        let tasks: BTreeMap<String, TaskState> = facts
+                            .tasks
+                            .iter()
+                            .map(|(k, t)| (k.clone(), t.state))
+                            .collect();
+                        self.finish(&mut tx, &run, &def, &tasks, state, reason)
+                            .await?;
+                        break 'waves;
+                    }
                 }
-                moved = true;
-                changed = true;
-            }
-            if !moved {
-                break;
             }
         }
-
-        // 4. Every task ended: so does the run.
-        if tasks.values().all(|t| t.state.is_final()) {
-            let failed: Vec<String> = def
-                .tasks
-                .iter()
-                .filter(|d| !d.optional && tasks[&d.id].state != TaskState::Succeeded)
-                .map(|d| format!("{} ({})", d.id, tasks[&d.id].state.as_str()))
-                .collect();
-            let (end, why) = if let Workspace::Failed(why) = &ws {
-                (
-                    RunState::Failed,
-                    Some(format!("the workspace could not be created: {why}")),
-                )
-            } else if failed.is_empty() {
-                (RunState::Succeeded, None)
-            } else {
-                (
-                    RunState::Failed,
-                    Some(format!(
-                        "required tasks did not succeed: {}",
-                        failed.join(", ")
-                    )),
-                )
-            };
-            changed |= self.finish(&run, &def, &tasks, end, why).await?;
-        }
-        Ok(changed)
+        tx.commit().await?;
+        Ok(moved)
     }
 
-    /// Moves the run's workspace forward and says where it stands: picks
-    /// the agent and creates the job that makes it, notes when that job
-    /// has ended.
-    async fn workspace(
+    /// Where the run's workspace stands, read once per pass, and where
+    /// its tasks go when it is ready.
+    async fn workspace_facts(
         &self,
         run: &RunRecord,
-        def: &WorkflowDef,
-        changed: &mut bool,
-    ) -> Result<Workspace, EngineError> {
-        let store = &self.state.store;
-        let (Some(ws_def), Some(ws_state)) = (&def.workspace, run.workspace_state) else {
-            return Ok(Workspace::None);
+    ) -> Result<(WorkspaceFacts, Option<ReadyWorkspace>), EngineError> {
+        let Some(ws) = run.workspace_state else {
+            return Ok((WorkspaceFacts::None, None));
         };
-        let now = Utc::now();
-        match ws_state {
-            WorkspaceState::Pending => {
-                let profile = match workspace::profile(&self.state, def).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(why)) => return self.workspace_failed(run, why, changed).await,
-                    Err(e) => return self.workspace_failed(run, e.message, changed).await,
-                };
-                let candidates = match self.candidates(&ws_def.target).await? {
-                    Ok(c) => c,
-                    Err(why) => return self.workspace_failed(run, why, changed).await,
-                };
-                let mut busy = HashMap::new();
-                for a in &candidates {
-                    busy.insert(a.id.clone(), store.busy_attempts(&a.id).await?);
-                }
-                let chosen = workspace::choose_agent(&candidates, &profile, &self.state, |id| {
-                    busy.get(id).copied().unwrap_or(0)
-                });
-                match chosen {
-                    Ok(Some(agent)) => {
-                        let spec = match workspace::spec(&run.id, &run.inputs, def, &profile) {
-                            Ok(s) => s,
-                            Err(why) => return self.workspace_failed(run, why, changed).await,
-                        };
-                        let job = WorkspaceJob::new(Step::Create, &agent, spec);
-                        if let Some(job_id) = store
-                            .start_workspace(&run.id, &agent, job.new_job(&run.created_by), now)
-                            .await?
-                        {
-                            tracing::info!(run = %run.id, agent = %agent, job = %job_id, sandbox = %profile.name(), "creating the workspace");
-                            *changed = true;
-                        }
-                        Ok(Workspace::NotReady)
-                    }
-                    Ok(None) => {
-                        let why = format!(
-                            "waiting for an online agent of '{}' to hold the workspace",
-                            ws_def.target
-                        );
-                        *changed |= store
-                            .set_workspace_state(
-                                &run.id,
-                                &[WorkspaceState::Pending],
-                                WorkspaceState::Pending,
-                                Some(&why),
-                                now,
-                            )
-                            .await?;
-                        Ok(Workspace::NotReady)
-                    }
-                    Err(why) => self.workspace_failed(run, why, changed).await,
-                }
-            }
+        Ok(match ws {
+            WorkspaceState::Pending => (WorkspaceFacts::Pending, None),
             WorkspaceState::Creating => {
-                if self.workspace_created(run).await? {
-                    *changed = true;
-                    // Ready or failed now: take that into account at once.
-                    if let Some(run) = store.run(&run.id).await? {
-                        return Box::pin(self.workspace(&run, def, changed)).await;
-                    }
-                }
-                Ok(Workspace::NotReady)
-            }
-            WorkspaceState::Ready => {
-                let spec = match &run.workspace_job {
-                    Some(job) => store.job(job).await?.and_then(|j| j.workspace),
+                let job = match &run.workspace_job {
+                    Some(id) => self.state.store.job(id).await?,
                     None => None,
                 };
-                match (spec, &run.workspace_agent) {
-                    (Some(spec), Some(agent)) => Ok(Workspace::Ready {
-                        agent: agent.clone(),
-                        spec: Box::new(spec),
-                    }),
-                    _ => Ok(Workspace::Failed(
-                        "the workspace's job or agent is missing".to_owned(),
-                    )),
+                match job {
+                    Some(j) => (
+                        WorkspaceFacts::Creating(JobFacts {
+                            id: j.id,
+                            state: j.state,
+                            cancel_requested: j.cancel_requested_at.is_some(),
+                        }),
+                        None,
+                    ),
+                    None => (
+                        WorkspaceFacts::Failed("the workspace's job is missing".to_owned()),
+                        None,
+                    ),
                 }
             }
-            _ => Ok(Workspace::Failed(
-                run.workspace_reason
-                    .clone()
-                    .unwrap_or_else(|| "it could not be created".to_owned()),
-            )),
+            WorkspaceState::Ready => match self.ready_workspace(run).await? {
+                Some(r) => (WorkspaceFacts::Ready, Some(r)),
+                None => (
+                    WorkspaceFacts::Failed("the workspace's job or agent is missing".to_owned()),
+                    None,
+                ),
+            },
+            _ => (
+                WorkspaceFacts::Failed(
+                    run.workspace_reason
+                        .clone()
+                        .unwrap_or_else(|| "it could not be created".to_owned()),
+                ),
+                None,
+            ),
+        })
+    }
+
+    /// The agent and spec of a created workspace (the spec is stored with
+    /// the job that created it).
+    async fn ready_workspace(
+        &self,
+        run: &RunRecord,
+    ) -> Result<Option<ReadyWorkspace>, EngineError> {
+        let spec = match &run.workspace_job {
+            Some(job) => self.state.store.job(job).await?.and_then(|j| j.workspace),
+            None => None,
+        };
+        Ok(match (spec, &run.workspace_agent) {
+            (Some(spec), Some(agent)) => Some(ReadyWorkspace {
+                agent: agent.clone(),
+                spec,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Picks the agent that will hold the workspace and creates the job
+    /// that makes it; or notes why it waits, or why it cannot be.
+    async fn create_workspace(
+        &self,
+        tx: &mut Tx,
+        run: &RunRecord,
+        def: &WorkflowDef,
+    ) -> Result<WorkspaceFacts, EngineError> {
+        let store = &self.state.store;
+        let Some(ws_def) = &def.workspace else {
+            return Ok(WorkspaceFacts::None);
+        };
+        let now = Utc::now();
+        let profile = match workspace::profile(&self.state, def).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(why)) => return self.workspace_failed(tx, run, why).await,
+            Err(e) => return self.workspace_failed(tx, run, e.message).await,
+        };
+        let candidates = match self.candidates(&ws_def.target).await? {
+            Ok(c) => c,
+            Err(why) => return self.workspace_failed(tx, run, why).await,
+        };
+        let mut busy = HashMap::new();
+        for a in &candidates {
+            busy.insert(a.id.clone(), store.busy_attempts(&a.id).await?);
+        }
+        let chosen = workspace::choose_agent(&candidates, &profile, &self.state, |id| {
+            busy.get(id).copied().unwrap_or(0)
+        });
+        match chosen {
+            Ok(Some(agent)) => {
+                let spec = match workspace::spec(&run.id, &run.inputs, def, &profile) {
+                    Ok(s) => s,
+                    Err(why) => return self.workspace_failed(tx, run, why).await,
+                };
+                let job = WorkspaceJob::new(WsStep::Create, &agent, spec);
+                match tx
+                    .start_workspace(&run.id, &agent, &job.new_job(&run.created_by), now)
+                    .await?
+                {
+                    Some(job_id) => {
+                        tracing::info!(run = %run.id, agent = %agent, job = %job_id, sandbox = %profile.name(), "creating the workspace");
+                        Ok(WorkspaceFacts::Creating(JobFacts {
+                            id: job_id,
+                            state: JobState::Queued,
+                            cancel_requested: false,
+                        }))
+                    }
+                    None => Ok(WorkspaceFacts::Waiting),
+                }
+            }
+            Ok(None) => {
+                let why = format!(
+                    "waiting for an online agent of '{}' to hold the workspace",
+                    ws_def.target
+                );
+                tx.set_workspace_state(
+                    &run.id,
+                    &[WorkspaceState::Pending],
+                    WorkspaceState::Pending,
+                    Some(&why),
+                    now,
+                )
+                .await?;
+                Ok(WorkspaceFacts::Waiting)
+            }
+            Err(why) => self.workspace_failed(tx, run, why).await,
         }
     }
 
@@ -557,62 +541,26 @@ impl Engine {
 
     async fn workspace_failed(
         &self,
+        tx: &mut Tx,
         run: &RunRecord,
         why: String,
-        changed: &mut bool,
-    ) -> Result<Workspace, EngineError> {
+    ) -> Result<WorkspaceFacts, EngineError> {
         tracing::info!(run = %run.id, reason = %why, "the workspace cannot be created");
-        *changed |= self
-            .state
-            .store
-            .set_workspace_state(
-                &run.id,
-                &[WorkspaceState::Pending, WorkspaceState::Creating],
-                WorkspaceState::Failed,
-                Some(&why),
-                Utc::now(),
-            )
-            .await?;
-        Ok(Workspace::Failed(why))
-    }
-
-    /// Notes the end of the job creating the workspace. True when the
-    /// workspace changed state.
-    async fn workspace_created(&self, run: &RunRecord) -> Result<bool, EngineError> {
-        let agent = run.workspace_agent.as_deref().unwrap_or("?");
-        let done = WorkspaceStep {
-            from: WorkspaceState::Creating,
-            ok: WorkspaceState::Ready,
-            ok_reason: format!("on agent {agent}"),
-            failed: WorkspaceState::Failed,
-        };
-        self.settle_workspace_job(run, run.workspace_job.as_deref(), done)
-            .await
+        tx.set_workspace_state(
+            &run.id,
+            &[WorkspaceState::Pending, WorkspaceState::Creating],
+            WorkspaceState::Failed,
+            Some(&why),
+            Utc::now(),
+        )
+        .await?;
+        Ok(WorkspaceFacts::Failed(why))
     }
 
     /// Notes the end of the job removing an ended run's workspace. True
     /// when it changed.
-    async fn settle_removal(&self, run: &RunRecord) -> Result<bool, EngineError> {
-        let job = run.workspace_remove_job.as_deref();
-        let done = WorkspaceStep {
-            from: WorkspaceState::Removing,
-            ok: WorkspaceState::Removed,
-            ok_reason: format!("removed by job {}", job.unwrap_or("?")),
-            failed: WorkspaceState::RemoveFailed,
-        };
-        self.settle_workspace_job(run, job, done).await
-    }
-
-    /// Moves the workspace on once its job has ended: to `done.ok` when it
-    /// succeeded, else to `done.failed` with the job's outcome. True when
-    /// it changed.
-    async fn settle_workspace_job(
-        &self,
-        run: &RunRecord,
-        job_id: Option<&str>,
-        done: WorkspaceStep,
-    ) -> Result<bool, EngineError> {
-        let Some(job_id) = job_id else {
+    async fn settle_removal(&self, tx: &mut Tx, run: &RunRecord) -> Result<bool, EngineError> {
+        let Some(job_id) = run.workspace_remove_job.as_deref() else {
             return Ok(false);
         };
         let Some(job) = self.state.store.job(job_id).await? else {
@@ -621,17 +569,47 @@ impl Engine {
         if !job.state.is_final() {
             return Ok(false);
         }
-        let (to, why) = if job.state == JobState::Succeeded {
-            (done.ok, Some(done.ok_reason))
+        let done = WorkspaceStep {
+            from: WorkspaceState::Removing,
+            ok: WorkspaceState::Removed,
+            ok_reason: format!("removed by job {job_id}"),
+            failed: WorkspaceState::RemoveFailed,
+        };
+        self.settle_workspace_job(tx, run, job_id, job.state, done)
+            .await?;
+        Ok(true)
+    }
+
+    /// Moves the workspace on once its job has ended: to `done.ok` when it
+    /// succeeded, else to `done.failed` with the job's outcome, which it
+    /// returns.
+    async fn settle_workspace_job(
+        &self,
+        tx: &mut Tx,
+        run: &RunRecord,
+        job_id: &str,
+        state: JobState,
+        done: WorkspaceStep,
+    ) -> Result<Option<String>, EngineError> {
+        let (to, why, failure) = if state == JobState::Succeeded {
+            (done.ok, Some(done.ok_reason), None)
         } else {
-            (done.failed, self.job_outcome(job_id, job.state).await?)
+            let js = self
+                .state
+                .store
+                .job(job_id)
+                .await?
+                .map_or(state, |j| j.state);
+            let why = self
+                .job_outcome(job_id, js)
+                .await?
+                .unwrap_or_else(|| format!("job {job_id} {}", js.as_str()));
+            (done.failed, Some(why.clone()), Some(why))
         };
         tracing::info!(run = %run.id, job = %job_id, state = to.as_str(), "workspace job ended");
-        Ok(self
-            .state
-            .store
-            .set_workspace_state(&run.id, &[done.from], to, why.as_deref(), Utc::now())
-            .await?)
+        tx.set_workspace_state(&run.id, &[done.from], to, why.as_deref(), Utc::now())
+            .await?;
+        Ok(failure)
     }
 
     /// Why a job ended as it did, from its last attempt.
@@ -660,25 +638,22 @@ impl Engine {
     /// Starts a task: renders its parameters from the run's inputs and
     /// the outputs of the tasks before it, builds its job (the domain
     /// layer's checks, as for a job submitted over HTTP) and creates it in
-    /// the transaction that marks the task started. An `Err` inside is
-    /// the task's failure, meant for the operator.
+    /// the pass's transaction, with the task marked started. An `Err`
+    /// inside is the task's failure, meant for the operator; `Ok(None)`
+    /// when it had started before.
     async fn start(
         &self,
+        tx: &mut Tx,
         run: &RunRecord,
         task: &TaskDef,
-        tasks: &HashMap<String, TaskRecord>,
-        ws: &Workspace,
+        outputs: &BTreeMap<String, BTreeMap<String, String>>,
+        ws: Option<&ReadyWorkspace>,
         jobs: &mut domain::Jobs<'_>,
-    ) -> Result<Result<(), String>, EngineError> {
-        let outputs: BTreeMap<String, BTreeMap<String, String>> = tasks
-            .iter()
-            .filter(|(_, t)| t.state == TaskState::Succeeded)
-            .map(|(id, t)| (id.clone(), t.outputs.clone()))
-            .collect();
+    ) -> Result<Result<Option<String>, String>, EngineError> {
         let scope = Scope {
             run_id: &run.id,
             inputs: &run.inputs,
-            outputs: &outputs,
+            outputs,
         };
         let mut params = BTreeMap::new();
         for (name, value) in &task.params {
@@ -693,8 +668,8 @@ impl Engine {
         }
         let placement = match ws {
             // Pinned to the workspace's agent, in its sandbox.
-            Workspace::Ready { agent, spec } => domain::Placement::Workspace { agent, spec },
-            _ => domain::Placement::Target(&task.target),
+            Some(ReadyWorkspace { agent, spec }) => domain::Placement::Workspace { agent, spec },
+            None => domain::Placement::Target(&task.target),
         };
         let who = format!("task '{}'", task.id);
         let built = jobs
@@ -712,34 +687,31 @@ impl Engine {
             .await;
         let job = match built {
             Ok(job) => job,
-            Err(e) if e.is_input() => return Ok(Err(e.to_string())),
             Err(domain::Error::Store(e)) => return Err(e.into()),
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let created = self
-            .state
-            .store
-            .start_task(&run.id, &task.id, job.new_job(&run.created_by), Utc::now())
+        let created = tx
+            .start_task(&run.id, &task.id, &job.new_job(&run.created_by), Utc::now())
             .await?;
-        if let Some(job_id) = created {
+        if let Some(job_id) = &created {
             tracing::debug!(run = %run.id, task = %task.id, job = %job_id, "task started");
         }
-        Ok(Ok(()))
+        Ok(Ok(created))
     }
 
-    /// Ends the run and queues its webhooks. True when it ended now.
+    /// Ends the run, queues its webhooks and settles its workspace, in
+    /// the pass's transaction.
     async fn finish(
         &self,
+        tx: &mut Tx,
         run: &RunRecord,
         def: &WorkflowDef,
-        tasks: &HashMap<String, TaskRecord>,
+        task_states: &BTreeMap<String, TaskState>,
         end: RunState,
         why: Option<String>,
     ) -> Result<bool, EngineError> {
         let now = Utc::now();
         let event = WebhookEvent::of(end);
-        let task_states: BTreeMap<String, TaskState> =
-            tasks.iter().map(|(k, t)| (k.clone(), t.state)).collect();
         let mut hooks: Vec<(String, Option<String>)> = def
             .webhooks
             .iter()
@@ -774,11 +746,14 @@ impl Engine {
                 }
             })
             .collect();
-        // The workspace goes with the run, unless it is to be kept.
+        // The workspace goes with the run, unless it is to be kept. Its
+        // state is read again: this pass may have moved it.
+        let current = self.state.store.run(&run.id).await?;
+        let run_now = current.as_ref().unwrap_or(run);
         let remove = match (
-            run.workspace_state,
-            &run.workspace_job,
-            &run.workspace_agent,
+            run_now.workspace_state,
+            &run_now.workspace_job,
+            &run_now.workspace_agent,
         ) {
             (Some(_), Some(job), Some(agent)) if !def.keep_workspace => self
                 .state
@@ -786,23 +761,40 @@ impl Engine {
                 .job(job)
                 .await?
                 .and_then(|j| j.workspace)
-                .map(|spec| WorkspaceJob::new(Step::Remove, agent, spec)),
+                .map(|spec| WorkspaceJob::new(WsStep::Remove, agent, spec)),
             _ => None,
         };
-        let workspace = match (run.workspace_state, &run.workspace_job, &remove) {
+        let workspace = match (run_now.workspace_state, &run_now.workspace_job, &remove) {
             (None, _, _) => WorkspaceEnd::None,
             (Some(_), None, _) => WorkspaceEnd::NeverCreated,
             (Some(_), Some(_), Some(job)) => WorkspaceEnd::Remove(job.new_job(&run.created_by)),
             (Some(_), Some(_), None) => WorkspaceEnd::Keep,
         };
-        let ended = self
-            .state
-            .store
-            .finish_run(&run.id, end, why.as_deref(), &deliveries, workspace, now)
+        let ended = tx
+            .finish_run(&run.id, end, why.as_deref(), &deliveries, &workspace, now)
             .await?;
         if ended {
             tracing::info!(run = %run.id, workflow = %run.name, state = end.as_str(), "run ended");
         }
         Ok(ended)
+    }
+}
+
+fn set_task(facts: &mut Facts<'_>, task: &str, state: TaskState) {
+    if let Some(t) = facts.tasks.get_mut(task) {
+        t.state = state;
+    }
+}
+
+fn mark_cancelled(facts: &mut Facts<'_>, job: &str) {
+    for t in facts.tasks.values_mut() {
+        if let Some(j) = t.job.as_mut().filter(|j| j.id == job) {
+            j.cancel_requested = true;
+        }
+    }
+    if let WorkspaceFacts::Creating(j) = &mut facts.workspace {
+        if j.id == job {
+            j.cancel_requested = true;
+        }
     }
 }

@@ -4,5 +4,6 @@
 
 pub mod def;
 pub mod engine;
+pub mod plan;
 pub mod template;
 pub mod workspace;
