@@ -939,6 +939,128 @@ mod workflows {
         user: None,
     });
 
+    /// Runs a commit changed are due; an engine's claim leases them, so a
+    /// second claim gets nothing; its next look never overrides a commit
+    /// that marked the run due meanwhile; concurrent claimers share the
+    /// runs without taking one twice.
+    #[tokio::test]
+    async fn due_runs_are_claimed_once() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let now = || Utc::now();
+            let lease = |n: i64| Utc::now() + Duration::seconds(n);
+            let run = new_run(&store, &["a"]).await;
+            let l1 = lease(30);
+            assert_eq!(
+                store.claim_due_runs(now(), l1, 10).await.unwrap(),
+                [run.clone()],
+                "{backend}"
+            );
+            assert!(
+                store
+                    .claim_due_runs(now(), lease(30), 10)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "{backend}: leased"
+            );
+            // The engine's pass is done: next look in an hour.
+            let mut tx = store.begin().await.unwrap();
+            tx.set_next_check(&run, Some(lease(3600)), l1)
+                .await
+                .unwrap();
+            let changes = tx.commit().await.unwrap();
+            assert!(
+                !changes.runs.contains(&run),
+                "{backend}: the engine's own look wakes nobody"
+            );
+            assert!(
+                store
+                    .claim_due_runs(now(), lease(30), 10)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "{backend}"
+            );
+            // A commit that changes the run makes it due at once.
+            store
+                .request_run_cancel(&run, "admin", now())
+                .await
+                .unwrap();
+            let l2 = lease(30);
+            assert_eq!(
+                store.claim_due_runs(now(), l2, 10).await.unwrap(),
+                [run.clone()],
+                "{backend}"
+            );
+            let mut tx = store.begin().await.unwrap();
+            tx.set_next_check(&run, Some(lease(3600)), l2)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            // A commit that names the run makes it due again.
+            let mut tx = store.begin().await.unwrap();
+            tx.note(Changes {
+                runs: [run.clone()].into(),
+                ..Changes::default()
+            });
+            tx.commit().await.unwrap();
+            let l3 = lease(30);
+            assert_eq!(
+                store.claim_due_runs(now(), l3, 10).await.unwrap(),
+                [run.clone()],
+                "{backend}"
+            );
+            let mut tx = store.begin().await.unwrap();
+            tx.note(Changes {
+                runs: [run.clone()].into(),
+                ..Changes::default()
+            });
+            // Another transaction marks it due while the engine holds it...
+            tx.commit().await.unwrap();
+            let mut tx = store.begin().await.unwrap();
+            tx.set_next_check(&run, None, l3).await.unwrap();
+            tx.commit().await.unwrap();
+            // ... so the engine's "never again" did not stick.
+            assert_eq!(
+                store.claim_due_runs(now(), lease(30), 10).await.unwrap(),
+                [run.clone()],
+                "{backend}"
+            );
+
+            // Concurrent claimers over many due runs: each taken once.
+            let mut runs = Vec::new();
+            for _ in 0..24 {
+                runs.push(new_run(&store, &["a"]).await);
+            }
+            let mut claimers = tokio::task::JoinSet::new();
+            for _ in 0..6 {
+                let store = store.clone();
+                claimers.spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = store
+                            .claim_due_runs(Utc::now(), Utc::now() + Duration::seconds(30), 3)
+                            .await
+                            .unwrap();
+                        if got.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(got);
+                    }
+                });
+            }
+            let mut all = Vec::new();
+            while let Some(got) = claimers.join_next().await {
+                all.extend(got.unwrap());
+            }
+            all.sort();
+            runs.sort();
+            assert_eq!(all, runs, "{backend}: every due run claimed exactly once");
+        }
+    }
+
     async fn new_run(store: &Store, tasks: &[&str]) -> String {
         let tasks: Vec<String> = tasks.iter().map(|t| (*t).to_owned()).collect();
         store

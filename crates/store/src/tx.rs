@@ -309,6 +309,8 @@ enum Conn {
 pub struct Tx {
     conn: Option<Conn>,
     pub(crate) changes: Changes,
+    /// Runs whose next look the engine set in this transaction.
+    settled: BTreeSet<String>,
     store: Store,
 }
 
@@ -356,6 +358,7 @@ impl Store {
         Ok(Tx {
             conn: Some(conn),
             changes: Changes::default(),
+            settled: BTreeSet::new(),
             store: self.clone(),
         })
     }
@@ -412,9 +415,41 @@ impl Tx {
         self.changes.merge(changes);
     }
 
+    /// Notes that the engine has just looked at this run and set its next
+    /// look itself: its own changes to the run call for no other.
+    pub fn settled(&mut self, run_id: &str) {
+        self.settled.insert(run_id.to_owned());
+    }
+
+    /// Marks the runs this transaction changed as due for the engine's
+    /// look, in the transaction itself: a wake-up that cannot be lost.
+    async fn mark_runs_due(&mut self) -> Result<()> {
+        if self.changes.runs.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE workflow_runs SET next_check_at = $1 WHERE id {} \
+             AND (state = 'running' OR workspace_state = 'removing')",
+            crate::jobs::in_json(self.backend(), 2)
+        );
+        let ids = crate::jobs::to_json(&self.changes.runs);
+        let now = chrono::Utc::now().timestamp_millis();
+        on_tx!(self, c => sqlx::query(&sql)
+            .bind(now)
+            .bind(&ids)
+            .execute(&mut *c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
     /// Makes every step durable at once; returns what changed once it is.
     /// Wake-ups are sent from here, after the commit.
     pub async fn commit(mut self) -> Result<Changes> {
+        for run in std::mem::take(&mut self.settled) {
+            self.changes.runs.remove(&run);
+        }
+        self.mark_runs_due().await?;
         let conn = self
             .conn
             .take()

@@ -751,6 +751,28 @@ impl Tx {
         Ok(true)
     }
 
+    /// Sets when the engine next looks at a run it claimed (`claimed`: the
+    /// lease it claimed it with), unless a commit marked it due meanwhile:
+    /// that one wins. `None`: never again (the run is done).
+    pub async fn set_next_check(
+        &mut self,
+        run_id: &str,
+        next: Option<DateTime<Utc>>,
+        claimed: DateTime<Utc>,
+    ) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "UPDATE workflow_runs SET next_check_at = $1 WHERE id = $2 AND next_check_at = $3",
+        )
+        .bind(next.map(to_ms))
+        .bind(run_id)
+        .bind(to_ms(claimed))
+        .execute(&mut *c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        self.settled(run_id);
+        Ok(())
+    }
+
     /// Records an uploaded file; a repeated upload of the same path of the
     /// same attempt replaces the record.
     pub async fn record_artifact(&mut self, a: &ArtifactRecord) -> Result<()> {
@@ -863,6 +885,50 @@ impl Store {
     pub async fn count_runs_by_state(&self) -> Result<Vec<(String, i64)>> {
         let sql = "SELECT state, COUNT(*) FROM workflow_runs GROUP BY state";
         Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)
+    }
+
+    /// Claims up to `limit` runs whose look is due: each is pushed to
+    /// `lease_until` (another engine takes it then if this one died) and
+    /// returned with that value, for [`Tx::set_next_check`]. On PostgreSQL
+    /// rows another replica is claiming are skipped.
+    pub async fn claim_due_runs(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<String>> {
+        // Usually nothing is due: find out with a read.
+        let any: Option<String> = on_pool!(self, p => sqlx::query_scalar(
+            "SELECT id FROM workflow_runs WHERE next_check_at <= $1 LIMIT 1",
+        )
+        .bind(to_ms(now))
+        .fetch_optional(p)
+        .await)?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        let sql = match self.backend() {
+            crate::Backend::Postgres => {
+                "WITH picked AS MATERIALIZED (SELECT id FROM workflow_runs WHERE next_check_at <= $1 \
+                 ORDER BY next_check_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 UPDATE workflow_runs SET next_check_at = $2 FROM picked \
+                 WHERE workflow_runs.id = picked.id RETURNING workflow_runs.id"
+            }
+            crate::Backend::Sqlite => {
+                "UPDATE workflow_runs SET next_check_at = $2 WHERE id IN \
+                 (SELECT id FROM workflow_runs WHERE next_check_at <= $1 ORDER BY next_check_at LIMIT $3) \
+                 RETURNING id"
+            }
+        };
+        let mut tx = self.begin().await?;
+        let ids: Vec<String> = on_tx!(&mut tx, c => sqlx::query_scalar(sql)
+            .bind(to_ms(now))
+            .bind(to_ms(lease_until))
+            .bind(limit)
+            .fetch_all(&mut *c)
+            .await)?;
+        tx.commit().await?;
+        Ok(ids)
     }
 
     /// Ids of the runs not yet ended, and of ended runs whose workspace

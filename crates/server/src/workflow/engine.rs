@@ -21,7 +21,7 @@
 //! the job that removes the workspace (unless `keep_workspace`), in the
 //! same transaction, and the run is swept until that job has ended.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,64 +44,66 @@ use crate::domain;
 use crate::hub::JobEvent;
 use crate::state::AppState;
 
-/// How often every run not yet ended is looked at.
-const SWEEP: Duration = Duration::from_secs(1);
+/// How often the engine looks for due runs without being woken (run
+/// deadlines and expired claims are noticed this way).
+const TICK: Duration = Duration::from_secs(1);
+/// How long a claimed run is this engine's: past it (the engine died
+/// mid-pass, or the pass failed), any engine claims it again.
+const CLAIM_LEASE: Duration = Duration::from_secs(30);
+/// Most runs claimed at once.
+const CLAIM_BATCH: i64 = 64;
+/// The slow safety sweep: a run not yet done is looked at again at least
+/// this often, even if nothing marked it due.
+const SAFETY_LOOK: Duration = Duration::from_secs(60);
 
 pub use super::plan::mirror;
 
-/// Runs the engine until `shutdown`.
+/// Runs the engine until `shutdown`: claims the runs whose look is due
+/// (woken by commits that mark runs due, and at least every `TICK`), and
+/// advances each.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let engine = Engine::new(state.clone());
     let mut rx = state.hub.subscribe();
-    let mut tick = tokio::time::interval(SWEEP);
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dirty: HashSet<String> = HashSet::new();
     loop {
-        let mut sweep = false;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => sweep = true,
+            _ = tick.tick() => {}
             ev = rx.recv() => match ev {
-                Ok(ev) => sweep |= note(ev, &mut dirty),
-                Err(RecvError::Lagged(_)) => sweep = true,
+                Ok(JobEvent::RunChanged(_) | JobEvent::Everything) | Err(RecvError::Lagged(_)) => {}
+                Ok(_) => continue,
                 Err(RecvError::Closed) => return,
             },
         }
-        // Take whatever else is already there in the same round.
+        // Whatever else is already there is covered by this round.
+        while rx.try_recv().is_ok() {}
         loop {
-            match rx.try_recv() {
-                Ok(ev) => sweep |= note(ev, &mut dirty),
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => sweep = true,
-                Err(_) => break,
-            }
-        }
-        if sweep {
-            match state.store.active_runs().await {
-                Ok(runs) => dirty.extend(runs),
-                Err(e) => tracing::warn!(error = %e, "listing active runs failed"),
-            }
-        }
-        for run in dirty.drain() {
-            match engine.advance(&run).await {
-                Ok(moved) => tracing::trace!(run = %run, moved, "run looked at"),
+            let now = Utc::now();
+            let lease = now + chrono::Duration::from_std(CLAIM_LEASE).unwrap_or_default();
+            let due = match state.store.claim_due_runs(now, lease, CLAIM_BATCH).await {
+                Ok(due) => due,
                 Err(e) => {
-                    tracing::warn!(run = %run, error = %e, "advancing a run failed; will retry")
+                    tracing::warn!(error = %e, "claiming due runs failed; will retry");
+                    break;
+                }
+            };
+            if due.is_empty() {
+                break;
+            }
+            for run in &due {
+                match engine.advance(run, lease).await {
+                    Ok(moved) => tracing::trace!(run = %run, moved, "run looked at"),
+                    // The claim runs out and the run is looked at again.
+                    Err(e) => {
+                        tracing::warn!(run = %run, error = %e, "advancing a run failed; will retry")
+                    }
                 }
             }
+            if shutdown.is_cancelled() {
+                return;
+            }
         }
-    }
-}
-
-/// Notes a run to look at; true when everything should be looked at. A
-/// commit that changed a run's job also names the run.
-fn note(ev: JobEvent, dirty: &mut HashSet<String>) -> bool {
-    match ev {
-        JobEvent::RunChanged(run) => {
-            dirty.insert(run);
-            false
-        }
-        JobEvent::Everything => true,
-        JobEvent::Changed(_) | JobEvent::Log(_) | JobEvent::RunEvent(_) => false,
     }
 }
 
@@ -178,18 +180,26 @@ impl Engine {
     /// Looks at one run: gathers its facts, then plans and applies the
     /// due steps, wave after wave, in one transaction. True when
     /// something changed.
-    async fn advance(&self, run_id: &str) -> Result<bool, EngineError> {
+    async fn advance(
+        &self,
+        run_id: &str,
+        claimed: chrono::DateTime<Utc>,
+    ) -> Result<bool, EngineError> {
         let store = &self.state.store;
         let Some(run) = store.run(run_id).await? else {
             return Ok(false);
         };
+        let safety = Utc::now() + chrono::Duration::from_std(SAFETY_LOOK).unwrap_or_default();
         if run.state.is_final() {
             // Only the removal of its workspace can still be under way.
-            if run.workspace_state != Some(WorkspaceState::Removing) {
-                return Ok(false);
-            }
             let mut tx = store.begin().await?;
-            let moved = self.settle_removal(&mut tx, &run).await?;
+            let mut moved = false;
+            let mut next = None;
+            if run.workspace_state == Some(WorkspaceState::Removing) {
+                moved = self.settle_removal(&mut tx, &run).await?;
+                next = (!moved).then_some(safety);
+            }
+            tx.set_next_check(run_id, next, claimed).await?;
             tx.commit().await?;
             return Ok(moved);
         }
@@ -237,6 +247,7 @@ impl Engine {
         let mut tx = store.begin().await?;
         let mut jobs = domain::Jobs::new(store);
         let mut moved = false;
+        let mut finished = false;
         'waves: for _ in 0..MAX_WAVES {
             let steps = plan::plan(&facts);
             if steps.is_empty() {
@@ -360,11 +371,21 @@ impl Engine {
                             .collect();
                         self.finish(&mut tx, &run, &def, &tasks, state, reason)
                             .await?;
+                        finished = true;
                         break 'waves;
                     }
                 }
             }
         }
+        // The next look: when its deadline comes, and at least at the
+        // safety sweep; an ended run removing its workspace is looked at
+        // when that job ends (its commit marks the run due).
+        let next = if finished {
+            (def.workspace.is_some() && !def.keep_workspace).then_some(safety)
+        } else {
+            Some(run.deadline_at.map_or(safety, |d| d.min(safety)))
+        };
+        tx.set_next_check(run_id, next, claimed).await?;
         tx.commit().await?;
         Ok(moved)
     }
