@@ -954,7 +954,7 @@ mod workflows {
             let l1 = lease(30);
             assert_eq!(
                 store.claim_due_runs(now(), l1, 10).await.unwrap(),
-                [run.clone()],
+                std::slice::from_ref(&run),
                 "{backend}"
             );
             assert!(
@@ -991,7 +991,7 @@ mod workflows {
             let l2 = lease(30);
             assert_eq!(
                 store.claim_due_runs(now(), l2, 10).await.unwrap(),
-                [run.clone()],
+                std::slice::from_ref(&run),
                 "{backend}"
             );
             let mut tx = store.begin().await.unwrap();
@@ -1009,7 +1009,7 @@ mod workflows {
             let l3 = lease(30);
             assert_eq!(
                 store.claim_due_runs(now(), l3, 10).await.unwrap(),
-                [run.clone()],
+                std::slice::from_ref(&run),
                 "{backend}"
             );
             let mut tx = store.begin().await.unwrap();
@@ -1025,7 +1025,7 @@ mod workflows {
             // ... so the engine's "never again" did not stick.
             assert_eq!(
                 store.claim_due_runs(now(), lease(30), 10).await.unwrap(),
-                [run.clone()],
+                std::slice::from_ref(&run),
                 "{backend}"
             );
 
