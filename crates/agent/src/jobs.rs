@@ -807,6 +807,9 @@ fn hex_lower(bytes: &[u8]) -> String {
     s
 }
 
+/// How long an attempt runs quietly before its start is reported.
+const START_REPORT_DELAY: Duration = Duration::from_millis(50);
+
 /// Sends the start notice, then the output chunks in order. A chunk the
 /// server refuses (over the cap, …) is dropped; one that cannot reach it is
 /// retried with backoff until it arrives or the agent stops. Nothing is
@@ -820,13 +823,31 @@ async fn ship_logs(
 ) {
     let id = attempt_id.as_str();
     let start = &start;
+    // The start is reported only once the attempt has output or is still
+    // going after a moment: a short, quiet one ends first, and its result
+    // carries its start time, which saves a request and a commit.
+    let first = tokio::select! {
+        chunk = rx.recv() => match chunk {
+            Some(chunk) => Some(chunk),
+            None => return,
+        },
+        _ = tokio::time::sleep(START_REPORT_DELAY) => None,
+    };
     let r = session
         .call(|client, token| async move { client.start(&token, id, start).await })
         .await;
     if let Err(e) = r {
         tracing::warn!(attempt = %id, error = %e, "could not report the start; running anyway");
     }
-    while let Some(chunk) = rx.recv().await {
+    let mut first = first;
+    loop {
+        let chunk = match first.take() {
+            Some(chunk) => chunk,
+            None => match rx.recv().await {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
         let chunk = &chunk;
         let mut backoff = Backoff::new(max_backoff);
         loop {

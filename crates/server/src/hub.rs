@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use drover_store::jobs::LogTarget;
 use drover_store::Changes;
 use tokio::sync::{broadcast, Notify, Semaphore};
 
@@ -44,9 +45,18 @@ pub struct AgentSlot {
     free: AtomicU32,
 }
 
+/// Most attempts whose log target is kept (the map is emptied when full:
+/// a forgotten one is looked up again).
+const MAX_LOG_TARGETS: usize = 10_000;
+
 /// Wake-ups and events of this server process.
 #[derive(Debug)]
 pub struct Hub {
+    /// Where each running attempt's output goes and how much of it this
+    /// server stored, looked up once per attempt. With several replicas
+    /// the bytes counted here may lag the others', so a stream may pass
+    /// its cap by what the other replicas stored meanwhile.
+    log_targets: Mutex<HashMap<String, LogTarget>>,
     agents: Mutex<HashMap<String, Arc<AgentSlot>>>,
     events: broadcast::Sender<JobEvent>,
     /// Long-polls held right now.
@@ -60,12 +70,41 @@ pub struct Hub {
 impl Hub {
     pub fn new(max_long_polls: usize) -> Hub {
         Hub {
+            log_targets: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashMap::new()),
             events: broadcast::channel(4096).0,
             polls_waiting: AtomicI64::new(0),
             poll_permits: Arc::new(Semaphore::new(max_long_polls)),
             deliveries: Notify::new(),
         }
+    }
+
+    /// The kept log target of an attempt, if any.
+    pub fn log_target(&self, attempt_id: &str) -> Option<LogTarget> {
+        let targets = self.log_targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.get(attempt_id).cloned()
+    }
+
+    pub fn keep_log_target(&self, attempt_id: &str, target: LogTarget) {
+        let mut targets = self.log_targets.lock().unwrap_or_else(|p| p.into_inner());
+        if targets.len() >= MAX_LOG_TARGETS {
+            targets.clear();
+        }
+        targets.insert(attempt_id.to_owned(), target);
+    }
+
+    /// Counts bytes stored for a stream (0 stdout, 1 stderr).
+    pub fn log_stored(&self, attempt_id: &str, stream: usize, bytes: i64) {
+        let mut targets = self.log_targets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = targets.get_mut(attempt_id) {
+            t.used[stream.min(1)] += bytes;
+        }
+    }
+
+    /// The attempt has its result: its output is complete.
+    pub fn forget_log_target(&self, attempt_id: &str) {
+        let mut targets = self.log_targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.remove(attempt_id);
     }
 
     pub fn slot(&self, agent_id: &str) -> Arc<AgentSlot> {

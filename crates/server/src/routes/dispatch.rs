@@ -12,11 +12,11 @@ use chrono::Utc;
 use drover_proto::api::DispatchState;
 use drover_proto::jobs::{
     Assignment, AttemptResult, LeaseRequest, LeaseResponse, LogUpload, PollRequest, PollResponse,
-    ResultAck, StartRequest,
+    ResultAck, StartRequest, Stream,
 };
 use drover_proto::{ErrorBody, ErrorCode};
 use drover_store::fleet::Gate;
-use drover_store::jobs::{Appended, Ownership, Recorded};
+use drover_store::jobs::{Ownership, Recorded};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -278,14 +278,25 @@ async fn upload_log(
     // Room for the agent's truncation marker beyond the cap.
     let cap = (state.config.log_cap_bytes + LOG_MARKER_ROOM) as i64;
     let seq = i64::try_from(req.seq).map_err(|_| ApiError::invalid("seq is too large"))?;
-    match state
-        .store
-        .append_log(&claims.sub, &id, req.stream, seq, &req.data, cap)
-        .await?
-    {
-        Appended::Stored { .. } => Ok(Json(ResultAck { recorded: true })),
-        Appended::Duplicate { .. } => Ok(Json(ResultAck { recorded: false })),
-        Appended::OverCap => Err(ApiError::new(
+    // Where the attempt's output goes, and how much of it is stored, are
+    // looked up once per attempt and kept until its result comes.
+    let target = match state.hub.log_target(&id) {
+        Some(t) => t,
+        None => {
+            let Some(t) = state.store.log_target(&id).await? else {
+                return Err(unknown_attempt(&id));
+            };
+            state.hub.keep_log_target(&id, t.clone());
+            t
+        }
+    };
+    if target.agent_id != claims.sub {
+        return Err(forbidden_attempt(&id));
+    }
+    let stream = usize::from(req.stream == Stream::Stderr);
+    let len = req.data.len() as i64;
+    if target.used[stream] + len > cap {
+        return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::PayloadTooLarge,
             format!(
@@ -293,10 +304,17 @@ async fn upload_log(
                 req.stream.as_str(),
                 state.config.log_cap_bytes
             ),
-        )),
-        Appended::Foreign => Err(forbidden_attempt(&id)),
-        Appended::NotFound => Err(unknown_attempt(&id)),
+        ));
     }
+    let mut tx = state.store.begin().await?;
+    let stored = tx
+        .append_log(&target, &id, req.stream, seq, &req.data, Utc::now())
+        .await?;
+    tx.commit().await?;
+    if stored {
+        state.hub.log_stored(&id, stream, len);
+    }
+    Ok(Json(ResultAck { recorded: stored }))
 }
 
 /// Keep attempts alive; the answer lists those to stop.
@@ -373,6 +391,7 @@ async fn report_result(
         .await?
     {
         Recorded::Recorded { .. } => {
+            state.hub.forget_log_target(&id);
             state
                 .metrics
                 .result_recorded(result.outcome.state().as_str());
