@@ -72,6 +72,12 @@ pub struct WorkspaceDef {
     /// Check this out into the workspace before the first task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<GitSource>,
+    /// Variables every task that runs in the workspace gets, beside its
+    /// action's (a name both set is refused). Values may hold
+    /// `${{ inputs.NAME }}` and `${{ run.id }}`. Left out of the canonical
+    /// JSON when empty, so definitions without it keep their hash.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// One input of a workflow.

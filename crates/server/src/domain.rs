@@ -99,6 +99,9 @@ pub struct JobRequest<'a> {
     pub artifacts: &'a [String],
     /// Names the submitter in messages ("task 'build'", "the job").
     pub who: &'a str,
+    /// Variables beside the action's (a workspace's); a name the action
+    /// sets too is refused.
+    pub env: &'a BTreeMap<String, String>,
 }
 
 /// A job ready to store: everything its attempts run with.
@@ -275,6 +278,15 @@ impl<'s> Jobs<'s> {
                 (vec![agent.to_owned()], sandbox, Some(ws.clone()))
             }
         };
+        let mut env = spec.env.clone();
+        for (name, value) in req.env {
+            if env.insert(name.clone(), value.clone()).is_some() {
+                return Err(Error::Params(format!(
+                    "variable '{name}' is set both by the workspace and by action '{}'",
+                    spec.name
+                )));
+            }
+        }
         let params_json = serde_json::to_string(req.params).map_err(|e| Error::Corrupt {
             what: "parameters",
             name: req.action.to_owned(),
@@ -286,7 +298,7 @@ impl<'s> Jobs<'s> {
             target: req.target.to_owned(),
             params_json,
             argv,
-            env: spec.env.clone(),
+            env,
             timeout_ms: timeout.as_millis() as i64,
             kill_grace_ms: spec.kill_grace.as_millis() as i64,
             retry,

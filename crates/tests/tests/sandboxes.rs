@@ -707,6 +707,68 @@ async fn workspace_checkout_is_shared_by_the_tasks_and_removed() {
     }
 }
 
+/// A workspace's variables reach every task that runs in it, rendered
+/// from the run's inputs; a name its tasks' actions set too is refused at
+/// submit, naming the task, and so is a reserved one.
+#[tokio::test]
+async fn workspace_variables_reach_its_tasks() {
+    for backend in BACKENDS {
+        let (cluster, agent) = cluster_with_agent(backend, ServerOptions::default()).await;
+        cluster.apply_actions(
+            "actions:\n  - name: greet-env\n    argv: [\"/bin/sh\", \"-c\", 'echo \"::set-output greeting=$GREETING\"']\n  \
+             - name: own-env\n    argv: [\"/bin/true\"]\n    env: {GREETING: mine}\n",
+        );
+        let yaml = format!(
+            "name: wsenv\nmode: sequential\ninputs:\n  who: {{default: world}}\nworkspace:\n  target: {}\n  \
+             env: {{GREETING: 'hello ${{{{ inputs.who }}}}'}}\ntasks:\n  - {{id: a, action: greet-env}}\n  - {{id: b, action: greet-env}}\n",
+            agent.id
+        );
+        let run = submit_run(&cluster, &yaml).await;
+        let ended = wait_run_end(&cluster, &run.id).await;
+        assert_eq!(ended.state, RunState::Succeeded, "{backend}: {ended:#?}");
+        for t in &ended.tasks {
+            assert_eq!(
+                t.outputs.get("greeting").map(String::as_str),
+                Some("hello world"),
+                "{backend}: task {}",
+                t.id
+            );
+        }
+        wait_workspace(&cluster, &run.id, WorkspaceState::Removed).await;
+
+        for (env, want) in [
+            (
+                "{GREETING: x}",
+                "variable 'GREETING' is set both by the workspace and by action 'own-env'",
+            ),
+            ("{PATH: /tmp}", "'PATH' is reserved"),
+            ("{DROVER_X: y}", "'DROVER_X' is reserved"),
+            ("{X: '${{ tasks.a.outputs.y }}'}", "env.X refers to tasks.a"),
+        ] {
+            let yaml = format!(
+                "name: bad\nworkspace:\n  target: {}\n  env: {env}\ntasks:\n  - {{id: a, action: own-env}}\n",
+                agent.id
+            );
+            let resp = cluster
+                .http
+                .post(format!("{}/api/v1/workflows/runs", cluster.url))
+                .bearer_auth(&cluster.admin_token)
+                .json(&json!({"definition": yaml, "source": "ws.yaml"}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            assert_eq!(status, 422, "{backend} {env}: {text}");
+            assert!(text.contains(want), "{backend} {env}: {text}");
+            assert!(
+                text.contains("ws.yaml"),
+                "{backend} {env}: names the file: {text}"
+            );
+        }
+    }
+}
+
 /// The workspace goes whatever the ending — cancel, a failed task, a
 /// checkout that fails — and stays when `keep_workspace` asks, until
 /// `drover workflow cleanup`.

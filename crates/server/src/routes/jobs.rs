@@ -68,6 +68,7 @@ async fn submit_job(
             target: &req.target,
             artifacts: &[],
             who: "the job",
+            env: &BTreeMap::new(),
         })
         .await?;
     let id = state

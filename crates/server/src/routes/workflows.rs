@@ -170,6 +170,14 @@ async fn check_sandboxes(state: &AppState, parsed: &Parsed) -> Result<(), ApiErr
         let own = crate::sandboxes::resolve(state, &spec, task.sandbox.as_deref())
             .await?
             .map_err(fail)?;
+        if let Some(ws) = &parsed.def.workspace {
+            if let Some(name) = ws.env.keys().find(|k| spec.env.contains_key(*k)) {
+                return Err(fail(format!(
+                    "variable '{name}' is set both by the workspace and by action '{}'",
+                    spec.name
+                )));
+            }
+        }
         if let Some(ws) = &ws_profile {
             let who = format!("task '{}'", task.id);
             crate::workflow::workspace::task_sandbox(&who, task.sandbox.as_deref(), &spec, own, ws)

@@ -55,6 +55,8 @@ struct RawWorkspace {
     sandbox: Option<String>,
     #[serde(default)]
     git: Option<GitSource>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,10 +218,13 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
             if let Some(g) = &w.git {
                 check_git(g, &raw.inputs).map_err(|e| format!("{ws_at}: workspace: {e}"))?;
             }
+            check_workspace_env(&w.env, &raw.inputs)
+                .map_err(|e| format!("{ws_at}: workspace: {e}"))?;
             Some(WorkspaceDef {
                 target,
                 sandbox: w.sandbox,
                 git: w.git,
+                env: w.env,
             })
         }
         None => None,
@@ -498,6 +503,52 @@ fn ancestors(tasks: &[TaskDef]) -> HashMap<String, BTreeSet<String>> {
 /// A workspace's git source: `repo` and `ref` may hold `${{ inputs.NAME }}`
 /// and `${{ run.id }}` (rendered, then checked, when the workspace is
 /// created); without references they are checked now.
+/// Variables the agent sets itself, or that change what a fixed argv does:
+/// a workspace may not set them for its tasks.
+const RESERVED_ENV: &[&str] = &["PATH", "BASH_ENV", "ENV", "IFS", "HOME"];
+
+/// A workspace's variables: valid names, none reserved, values referring
+/// only to declared inputs and the run id (no task has run when the
+/// workspace is made).
+fn check_workspace_env(
+    env: &BTreeMap<String, String>,
+    inputs: &BTreeMap<String, Option<RawInput>>,
+) -> Result<(), String> {
+    for (name, value) in env {
+        let valid = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid {
+            return Err(format!("env: '{name}' is not a valid variable name"));
+        }
+        if RESERVED_ENV.contains(&name.as_str())
+            || name.starts_with("DROVER_")
+            || name.starts_with("LD_")
+        {
+            return Err(format!(
+                "env: '{name}' is reserved (PATH, HOME, IFS, ENV, BASH_ENV, DROVER_* and LD_* cannot be set)"
+            ));
+        }
+        let field = format!("env.{name}");
+        for r in template::refs(value).map_err(|e| format!("{field}: {e}"))? {
+            match r {
+                Ref::Input(input) if !inputs.contains_key(&input) => {
+                    return Err(format!(
+                        "{field} refers to inputs.{input}, which is not declared under 'inputs'"
+                    ))
+                }
+                Ref::TaskOutput(task, _) => {
+                    return Err(format!(
+                        "{field} refers to tasks.{task}: the workspace is made before any task runs"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_git(g: &GitSource, inputs: &BTreeMap<String, Option<RawInput>>) -> Result<(), String> {
     let mut templated = false;
     for (field, value) in [

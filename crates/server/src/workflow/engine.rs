@@ -299,7 +299,15 @@ impl Engine {
                             continue;
                         };
                         match self
-                            .start(&mut tx, &run, def_task, &outputs, ready.as_ref(), &mut jobs)
+                            .start(
+                                &mut tx,
+                                &run,
+                                def_task,
+                                &outputs,
+                                ready.as_ref(),
+                                def.workspace.as_ref(),
+                                &mut jobs,
+                            )
                             .await?
                         {
                             Ok(job) => {
@@ -669,6 +677,7 @@ impl Engine {
         task: &TaskDef,
         outputs: &BTreeMap<String, BTreeMap<String, String>>,
         ws: Option<&ReadyWorkspace>,
+        def_workspace: Option<&drover_proto::workflows::WorkspaceDef>,
         jobs: &mut domain::Jobs<'_>,
     ) -> Result<Result<Option<String>, String>, EngineError> {
         let scope = Scope {
@@ -692,6 +701,18 @@ impl Engine {
             Some(ReadyWorkspace { agent, spec }) => domain::Placement::Workspace { agent, spec },
             None => domain::Placement::Target(&task.target),
         };
+        // The workspace's variables, rendered from the run's inputs.
+        let mut env = BTreeMap::new();
+        if let (Some(_), Some(ws_def)) = (ws, def_workspace) {
+            for (name, value) in &ws_def.env {
+                match template::render(value, &scope) {
+                    Ok(v) => {
+                        env.insert(name.clone(), v);
+                    }
+                    Err(e) => return Ok(Err(format!("workspace env.{name}: {e}"))),
+                }
+            }
+        }
         let who = format!("task '{}'", task.id);
         let built = jobs
             .build(&domain::JobRequest {
@@ -704,6 +725,7 @@ impl Engine {
                 target: &task.target,
                 artifacts: &task.artifacts,
                 who: &who,
+                env: &env,
             })
             .await;
         let job = match built {
