@@ -304,8 +304,7 @@ impl Engine {
                                 &run,
                                 def_task,
                                 &outputs,
-                                ready.as_ref(),
-                                def.workspace.as_ref(),
+                                ready.as_ref().zip(def.workspace.as_ref()),
                                 &mut jobs,
                             )
                             .await?
@@ -676,8 +675,7 @@ impl Engine {
         run: &RunRecord,
         task: &TaskDef,
         outputs: &BTreeMap<String, BTreeMap<String, String>>,
-        ws: Option<&ReadyWorkspace>,
-        def_workspace: Option<&drover_proto::workflows::WorkspaceDef>,
+        ws: Option<(&ReadyWorkspace, &drover_proto::workflows::WorkspaceDef)>,
         jobs: &mut domain::Jobs<'_>,
     ) -> Result<Result<Option<String>, String>, EngineError> {
         let scope = Scope {
@@ -698,12 +696,14 @@ impl Engine {
         }
         let placement = match ws {
             // Pinned to the workspace's agent, in its sandbox.
-            Some(ReadyWorkspace { agent, spec }) => domain::Placement::Workspace { agent, spec },
+            Some((ReadyWorkspace { agent, spec }, _)) => {
+                domain::Placement::Workspace { agent, spec }
+            }
             None => domain::Placement::Target(&task.target),
         };
         // The workspace's variables, rendered from the run's inputs.
         let mut env = BTreeMap::new();
-        if let (Some(_), Some(ws_def)) = (ws, def_workspace) {
+        if let Some((_, ws_def)) = ws {
             for (name, value) in &ws_def.env {
                 match template::render(value, &scope) {
                     Ok(v) => {
