@@ -500,23 +500,30 @@ impl Tx {
                 if let Some((_, members)) = guard.group.as_mut() {
                     *members += 1;
                 }
-                if writer.waiting.load(Ordering::SeqCst) == 0 {
-                    finish_group(&mut guard, Some(stats)).await;
-                    drop(guard);
-                } else {
+                // Finished in a task of its own, so that a caller that goes
+                // away now cannot leave the group open.
+                let shared = self.store.shared.clone();
+                let pending = group.clone();
+                let finish = tokio::spawn(async move {
+                    let stats = Some(&shared.stats);
+                    if writer.waiting.load(Ordering::SeqCst) == 0 {
+                        finish_group(&mut guard, stats).await;
+                        return;
+                    }
                     // Others wait for the writer: let them join this group,
                     // then come back and commit it if none of them did.
                     drop(guard);
                     let mut again = writer.lock().await;
-                    if group.result.get().is_none() {
-                        let same = again
-                            .group
-                            .as_ref()
-                            .is_some_and(|(g, _)| Arc::ptr_eq(g, &group));
-                        if same {
-                            finish_group(&mut again, Some(stats)).await;
-                        }
+                    let same = again
+                        .group
+                        .as_ref()
+                        .is_some_and(|(g, _)| Arc::ptr_eq(g, &pending));
+                    if pending.result.get().is_none() && same {
+                        finish_group(&mut again, stats).await;
                     }
+                });
+                if let Err(e) = finish.await {
+                    tracing::error!(error = %e, "the commit task failed");
                 }
                 match group.result.get() {
                     Some(Ok(())) => {}
