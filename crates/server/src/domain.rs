@@ -345,22 +345,18 @@ pub async fn find_profile(store: &Store, name: &str) -> Result<Option<Sandbox>, 
     Ok(Some(profile))
 }
 
-/// Resolves a target to the agents it names, uncached (see
-/// [`Jobs::resolve_target`]).
-pub async fn resolve_target(store: &Store, target: &str) -> Result<Vec<String>, Error> {
+/// The agents a target names: the one an id (or unique prefix) names,
+/// revoked or not, or every agent not revoked that a selector matches.
+/// An error when there is none.
+pub async fn matching_agents(store: &Store, target: &str) -> Result<Vec<AgentRecord>, Error> {
+    let none = || Error::Target(format!("target '{target}' matches no agent"));
     let selector = Selector::parse(target).map_err(Error::Target)?;
     if let Selector::Agent(prefix) = &selector {
         let id = store.resolve_agent_id(prefix).await.map_err(|e| match e {
-            drover_store::Error::NotFound { .. } => {
-                Error::Target(format!("target '{target}' matches no agent"))
-            }
+            drover_store::Error::NotFound { .. } => none(),
             other => other.into(),
         })?;
-        let agent = store.agent(&id).await?;
-        if agent.as_ref().is_some_and(|a| a.revoked_at.is_some()) {
-            return Err(Error::Target(format!("agent {id} is revoked")));
-        }
-        return Ok(vec![id]);
+        return store.agent(&id).await?.map(|a| vec![a]).ok_or_else(none);
     }
     let matched: Vec<AgentRecord> = store
         .list_agents()
@@ -369,7 +365,22 @@ pub async fn resolve_target(store: &Store, target: &str) -> Result<Vec<String>, 
         .filter(|a| a.revoked_at.is_none() && selector.matches(a))
         .collect();
     if matched.is_empty() {
-        return Err(Error::Target(format!("target '{target}' matches no agent")));
+        return Err(none());
+    }
+    Ok(matched)
+}
+
+/// Resolves a target to the agents it names, uncached (see
+/// [`Jobs::resolve_target`]).
+pub async fn resolve_target(store: &Store, target: &str) -> Result<Vec<String>, Error> {
+    let matched = matching_agents(store, target).await?;
+    if let [one] = matched.as_slice() {
+        if matches!(Selector::parse(target), Ok(Selector::Agent(_))) {
+            if one.revoked_at.is_some() {
+                return Err(Error::Target(format!("agent {} is revoked", one.id)));
+            }
+            return Ok(vec![one.id.clone()]);
+        }
     }
     let (active, paused): (Vec<AgentRecord>, Vec<AgentRecord>) = matched
         .into_iter()

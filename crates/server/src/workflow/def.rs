@@ -529,24 +529,35 @@ fn check_workspace_env(
                 "env: '{name}' is reserved (PATH, HOME, IFS, ENV, BASH_ENV, DROVER_* and LD_* cannot be set)"
             ));
         }
-        let field = format!("env.{name}");
-        for r in template::refs(value).map_err(|e| format!("{field}: {e}"))? {
-            match r {
-                Ref::Input(input) if !inputs.contains_key(&input) => {
-                    return Err(format!(
-                        "{field} refers to inputs.{input}, which is not declared under 'inputs'"
-                    ))
-                }
-                Ref::TaskOutput(task, _) => {
-                    return Err(format!(
-                        "{field} refers to tasks.{task}: the workspace is made before any task runs"
-                    ))
-                }
-                _ => {}
-            }
-        }
+        check_workspace_refs(&format!("env.{name}"), value, inputs)?;
     }
     Ok(())
+}
+
+/// Checks the `${{ }}` references of a workspace's field: declared inputs
+/// and the run id only. True when it has any.
+fn check_workspace_refs(
+    field: &str,
+    value: &str,
+    inputs: &BTreeMap<String, Option<RawInput>>,
+) -> Result<bool, String> {
+    let refs = template::refs(value).map_err(|e| format!("{field}: {e}"))?;
+    for r in &refs {
+        match r {
+            Ref::Input(input) if !inputs.contains_key(input) => {
+                return Err(format!(
+                    "{field} refers to inputs.{input}, which is not declared under 'inputs'"
+                ))
+            }
+            Ref::TaskOutput(task, _) => {
+                return Err(format!(
+                    "{field} refers to tasks.{task}: the workspace is made before any task runs"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(!refs.is_empty())
 }
 
 fn check_git(g: &GitSource, inputs: &BTreeMap<String, Option<RawInput>>) -> Result<(), String> {
@@ -556,22 +567,7 @@ fn check_git(g: &GitSource, inputs: &BTreeMap<String, Option<RawInput>>) -> Resu
         ("git.ref", g.reference.as_ref()),
     ] {
         let Some(value) = value else { continue };
-        for r in template::refs(value).map_err(|e| format!("{field}: {e}"))? {
-            templated = true;
-            match r {
-                Ref::Input(name) if !inputs.contains_key(&name) => {
-                    return Err(format!(
-                        "{field} refers to inputs.{name}, which is not declared under 'inputs'"
-                    ))
-                }
-                Ref::TaskOutput(task, _) => {
-                    return Err(format!(
-                        "{field} refers to tasks.{task}: the workspace is made before any task runs"
-                    ))
-                }
-                _ => {}
-            }
-        }
+        templated |= check_workspace_refs(field, value, inputs)?;
     }
     if templated {
         Ok(())

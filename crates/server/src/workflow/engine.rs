@@ -535,36 +535,17 @@ impl Engine {
         }
     }
 
-    /// The agents a workspace target names (revoked ones left out).
+    /// The agents a workspace target names (revoked ones left out of a
+    /// selector's).
     async fn candidates(
         &self,
         target: &str,
     ) -> Result<Result<Vec<drover_store::AgentRecord>, String>, EngineError> {
-        let selector = match crate::selector::Selector::parse(target) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(format!("workspace target: {e}"))),
-        };
-        let store = &self.state.store;
-        if let crate::selector::Selector::Agent(prefix) = &selector {
-            let id = match store.resolve_agent_id(prefix).await {
-                Ok(id) => id,
-                Err(drover_store::Error::NotFound { .. }) => {
-                    return Ok(Err(format!("target '{target}' matches no agent")))
-                }
-                Err(e) => return Err(e.into()),
-            };
-            return Ok(Ok(store.agent(&id).await?.into_iter().collect()));
+        match domain::matching_agents(&self.state.store, target).await {
+            Ok(agents) => Ok(Ok(agents)),
+            Err(domain::Error::Store(e)) => Err(e.into()),
+            Err(e) => Ok(Err(format!("workspace: {e}"))),
         }
-        let agents: Vec<_> = store
-            .list_agents()
-            .await?
-            .into_iter()
-            .filter(|a| a.revoked_at.is_none() && selector.matches(a))
-            .collect();
-        if agents.is_empty() {
-            return Ok(Err(format!("target '{target}' matches no agent")));
-        }
-        Ok(Ok(agents))
     }
 
     async fn workspace_failed(
