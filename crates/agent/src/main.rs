@@ -9,6 +9,9 @@ use drover_agent::outbox::Outbox;
 use drover_agent::state::StateDir;
 use drover_agent::{AgentArgs, AgentConfig, EnrollOptions, Error};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Exit status when the server refused the credentials for good; a service
 /// manager should not restart the agent on it (RestartPreventExitStatus=3).
@@ -56,15 +59,23 @@ enum Output {
     Json,
 }
 
+/// Logs to stderr (and what dependencies log through `log`).
 fn init_logging(config: &AgentConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    logger(config, std::io::stderr).init();
+}
+
+/// Lines in `log_format` on `writer`, filtered by `log_level`
+/// (`config::log_filter`, the one filter of every line).
+fn logger<W>(config: &AgentConfig, writer: W) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = drover_agent::config::log_filter(&config.log_level);
+    let lines = tracing_subscriber::fmt::layer().with_writer(writer);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
+        LogFormat::Json => Box::new(registry.with(lines.json())),
+        LogFormat::Human => Box::new(registry.with(lines)),
     }
 }
 
@@ -199,4 +210,62 @@ fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A log destination the test reads back.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_level_lets_through_what_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.yaml");
+        std::fs::write(&file, "log_format: json\n").unwrap();
+        let loaded = AgentConfig::load(&AgentArgs {
+            config: Some(file),
+            ..AgentArgs::default()
+        })
+        .unwrap();
+        // (log_level, lines expected of: debug in drover_agent, info in
+        // drover_agent, info in hyper)
+        let cases = [
+            ("debug", [true, true, true]),
+            ("info", [false, true, true]),
+            ("warn,drover_agent=debug", [true, true, false]),
+        ];
+        for (level, want) in cases {
+            let config = AgentConfig {
+                log_level: level.to_owned(),
+                ..loaded.clone()
+            };
+            let out = Lines::default();
+            let writer = out.clone();
+            tracing::subscriber::with_default(logger(&config, move || writer.clone()), || {
+                tracing::debug!(target: "drover_agent", "a debug line");
+                tracing::info!(target: "drover_agent", "an info line");
+                tracing::info!(target: "hyper", "a hyper line");
+            });
+            let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            let got = ["a debug line", "an info line", "a hyper line"].map(|l| text.contains(l));
+            assert_eq!(got, want, "{level}: {text}");
+        }
+    }
 }
