@@ -32,6 +32,7 @@ mod docker_tests;
 pub mod executor;
 pub mod inventory;
 mod jobs;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 mod process;
@@ -150,6 +151,15 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<StoredCreden
     Ok(creds)
 }
 
+/// How `run_with` treats the process it runs in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Once started, drop the process's mappings of its start-up code
+    /// (`memory`). For the agent's own process, not for one it shares with
+    /// other work (`drover up`).
+    pub release_startup_code: bool,
+}
+
 /// Runs the agent until `shutdown` is cancelled, or until the server
 /// refuses its credentials for good (revoked, session ended).
 ///
@@ -158,6 +168,15 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<StoredCreden
 /// one last drain for a few seconds, and returns; what is undelivered stays
 /// in the outbox for the next start.
 pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    run_with(config, shutdown, RunOptions::default()).await
+}
+
+/// `run`, with options about the process.
+pub async fn run_with(
+    config: &AgentConfig,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> Result<(), Error> {
     let dir = StateDir::open(&config.state_dir)?;
     let creds = dir
         .credentials()?
@@ -251,6 +270,11 @@ pub async fn run(config: &AgentConfig, shutdown: CancellationToken) -> Result<()
     );
     if config.allow_actions.is_empty() {
         tracing::warn!("allow_actions is empty: every job sent to this agent will be rejected");
+    }
+    if options.release_startup_code {
+        // Start-up is over: what runs from here on is mapped again on use.
+        let released = memory::release_startup_code();
+        tracing::debug!(bytes = released, "released the mappings of start-up code");
     }
     let poller = tokio::spawn(jobs.clone().poll_loop());
     let leases = tokio::spawn(jobs.clone().lease_loop());

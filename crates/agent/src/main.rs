@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use drover_agent::config::LogFormat;
 use drover_agent::outbox::Outbox;
 use drover_agent::state::StateDir;
-use drover_agent::{AgentArgs, AgentConfig, EnrollOptions, Error};
+use drover_agent::{AgentArgs, AgentConfig, EnrollOptions, Error, RunOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -91,7 +91,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(real_main(cli)) {
+    // On the heap: the agent's future is large, and moved around on the
+    // main thread's stack it kept ~16 KiB more of that stack resident.
+    match runtime.block_on(Box::pin(real_main(cli))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -155,7 +157,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let shutdown = CancellationToken::new();
             tokio::spawn(drover_agent::signals::stop_on_signals(shutdown.clone()));
-            drover_agent::run(&config, shutdown).await?;
+            let options = RunOptions {
+                release_startup_code: true,
+            };
+            drover_agent::run_with(&config, shutdown, options).await?;
             Ok(())
         }
     }
