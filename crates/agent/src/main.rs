@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         }
     };
     // On the heap: the agent's future is large, and moved around on the
-    // main thread's stack it kept ~16 KiB more of that stack resident.
+    // main thread's stack it kept 16-20 KiB more of that stack resident.
     match runtime.block_on(Box::pin(real_main(cli))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

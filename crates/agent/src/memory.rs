@@ -15,7 +15,8 @@
 //! agent runs next is mapped again on first use, at the cost of a minor
 //! fault per 64 KiB. Only the agent's own process does this
 //! (`RunOptions::release_startup_code`), not `drover up`, which runs the
-//! agent inside the server.
+//! agent inside the server. (A debugger attached before that moment loses
+//! the breakpoints it wrote into those pages.)
 
 /// Drops this process's mappings of the read-only segments of the
 /// executable and of the libraries loaded from files, and returns how many
