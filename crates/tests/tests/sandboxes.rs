@@ -585,7 +585,8 @@ fn git_repo(dir: &Path) -> String {
     repo.to_str().unwrap().to_owned()
 }
 
-async fn submit_run(cluster: &Cluster, yaml: &str) -> Run {
+/// Posts a definition (as `ws.yaml`); the status and the body.
+async fn post_run(cluster: &Cluster, yaml: &str) -> (u16, String) {
     let resp = cluster
         .http
         .post(format!("{}/api/v1/workflows/runs", cluster.url))
@@ -594,9 +595,13 @@ async fn submit_run(cluster: &Cluster, yaml: &str) -> Run {
         .send()
         .await
         .unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    assert_eq!(status.as_u16(), 201, "{text}");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+async fn submit_run(cluster: &Cluster, yaml: &str) -> Run {
+    let (status, text) = post_run(cluster, yaml).await;
+    assert_eq!(status, 201, "{text}");
     serde_json::from_str(&text).unwrap()
 }
 
@@ -749,16 +754,7 @@ async fn workspace_variables_reach_its_tasks() {
                 "name: bad\nworkspace:\n  target: {}\n  env: {env}\ntasks:\n  - {{id: a, action: own-env}}\n",
                 agent.id
             );
-            let resp = cluster
-                .http
-                .post(format!("{}/api/v1/workflows/runs", cluster.url))
-                .bearer_auth(&cluster.admin_token)
-                .json(&json!({"definition": yaml, "source": "ws.yaml"}))
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let text = resp.text().await.unwrap();
+            let (status, text) = post_run(&cluster, &yaml).await;
             assert_eq!(status, 422, "{backend} {env}: {text}");
             assert!(text.contains(want), "{backend} {env}: {text}");
             assert!(
