@@ -939,6 +939,33 @@ mod workflows {
         user: None,
     });
 
+    /// Claims due runs now with a lease ending at `until`.
+    async fn claim(store: &Store, until: chrono::DateTime<Utc>) -> Vec<String> {
+        store.claim_due_runs(Utc::now(), until, 10).await.unwrap()
+    }
+
+    /// The engine's end of a pass: sets the next look of a claimed run.
+    async fn set_next(
+        store: &Store,
+        run: &str,
+        next: Option<chrono::DateTime<Utc>>,
+        claimed: chrono::DateTime<Utc>,
+    ) -> Changes {
+        let mut tx = store.begin().await.unwrap();
+        tx.set_next_check(run, next, claimed).await.unwrap();
+        tx.commit().await.unwrap()
+    }
+
+    /// A commit that names the run as changed.
+    async fn touch(store: &Store, run: &str) {
+        let mut tx = store.begin().await.unwrap();
+        tx.note(Changes {
+            runs: [run.to_owned()].into(),
+            ..Changes::default()
+        });
+        tx.commit().await.unwrap();
+    }
+
     /// Runs a commit changed are due; an engine's claim leases them, so a
     /// second claim gets nothing; its next look never overrides a commit
     /// that marked the run due meanwhile; concurrent claimers share the
@@ -953,36 +980,21 @@ mod workflows {
             let run = new_run(&store, &["a"]).await;
             let l1 = lease(30);
             assert_eq!(
-                store.claim_due_runs(now(), l1, 10).await.unwrap(),
+                claim(&store, l1).await,
                 std::slice::from_ref(&run),
                 "{backend}"
             );
             assert!(
-                store
-                    .claim_due_runs(now(), lease(30), 10)
-                    .await
-                    .unwrap()
-                    .is_empty(),
+                claim(&store, lease(30)).await.is_empty(),
                 "{backend}: leased"
             );
             // The engine's pass is done: next look in an hour.
-            let mut tx = store.begin().await.unwrap();
-            tx.set_next_check(&run, Some(lease(3600)), l1)
-                .await
-                .unwrap();
-            let changes = tx.commit().await.unwrap();
+            let changes = set_next(&store, &run, Some(lease(3600)), l1).await;
             assert!(
                 !changes.runs.contains(&run),
                 "{backend}: the engine's own look wakes nobody"
             );
-            assert!(
-                store
-                    .claim_due_runs(now(), lease(30), 10)
-                    .await
-                    .unwrap()
-                    .is_empty(),
-                "{backend}"
-            );
+            assert!(claim(&store, lease(30)).await.is_empty(), "{backend}");
             // A commit that changes the run makes it due at once.
             store
                 .request_run_cancel(&run, "admin", now())
@@ -990,41 +1002,25 @@ mod workflows {
                 .unwrap();
             let l2 = lease(30);
             assert_eq!(
-                store.claim_due_runs(now(), l2, 10).await.unwrap(),
+                claim(&store, l2).await,
                 std::slice::from_ref(&run),
                 "{backend}"
             );
-            let mut tx = store.begin().await.unwrap();
-            tx.set_next_check(&run, Some(lease(3600)), l2)
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
+            set_next(&store, &run, Some(lease(3600)), l2).await;
             // A commit that names the run makes it due again.
-            let mut tx = store.begin().await.unwrap();
-            tx.note(Changes {
-                runs: [run.clone()].into(),
-                ..Changes::default()
-            });
-            tx.commit().await.unwrap();
+            touch(&store, &run).await;
             let l3 = lease(30);
             assert_eq!(
-                store.claim_due_runs(now(), l3, 10).await.unwrap(),
+                claim(&store, l3).await,
                 std::slice::from_ref(&run),
                 "{backend}"
             );
-            let mut tx = store.begin().await.unwrap();
-            tx.note(Changes {
-                runs: [run.clone()].into(),
-                ..Changes::default()
-            });
             // Another transaction marks it due while the engine holds it...
-            tx.commit().await.unwrap();
-            let mut tx = store.begin().await.unwrap();
-            tx.set_next_check(&run, None, l3).await.unwrap();
-            tx.commit().await.unwrap();
+            touch(&store, &run).await;
+            set_next(&store, &run, None, l3).await;
             // ... so the engine's "never again" did not stick.
             assert_eq!(
-                store.claim_due_runs(now(), lease(30), 10).await.unwrap(),
+                claim(&store, lease(30)).await,
                 std::slice::from_ref(&run),
                 "{backend}"
             );
