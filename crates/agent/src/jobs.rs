@@ -10,10 +10,13 @@
 //!   `lease_ms / 3` and cancels (or kills) those the server gives up. On
 //!   stop: returns.
 //! - **attempt tasks**: one per attempt: runs it (`executor`), ships its
-//!   output (a log shipper task), writes the result to the outbox. On stop:
-//!   the attempt is cancelled and its result still written.
-//! - **reporter**: drains the outbox at start and whenever a result is
-//!   written, with jittered backoff while the server is away. On stop:
+//!   output (a log shipper task), writes the result to the outbox on a
+//!   blocking thread while it reports it once, and removes it when both
+//!   are done. On stop: the attempt is cancelled and its result still
+//!   written.
+//! - **reporter**: drains the outbox at start and whenever a result was
+//!   not reported at once, with jittered backoff while the server is
+//!   away. On stop:
 //!   returns; `run` then tries one last drain with a short deadline.
 //!
 //! Every task stops on a terminal refusal (the session is rejected).
@@ -232,7 +235,10 @@ impl Jobs {
             tracing::error!(attempt = %a.attempt_id, "ignoring an assignment with an invalid attempt id");
             return;
         }
-        if lock(&self.running).contains_key(&a.attempt_id) || self.outbox.contains(&a.attempt_id) {
+        if lock(&self.running).contains_key(&a.attempt_id)
+            || lock(&self.flushing).contains(&a.attempt_id)
+            || self.outbox.contains(&a.attempt_id)
+        {
             tracing::debug!(attempt = %a.attempt_id, "ignoring a repeated assignment");
             return;
         }
@@ -332,7 +338,17 @@ impl Jobs {
             duration_ms = result.duration_ms,
             "attempt ended"
         );
-        self.store_result(result);
+        // The result goes to the outbox on a blocking thread while the
+        // output finishes shipping and the result is reported: it is
+        // durable in at least one place (the server's database or this
+        // disk) before the agent forgets it, without both fsyncs standing
+        // in front of the report.
+        let result = self.ended(result);
+        let outbox = self.outbox.clone();
+        let durable = tokio::task::spawn_blocking({
+            let result = result.clone();
+            move || outbox.put(&result)
+        });
         {
             let mut running = lock(&self.running);
             running.remove(&a.attempt_id);
@@ -356,8 +372,63 @@ impl Jobs {
             abort.abort();
             tracing::warn!(attempt = %a.attempt_id, "output not fully shipped; reporting the result anyway");
         }
+        // Reported at once unless the agent stops (the final drain then
+        // reports it) or the output could not be shipped (the reporter
+        // retries with its backoff).
+        let delivered = shipped && !self.stop.is_cancelled() && self.report_now(&result).await;
+        let written = match durable.await {
+            Ok(written) => written,
+            Err(e) => Err(StateError::Io {
+                path: self.outbox.path().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        };
+        match written {
+            Ok(()) if delivered => {
+                if let Err(e) = self.outbox.remove(&result.attempt_id) {
+                    // Reported again at the next drain; the server keeps
+                    // the first.
+                    tracing::error!(error = %e, "cannot remove a delivered result");
+                }
+            }
+            Ok(()) => {}
+            Err(e) if delivered => {
+                tracing::warn!(error = %e, attempt = %a.attempt_id, "could not write a result to the outbox (it was delivered)");
+            }
+            Err(e) => {
+                // Nothing else can keep it: say so loudly, with the result.
+                tracing::error!(
+                    error = %e,
+                    result = %serde_json::to_string(&result).unwrap_or_default(),
+                    "could not write a result to the outbox and could not report it; it is lost"
+                );
+            }
+        }
+        self.metrics.set_outbox(self.outbox.len());
         lock(&self.flushing).remove(&a.attempt_id);
-        self.result_ready.notify_one();
+        if !delivered {
+            self.result_ready.notify_one();
+        }
+    }
+
+    /// Reports a fresh result once; false when that failed (the result is
+    /// then in the outbox, where the reporter takes it up).
+    async fn report_now(&self, result: &AttemptResult) -> bool {
+        let req = result;
+        match self
+            .session
+            .call(|client, token| async move { client.result(&token, req).await })
+            .await
+        {
+            Ok(ack) => {
+                tracing::debug!(attempt = %result.attempt_id, recorded = ack.recorded, "result delivered");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(attempt = %result.attempt_id, error = %e, "reporting a result failed; the reporter retries");
+                false
+            }
+        }
     }
 
     /// Uploads every declared path of the attempt's working dir (files, or
@@ -420,13 +491,18 @@ impl Jobs {
         Ok(())
     }
 
-    /// Writes a result to the outbox (nothing is reported before that).
-    fn store_result(&self, mut result: AttemptResult) {
+    /// A result as reported: its error capped, counted in the metrics.
+    fn ended(&self, mut result: AttemptResult) -> AttemptResult {
         if let Some(error) = &mut result.error {
             cap_error(error);
         }
-        let result = &result;
         self.metrics.attempt_ended(result.outcome);
+        result
+    }
+
+    /// Writes a refusal's result to the outbox (the reporter reports it).
+    fn store_result(&self, result: AttemptResult) {
+        let result = &self.ended(result);
         if let Err(e) = self.outbox.put(result) {
             // Nothing else can keep it: say so loudly, with the result.
             tracing::error!(

@@ -2,8 +2,9 @@
 //! `<state_dir>/outbox/<attempt_id>.json`.
 //!
 //! A result is written here (atomically, like the rest of the state dir)
-//! before it is reported, and deleted only once the server answered 2xx, so
-//! neither a server outage nor a killed agent loses it. Memory use does not
+//! while it is first reported, and deleted only once the server answered
+//! 2xx and the write is done, so it is always durable in one place at
+//! least: neither a server outage nor a killed agent loses it. Memory use does not
 //! depend on how many files wait: they are listed a batch at a time.
 
 use std::path::{Path, PathBuf};
