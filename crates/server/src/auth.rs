@@ -326,6 +326,7 @@ impl FromRequestParts<AppState> for UserAuth {
                 "token expired: run drover login again",
             ));
         }
+        crate::routes::audit::Audit::set_actor(parts, &user.username);
         Ok(UserAuth {
             user_id: user.id,
             username: user.username,

@@ -1,14 +1,18 @@
 //! The audit log: every state-changing API call, who made it, on what, and
 //! how it ended. Written by the `record` middleware, read by `drover audit list`.
 
-use axum::extract::{MatchedPath, Query, Request, State};
-use axum::http::Method;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{FromRequestParts, MatchedPath, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use drover_proto::jobs::AuditEntry;
-use drover_store::jobs::AuditFilter;
+use drover_store::jobs::{AuditEntry as NewEntry, AuditFilter};
+use drover_store::{Error as StoreError, Tx};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -85,8 +89,90 @@ fn audited(method: &Method, path: &str) -> bool {
     !path.starts_with("/api/v1/agent/") || path == "/api/v1/agent/enroll"
 }
 
-/// Middleware appending one audit entry per state-changing call.
-pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// What the audit knows of a call while it runs, shared between the
+/// `record` middleware and the handler: the user (filled in by the
+/// `UserAuth` extractor, so the middleware looks no token up), and whether
+/// the handler already wrote the entry in its own transaction.
+#[derive(Debug, Default)]
+struct Call {
+    action: String,
+    target: String,
+    actor: Option<String>,
+    /// The status of the entry the handler wrote with its change.
+    written: Option<StatusCode>,
+}
+
+/// The audit entry of the current call, for handlers that write it in the
+/// transaction of the change itself (one commit instead of two). Outside
+/// an audited call (or in tests without the middleware) it does nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Audit(Option<Arc<Mutex<Call>>>);
+
+fn lock(call: &Mutex<Call>) -> std::sync::MutexGuard<'_, Call> {
+    call.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Audit {
+    /// Notes who is calling (the `UserAuth` extractor does this).
+    pub(crate) fn set_actor(parts: &Parts, username: &str) {
+        if let Some(Audit(Some(call))) = parts.extensions.get::<Audit>() {
+            lock(call).actor = Some(username.to_owned());
+        }
+    }
+
+    /// Appends the call's entry, ending with `status`, to `tx`; when the
+    /// handler then answers `status`, the middleware writes none.
+    pub async fn write(&self, tx: &mut Tx, status: StatusCode) -> Result<(), StoreError> {
+        let Some(call) = &self.0 else {
+            return Ok(());
+        };
+        let (actor, action, target) = {
+            let c = lock(call);
+            (
+                c.actor.clone().unwrap_or_else(|| "anonymous".to_owned()),
+                c.action.clone(),
+                c.target.clone(),
+            )
+        };
+        tx.audit(
+            &NewEntry {
+                actor: &actor,
+                action: &action,
+                target: &target,
+                status: status.as_u16(),
+                outcome: outcome(status),
+            },
+            Utc::now(),
+        )
+        .await?;
+        // Marked before the commit: if it fails, the handler answers
+        // another status and the middleware writes that entry instead.
+        lock(call).written = Some(status);
+        Ok(())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Audit {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Audit>().cloned().unwrap_or_default())
+    }
+}
+
+fn outcome(status: StatusCode) -> &'static str {
+    if status.is_success() {
+        "ok"
+    } else if status.is_client_error() {
+        "refused"
+    } else {
+        "error"
+    }
+}
+
+/// Middleware appending one audit entry per state-changing call (unless
+/// the handler wrote it with its change).
+pub async fn record(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     if !audited(&method, &path) {
@@ -103,27 +189,42 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| hash_token(t.trim()));
-    let actor = match bearer {
-        Some(hash) => match state.store.user_token_by_hash(&hash).await {
+    let call = Arc::new(Mutex::new(Call {
+        action: format!("{method} {route}"),
+        target: path.clone(),
+        ..Call::default()
+    }));
+    req.extensions_mut().insert(Audit(Some(call.clone())));
+    let response = next.run(req).await;
+    let status = response.status();
+    let (known, written, action) = {
+        let c = lock(&call);
+        (c.actor.clone(), c.written, c.action.clone())
+    };
+    if written == Some(status) {
+        return response;
+    }
+    let actor = match (known, bearer) {
+        (Some(actor), _) => actor,
+        // The handler did not get as far as its user (refused early, or a
+        // route without one): look the token up.
+        (None, Some(hash)) => match state.store.user_token_by_hash(&hash).await {
             Ok(Some((_, user))) => user.username,
             _ => "unauthenticated".to_owned(),
         },
-        None if path == "/api/v1/agent/enroll" => "bootstrap-token".to_owned(),
-        None => "anonymous".to_owned(),
+        (None, None) if path == "/api/v1/agent/enroll" => "bootstrap-token".to_owned(),
+        (None, None) => "anonymous".to_owned(),
     };
-    let response = next.run(req).await;
-    let status = response.status();
-    let outcome = if status.is_success() {
-        "ok"
-    } else if status.is_client_error() {
-        "refused"
-    } else {
-        "error"
-    };
-    let action = format!("{method} {route}");
     if let Err(e) = state
         .store
-        .audit(&actor, &action, &path, status.as_u16(), outcome, Utc::now())
+        .audit(
+            &actor,
+            &action,
+            &path,
+            status.as_u16(),
+            outcome(status),
+            Utc::now(),
+        )
         .await
     {
         tracing::error!(error = %e, %action, %path, "could not write the audit log");

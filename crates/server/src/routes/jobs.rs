@@ -23,7 +23,8 @@ use utoipa_axum::routes;
 use crate::auth::UserAuth;
 use crate::domain;
 use crate::error::{ApiError, ApiJson};
-use crate::hub::wait_for_job;
+use crate::hub::{wait_for_end, wait_for_job};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -46,6 +47,7 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 async fn submit_job(
     State(state): State<AppState>,
     user: UserAuth,
+    audit: Audit,
     ApiJson(req): ApiJson<SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     user.require_admin()?;
@@ -71,10 +73,13 @@ async fn submit_job(
             env: &BTreeMap::new(),
         })
         .await?;
-    let id = state
-        .store
-        .create_job(job.new_job(&user.username), Utc::now())
+    // The job and its audit entry in one commit.
+    let id = drover_store::new_id();
+    let mut tx = state.store.begin().await?;
+    tx.insert_job(&id, &job.new_job(&user.username), None, None, Utc::now())
         .await?;
+    audit.write(&mut tx, StatusCode::CREATED).await?;
+    tx.commit().await?;
     let (spec, sandbox, agents) = (&job, &job.sandbox, &job.agents);
     tracing::info!(job = %id, action = %spec.action, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
     Ok((StatusCode::CREATED, Json(load_job(&state, &id).await?)))
@@ -137,7 +142,13 @@ async fn show_job(
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<Job>, ApiError> {
-    let id = state.store.resolve_job_id(&id).await?;
+    // A full id is looked up as it is (a missing one is a 404 all the
+    // same); only a prefix needs resolving.
+    let id = if uuid::Uuid::try_parse(&id).is_ok_and(|u| u.hyphenated().to_string() == id) {
+        id
+    } else {
+        state.store.resolve_job_id(&id).await?
+    };
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     let mut events = state.hub.subscribe();
@@ -146,8 +157,12 @@ async fn show_job(
         if job.state.is_final() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(job));
         }
+        // Only the end is worth another look: the answer waits for it.
         tokio::select! {
-            changed = wait_for_job(&mut events, &id, deadline) => if !changed { return Ok(Json(job)) },
+            ended = wait_for_end(&mut events, &id, deadline) => if !ended {
+                // The wait is over: answer the job as it is now.
+                return Ok(Json(load_job(&state, &id).await?));
+            },
             _ = state.shutdown.cancelled() => return Ok(Json(job)),
         }
     }
