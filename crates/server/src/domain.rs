@@ -352,6 +352,10 @@ pub async fn matching_agents(store: &Store, target: &str) -> Result<Vec<AgentRec
     let none = || Error::Target(format!("target '{target}' matches no agent"));
     let selector = Selector::parse(target).map_err(Error::Target)?;
     if let Selector::Agent(prefix) = &selector {
+        // A full id is read at once; only a prefix needs resolving first.
+        if let Some(agent) = store.agent(prefix).await? {
+            return Ok(vec![agent]);
+        }
         let id = store.resolve_agent_id(prefix).await.map_err(|e| match e {
             drover_store::Error::NotFound { .. } => none(),
             other => other.into(),

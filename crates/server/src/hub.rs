@@ -18,6 +18,8 @@ use tokio::sync::{broadcast, Notify, Semaphore};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEvent {
     Changed(String),
+    /// The job reached a final state (sent after its `Changed`).
+    Ended(String),
     Log(String),
     /// A run needs the engine's attention (submitted, cancel asked).
     RunChanged(String),
@@ -32,7 +34,10 @@ impl JobEvent {
     pub fn job_id(&self) -> Option<&str> {
         match self {
             JobEvent::Changed(id) | JobEvent::Log(id) => Some(id),
-            JobEvent::RunChanged(_) | JobEvent::RunEvent(_) | JobEvent::Everything => None,
+            JobEvent::Ended(_)
+            | JobEvent::RunChanged(_)
+            | JobEvent::RunEvent(_)
+            | JobEvent::Everything => None,
         }
     }
 }
@@ -162,6 +167,9 @@ impl Hub {
         for job in &c.jobs {
             self.job_changed(job);
         }
+        for job in &c.ended {
+            let _ = self.events.send(JobEvent::Ended(job.clone()));
+        }
         for job in &c.logs {
             self.log_appended(job);
         }
@@ -201,6 +209,25 @@ impl Hub {
 
 /// Waits until `job_id` has an event or `deadline` passes. Returns false on
 /// timeout. Subscribe before checking the store, then call this.
+/// Waits until the job ended (or anything may have happened: another
+/// replica's "everything", missed events); false when the deadline passed.
+pub async fn wait_for_end(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    job_id: &str,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return false,
+            Ok(Ok(JobEvent::Ended(id))) if id == job_id => return true,
+            Ok(Ok(JobEvent::Everything)) => return true,
+            Ok(Ok(_)) => continue,
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,
+            Ok(Err(broadcast::error::RecvError::Closed)) => return false,
+        }
+    }
+}
+
 pub async fn wait_for_job(
     rx: &mut broadcast::Receiver<JobEvent>,
     job_id: &str,

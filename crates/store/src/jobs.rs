@@ -403,6 +403,9 @@ impl Tx {
         .fetch_optional(&mut *c)
         .await)?;
         self.changes.jobs.insert(job_id.to_owned());
+        if changed.is_some() && state.is_final() {
+            self.changes.ended.insert(job_id.to_owned());
+        }
         if let Some((Some(run), task)) = changed {
             // A task that has not ended shows its job's live state: it is
             // derived when read, and its event is written here, in the

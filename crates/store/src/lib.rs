@@ -133,6 +133,11 @@ impl Store {
             let writer = tx::Writer::open(connect.clone()).await?;
             let read = SqlitePoolOptions::new()
                 .max_connections(options.max_connections.max(1))
+                // A file on this machine does not go away like a network
+                // peer: no round trip to the connection's thread to ping
+                // it before every read (half the thread hand-offs of a
+                // read, measured in docs/BENCHMARKS.md).
+                .test_before_acquire(false)
                 .connect_with(connect.read_only(true))
                 .await?;
             Pool::Sqlite {

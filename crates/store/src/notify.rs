@@ -22,6 +22,9 @@ struct Wire {
     o: String,
     #[serde(default)]
     j: Vec<String>,
+    /// Jobs that ended.
+    #[serde(default)]
+    n: Vec<String>,
     #[serde(default)]
     l: Vec<String>,
     #[serde(default)]
@@ -48,6 +51,7 @@ pub(crate) fn payload(origin: &str, changes: &Changes) -> Option<String> {
     let wire = Wire {
         o: origin.to_owned(),
         j: changes.jobs.iter().cloned().collect(),
+        n: changes.ended.iter().cloned().collect(),
         l: changes.logs.iter().cloned().collect(),
         a: changes.agents.iter().cloned().collect(),
         all: changes.all_agents,
@@ -63,6 +67,7 @@ pub(crate) fn payload(origin: &str, changes: &Changes) -> Option<String> {
     serde_json::to_string(&Wire {
         o: origin.to_owned(),
         j: Vec::new(),
+        n: Vec::new(),
         l: Vec::new(),
         a: Vec::new(),
         all: true,
@@ -82,6 +87,7 @@ fn parse(own: &str, text: &str) -> Option<Changes> {
     }
     Some(Changes {
         jobs: wire.j.into_iter().collect(),
+        ended: wire.n.into_iter().collect(),
         logs: wire.l.into_iter().collect(),
         agents: wire.a.into_iter().collect(),
         all_agents: wire.all,

@@ -28,6 +28,8 @@ use crate::{Error, Result, Store};
 pub struct Changes {
     /// Jobs whose state or attempts changed.
     pub jobs: BTreeSet<String>,
+    /// Jobs that reached a final state (also in `jobs`).
+    pub ended: BTreeSet<String>,
     /// Jobs whose output grew.
     pub logs: BTreeSet<String>,
     /// Agents that may have work or a cancel to pick up.
@@ -53,6 +55,7 @@ impl Changes {
     /// Adds what another transaction changed.
     pub fn merge(&mut self, other: Changes) {
         self.jobs.extend(other.jobs);
+        self.ended.extend(other.ended);
         self.logs.extend(other.logs);
         self.agents.extend(other.agents);
         self.all_agents |= other.all_agents;
