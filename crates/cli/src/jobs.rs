@@ -264,6 +264,9 @@ fn finish(job: Job, output: Output) -> anyhow::Result<()> {
             if let Some(e) = &a.error {
                 parts.push(e.clone());
             }
+            if let Some(l) = &a.late_result {
+                parts.push(late_note(l));
+            }
             if parts.is_empty() {
                 String::new()
             } else {
@@ -323,6 +326,23 @@ fn ms(d: Option<u64>) -> String {
         .unwrap_or_else(|| "-".to_owned())
 }
 
+/// What `jobs show` says of a result that came after its attempt was
+/// declared lost.
+fn late_note(l: &drover_proto::jobs::LateResult) -> String {
+    let mut s = format!(
+        "result arrived after the attempt was declared lost: {}",
+        l.outcome.state().as_str()
+    );
+    if let Some(c) = l.exit_code {
+        s.push_str(&format!(", exit code {c}"));
+    }
+    if let Some(sig) = l.signal {
+        s.push_str(&format!(", signal {sig}"));
+    }
+    s.push_str(" (not counted)");
+    s
+}
+
 fn print_job(job: &Job) {
     let row = |k: &str, v: String| println!("{:<12} {v}", format!("{k}:"));
     row("id", job.id.clone());
@@ -367,10 +387,14 @@ fn print_job(job: &Job) {
                 a.limit_exceeded
                     .map(|l| l.as_str().to_owned())
                     .unwrap_or_else(|| "-".to_owned()),
-                a.reason
-                    .clone()
-                    .or_else(|| a.error.clone())
-                    .unwrap_or_default(),
+                {
+                    let reason = a.reason.clone().or_else(|| a.error.clone());
+                    match (&a.late_result, reason) {
+                        (Some(l), Some(r)) => format!("{r}; {}", late_note(l)),
+                        (Some(l), None) => late_note(l),
+                        (None, r) => r.unwrap_or_default(),
+                    }
+                },
             ]
         })
         .collect();

@@ -289,6 +289,27 @@ pub struct Attempt {
     /// The sandbox limit that stopped it, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_exceeded: Option<LimitExceeded>,
+    /// A result the agent reported after the attempt was declared lost:
+    /// kept to be seen, without changing any state (a lost attempt stays
+    /// lost, and its job, task and run keep what they became).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_result: Option<LateResult>,
+}
+
+/// A result that arrived after its attempt was declared lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LateResult {
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    /// When the attempt ended, by the agent's clock.
+    pub finished_at: DateTime<Utc>,
+    /// When the server received it.
+    pub received_at: DateTime<Utc>,
 }
 
 /// Which output stream a log chunk belongs to.

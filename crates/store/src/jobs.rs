@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use drover_proto::jobs::{aggregate_state, AttemptResult, JobState, RetryPolicy, Stream};
+use drover_proto::jobs::{
+    aggregate_state, AttemptResult, JobState, LateResult, RetryPolicy, Stream,
+};
 use drover_proto::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
 
 use crate::tx::on_tx;
@@ -178,6 +180,8 @@ pub struct AttemptRecord {
     pub cancel_requested: bool,
     pub cancel_force: bool,
     pub limit_exceeded: Option<LimitExceeded>,
+    /// A result reported after the attempt was declared lost.
+    pub late_result: Option<LateResult>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -203,11 +207,12 @@ struct AttemptRow {
     cancel_requested: i64,
     cancel_force: i64,
     limit_exceeded: Option<String>,
+    late_result: Option<String>,
 }
 
 const ATTEMPT_COLUMNS: &str = "id, job_id, agent_id, number, state, reason, created_at, not_before, dispatched_at, \
      started_at, lease_expires_at, finished_at, exit_code, signal, duration_ms, error, stdout_truncated, \
-     stderr_truncated, cancel_requested, cancel_force, limit_exceeded";
+     stderr_truncated, cancel_requested, cancel_force, limit_exceeded, late_result";
 
 impl TryFrom<AttemptRow> for AttemptRecord {
     type Error = Error;
@@ -234,6 +239,15 @@ impl TryFrom<AttemptRow> for AttemptRecord {
             cancel_requested: r.cancel_requested != 0,
             cancel_force: r.cancel_force != 0,
             limit_exceeded: r.limit_exceeded.as_deref().and_then(LimitExceeded::parse),
+            late_result: r
+                .late_result
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| Error::Corrupt {
+                    what: "attempt late result",
+                    detail: e.to_string(),
+                })?,
         })
     }
 }
@@ -277,6 +291,11 @@ pub enum Recorded {
     },
     /// This attempt's result was recorded before: acknowledged, ignored.
     Duplicate {
+        job_id: String,
+    },
+    /// The attempt had been declared lost: the result is kept as
+    /// information and changes no state.
+    Late {
         job_id: String,
     },
     NotFound,
@@ -541,14 +560,13 @@ impl Tx {
         now: DateTime<Utc>,
     ) -> Result<Recorded> {
         let state = result.outcome.state();
-        // A result also counts for an attempt already marked lost: the
-        // agent was only out of touch, and its report is the truth.
+        // A lost attempt stays lost (its retry may already run, its job may
+        // have ended): a result arriving after that is kept beside it.
         let updated: Option<(String, i64)> = on_tx!(self, c => sqlx::query_as(
             "UPDATE attempts SET state = $1, finished_at = $2, exit_code = $3, signal = $4, duration_ms = $5, \
              error = $6, stdout_truncated = $7, stderr_truncated = $8, started_at = COALESCE(started_at, $9), \
              reason = NULL, lease_expires_at = NULL, outputs = $12, limit_exceeded = $13 \
-             WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running', 'lost') \
-             AND finished_at IS NULL \
+             WHERE id = $10 AND agent_id = $11 AND state IN ('dispatched', 'running') \
              RETURNING job_id, number",
         )
         .bind(state.as_str())
@@ -567,6 +585,29 @@ impl Tx {
         .fetch_optional(&mut *c)
         .await)?;
         let Some((job_id, number)) = updated else {
+            let late = LateResult {
+                outcome: result.outcome,
+                exit_code: result.exit_code,
+                signal: result.signal,
+                duration_ms: result.duration_ms,
+                error: result.error.clone(),
+                finished_at: result.finished_at,
+                received_at: now,
+            };
+            let kept: Option<String> = on_tx!(self, c => sqlx::query_scalar(
+                "UPDATE attempts SET late_result = $1 \
+                 WHERE id = $2 AND agent_id = $3 AND state = 'lost' AND late_result IS NULL \
+                 RETURNING job_id",
+            )
+            .bind(to_json(&late))
+            .bind(&result.attempt_id)
+            .bind(agent_id)
+            .fetch_optional(&mut *c)
+            .await)?;
+            if let Some(job_id) = kept {
+                self.changes.jobs.insert(job_id.clone());
+                return Ok(Recorded::Late { job_id });
+            }
             return Ok(
                 match self.attempt_owner(&result.attempt_id, agent_id).await? {
                     Ownership::Owned { job_id } => Recorded::Duplicate { job_id },
@@ -1042,7 +1083,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let recorded = tx.record_result(agent_id, result, jitter, now).await?;
         match recorded {
-            Recorded::Recorded { .. } => {
+            Recorded::Recorded { .. } | Recorded::Late { .. } => {
                 tx.commit().await?;
             }
             _ => tx.rollback().await?,

@@ -697,7 +697,8 @@ mod jobs {
                 .collect();
             assert_eq!(states, [JobState::Failed, JobState::Lost]);
             assert_eq!(store.job(&id).await.unwrap().unwrap().state, JobState::Lost);
-            // A late result of the lost attempt still counts, once.
+            // A late result of the lost attempt is kept as information:
+            // the attempt stays lost and the job keeps its final state.
             let late = store
                 .record_result(
                     &a,
@@ -707,10 +708,36 @@ mod jobs {
                 )
                 .await
                 .unwrap();
-            assert!(matches!(late, Recorded::Recorded { .. }), "{late:?}");
+            assert!(matches!(late, Recorded::Late { .. }), "{backend}: {late:?}");
+            assert_eq!(store.job(&id).await.unwrap().unwrap().state, JobState::Lost);
+            let attempts = store.attempts(&id).await.unwrap();
+            let lost = attempts
+                .iter()
+                .find(|x| x.id == second[0].attempt_id)
+                .unwrap();
+            assert_eq!(lost.state, JobState::Lost);
+            assert_eq!(lost.exit_code, None);
+            let kept = lost.late_result.as_ref().expect("late result kept");
+            assert_eq!(kept.outcome, Outcome::Succeeded);
+            // Reported again (the agent retried): acknowledged, kept once.
+            let again = store
+                .record_result(
+                    &a,
+                    &result(&second[0].attempt_id, Outcome::Failed),
+                    0.5,
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert!(matches!(again, Recorded::Duplicate { .. }), "{again:?}");
+            let attempts = store.attempts(&id).await.unwrap();
+            let lost = attempts
+                .iter()
+                .find(|x| x.id == second[0].attempt_id)
+                .unwrap();
             assert_eq!(
-                store.job(&id).await.unwrap().unwrap().state,
-                JobState::Succeeded
+                lost.late_result.as_ref().unwrap().outcome,
+                Outcome::Succeeded
             );
         }
     }

@@ -732,8 +732,9 @@ async fn audit_log_and_job_metrics() {
 /// The agent is cut off from the server for two minutes (its connections
 /// dropped, new ones refused) while it finishes a job: the attempt's lease
 /// runs out and it is marked lost, but the agent keeps the result in its
-/// outbox and delivers it when the network is back; the job ends succeeded
-/// with its one attempt recorded once.
+/// outbox and delivers it when the network is back. A final state stays
+/// final: the job stays lost, and the late result is kept beside the
+/// attempt (its exit code and output visible, counted nowhere).
 #[tokio::test]
 async fn agent_cut_off_for_minutes_delivers_its_result() {
     let cluster = Cluster::start_with(
@@ -792,16 +793,33 @@ async fn agent_cut_off_for_minutes_delivers_its_result() {
     proxy.restore();
     let job = wait_for("the late result", Duration::from_secs(30), || {
         let job = cluster.job(&id);
-        async move { (job.state == JobState::Succeeded).then_some(job) }
+        async move { job.attempts[0].late_result.is_some().then_some(job) }
     })
     .await;
+    assert_eq!(job.state, JobState::Lost, "{job:#?}");
     assert_eq!(job.attempts.len(), 1, "{job:#?}");
-    assert_eq!(job.attempts[0].exit_code, Some(0));
+    assert_eq!(job.attempts[0].state, JobState::Lost);
+    assert_eq!(job.attempts[0].exit_code, None);
+    let late = job.attempts[0].late_result.as_ref().unwrap();
+    assert_eq!(late.outcome, drover_proto::jobs::Outcome::Succeeded);
+    assert_eq!(late.exit_code, Some(0));
     assert_eq!(cluster.cli_ok(&["jobs", "logs", &id]), "done-3\n");
+    let shown = cluster.cli_ok(&["jobs", "show", &id]);
+    assert!(
+        shown
+            .contains("result arrived after the attempt was declared lost: succeeded, exit code 0"),
+        "{shown}"
+    );
+    // Delivered once: the agent's outbox is empty again.
+    wait_for("an empty outbox", Duration::from_secs(10), || {
+        let n = std::fs::read_dir(&outbox).map(|d| d.count()).unwrap_or(1);
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
     let metrics = cluster.metrics().await;
     assert!(
-        metrics.contains("drover_attempt_results_total{state=\"succeeded\"} 1"),
-        "{metrics}"
+        !metrics.contains("drover_attempt_results_total{state=\"succeeded\"} 1"),
+        "a late result is counted nowhere: {metrics}"
     );
 }
 

@@ -401,6 +401,11 @@ async fn report_result(
             Ok(Json(ResultAck { recorded: true }))
         }
         Recorded::Duplicate { .. } => Ok(Json(ResultAck { recorded: false })),
+        Recorded::Late { job_id } => {
+            state.hub.forget_log_target(&id);
+            tracing::warn!(attempt = %id, job = %job_id, outcome = ?result.outcome, "result arrived after the attempt was declared lost; kept as information, no state changed");
+            Ok(Json(ResultAck { recorded: false }))
+        }
         Recorded::Foreign => Err(forbidden_attempt(&id)),
         Recorded::NotFound => Err(unknown_attempt(&id)),
     }

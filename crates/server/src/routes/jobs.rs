@@ -432,5 +432,6 @@ fn attempt_view(a: AttemptRecord, reason: Option<String>) -> Attempt {
         stdout_truncated: a.stdout_truncated,
         stderr_truncated: a.stderr_truncated,
         limit_exceeded: a.limit_exceeded,
+        late_result: a.late_result,
     }
 }
