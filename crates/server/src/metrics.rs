@@ -55,6 +55,7 @@ pub struct Metrics {
     store_commits: Counter,
     store_syncs: Counter,
     store_commit_failures: Counter,
+    store_write_failing: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,7 +173,14 @@ impl Metrics {
             "Transactions whose commit failed (none of them was acknowledged)",
             store_commit_failures.clone(),
         );
+        let store_write_failing = Gauge::default();
+        registry.register(
+            "store_write_failing",
+            "1 while the store cannot write (the last write failed on a full disk, an I/O error or a failed commit; the log says why), else 0",
+            store_write_failing.clone(),
+        );
         Metrics {
+            store_write_failing,
             store_statements,
             store_commits,
             store_syncs,
@@ -269,6 +277,7 @@ impl Metrics {
         ] {
             counter.inc_by(value.saturating_sub(counter.get()));
         }
+        self.store_write_failing.set(i64::from(s.write_failing));
     }
 
     pub fn observe_dispatch(&self, seconds: f64) {

@@ -173,6 +173,33 @@ impl Store {
         }
     }
 
+    /// Why the store cannot write, while the last write failed in a way
+    /// that says so (a full disk, an I/O error, a failed commit); `None`
+    /// once a commit succeeded again.
+    pub fn write_failure(&self) -> Option<String> {
+        if !self.shared.stats.snapshot().write_failing {
+            return None;
+        }
+        self.shared
+            .stats
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Writes and commits a no-op change, to find out whether the store can
+    /// write again (its success clears [`Store::write_failure`]).
+    pub async fn probe_write(&self) -> Result<()> {
+        let mut tx = self.begin().await?;
+        crate::tx::on_tx!(&mut tx, c => sqlx::query("UPDATE fleet SET id = id WHERE id = 1")
+            .execute(&mut *c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<()> {
         on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;

@@ -15,7 +15,7 @@
 //! PostgreSQL transactions are plain pool transactions.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use sqlx::sqlite::SqliteConnectOptions;
@@ -81,6 +81,10 @@ pub struct Stats {
     pub syncs: AtomicU64,
     /// Commits that failed (nothing of them was acknowledged).
     pub commit_failures: AtomicU64,
+    /// Set while the store cannot write (the last write failed on a full
+    /// disk, an I/O error, a failed commit); cleared by the next commit.
+    write_failing: AtomicBool,
+    pub(crate) write_error: std::sync::Mutex<Option<String>>,
 }
 
 /// A snapshot of [`Stats`].
@@ -90,6 +94,8 @@ pub struct StatsSnapshot {
     pub commits: u64,
     pub syncs: u64,
     pub commit_failures: u64,
+    /// The store cannot write now (see [`Store::write_failure`]).
+    pub write_failing: bool,
 }
 
 impl Stats {
@@ -99,6 +105,42 @@ impl Stats {
             commits: self.commits.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             commit_failures: self.commit_failures.load(Ordering::Relaxed),
+            write_failing: self.write_failing.load(Ordering::Relaxed),
+        }
+    }
+
+    fn write_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.write_error.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that a write failed in a way that says the database cannot
+    /// write now; logged once when it starts.
+    pub(crate) fn write_failed(&self, why: &str) {
+        let mut error = self.write_error();
+        if error.is_none() {
+            tracing::error!(error = %why, "the store cannot write: requests that change anything fail and /readyz reports unavailable until a write succeeds");
+        }
+        *error = Some(why.to_owned());
+        self.write_failing.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes a successful commit: the store writes again.
+    fn write_succeeded(&self) {
+        if self.write_failing.load(Ordering::Relaxed) {
+            let mut error = self.write_error();
+            if let Some(was) = error.take() {
+                tracing::info!(was = %was, "the store writes again");
+            }
+            self.write_failing.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Notes a failed statement when its error says the database cannot
+    /// write (a full disk, an I/O error, a read-only or unopenable file),
+    /// rather than that this statement was refused.
+    pub(crate) fn statement_failed(&self, e: &sqlx::Error) {
+        if cannot_write(e) {
+            self.write_failed(&e.to_string());
         }
     }
 
@@ -227,10 +269,17 @@ impl Writer {
     async fn begin(&self, stats: &Stats) -> Result<(WriterGuard, Arc<Group>)> {
         let mut guard = self.lock().await;
         if guard.group.is_none() {
-            let conn = self.conn(&mut guard).await?;
+            let conn = match self.conn(&mut guard).await {
+                Ok(c) => c,
+                Err(e) => {
+                    stats.write_failed(&e.to_string());
+                    return Err(e);
+                }
+            };
             stats.statement();
             if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
                 guard.conn = None;
+                stats.write_failed(&e.to_string());
                 return Err(e.into());
             }
             guard.group = Some((Arc::new(Group::default()), 0));
@@ -244,6 +293,7 @@ impl Writer {
         stats.statement();
         if let Err(e) = sqlx::query("SAVEPOINT tx").execute(&mut *conn).await {
             abort_group(&mut guard, e.to_string()).await;
+            stats.write_failed(&e.to_string());
             return Err(e.into());
         }
         Ok((guard, group))
@@ -297,6 +347,27 @@ async fn abort_group(guard: &mut WriterGuard, why: String) {
     guard.conn = None;
 }
 
+/// True for errors that say the database cannot write at all now, as
+/// opposed to this statement being refused: SQLite's FULL, IOERR (any
+/// extended code), CANTOPEN, READONLY; PostgreSQL's insufficient
+/// resources (class 53: disk full, out of memory) and system errors
+/// (class 58: I/O).
+fn cannot_write(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return matches!(e, sqlx::Error::Io(_));
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    // PostgreSQL's SQLSTATE has five characters; SQLite's extended result
+    // codes have at most four digits, the primary code in the low byte.
+    if code.len() == 5 {
+        return code.starts_with("53") || code.starts_with("58");
+    }
+    code.parse::<i64>()
+        .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13 | 14))
+}
+
 // ---- the transaction ----
 
 enum Conn {
@@ -337,10 +408,14 @@ macro_rules! on_tx {
     ($tx:expr, $c:ident => $body:expr) => {{
         let tx: &mut $crate::tx::Tx = $tx;
         tx.count_statement();
-        match tx.conn()? {
+        let result = match tx.conn()? {
             $crate::tx::TxConn::Sqlite($c) => $body,
             $crate::tx::TxConn::Postgres($c) => $body,
+        };
+        if let Err(e) = &result {
+            tx.statement_failed(e);
         }
+        result
     }};
 }
 pub(crate) use on_tx;
@@ -387,6 +462,10 @@ impl Store {
 }
 
 impl Tx {
+    pub(crate) fn statement_failed(&self, e: &sqlx::Error) {
+        self.store.shared.stats.statement_failed(e);
+    }
+
     pub(crate) fn count_statement(&self) {
         self.store.shared.stats.statement();
     }
@@ -475,6 +554,7 @@ impl Tx {
                 stats.statement();
                 if let Err(e) = t.commit().await {
                     stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    stats.write_failed(&e.to_string());
                     return Err(e.into());
                 }
                 stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -498,6 +578,7 @@ impl Tx {
                 if let Err(e) = released {
                     abort_group(&mut guard, e.to_string()).await;
                     stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    stats.write_failed(&e.to_string());
                     return Err(e.into());
                 }
                 if let Some((_, members)) = guard.group.as_mut() {
@@ -532,16 +613,19 @@ impl Tx {
                     Some(Ok(())) => {}
                     Some(Err(e)) => {
                         stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        stats.write_failed(e);
                         return Err(Error::CommitFailed(e.clone()));
                     }
                     None => {
                         stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        stats.write_failed("the commit group was lost");
                         return Err(Error::CommitFailed("the commit group was lost".into()));
                     }
                 }
             }
         }
         stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.write_succeeded();
         let changes = std::mem::take(&mut self.changes);
         if !changes.is_empty() {
             if let Some(hook) = self.store.shared.hook.get() {

@@ -23,18 +23,27 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The server can do its work: the database answers.
+/// The server can do its work: the database answers, and it can write.
+/// While the last write failed (a full disk, an I/O error), each check
+/// tries a no-op write, so readiness returns once the store recovered.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            (
+    if let Err(e) = state.store.ping().await {
+        tracing::warn!(error = %e, "readiness check failed");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database unavailable\n".to_owned(),
+        );
+    }
+    if let Some(why) = state.store.write_failure() {
+        if let Err(e) = state.store.probe_write().await {
+            tracing::warn!(error = %e, was = %why, "readiness check: the database still cannot write");
+            return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "database unavailable\n".to_owned(),
-            )
+                format!("database cannot write: {e}\n"),
+            );
         }
     }
+    (StatusCode::OK, "ready\n".to_owned())
 }
 
 /// Metrics in OpenMetrics when the scraper asks for it (Prometheus does),
