@@ -70,6 +70,7 @@ impl Collector {
             running: 0,
             sandboxes: Vec::new(),
             docker: None,
+            problem: None,
         }
     }
 }

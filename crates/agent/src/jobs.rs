@@ -7,7 +7,8 @@
 //!   (`kill`: SIGKILL at once, even during a grace) reach running attempts
 //!   at once. On stop: returns.
 //! - **lease renewer**: renews the leases of running attempts every
-//!   `lease_ms / 3` and cancels (or kills) those the server gives up. On
+//!   `lease_ms / 3` — and of finished ones until their result is
+//!   acknowledged — and cancels (or kills) those the server gives up. On
 //!   stop: returns.
 //! - **attempt tasks**: one per attempt: runs it (`executor`), ships its
 //!   output (a log shipper task), writes the result to the outbox on a
@@ -21,7 +22,8 @@
 //!
 //! Every task stops on a terminal refusal (the session is rejected).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -86,6 +88,14 @@ pub(crate) struct Jobs {
     slot_freed: Notify,
     attempt_started: Notify,
     result_ready: Notify,
+    /// The lease the server last granted (ms; 0: none yet).
+    lease_ms: AtomicU64,
+    /// Results that could not be written to the outbox and were not
+    /// acknowledged yet: kept here while the process lives, and retried
+    /// (written or reported) by the reporter.
+    unsaved: Mutex<BTreeMap<String, AttemptResult>>,
+    /// Why the agent takes no new work: it cannot write its results.
+    problem: Mutex<Option<String>>,
     /// Stops the poller, lease renewer and reporter.
     stop: CancellationToken,
     /// Parent of every attempt's cancel token: cancelling it stops them all.
@@ -141,6 +151,9 @@ impl Jobs {
             slot_freed: Notify::new(),
             attempt_started: Notify::new(),
             result_ready: Notify::new(),
+            lease_ms: AtomicU64::new(0),
+            unsaved: Mutex::new(BTreeMap::new()),
+            problem: Mutex::new(None),
             stop,
             attempts_stop: CancellationToken::new(),
         }
@@ -165,8 +178,14 @@ impl Jobs {
         let capacity = self.config.capacity;
         while !self.stopping() {
             let running = lock(&self.running).len() as u32;
+            // An agent that cannot keep its results takes no new work.
+            let free = if self.problem().is_some() {
+                0
+            } else {
+                capacity.saturating_sub(running)
+            };
             let req = PollRequest {
-                free_slots: capacity.saturating_sub(running),
+                free_slots: free,
                 wait_ms: POLL_WAIT.as_millis() as u64,
                 capacity,
                 known: self.known_attempts(),
@@ -218,6 +237,7 @@ impl Jobs {
     fn known_attempts(&self) -> Option<Vec<String>> {
         let mut known: HashSet<String> = lock(&self.running).keys().cloned().collect();
         known.extend(lock(&self.flushing).iter().cloned());
+        known.extend(lock(&self.unsaved).keys().cloned());
         let stored = self.outbox.list(MAX_KNOWN_ATTEMPTS + 1, |_| false).ok()?;
         known.extend(stored);
         (known.len() <= MAX_KNOWN_ATTEMPTS).then(|| known.into_iter().collect())
@@ -262,6 +282,9 @@ impl Jobs {
                 self.store_result(executor::rejected(&a, &why));
                 self.result_ready.notify_one();
                 return;
+            }
+            if a.lease_ms > 0 {
+                self.lease_ms.store(a.lease_ms, Ordering::Relaxed);
             }
             running.insert(
                 a.attempt_id.clone(),
@@ -394,15 +417,9 @@ impl Jobs {
             Ok(()) => {}
             Err(e) if delivered => {
                 tracing::warn!(error = %e, attempt = %a.attempt_id, "could not write a result to the outbox (it was delivered)");
+                self.set_problem(&e);
             }
-            Err(e) => {
-                // Nothing else can keep it: say so loudly, with the result.
-                tracing::error!(
-                    error = %e,
-                    result = %serde_json::to_string(&result).unwrap_or_default(),
-                    "could not write a result to the outbox and could not report it; it is lost"
-                );
-            }
+            Err(e) => self.keep_unsaved(result, &e),
         }
         self.metrics.set_outbox(self.outbox.len());
         lock(&self.flushing).remove(&a.attempt_id);
@@ -502,16 +519,64 @@ impl Jobs {
 
     /// Writes a refusal's result to the outbox (the reporter reports it).
     fn store_result(&self, result: AttemptResult) {
-        let result = &self.ended(result);
-        if let Err(e) = self.outbox.put(result) {
-            // Nothing else can keep it: say so loudly, with the result.
-            tracing::error!(
-                error = %e,
-                result = %serde_json::to_string(result).unwrap_or_default(),
-                "could not write a result to the outbox; it will be lost"
-            );
+        let result = self.ended(result);
+        if let Err(e) = self.outbox.put(&result) {
+            self.keep_unsaved(result, &e);
         }
         self.metrics.set_outbox(self.outbox.len());
+    }
+
+    /// Why the agent takes no new work now, if it does not.
+    pub(crate) fn problem(&self) -> Option<String> {
+        lock(&self.problem).clone()
+    }
+
+    /// The state dir cannot be written: take no new work until it can.
+    fn set_problem(&self, e: &StateError) {
+        let why = format!("cannot write results to the state dir: {e}");
+        let mut problem = lock(&self.problem);
+        if problem.is_none() {
+            tracing::error!(error = %e, "cannot write results to the state dir; taking no new work until it can be written again");
+        }
+        *problem = Some(why);
+    }
+
+    /// Keeps a result that could not be written in memory; the reporter
+    /// writes or reports it as soon as it can.
+    fn keep_unsaved(&self, result: AttemptResult, e: &StateError) {
+        tracing::error!(
+            error = %e,
+            attempt = %result.attempt_id,
+            "could not write a result to the outbox; keeping it in memory until it is written or reported"
+        );
+        self.set_problem(e);
+        lock(&self.unsaved).insert(result.attempt_id.clone(), result);
+        self.result_ready.notify_one();
+    }
+
+    /// Writes or reports the results kept in memory; then, if the agent
+    /// took no work because of the disk, checks that it can write again.
+    async fn retry_unsaved(&self, backoff: &mut Backoff) -> Result<(), Duration> {
+        let waiting: Vec<AttemptResult> = lock(&self.unsaved).values().cloned().collect();
+        for result in waiting {
+            let saved = self.outbox.put(&result).is_ok() || self.report_now(&result).await;
+            if !saved {
+                return Err(backoff.next());
+            }
+            lock(&self.unsaved).remove(&result.attempt_id);
+        }
+        if lock(&self.problem).is_none() {
+            return Ok(());
+        }
+        match self.outbox.probe() {
+            Ok(()) => {
+                lock(&self.problem).take();
+                tracing::info!("the state dir can be written again; taking work");
+                self.slot_freed.notify_one();
+                Ok(())
+            }
+            Err(_) => Err(backoff.next()),
+        }
     }
 
     /// Cancels every running attempt and waits until all attempt tasks
@@ -524,8 +589,35 @@ impl Jobs {
 
     // ---- leases ----
 
+    /// How often to renew: a third of the shortest lease running; while
+    /// only results wait for the server, a third of the last lease it
+    /// granted.
     fn lease_interval(&self) -> Option<Duration> {
-        lock(&self.running).values().map(|r| r.lease / 3).min()
+        let running = lock(&self.running).values().map(|r| r.lease / 3).min();
+        running.or_else(|| {
+            self.results_waiting()
+                .then(|| lease_of(self.lease_ms.load(Ordering::Relaxed)) / 3)
+        })
+    }
+
+    fn results_waiting(&self) -> bool {
+        !lock(&self.flushing).is_empty()
+            || !lock(&self.unsaved).is_empty()
+            || !self.outbox.is_empty()
+    }
+
+    /// The attempts whose leases to hold: those running, and those whose
+    /// result has not been acknowledged yet (in flight or in the outbox), so
+    /// that finished work is not declared lost while its report waits for
+    /// the link or its artifacts upload.
+    fn leased_attempts(&self) -> Vec<String> {
+        let mut ids: HashSet<String> = lock(&self.running).keys().cloned().collect();
+        ids.extend(lock(&self.flushing).iter().cloned());
+        ids.extend(lock(&self.unsaved).keys().cloned());
+        if let Ok(waiting) = self.outbox.list(MAX_KNOWN_ATTEMPTS, |_| false) {
+            ids.extend(waiting);
+        }
+        ids.into_iter().collect()
     }
 
     pub(crate) async fn lease_loop(self: Arc<Self>) {
@@ -544,7 +636,7 @@ impl Jobs {
                 }
                 _ = sleep_until_opt(due) => {}
             }
-            let ids: Vec<String> = lock(&self.running).keys().cloned().collect();
+            let ids = self.leased_attempts();
             last = tokio::time::Instant::now();
             if ids.is_empty() {
                 continue;
@@ -560,6 +652,7 @@ impl Jobs {
             match resp {
                 Ok(resp) => {
                     if resp.lease_ms > 0 {
+                        self.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
                         let mut running = lock(&self.running);
                         for id in &resp.renewed {
                             if let Some(r) = running.get_mut(id) {
@@ -604,7 +697,8 @@ impl Jobs {
     /// One last drain when the agent stops: no backoff, results still
     /// waiting stay for the next start.
     pub(crate) async fn final_drain(&self, deadline: Duration) {
-        if self.outbox.is_empty() || self.session.rejected().is_cancelled() {
+        let nothing_unsaved = lock(&self.unsaved).is_empty();
+        if (self.outbox.is_empty() && nothing_unsaved) || self.session.rejected().is_cancelled() {
             return;
         }
         let mut backoff = Backoff::new(self.config.max_backoff);
@@ -616,12 +710,22 @@ impl Jobs {
                 "undelivered results stay in the outbox for the next start"
             );
         }
+        for result in lock(&self.unsaved).values() {
+            // Neither written nor reported, and the process ends: the last
+            // place it can be kept is the log.
+            tracing::error!(
+                attempt = %result.attempt_id,
+                result = %serde_json::to_string(result).unwrap_or_default(),
+                "stopping with a result that could not be written or reported; it is lost"
+            );
+        }
     }
 
     /// Reports everything in the outbox; `Err(wait)` on a failure worth
     /// retrying after `wait`. `all` includes results whose output is still
     /// being shipped.
     async fn drain(&self, backoff: &mut Backoff, all: bool) -> Result<(), Duration> {
+        self.retry_unsaved(backoff).await?;
         loop {
             let ids = {
                 let skip = |id: &str| !all && lock(&self.flushing).contains(id);

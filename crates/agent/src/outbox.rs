@@ -71,6 +71,14 @@ impl Outbox {
         write_json(&self.file(&result.attempt_id), result)
     }
 
+    /// Writes and removes a scratch file the way a result is written: Ok
+    /// when results can be kept again.
+    pub fn probe(&self) -> Result<(), StateError> {
+        let path = self.dir.join(".probe");
+        write_json(&path, &"probe")?;
+        std::fs::remove_file(&path).map_err(|source| StateError::Io { path, source })
+    }
+
     pub fn contains(&self, attempt_id: &str) -> bool {
         self.file(attempt_id).is_file()
     }

@@ -161,6 +161,7 @@ impl Runner {
         let mut inventory = self.collector.collect(self.dir.path());
         inventory.capacity = self.reported.capacity;
         inventory.running = self.reported.jobs.running_count();
+        inventory.problem = self.reported.jobs.problem();
         inventory.sandboxes = self.reported.sandboxes.clone();
         inventory.docker = match &self.reported.docker {
             Some(engine) => Some(engine.status_at_most(DOCKER_PROBE_EVERY).await),

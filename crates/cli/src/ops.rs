@@ -363,6 +363,9 @@ fn print_agent(a: &Agent) {
             },
         );
         row("docker", docker_text(inv.docker.as_ref()));
+        if let Some(p) = &inv.problem {
+            row("problem", format!("takes no work: {p}"));
+        }
     }
 }
 
@@ -428,7 +431,12 @@ pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
                             vec![
                                 a.id.clone(),
                                 a.hostname.clone(),
-                                a.status.as_str().to_owned(),
+                                match a.inventory.as_ref().and_then(|i| i.problem.as_ref()) {
+                                    Some(p) => {
+                                        format!("{} (takes no work: {p})", a.status.as_str())
+                                    }
+                                    None => a.status.as_str().to_owned(),
+                                },
                                 a.dispatch.as_str().to_owned(),
                                 capacity_text(a),
                                 docker.to_owned(),

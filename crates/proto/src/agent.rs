@@ -95,6 +95,10 @@ pub struct Inventory {
     /// The Docker engine the agent reaches, if it is configured to use one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerStatus>,
+    /// Why the agent takes no new work, e.g. its state dir cannot be
+    /// written (a full disk); absent when it takes work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Label keys whose values the agent reports rather than an operator sets:
