@@ -227,6 +227,9 @@ pub struct ServerOptions {
     /// The address to listen on instead of 127.0.0.1, e.g. the Docker
     /// bridge's gateway, so that containers could reach the server.
     pub listen_ip: Option<String>,
+    /// The server's database instead of the test database (e.g. a SQLite
+    /// file on a small tmpfs).
+    pub database_url: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -237,6 +240,7 @@ impl Default for ServerOptions {
             extra_args: Vec::new(),
             extra_env: Vec::new(),
             listen_ip: None,
+            database_url: None,
         }
     }
 }
@@ -273,7 +277,10 @@ impl Cluster {
         let port = free_port_on(&ip);
         let mut cluster = Cluster {
             backend,
-            database_url: db.url.clone(),
+            database_url: options
+                .database_url
+                .clone()
+                .unwrap_or_else(|| db.url.clone()),
             _db: db,
             dir: tempfile::tempdir().expect("temp dir"),
             port,
@@ -790,6 +797,115 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// An HTTP proxy on loopback between agents and the server that can hold
+/// back one kind of request: while a path suffix is blocked, requests
+/// whose path ends with it are answered 503 with `Retry-After` at once,
+/// and everything else passes. It runs on a thread of its own.
+pub struct HttpGate {
+    pub port: u16,
+    blocked: std::sync::Arc<std::sync::Mutex<Option<(String, u64)>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl HttpGate {
+    /// Forwards a new loopback port to the server on `target_port`.
+    pub fn start(target_port: u16) -> HttpGate {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        use axum::response::IntoResponse;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind gate");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let port = std_listener.local_addr().expect("addr").port();
+        let blocked: std::sync::Arc<std::sync::Mutex<Option<(String, u64)>>> =
+            std::sync::Arc::default();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let rules = blocked.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("gate runtime");
+            rt.block_on(async move {
+                let http = reqwest::Client::new();
+                let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                    let http = http.clone();
+                    let rules = rules.clone();
+                    async move {
+                        let rule = rules.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some((suffix, retry_after)) = rule {
+                            if uri.path().ends_with(&suffix) {
+                                return (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    [("retry-after", retry_after.to_string())],
+                                    "held back by the test gate",
+                                )
+                                    .into_response();
+                            }
+                        }
+                        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                        let mut req =
+                            http.request(method, format!("http://127.0.0.1:{target_port}{path}"));
+                        for (k, v) in &headers {
+                            if k != "host" && k != "content-length" {
+                                req = req.header(k, v);
+                            }
+                        }
+                        match req.body(body).send().await {
+                            Ok(r) => {
+                                let status = r.status();
+                                let mut out = HeaderMap::new();
+                                for (k, v) in r.headers() {
+                                    if k != "content-length" && k != "transfer-encoding" {
+                                        out.insert(k, v.clone());
+                                    }
+                                }
+                                let bytes = r.bytes().await.unwrap_or_default();
+                                (status, out, bytes).into_response()
+                            }
+                            Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+                        }
+                    }
+                };
+                let app = axum::Router::new().fallback(handler);
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+        });
+        HttpGate {
+            port,
+            blocked,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Answers requests whose path ends with `suffix` with 503 and
+    /// `Retry-After: retry_after_secs` until `open`.
+    pub fn block(&self, suffix: &str, retry_after_secs: u64) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((suffix.to_owned(), retry_after_secs));
+    }
+
+    pub fn open(&self) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl Drop for HttpGate {
+    fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
