@@ -239,8 +239,14 @@ async fn server_on_a_full_disk_acknowledges_nothing_it_lost_and_recovers() {
 /// job ends with it.
 #[tokio::test]
 async fn a_late_result_never_changes_a_final_state() {
+    for backend in BACKENDS {
+        late_result_stays_information(backend).await;
+    }
+}
+
+async fn late_result_stays_information(backend: Backend) {
     let cluster = Cluster::start_with(
-        Backend::Sqlite,
+        backend,
         ServerOptions {
             extra_args: vec!["--attempt-lease".into(), "2s".into()],
             ..ServerOptions::default()
@@ -326,8 +332,14 @@ async fn a_late_result_never_changes_a_final_state() {
 /// one attempt instead of being declared lost and run again.
 #[tokio::test]
 async fn a_finished_attempt_keeps_its_lease_while_its_result_waits() {
+    for backend in BACKENDS {
+        lease_held_while_result_waits(backend).await;
+    }
+}
+
+async fn lease_held_while_result_waits(backend: Backend) {
     let cluster = Cluster::start_with(
-        Backend::Sqlite,
+        backend,
         ServerOptions {
             extra_args: vec!["--attempt-lease".into(), "2s".into()],
             ..ServerOptions::default()
