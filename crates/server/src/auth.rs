@@ -13,6 +13,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use drover_proto::api::Role;
 use drover_proto::ErrorCode;
+use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -54,6 +55,8 @@ pub enum SecretError {
     KeyCorrupt { path: String },
     #[error("hashing a password failed: {0}")]
     Hash(String),
+    #[error("the signing key cannot key an HMAC: {0}")]
+    KeyUnusable(String),
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], SecretError> {
@@ -103,11 +106,13 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     }
 }
 
-/// The HMAC key that signs agent access tokens.
+/// The HMAC key that signs agent access tokens and derives the successors
+/// of agent refresh tokens.
 #[derive(Clone)]
 pub struct SigningKey {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    successor: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -141,14 +146,33 @@ impl SigningKey {
             }
             Err(e) => return Err(io_err(e)),
         };
-        Ok(SigningKey::from_bytes(&key))
+        SigningKey::from_bytes(&key)
     }
 
-    pub fn from_bytes(key: &[u8]) -> SigningKey {
-        SigningKey {
+    pub fn from_bytes(key: &[u8]) -> Result<SigningKey, SecretError> {
+        Ok(SigningKey {
             encoding: EncodingKey::from_secret(key),
             decoding: DecodingKey::from_secret(key),
-        }
+            successor: Hmac::new_from_slice(key)
+                .map_err(|e| SecretError::KeyUnusable(e.to_string()))?,
+        })
+    }
+
+    /// The refresh token that succeeds `token` when it is rotated. Derived
+    /// rather than random so that a token presented again, because the
+    /// answer to its rotation was lost, gets the same successor on any
+    /// replica; without the key it is as unpredictable as a random token.
+    /// The message is prefixed, so it can never be a JWT's signing input
+    /// (base64url, which has no '/').
+    pub fn successor_refresh_token(&self, token: &str) -> String {
+        let mut mac = self.successor.clone();
+        mac.update(b"drover/refresh-successor/v1\0");
+        mac.update(token.as_bytes());
+        format!(
+            "{}{}",
+            TokenPrefix::Refresh.as_str(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
     }
 }
 

@@ -53,6 +53,11 @@ pub struct ServerArgs {
     /// Lifetime of an agent's refresh token; renewed at each rotation [default: 30d].
     #[arg(long, env = "DROVER_AGENT_REFRESH_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub agent_refresh_ttl: Option<Duration>,
+    /// How long after a rotation an agent may present its previous refresh
+    /// token again, when the answer was lost and the successor never used,
+    /// and get the same successor; 0s turns it off [default: 5m].
+    #[arg(long, env = "DROVER_AGENT_REFRESH_GRACE", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub agent_refresh_grace: Option<Duration>,
     /// Lifetime of a `drover login` session [default: 12h].
     #[arg(long, env = "DROVER_SESSION_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub session_ttl: Option<Duration>,
@@ -128,6 +133,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     agent_refresh_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    agent_refresh_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     session_ttl: Option<Duration>,
     max_body_bytes: Option<usize>,
     signing_key_file: Option<PathBuf>,
@@ -159,6 +166,8 @@ pub struct ServerConfig {
     pub offline_after: Duration,
     pub agent_access_ttl: Duration,
     pub agent_refresh_ttl: Duration,
+    /// See `ServerArgs::agent_refresh_grace`.
+    pub agent_refresh_grace: Duration,
     pub session_ttl: Duration,
     pub max_body_bytes: usize,
     pub signing_key_file: PathBuf,
@@ -303,6 +312,10 @@ impl ServerConfig {
                 .agent_refresh_ttl
                 .or(file.agent_refresh_ttl)
                 .unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+            agent_refresh_grace: args
+                .agent_refresh_grace
+                .or(file.agent_refresh_grace)
+                .unwrap_or(Duration::from_secs(5 * 60)),
             session_ttl: args
                 .session_ttl
                 .or(file.session_ttl)
@@ -376,6 +389,9 @@ impl ServerConfig {
         }
         if self.agent_refresh_ttl < self.agent_access_ttl {
             return bad("agent_refresh_ttl must be at least agent_access_ttl");
+        }
+        if self.agent_refresh_grace > Duration::from_secs(3600) {
+            return bad("agent_refresh_grace must be at most 1h");
         }
         if self.attempt_lease < drover_proto::limits::MIN_LEASE {
             return bad("attempt_lease must be at least 1s");

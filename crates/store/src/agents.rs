@@ -6,7 +6,7 @@ use drover_proto::api::DispatchState;
 use drover_proto::labels::Labels;
 
 use crate::auth::{labels_from_json, labels_to_json};
-use crate::tx::on_tx;
+use crate::tx::{on_tx, Tx};
 use crate::{from_ms, on_pool, on_write, to_ms, Error, Result, Store};
 
 /// An agent as stored.
@@ -110,11 +110,36 @@ pub enum EnrollOutcome {
     TokenExpired { expired_at: DateTime<Utc> },
 }
 
+/// A refresh token presented for rotation.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshRotation<'a> {
+    /// The presented token's hash.
+    pub old_hash: &'a str,
+    /// Its successor's hash. The caller derives the successor from the
+    /// presented token rather than drawing it at random, so that the same
+    /// token presented again maps to the same successor.
+    pub new_hash: &'a str,
+    pub new_expires_at: DateTime<Utc>,
+    /// How long after its rotation a token may be presented again without
+    /// ending the session: only if `new_hash` is the successor recorded at
+    /// that rotation, that successor was never used, and the session is still
+    /// current. The answer to the rotation was then lost (a cut link, a
+    /// server that died before answering), and the caller hands out the same
+    /// successor again. Zero turns this off.
+    pub grace: std::time::Duration,
+}
+
 /// The result of presenting a refresh token.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// The token was valid; the new one is now the only valid one.
     Rotated {
+        agent_id: String,
+        session_id: String,
+    },
+    /// The token was rotated moments ago but its successor was never used:
+    /// the answer was lost. Nothing changed; the successor stands.
+    Repeated {
         agent_id: String,
         session_id: String,
     },
@@ -130,6 +155,24 @@ pub enum RefreshOutcome {
     SessionEnded {
         reason: Option<String>,
     },
+}
+
+/// session_id, session_ended_reason, revoked_at, revoked_reason
+type AgentAuthRow = (Option<String>, Option<String>, Option<i64>, Option<String>);
+
+/// What decides whether an agent's refresh token may still be honoured.
+async fn agent_auth(tx: &mut Tx, agent_id: &str) -> Result<Option<AgentAuthRow>> {
+    let row = on_tx!(tx, c => sqlx::query_as(
+        "SELECT session_id, session_ended_reason, revoked_at, revoked_reason FROM agents WHERE id = $1",
+    )
+    .bind(agent_id)
+    .fetch_optional(&mut *c)
+    .await)?;
+    Ok(row)
+}
+
+fn grace_ms(grace: std::time::Duration) -> i64 {
+    i64::try_from(grace.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Counts of agents by health, as of one instant.
@@ -226,91 +269,125 @@ impl Store {
     }
 
     /// Presents a refresh token (by hash). If it is the current one of a live
-    /// session, it is marked used and `new_hash` becomes the current one.
-    /// If it was already used, the whole session is ended (reuse detection).
+    /// session, it is marked used and `rotation.new_hash` becomes the current
+    /// one. If it was already used, the whole session is ended (reuse
+    /// detection) — unless its rotation's answer was evidently lost: see
+    /// [`RefreshRotation::grace`].
     pub async fn rotate_refresh_token(
         &self,
-        old_hash: &str,
-        new_hash: &str,
-        new_expires_at: DateTime<Utc>,
+        rotation: RefreshRotation<'_>,
         now: DateTime<Utc>,
     ) -> Result<RefreshOutcome> {
-        {
-            let mut tx = self.begin().await?;
-            let claimed: Option<(String, String, i64)> = on_tx!(&mut tx, c => sqlx::query_as(
-                "UPDATE agent_refresh_tokens SET used_at = $1 \
-                 WHERE token_hash = $2 AND used_at IS NULL \
-                 RETURNING agent_id, session_id, expires_at",
+        let RefreshRotation {
+            old_hash,
+            new_hash,
+            new_expires_at,
+            grace,
+        } = rotation;
+        let mut tx = self.begin().await?;
+        let claimed: Option<(String, String, i64)> = on_tx!(&mut tx, c => sqlx::query_as(
+            "UPDATE agent_refresh_tokens SET used_at = $1, successor_hash = $2 \
+             WHERE token_hash = $3 AND used_at IS NULL \
+             RETURNING agent_id, session_id, expires_at",
+        )
+        .bind(to_ms(now))
+        .bind(new_hash)
+        .bind(old_hash)
+        .fetch_optional(&mut *c)
+        .await)?;
+        let Some((agent_id, session_id, expires_at)) = claimed else {
+            /// agent_id, session_id, used_at, successor_hash
+            type UsedRow = (String, String, Option<i64>, Option<String>);
+            let found: Option<UsedRow> = on_tx!(&mut tx, c => sqlx::query_as(
+                "SELECT agent_id, session_id, used_at, successor_hash \
+                 FROM agent_refresh_tokens WHERE token_hash = $1",
             )
-            .bind(to_ms(now))
             .bind(old_hash)
             .fetch_optional(&mut *c)
             .await)?;
-            let Some((agent_id, session_id, expires_at)) = claimed else {
-                let found: Option<(String, String)> = on_tx!(&mut tx, c => sqlx::query_as(
-                    "SELECT agent_id, session_id FROM agent_refresh_tokens WHERE token_hash = $1",
+            let Some((agent_id, session_id, used_at, successor)) = found else {
+                tx.rollback().await?;
+                return Ok(RefreshOutcome::Unknown);
+            };
+            let in_grace = !grace.is_zero()
+                && used_at.is_some_and(|used| to_ms(now) - used <= grace_ms(grace))
+                && successor.as_deref() == Some(new_hash);
+            // Lock the successor while checking it was never used, so that
+            // a rotation of it running at the same time either finishes
+            // first (and this is reuse) or waits for this answer.
+            let successor_unused = in_grace
+                && on_tx!(&mut tx, c => sqlx::query_as::<_, (String,)>(
+                    "UPDATE agent_refresh_tokens SET used_at = NULL \
+                     WHERE token_hash = $1 AND session_id = $2 AND used_at IS NULL \
+                     AND expires_at > $3 \
+                     RETURNING token_hash",
                 )
-                .bind(old_hash)
-                .fetch_optional(&mut *c)
-                .await)?;
-                let Some((agent_id, session_id)) = found else {
-                    tx.rollback().await?;
-                    return Ok(RefreshOutcome::Unknown);
-                };
-                // A rotated token came back: whoever holds the family is not
-                // to be trusted any more. End the session it belongs to.
-                on_tx!(&mut tx, c => sqlx::query(
-                    "UPDATE agents SET session_id = NULL, session_ended_reason = $1 \
-                     WHERE id = $2 AND session_id = $3",
-                )
-                .bind("refresh token reuse detected")
-                .bind(&agent_id)
+                .bind(new_hash)
                 .bind(&session_id)
-                .execute(&mut *c)
-                .await.map(|r| r.rows_affected()))?;
-                tx.commit().await?;
-                return Ok(RefreshOutcome::Reused { agent_id });
-            };
-            /// session_id, session_ended_reason, revoked_at, revoked_reason
-            type AgentAuthRow = (Option<String>, Option<String>, Option<i64>, Option<String>);
-            let state: Option<AgentAuthRow> = on_tx!(&mut tx, c => sqlx::query_as(
-                "SELECT session_id, session_ended_reason, revoked_at, revoked_reason FROM agents WHERE id = $1",
-            )
-            .bind(&agent_id)
-            .fetch_optional(&mut *c)
-            .await)?;
-            let outcome = match state {
-                None => RefreshOutcome::Unknown,
-                Some((_, _, Some(_), reason)) => RefreshOutcome::AgentRevoked { reason },
-                Some((current, reason, None, _))
-                    if current.as_deref() != Some(session_id.as_str()) =>
-                {
-                    RefreshOutcome::SessionEnded { reason }
-                }
-                Some(_) if expires_at <= to_ms(now) => RefreshOutcome::Expired,
-                Some(_) => RefreshOutcome::Rotated {
-                    agent_id: agent_id.clone(),
-                    session_id: session_id.clone(),
-                },
-            };
-            if !matches!(outcome, RefreshOutcome::Rotated { .. }) {
+                .bind(to_ms(now))
+                .fetch_optional(&mut *c)
+                .await)?
+                .is_some();
+            if successor_unused {
+                let outcome = match agent_auth(&mut tx, &agent_id).await? {
+                    None => RefreshOutcome::Unknown,
+                    Some((_, _, Some(_), reason)) => RefreshOutcome::AgentRevoked { reason },
+                    Some((current, reason, None, _))
+                        if current.as_deref() != Some(session_id.as_str()) =>
+                    {
+                        RefreshOutcome::SessionEnded { reason }
+                    }
+                    Some(_) => RefreshOutcome::Repeated {
+                        agent_id,
+                        session_id,
+                    },
+                };
                 tx.rollback().await?;
                 return Ok(outcome);
             }
+            // A rotated token came back: whoever holds the family is not
+            // to be trusted any more. End the session it belongs to.
             on_tx!(&mut tx, c => sqlx::query(
-                "INSERT INTO agent_refresh_tokens (token_hash, agent_id, session_id, created_at, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "UPDATE agents SET session_id = NULL, session_ended_reason = $1 \
+                 WHERE id = $2 AND session_id = $3",
             )
-            .bind(new_hash)
+            .bind("refresh token reuse detected")
             .bind(&agent_id)
             .bind(&session_id)
-            .bind(to_ms(now))
-            .bind(to_ms(new_expires_at))
             .execute(&mut *c)
             .await.map(|r| r.rows_affected()))?;
             tx.commit().await?;
-            Ok(outcome)
+            return Ok(RefreshOutcome::Reused { agent_id });
+        };
+        let outcome = match agent_auth(&mut tx, &agent_id).await? {
+            None => RefreshOutcome::Unknown,
+            Some((_, _, Some(_), reason)) => RefreshOutcome::AgentRevoked { reason },
+            Some((current, reason, None, _)) if current.as_deref() != Some(session_id.as_str()) => {
+                RefreshOutcome::SessionEnded { reason }
+            }
+            Some(_) if expires_at <= to_ms(now) => RefreshOutcome::Expired,
+            Some(_) => RefreshOutcome::Rotated {
+                agent_id: agent_id.clone(),
+                session_id: session_id.clone(),
+            },
+        };
+        if !matches!(outcome, RefreshOutcome::Rotated { .. }) {
+            tx.rollback().await?;
+            return Ok(outcome);
         }
+        on_tx!(&mut tx, c => sqlx::query(
+            "INSERT INTO agent_refresh_tokens (token_hash, agent_id, session_id, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(new_hash)
+        .bind(&agent_id)
+        .bind(&session_id)
+        .bind(to_ms(now))
+        .bind(to_ms(new_expires_at))
+        .execute(&mut *c)
+        .await.map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(outcome)
     }
 
     /// Records a heartbeat if the agent exists, is not revoked and `session_id`

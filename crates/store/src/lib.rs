@@ -31,7 +31,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, PgPool, SqlitePool};
 
-pub use agents::{AgentCounts, AgentRecord, EnrollOutcome, NewAgent, RefreshOutcome};
+pub use agents::{
+    AgentCounts, AgentRecord, EnrollOutcome, NewAgent, RefreshOutcome, RefreshRotation,
+};
 pub use auth::{BootstrapToken, NewBootstrapToken, NewUserToken, User, UserToken};
 pub use error::Error;
 pub use sqlx::Error as SqlxError;

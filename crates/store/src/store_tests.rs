@@ -197,61 +197,223 @@ async fn bootstrap_token_enrolls_once() {
     }
 }
 
+/// The successor of a refresh token (by hash), derived from it as the
+/// server does, so that presenting a token again names the same successor.
+fn next(hash: &str) -> String {
+    format!("{hash}>")
+}
+
+const GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Presents `old` as the server does: its successor derived, the usual grace.
+async fn present(store: &Store, old: &str, now: chrono::DateTime<Utc>) -> RefreshOutcome {
+    present_with(store, old, &next(old), GRACE, now).await
+}
+
+async fn present_with(
+    store: &Store,
+    old: &str,
+    new: &str,
+    grace: std::time::Duration,
+    now: chrono::DateTime<Utc>,
+) -> RefreshOutcome {
+    store
+        .rotate_refresh_token(
+            RefreshRotation {
+                old_hash: old,
+                new_hash: new,
+                new_expires_at: now + Duration::days(1),
+                grace,
+            },
+            now,
+        )
+        .await
+        .unwrap()
+}
+
+fn rotated(agent: &AgentRecord) -> RefreshOutcome {
+    RefreshOutcome::Rotated {
+        agent_id: agent.id.clone(),
+        session_id: "s1".into(),
+    }
+}
+
+fn repeated(agent: &AgentRecord) -> RefreshOutcome {
+    RefreshOutcome::Repeated {
+        agent_id: agent.id.clone(),
+        session_id: "s1".into(),
+    }
+}
+
+fn reused(agent: &AgentRecord) -> RefreshOutcome {
+    RefreshOutcome::Reused {
+        agent_id: agent.id.clone(),
+    }
+}
+
+async fn assert_session_ended_by_reuse(store: &Store, agent: &AgentRecord, backend: Backend) {
+    let stored = store.agent(&agent.id).await.unwrap().unwrap();
+    assert_eq!(stored.session_id, None, "{backend}");
+    assert_eq!(
+        stored.session_ended_reason.as_deref(),
+        Some("refresh token reuse detected"),
+        "{backend}"
+    );
+}
+
 #[tokio::test]
 async fn refresh_rotates_and_reuse_ends_the_session() {
     for backend in BACKENDS {
         let db = TestDb::new(backend).await;
         let store = db.open().await;
         let a = enrolled(&store, "a1").await;
-        let exp = Utc::now() + Duration::days(1);
-        let r1 = store
-            .rotate_refresh_token("r0-a1", "r1", exp, Utc::now())
-            .await
-            .unwrap();
-        assert_eq!(
-            r1,
-            RefreshOutcome::Rotated {
-                agent_id: a.id.clone(),
-                session_id: "s1".into()
-            },
-            "{backend}"
-        );
-        let r2 = store
-            .rotate_refresh_token("r1", "r2", exp, Utc::now())
-            .await
-            .unwrap();
-        assert!(matches!(r2, RefreshOutcome::Rotated { .. }));
-        // r1 was rotated already: presenting it again ends the session.
-        let reuse = store
-            .rotate_refresh_token("r1", "r3", exp, Utc::now())
-            .await
-            .unwrap();
-        assert_eq!(
-            reuse,
-            RefreshOutcome::Reused {
-                agent_id: a.id.clone()
-            }
-        );
-        // Even the current token (r2) no longer works.
-        let after = store
-            .rotate_refresh_token("r2", "r4", exp, Utc::now())
-            .await
-            .unwrap();
+        let now = Utc::now();
+        let r0 = "r0-a1".to_owned();
+        let r1 = next(&r0);
+        let r2 = next(&r1);
+        assert_eq!(present(&store, &r0, now).await, rotated(&a), "{backend}");
+        assert_eq!(present(&store, &r1, now).await, rotated(&a), "{backend}");
+        assert_eq!(present(&store, &r2, now).await, rotated(&a), "{backend}");
+        // r1 was rotated already and its successor used since: presenting
+        // it again ends the session.
+        assert_eq!(present(&store, &r1, now).await, reused(&a), "{backend}");
+        // Even the current token (r3) no longer works, nor is the grace
+        // given to r2 any more.
+        let after = present(&store, &next(&r2), now).await;
         assert!(
             matches!(after, RefreshOutcome::SessionEnded { .. }),
             "{backend}: {after:?}"
         );
-        let stored = store.agent(&a.id).await.unwrap().unwrap();
-        assert_eq!(stored.session_id, None);
-        assert_eq!(
-            stored.session_ended_reason.as_deref(),
-            Some("refresh token reuse detected")
+        let late = present(&store, &r2, now).await;
+        assert!(
+            matches!(late, RefreshOutcome::SessionEnded { .. }),
+            "{backend}: {late:?}"
         );
-        let unknown = store
-            .rotate_refresh_token("nope", "r5", exp, Utc::now())
-            .await
-            .unwrap();
-        assert_eq!(unknown, RefreshOutcome::Unknown);
+        assert_session_ended_by_reuse(&store, &a, backend).await;
+        assert_eq!(
+            present(&store, "nope", now).await,
+            RefreshOutcome::Unknown,
+            "{backend}"
+        );
+    }
+}
+
+/// The answer to a rotation is lost: the agent presents the same token again
+/// and gets the same successor, as often as the answer is lost, until it
+/// uses that successor.
+#[tokio::test]
+async fn refresh_lost_answer_gets_the_same_successor_within_the_grace() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let a = enrolled(&store, "a1").await;
+        let t0 = Utc::now();
+        let r0 = "r0-a1".to_owned();
+        let r1 = next(&r0);
+        assert_eq!(present(&store, &r0, t0).await, rotated(&a), "{backend}");
+        // Lost: the same token again, twice, the last just inside the grace.
+        let t1 = t0 + Duration::seconds(10);
+        assert_eq!(present(&store, &r0, t1).await, repeated(&a), "{backend}");
+        let edge = t0 + Duration::seconds(300);
+        assert_eq!(present(&store, &r0, edge).await, repeated(&a), "{backend}");
+        // The session is whole and the successor works.
+        let stored = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(stored.session_id.as_deref(), Some("s1"), "{backend}");
+        assert_eq!(present(&store, &r1, edge).await, rotated(&a), "{backend}");
+        assert_eq!(
+            present(&store, &next(&r1), edge).await,
+            rotated(&a),
+            "{backend}"
+        );
+    }
+}
+
+/// The grace covers only the immediately previous token, within the grace,
+/// whose successor is the one the caller derives and was never used, in a
+/// current session of an agent not revoked.
+#[tokio::test]
+async fn refresh_grace_is_narrow() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let t0 = Utc::now();
+
+        // An older token: r0's successor r1 was used (r2 is current, unused).
+        let a = enrolled(&store, "a1").await;
+        let r0 = "r0-a1".to_owned();
+        assert_eq!(present(&store, &r0, t0).await, rotated(&a), "{backend}");
+        assert_eq!(present(&store, &next(&r0), t0).await, rotated(&a));
+        assert_eq!(present(&store, &r0, t0).await, reused(&a), "{backend}");
+        assert_session_ended_by_reuse(&store, &a, backend).await;
+
+        // After the grace.
+        let b = enrolled(&store, "b1").await;
+        let r0 = "r0-b1".to_owned();
+        assert_eq!(present(&store, &r0, t0).await, rotated(&b), "{backend}");
+        let late = t0 + Duration::seconds(301);
+        assert_eq!(present(&store, &r0, late).await, reused(&b), "{backend}");
+        assert_session_ended_by_reuse(&store, &b, backend).await;
+
+        // Grace turned off.
+        let c = enrolled(&store, "c1").await;
+        let r0 = "r0-c1".to_owned();
+        assert_eq!(present(&store, &r0, t0).await, rotated(&c), "{backend}");
+        let off = present_with(&store, &r0, &next(&r0), std::time::Duration::ZERO, t0).await;
+        assert_eq!(off, reused(&c), "{backend}");
+        assert_session_ended_by_reuse(&store, &c, backend).await;
+
+        // Another successor than the one recorded at the rotation.
+        let d = enrolled(&store, "d1").await;
+        let r0 = "r0-d1".to_owned();
+        assert_eq!(present(&store, &r0, t0).await, rotated(&d), "{backend}");
+        let other = present_with(&store, &r0, "forged", GRACE, t0).await;
+        assert_eq!(other, reused(&d), "{backend}");
+        assert_session_ended_by_reuse(&store, &d, backend).await;
+
+        // A revoked agent gets no grace, nor does its session come back.
+        let e = enrolled(&store, "e1").await;
+        let r0 = "r0-e1".to_owned();
+        assert_eq!(present(&store, &r0, t0).await, rotated(&e), "{backend}");
+        store.revoke_agent(&e.id, "stolen", t0).await.unwrap();
+        let revoked = present(&store, &r0, t0).await;
+        assert!(
+            matches!(revoked, RefreshOutcome::AgentRevoked { .. }),
+            "{backend}: {revoked:?}"
+        );
+        let stored = store.agent(&e.id).await.unwrap().unwrap();
+        assert_eq!(stored.session_id, None, "{backend}");
+    }
+}
+
+/// Many presentations of the same token at once, as from replicas: one
+/// rotates, every other gets the same successor, and the session lives.
+#[tokio::test]
+async fn refresh_concurrent_presentations_of_one_token() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let a = enrolled(&store, "a1").await;
+        let now = Utc::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { present(&store, "r0-a1", now).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        let firsts = outcomes.iter().filter(|o| **o == rotated(&a)).count();
+        let repeats = outcomes.iter().filter(|o| **o == repeated(&a)).count();
+        assert_eq!((firsts, repeats), (1, 7), "{backend}: {outcomes:?}");
+        let stored = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(stored.session_id.as_deref(), Some("s1"), "{backend}");
+        assert_eq!(
+            present(&store, &next("r0-a1"), now).await,
+            rotated(&a),
+            "{backend}"
+        );
     }
 }
 
@@ -264,10 +426,7 @@ async fn expired_refresh_token_is_refused() {
         let mut agent = new_agent("a1", "r0");
         agent.refresh_expires_at = Utc::now() - Duration::seconds(1);
         store.enroll_agent("b", agent, Utc::now()).await.unwrap();
-        let out = store
-            .rotate_refresh_token("r0", "r1", Utc::now(), Utc::now())
-            .await
-            .unwrap();
+        let out = present(&store, "r0", Utc::now()).await;
         assert_eq!(out, RefreshOutcome::Expired, "{backend}");
     }
 }

@@ -8,7 +8,7 @@ use drover_proto::agent::{
     Credentials, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, RefreshRequest,
 };
 use drover_proto::{ErrorBody, ErrorCode};
-use drover_store::{EnrollOutcome, NewAgent, RefreshOutcome};
+use drover_store::{EnrollOutcome, NewAgent, RefreshOutcome, RefreshRotation};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -114,7 +114,10 @@ async fn enroll(
 }
 
 /// Trade the current refresh token for new credentials. The presented token
-/// stops working; presenting it again ends the agent's session.
+/// stops working; presenting it again ends the agent's session — except
+/// within `agent_refresh_grace` of its rotation while its successor was never
+/// used (the answer was lost): then the same successor comes back, with a new
+/// access token.
 #[utoipa::path(
     post, path = "/api/v1/agent/refresh", tag = "agent",
     request_body = RefreshRequest,
@@ -128,66 +131,87 @@ async fn refresh(
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> Result<Json<Credentials>, ApiError> {
     let now = Utc::now();
-    let new_refresh = new_token(TokenPrefix::Refresh).map_err(secret_err)?;
+    let new_refresh = state
+        .signing_key
+        .successor_refresh_token(&req.refresh_token);
     let outcome = state
         .store
         .rotate_refresh_token(
-            &hash_token(&req.refresh_token),
-            &hash_token(&new_refresh),
-            now + state.config.agent_refresh_ttl,
+            RefreshRotation {
+                old_hash: &hash_token(&req.refresh_token),
+                new_hash: &hash_token(&new_refresh),
+                new_expires_at: now + state.config.agent_refresh_ttl,
+                grace: state.config.agent_refresh_grace,
+            },
             now,
         )
         .await?;
-    match outcome {
+    let (agent_id, session_id) = match outcome {
         RefreshOutcome::Rotated {
             agent_id,
             session_id,
         } => {
-            let access_expires_at = now + state.config.agent_access_ttl;
-            let access_token = issue_agent_token(
-                &state.signing_key,
-                &agent_id,
-                &session_id,
-                now,
-                access_expires_at,
-            )?;
             tracing::debug!(agent = %agent_id, "agent credentials refreshed");
-            Ok(Json(Credentials {
-                access_token,
-                access_expires_at,
-                refresh_token: new_refresh,
-            }))
+            (agent_id, session_id)
+        }
+        RefreshOutcome::Repeated {
+            agent_id,
+            session_id,
+        } => {
+            tracing::info!(agent = %agent_id, "refresh token presented again before its successor was used: the answer was lost, the same successor is handed out again");
+            (agent_id, session_id)
         }
         RefreshOutcome::Reused { agent_id } => {
             tracing::warn!(agent = %agent_id, "refresh token reused: session ended");
-            Err(ApiError::unauthorized(
+            return Err(ApiError::unauthorized(
                 ErrorCode::RefreshTokenReused,
                 format!("refresh token was already used: the session of agent {agent_id} is ended; enroll again with a new bootstrap token"),
+            ));
+        }
+        RefreshOutcome::Unknown => {
+            return Err(ApiError::unauthorized(
+                ErrorCode::RefreshTokenUnknown,
+                "refresh token is unknown",
             ))
         }
-        RefreshOutcome::Unknown => Err(ApiError::unauthorized(
-            ErrorCode::RefreshTokenUnknown,
-            "refresh token is unknown",
-        )),
-        RefreshOutcome::Expired => Err(ApiError::unauthorized(
-            ErrorCode::RefreshTokenExpired,
-            "refresh token expired: enroll again with a new bootstrap token",
-        )),
-        RefreshOutcome::AgentRevoked { reason } => Err(ApiError::unauthorized(
-            ErrorCode::AgentRevoked,
-            format!(
-                "agent was revoked: {}",
-                reason.unwrap_or_else(|| "no reason given".to_owned())
-            ),
-        )),
-        RefreshOutcome::SessionEnded { reason } => Err(ApiError::unauthorized(
-            ErrorCode::SessionRevoked,
-            format!(
-                "agent session was ended: {}",
-                reason.unwrap_or_else(|| "superseded".to_owned())
-            ),
-        )),
-    }
+        RefreshOutcome::Expired => {
+            return Err(ApiError::unauthorized(
+                ErrorCode::RefreshTokenExpired,
+                "refresh token expired: enroll again with a new bootstrap token",
+            ))
+        }
+        RefreshOutcome::AgentRevoked { reason } => {
+            return Err(ApiError::unauthorized(
+                ErrorCode::AgentRevoked,
+                format!(
+                    "agent was revoked: {}",
+                    reason.unwrap_or_else(|| "no reason given".to_owned())
+                ),
+            ))
+        }
+        RefreshOutcome::SessionEnded { reason } => {
+            return Err(ApiError::unauthorized(
+                ErrorCode::SessionRevoked,
+                format!(
+                    "agent session was ended: {}",
+                    reason.unwrap_or_else(|| "superseded".to_owned())
+                ),
+            ))
+        }
+    };
+    let access_expires_at = now + state.config.agent_access_ttl;
+    let access_token = issue_agent_token(
+        &state.signing_key,
+        &agent_id,
+        &session_id,
+        now,
+        access_expires_at,
+    )?;
+    Ok(Json(Credentials {
+        access_token,
+        access_expires_at,
+        refresh_token: new_refresh,
+    }))
 }
 
 /// Report liveness and inventory; the answer prescribes the next interval.
