@@ -661,6 +661,13 @@ impl AgentProc {
         self.child = Some(child);
     }
 
+    /// Whether the agent started last is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Waits for the running agent to exit by itself.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
