@@ -16,7 +16,8 @@
 //! reporter (`jobs`, which names what each does on stop), plus the
 //! optional metrics endpoint (`metrics`). They share one
 //! `session::Session` for credentials. Before polling, `run` removes the
-//! attempt containers a killed agent left behind (`docker`).
+//! attempt containers a killed agent left behind (`docker`), and stops
+//! every attempt it left recorded and reports it failed (`survivors`).
 //!
 //! Where an attempt runs: `executor` (the supervision loop shared by all
 //! kinds of work), `process` (process sandboxes), `docker` (containers and
@@ -42,6 +43,7 @@ mod runner;
 mod session;
 pub mod signals;
 pub mod state;
+pub mod survivors;
 #[cfg(test)]
 mod test_support;
 pub mod workspace;
@@ -245,6 +247,16 @@ pub async fn run_with(
             _ = prepare_docker(engine) => {}
             _ = shutdown.cancelled() => {}
         }
+    }
+    // What a killed agent left running is stopped and reported failed
+    // before any work is taken (`survivors`).
+    match survivors::stop_left_over(&exec, &outbox).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            attempts = n,
+            "reported failed the attempts an earlier run of the agent left running"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot read the records of running attempts"),
     }
     let jobs = Arc::new(jobs::Jobs::new(
         session.clone(),

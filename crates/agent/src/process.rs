@@ -24,6 +24,7 @@ use crate::executor::{
     self, private_dir, Ended, Error, Event, ExecOptions, Exit, Failure, Refusal, Signal,
     Supervisor, Workload, OUTPUTS_FILE,
 };
+use crate::survivors;
 
 /// The type `setrlimit` takes for a resource.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -301,10 +302,31 @@ async fn try_run_attempt(
         cmd.uid(ids.uid).gid(ids.gid);
     }
     let limits = sandbox.map_or_else(Limits::none, Limits::of);
+    // Recorded before it runs, so that a restart after a kill of the agent
+    // finds it (`survivors`): by its environment until its pid is known.
+    survivors::record(
+        opts,
+        &survivors::Record::new(
+            a,
+            survivors::Work::Spawning {
+                outputs: outputs.clone(),
+            },
+        ),
+    )
+    .map_err(Error::Record)?;
     let mut run = ProcessRun::spawn(cmd, limits).map_err(|source| Error::Spawn {
         program: program.clone(),
         source,
     })?;
+    if let Some(r) = run
+        .pgid
+        .and_then(|pid| survivors::Record::process(a, pid, &outputs))
+    {
+        if let Err(e) = survivors::record(opts, &r) {
+            // The record of the spawn still finds it.
+            tracing::warn!(attempt = %a.attempt_id, error = %e, "cannot record the attempt's pid");
+        }
+    }
     let ended = sup.supervise(&mut run).await?;
     let limit = sandbox.and_then(|p| cpu_time_exceeded(p, &ended));
     Ok(sup.finish(&ended, Some(&outputs), limit))

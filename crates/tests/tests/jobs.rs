@@ -477,11 +477,11 @@ async fn waiting_jobs_say_why() {
     assert_eq!(job.state, JobState::Succeeded);
 }
 
-/// kill -9 of the agent mid-run: the attempt's lease runs out, it is lost
-/// and retried; after a restart the job succeeds. Every attempt has one
-/// result.
+/// kill -9 of the agent mid-run and a restart: the agent stops the
+/// attempt's survivor and reports it failed ("agent restarted"), and the
+/// retry succeeds. Every attempt has one result (see also `faults.rs`).
 #[tokio::test]
-async fn agent_killed_mid_run_loses_the_attempt_and_retries() {
+async fn agent_killed_mid_run_fails_the_attempt_and_retries() {
     let (cluster, mut agent) = cluster_with_agent(
         Backend::Sqlite,
         ServerOptions {
@@ -505,7 +505,9 @@ async fn agent_killed_mid_run_loses_the_attempt_and_retries() {
     let job = cluster.wait_job(&id, Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
     let states: Vec<JobState> = job.attempts.iter().map(|a| a.state).collect();
-    assert_eq!(states, [JobState::Lost, JobState::Succeeded], "{job:#?}");
+    assert_eq!(states, [JobState::Failed, JobState::Succeeded], "{job:#?}");
+    let error = job.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("agent restarted"), "{error}");
     let logs = cluster.cli_ok(&["jobs", "logs", &id]);
     assert_eq!(logs.matches("done-2").count(), 1, "{logs}");
 }

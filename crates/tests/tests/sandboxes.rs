@@ -397,11 +397,13 @@ async fn missing_runtimes_are_refused_and_targets_select_on_docker() {
 }
 
 /// An agent killed with SIGKILL leaves its container running; started
-/// again, it removes it.
+/// again, it removes it and reports the attempt failed.
 #[tokio::test]
 async fn containers_left_by_a_killed_agent_are_removed_at_its_next_start() {
+    // A lease far longer than the test: only the agent's report can end
+    // the attempt in time.
     let options = ServerOptions {
-        extra_args: vec!["--attempt-lease".into(), "3s".into()],
+        extra_args: vec!["--attempt-lease".into(), "60s".into()],
         ..ServerOptions::default()
     };
     let (cluster, mut agent) = cluster_with_agent(Backend::Sqlite, options).await;
@@ -421,9 +423,11 @@ async fn containers_left_by_a_killed_agent_are_removed_at_its_next_start() {
     );
     agent.start();
     wait_no_leftovers(&agent.id).await;
-    // The attempt the dead agent held ends lost (its lease ran out).
+    // The restarted agent reports the attempt it stopped.
     let ended = cluster.wait_job(&job, Duration::from_secs(30)).await;
-    assert_eq!(ended.state, JobState::Lost, "{ended:?}");
+    assert_eq!(ended.state, JobState::Failed, "{ended:?}");
+    let error = ended.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("agent restarted"), "{error}");
     assert!(
         agent.log().contains("left behind") || agent.log().contains("leftover"),
         "{}",

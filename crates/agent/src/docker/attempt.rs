@@ -100,6 +100,13 @@ pub(crate) async fn run_attempt(
     });
     let name = format!("drover-{}", a.attempt_id);
     let outputs = executor::drover_dir(opts, a).join(OUTPUTS_FILE);
+    // Recorded before it exists, so that a restart after a kill of the
+    // agent removes it and reports the attempt (`survivors`).
+    let record =
+        crate::survivors::Record::new(a, crate::survivors::Work::Container { name: name.clone() });
+    if let Err(e) = crate::survivors::record(opts, &record) {
+        return sup.fail(Error::Record(e).into());
+    }
     // From here on the container may exist: it is removed whatever happens.
     let guard = RemoveOnDrop {
         client: Some(client.clone()),

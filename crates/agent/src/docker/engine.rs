@@ -193,6 +193,13 @@ impl Engine {
         Ok(removed)
     }
 
+    /// Removes the container `name` (an attempt's), whatever its state; a
+    /// missing one is fine.
+    pub(crate) async fn remove_container_named(&self, name: &str) -> Result<(), Error> {
+        let client = self.client().await?;
+        remove_container(&client, name).await
+    }
+
     pub(super) fn labels(&self, kind: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
         let mut labels = HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),

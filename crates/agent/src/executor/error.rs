@@ -124,6 +124,9 @@ pub enum Error {
     },
     #[error(transparent)]
     OutputsFile(#[from] OutputsFileError),
+    /// The record a restart would need to stop the attempt.
+    #[error("cannot record the running attempt: {0}")]
+    Record(#[from] crate::survivors::Error),
 
     // ---- workspaces ----
     #[error(

@@ -15,7 +15,8 @@ pub(crate) const OUTPUTS_FILE: &str = "outputs.json";
 impl ExecOptions {
     /// Creates the work and workspace roots. Both are traversable but not
     /// listable by other users (0711): a sandbox's unprivileged user must
-    /// reach its own directory below them, and guess no one else's.
+    /// reach its own directory below them, and guess no one else's. The
+    /// attempts' records are the agent's alone (0700).
     pub fn prepare(&self) -> Result<(), Error> {
         for dir in [&self.work_root, &self.workspaces_root] {
             std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
@@ -27,7 +28,8 @@ impl ExecOptions {
                 source,
             })?;
         }
-        Ok(())
+        // The agent's own: nobody else passes.
+        private_dir(&self.attempts_root, None)
     }
 }
 

@@ -70,6 +70,9 @@ pub struct ExecOptions {
     pub docker: Option<Arc<Engine>>,
     /// Whether the agent may run processes as another user (it is root).
     pub can_switch_users: bool,
+    /// Records of running attempts (`survivors`): what a killed agent's
+    /// next start must stop.
+    pub attempts_root: PathBuf,
 }
 
 impl ExecOptions {
@@ -83,6 +86,7 @@ impl ExecOptions {
             allow_sandboxes: vec![SandboxKind::Process],
             docker: None,
             can_switch_users: crate::config::running_as_root(),
+            attempts_root: root.join("attempts"),
         }
     }
 }
@@ -154,6 +158,8 @@ pub async fn execute(
             workspace,
         } => crate::docker::run_exec(a, opts, engine, sandbox, workspace, &mut sup).await,
     };
+    // Its work has ended: nothing of it is left to stop after a restart.
+    crate::survivors::forget(opts, &a.attempt_id);
     // Artifacts are collected from the working dir by the caller, which
     // removes it after.
     if a.artifacts.is_empty() {
