@@ -291,3 +291,129 @@ async fn refresh_survives_a_link_cut_at_random() {
     assert!(agent.is_running(), "{}", agent.log());
     assert!(agent.status()["credentials_rejected"].is_null());
 }
+
+// ---- an agent killed while its attempts run (issue 11, point 3) ----
+
+/// An action that works for a while, then appends a line to a marker
+/// file: each line is one run that finished its work.
+const SURVIVOR_CATALOG: &str = r#"
+actions:
+  - name: slow-marker
+    argv: ["/bin/sh", "-c", "sleep 5; echo done >> \"$1\"", "sh", "{{path}}"]
+    params:
+      path: {type: string, max_length: 300}
+    timeout: 60s
+"#;
+
+/// Live members of process group `pgid`, read from /proc (zombies, dead
+/// and waiting to be reaped, do not count).
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.first().is_some_and(|s| *s != "Z" && *s != "X")
+                && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+        })
+        .collect()
+}
+
+/// The process group of the one attempt the agent records as running.
+fn recorded_group(agent: &AgentProc) -> Option<i32> {
+    let dir = agent.state_dir().join("attempts");
+    let mut groups = std::fs::read_dir(dir).ok()?.flatten().filter_map(|e| {
+        let text = std::fs::read_to_string(e.path()).ok()?;
+        let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (record["work"]["kind"] == "process").then(|| record["work"]["pid"].as_i64())?
+    });
+    groups.next().and_then(|pid| i32::try_from(pid).ok())
+}
+
+/// kill -9 of the agent while a process attempt runs, and an immediate
+/// restart: the attempt's process group, which outlived the agent, is
+/// killed before it finishes its work; the attempt ends `failed` with
+/// "agent restarted" (reported by the agent, not `lost` at the end of its
+/// lease), and its one retry runs exactly once.
+#[tokio::test]
+async fn survivors_of_a_killed_agent_are_stopped_and_reported_failed() {
+    for backend in BACKENDS {
+        // A lease far longer than the test: only the agent's report can end
+        // the first attempt in time.
+        let cluster = Cluster::start_with(
+            backend,
+            ServerOptions {
+                extra_args: vec!["--attempt-lease".into(), "60s".into()],
+                ..ServerOptions::default()
+            },
+        )
+        .await;
+        cluster.apply_actions(SURVIVOR_CATALOG);
+        let mut agent = cluster.enroll_agent(&[]).await;
+        cluster.wait_online(&agent.id).await;
+        let marker = agent.state.path().join("marker");
+        let param = format!("path={}", marker.display());
+        let id = cluster.submit(
+            "slow-marker",
+            &agent.id,
+            &["--param", &param, "--retries", "1"],
+        );
+        let pgid = wait_for("the attempt to run", Duration::from_secs(10), || {
+            let running = cluster.job(&id).state == JobState::Running;
+            let group = recorded_group(&agent);
+            async move { group.filter(|_| running) }
+        })
+        .await;
+
+        agent.kill();
+        assert!(
+            !group_members(pgid).is_empty(),
+            "{backend}: the attempt's process group should outlive kill -9 of the agent"
+        );
+        agent.start();
+
+        let first = wait_for("the first attempt to end", Duration::from_secs(20), || {
+            let job = cluster.job(&id);
+            async move { job.attempts.first().filter(|a| a.state.is_final()).cloned() }
+        })
+        .await;
+        // The agent stops the survivor before it reports the attempt.
+        assert_eq!(group_members(pgid), Vec::<i32>::new(), "{backend}");
+        assert_eq!(first.state, JobState::Failed, "{backend}: {first:#?}");
+        let error = first.error.clone().unwrap_or_default();
+        assert!(error.contains("agent restarted"), "{backend}: {error}");
+
+        let job = cluster.wait_job(&id, Duration::from_secs(30)).await;
+        assert_eq!(job.state, JobState::Succeeded, "{backend}: {job:#?}");
+        let states: Vec<JobState> = job.attempts.iter().map(|a| a.state).collect();
+        assert_eq!(
+            states,
+            [JobState::Failed, JobState::Succeeded],
+            "{backend}: {job:#?}"
+        );
+        // One line: the retry's. The survivor never finished its work.
+        let lines = std::fs::read_to_string(&marker).unwrap_or_default();
+        assert_eq!(lines, "done\n", "{backend}");
+        let log = agent.log();
+        assert!(
+            log.contains("stopped an attempt a killed agent left running"),
+            "{log}"
+        );
+        assert_eq!(
+            std::fs::read_dir(agent.state_dir().join("attempts"))
+                .map(|d| d.count())
+                .unwrap_or(0),
+            0,
+            "{backend}: records outlived their attempts"
+        );
+    }
+}
