@@ -417,3 +417,79 @@ async fn survivors_of_a_killed_agent_are_stopped_and_reported_failed() {
         );
     }
 }
+
+/// The container variant: kill -9 of the agent while an attempt runs in a
+/// container of its own, and an immediate restart: the container is
+/// removed, the attempt ends `failed` with "agent restarted", and its one
+/// retry runs exactly once.
+#[tokio::test]
+async fn survivor_containers_of_a_killed_agent_are_removed_and_reported_failed() {
+    let catalog = format!(
+        r#"
+sandboxes:
+  - name: boxed
+    type: docker
+    image: {}
+actions:
+  - name: boxed-sleep
+    argv: ["/bin/sleep", "{{{{seconds}}}}"]
+    params:
+      seconds: {{type: integer, min: 0, max: 600}}
+    sandbox: boxed
+    timeout: 120s
+"#,
+        docker_image()
+    );
+    for backend in BACKENDS {
+        let cluster = Cluster::start_with(
+            backend,
+            ServerOptions {
+                extra_args: vec!["--attempt-lease".into(), "60s".into()],
+                ..ServerOptions::default()
+            },
+        )
+        .await;
+        cluster.apply_actions(&catalog);
+        let mut agent = cluster.enroll_agent(&[]).await;
+        cluster.wait_online(&agent.id).await;
+        let id = cluster.submit(
+            "boxed-sleep",
+            &agent.id,
+            &["--param", "seconds=4", "--retries", "1"],
+        );
+        let first = wait_for("the container to run", Duration::from_secs(30), || {
+            let job = cluster.job(&id);
+            async move {
+                let a = job.attempts.first()?;
+                let name = format!("name=drover-{}", a.id);
+                let running = !docker(&["ps", "-q", "--filter", &name]).trim().is_empty();
+                running.then(|| a.id.clone())
+            }
+        })
+        .await;
+        let name = format!("name=drover-{first}");
+
+        agent.kill();
+        assert!(
+            !docker(&["ps", "-q", "--filter", &name]).trim().is_empty(),
+            "{backend}: the container should outlive kill -9 of the agent"
+        );
+        agent.start();
+
+        let job = cluster.wait_job(&id, Duration::from_secs(60)).await;
+        assert_eq!(job.state, JobState::Succeeded, "{backend}: {job:#?}");
+        let states: Vec<JobState> = job.attempts.iter().map(|a| a.state).collect();
+        assert_eq!(
+            states,
+            [JobState::Failed, JobState::Succeeded],
+            "{backend}: {job:#?}"
+        );
+        let error = job.attempts[0].error.clone().unwrap_or_default();
+        assert!(error.contains("agent restarted"), "{backend}: {error}");
+        assert_eq!(
+            docker(&["ps", "-aq", "--filter", &name]).trim(),
+            "",
+            "{backend}: the first attempt's container is still there"
+        );
+    }
+}
