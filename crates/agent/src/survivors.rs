@@ -1,5 +1,5 @@
 //! Attempts a killed agent left behind: each running attempt is recorded
-//! in `<state_dir>/attempts/<attempt_id>.json` while its work runs, and at
+//! in `<state_dir>/attempts/` while its work runs, and at
 //! the next start the agent stops whatever of it survived and reports the
 //! attempt `failed` ("agent restarted"), before it polls for work.
 //!
@@ -17,30 +17,30 @@
 //! never signalled), a container by its name. A record written just
 //! before a spawn, whose pid is not known yet, finds the attempt's
 //! processes by the outputs file in their environment (`DROVER_OUTPUT`,
-//! unique per attempt). Records are written atomically (temp file, rename)
-//! but not fsynced: they guard against the agent's death, not the
-//! machine's, which takes the processes with it (the lease covers that).
+//! unique per attempt). A record is an empty file whose name says all
+//! that (`<attempt_id>.process.<pid>.<start_ticks>`; its mtime is the
+//! start), created or renamed: atomic, written on a full disk too, and
+//! freeing no data block when removed. It is not fsynced: it guards
+//! against the agent's death, not the machine's, which takes the
+//! processes with it (the lease covers that).
 //! A record is removed once the attempt's work has ended; a kill between
 //! that and the result reaching the outbox leaves the attempt to its lease
 //! (`lost`), with nothing running on.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use drover_proto::jobs::{Assignment, AttemptResult, Outcome};
 use drover_proto::workflows::OUTPUT_FILE_ENV;
-use serde::{Deserialize, Serialize};
 
-use crate::executor::{ExecOptions, Signal};
+use crate::executor::{ExecOptions, Signal, OUTPUTS_FILE};
 use crate::outbox::Outbox;
 
 /// The error of a result reported for an attempt a restart stopped.
 pub const RESTARTED: &str = "agent restarted: the attempt was stopped";
 /// How long a killed process group may take to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(5);
-const SUFFIX: &str = ".json";
 
 /// Why a record could not be kept, or a survivor not stopped.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +49,6 @@ pub enum Error {
     Io {
         path: PathBuf,
         source: std::io::Error,
-    },
-    #[error("{} is corrupt: {source}", path.display())]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
     },
     #[error(
         "process group {pgid} of attempt {attempt} is still there {KILL_WAIT:?} after SIGKILL"
@@ -70,17 +65,15 @@ pub enum Error {
 }
 
 /// An attempt whose work may be running.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub attempt_id: String,
-    pub job_id: String,
     pub started_at: DateTime<Utc>,
     pub work: Work,
 }
 
 /// What runs an attempt's work, and how to find it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Work {
     /// A process is being spawned: its pid is not known yet, its
     /// environment holds `DROVER_OUTPUT=<outputs>`.
@@ -100,7 +93,6 @@ impl Record {
     pub(crate) fn new(a: &Assignment, work: Work) -> Record {
         Record {
             attempt_id: a.attempt_id.clone(),
-            job_id: a.job_id.clone(),
             started_at: Utc::now(),
             work,
         }
@@ -120,25 +112,80 @@ impl Record {
             },
         ))
     }
+
+    /// The record on disk: an empty file named `<attempt_id>.spawning`,
+    /// `<attempt_id>.process.<pid>.<start_ticks>` or
+    /// `<attempt_id>.container`; its mtime is the start. The rest (the
+    /// outputs file, the container's name) follows from the attempt id.
+    fn file_name(&self) -> String {
+        let id = &self.attempt_id;
+        match &self.work {
+            Work::Spawning { .. } => format!("{id}.spawning"),
+            Work::Process {
+                pid, start_ticks, ..
+            } => format!("{id}.process.{pid}.{start_ticks}"),
+            Work::Container { .. } => format!("{id}.container"),
+        }
+    }
+
+    /// The record a file name holds, read from the right (attempt ids may
+    /// hold dots).
+    fn parse(opts: &ExecOptions, name: &str, started_at: DateTime<Utc>) -> Option<Record> {
+        let record = |id: &str, work| {
+            Some(Record {
+                attempt_id: id.to_owned(),
+                started_at,
+                work,
+            })
+        };
+        let outputs = |id: &str| crate::executor::drover_dir_of(opts, id).join(OUTPUTS_FILE);
+        if let Some(id) = name.strip_suffix(".spawning") {
+            return record(
+                id,
+                Work::Spawning {
+                    outputs: outputs(id),
+                },
+            );
+        }
+        if let Some(id) = name.strip_suffix(".container") {
+            return record(
+                id,
+                Work::Container {
+                    name: crate::docker::attempt_container_name(id),
+                },
+            );
+        }
+        let mut parts = name.rsplitn(4, '.');
+        let start_ticks = parts.next()?.parse().ok()?;
+        let pid = parts.next()?.parse().ok()?;
+        let id = match (parts.next()?, parts.next()?) {
+            ("process", id) => id,
+            _ => return None,
+        };
+        record(
+            id,
+            Work::Process {
+                pid,
+                start_ticks,
+                outputs: outputs(id),
+            },
+        )
+    }
 }
 
-fn path_of(opts: &ExecOptions, attempt_id: &str) -> PathBuf {
-    opts.attempts_root.join(format!("{attempt_id}{SUFFIX}"))
-}
-
-/// Records (or updates the record of) a running attempt: temp file and
-/// rename, so a reader sees the old record or the new one.
+/// Records (or updates the record of) a running attempt. The record is an
+/// empty file, created or renamed (atomic either way): it takes no data
+/// block, so it is kept on a full disk too, and removing it frees none
+/// that a result about to be written could count on.
 pub(crate) fn record(opts: &ExecOptions, r: &Record) -> Result<(), Error> {
-    let path = path_of(opts, &r.attempt_id);
-    let tmp = opts.attempts_root.join(format!(".{}.tmp", r.attempt_id));
-    let bytes = serde_json::to_vec(r).map_err(|source| Error::Corrupt {
-        path: path.clone(),
-        source,
-    })?;
+    let path = opts.attempts_root.join(r.file_name());
     let write = || {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        std::fs::rename(&tmp, &path)
+        let earlier = names_of(opts, &r.attempt_id)?;
+        match earlier.first() {
+            // The rename keeps the mtime: the start of the attempt.
+            Some(old) => std::fs::rename(opts.attempts_root.join(old), &path),
+            None => std::fs::File::create(&path).map(drop),
+        }
     };
     let result = match write() {
         // `ExecOptions::prepare` makes the directory; made here too when
@@ -150,20 +197,36 @@ pub(crate) fn record(opts: &ExecOptions, r: &Record) -> Result<(), Error> {
         }
         other => other,
     };
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     result.map_err(|source| Error::Io { path, source })
+}
+
+/// The names of an attempt's records (one, short of a crash mid-way).
+fn names_of(opts: &ExecOptions, attempt_id: &str) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&opts.attempts_root)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if Record::parse(opts, name, Utc::now()).is_some_and(|r| r.attempt_id == attempt_id) {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
 }
 
 /// Forgets an attempt whose work has ended.
 pub(crate) fn forget(opts: &ExecOptions, attempt_id: &str) {
-    let path = path_of(opts, attempt_id);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let names = match names_of(opts, attempt_id) {
+        Ok(names) => names,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove an attempt's record")
+            tracing::warn!(attempt = %attempt_id, error = %e, "cannot list the records of running attempts");
+            return;
+        }
+    };
+    for name in names {
+        let path = opts.attempts_root.join(name);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an attempt's record");
         }
     }
 }
@@ -181,25 +244,21 @@ fn left_over(opts: &ExecOptions) -> Result<Vec<(PathBuf, Record)>, Error> {
     };
     let mut records = Vec::new();
     for entry in entries {
-        let path = entry.map_err(io)?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with('.') {
-            // A write the agent did not finish: its attempt had not started.
-            let _ = std::fs::remove_file(&path);
-            continue;
-        }
-        if !name.ends_with(SUFFIX) {
-            continue;
-        }
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-        match serde_json::from_slice(&bytes) {
-            Ok(r) => records.push((path, r)),
-            Err(source) => {
+        let entry = entry.map_err(io)?;
+        let path = entry.path();
+        let started_at = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_or_else(|_| Utc::now(), DateTime::<Utc>::from);
+        let parsed = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| Record::parse(opts, name, started_at));
+        match parsed {
+            Some(r) => records.push((path, r)),
+            None => {
                 // Nothing to act on: say so, and do not trip over it again.
-                tracing::error!(error = %Error::Corrupt { path: path.clone(), source }, "removing an unreadable attempt record");
+                tracing::error!(path = %path.display(), "removing a file that is no attempt record");
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -227,7 +286,7 @@ pub async fn stop_left_over(opts: &ExecOptions, outbox: &Outbox) -> Result<usize
             }
             reported += 1;
         }
-        tracing::warn!(attempt = %r.attempt_id, job = %r.job_id, "stopped an attempt a killed agent left running; reported failed");
+        tracing::warn!(attempt = %r.attempt_id, "stopped an attempt a killed agent left running; reported failed");
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove an attempt's record");
         }
@@ -474,10 +533,61 @@ mod tests {
     }
 
     #[test]
+    fn records_are_file_names_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = ExecOptions::new(tmp.path());
+        let at = Utc::now();
+        let outputs = |id: &str| crate::executor::drover_dir_of(&opts, id).join(OUTPUTS_FILE);
+        let cases = [
+            (
+                "att-1",
+                Work::Spawning {
+                    outputs: outputs("att-1"),
+                },
+                "att-1.spawning",
+            ),
+            (
+                "a.process.5",
+                Work::Process {
+                    pid: 42,
+                    start_ticks: 777,
+                    outputs: outputs("a.process.5"),
+                },
+                "a.process.5.process.42.777",
+            ),
+            (
+                "b.spawning",
+                Work::Container {
+                    name: "drover-b.spawning".into(),
+                },
+                "b.spawning.container",
+            ),
+        ];
+        for (id, work, name) in cases {
+            let r = Record {
+                attempt_id: id.into(),
+                started_at: at,
+                work,
+            };
+            assert_eq!(r.file_name(), name);
+            assert_eq!(Record::parse(&opts, name, at), Some(r), "{name}");
+        }
+        for junk in [
+            "x.json",
+            "x.process.1",
+            "x.process.a.2",
+            ".tmp",
+            "x.proc.1.2",
+        ] {
+            assert_eq!(Record::parse(&opts, junk, at), None, "{junk}");
+        }
+    }
+
+    #[test]
     fn a_recorded_survivor_is_killed_with_its_group_and_reported_failed() {
         let env = env();
         let a = assignment(&["sleep", "30"]);
-        let outputs = env.opts.work_root.join("x.drover/outputs.json");
+        let outputs = crate::executor::drover_dir_of(&env.opts, &a.attempt_id).join(OUTPUTS_FILE);
         let mut child = survivor(&outputs);
         let pid = child.id() as i32;
         let r = Record::process(&a, child.id(), &outputs).unwrap();
@@ -494,7 +604,12 @@ mod tests {
         let result = env.outbox.get(&a.attempt_id).unwrap().unwrap();
         assert_eq!(result.outcome, Outcome::Failed);
         assert_eq!(result.error.as_deref(), Some(RESTARTED));
-        assert_eq!(result.started_at, Some(r.started_at));
+        // The record's mtime is the start.
+        let started = result.started_at.unwrap();
+        assert!(
+            (started - r.started_at).num_seconds().abs() <= 2,
+            "{started} {r:?}"
+        );
         assert!(left_over(&env.opts).unwrap().is_empty());
         // A second start finds nothing to do.
         let n = rt()
@@ -574,7 +689,8 @@ mod tests {
             &Record::new(
                 &a,
                 Work::Spawning {
-                    outputs: "/nonexistent/outputs.json".into(),
+                    outputs: crate::executor::drover_dir_of(&env.opts, &a.attempt_id)
+                        .join(OUTPUTS_FILE),
                 },
             ),
         )

@@ -328,15 +328,17 @@ fn group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// The process group of the one attempt the agent records as running.
+/// The process group of the one attempt the agent records as running:
+/// its record is named `<attempt_id>.process.<pid>.<start_ticks>`.
 fn recorded_group(agent: &AgentProc) -> Option<i32> {
     let dir = agent.state_dir().join("attempts");
     let mut groups = std::fs::read_dir(dir).ok()?.flatten().filter_map(|e| {
-        let text = std::fs::read_to_string(e.path()).ok()?;
-        let record: serde_json::Value = serde_json::from_str(&text).ok()?;
-        (record["work"]["kind"] == "process").then(|| record["work"]["pid"].as_i64())?
+        let name = e.file_name().into_string().ok()?;
+        let mut parts = name.rsplitn(4, '.');
+        let (_ticks, pid, kind) = (parts.next()?, parts.next()?, parts.next()?);
+        (kind == "process").then(|| pid.parse::<i32>().ok())?
     });
-    groups.next().and_then(|pid| i32::try_from(pid).ok())
+    groups.next()
 }
 
 /// kill -9 of the agent while a process attempt runs, and an immediate

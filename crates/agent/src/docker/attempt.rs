@@ -98,7 +98,7 @@ pub(crate) async fn run_attempt(
         ),
         log_max_bytes: log_max_bytes(a),
     });
-    let name = format!("drover-{}", a.attempt_id);
+    let name = attempt_container_name(&a.attempt_id);
     let outputs = executor::drover_dir(opts, a).join(OUTPUTS_FILE);
     // Recorded before it exists, so that a restart after a kill of the
     // agent removes it and reports the attempt (`survivors`).
@@ -121,6 +121,11 @@ pub(crate) async fn run_attempt(
     }
     guard.disarm();
     result
+}
+
+/// The name of an attempt's own container.
+pub(crate) fn attempt_container_name(attempt_id: &str) -> String {
+    format!("drover-{attempt_id}")
 }
 
 /// The directories an attempt's container gets: its working dir (or the

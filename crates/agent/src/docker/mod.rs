@@ -47,7 +47,7 @@ use drover_proto::sandbox::{DockerSandbox, PullPolicy};
 use crate::executor::{self, Event, Exit, Failure, Supervisor};
 use api::{Client, ContainerConfig, Output};
 
-pub(crate) use attempt::run_attempt;
+pub(crate) use attempt::{attempt_container_name, run_attempt};
 pub use engine::Engine;
 pub(crate) use exec::run_exec;
 pub(crate) use workspace::{create_workspace, remove_workspace, workspace_name, workspace_running};

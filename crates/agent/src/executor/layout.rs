@@ -47,7 +47,12 @@ pub fn work_dir(opts: &ExecOptions, a: &Assignment) -> PathBuf {
 /// The agent's files for an attempt (its outputs file, a private HOME):
 /// beside the working dir, so they are never collected as artifacts.
 pub(crate) fn drover_dir(opts: &ExecOptions, a: &Assignment) -> PathBuf {
-    opts.work_root.join(format!("{}.drover", a.attempt_id))
+    drover_dir_of(opts, &a.attempt_id)
+}
+
+/// `drover_dir` of an attempt known by its id only.
+pub(crate) fn drover_dir_of(opts: &ExecOptions, attempt_id: &str) -> PathBuf {
+    opts.work_root.join(format!("{attempt_id}.drover"))
 }
 
 /// Removes an attempt's working dir (never a workspace's) and its drover

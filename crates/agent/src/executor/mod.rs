@@ -43,7 +43,7 @@ use crate::docker::Engine;
 
 pub(crate) use error::Failure;
 pub use error::{Error, Refusal};
-pub(crate) use layout::{drover_dir, private_dir, set_mode, OUTPUTS_FILE};
+pub(crate) use layout::{drover_dir, drover_dir_of, private_dir, set_mode, OUTPUTS_FILE};
 pub use layout::{remove_work_dir, work_dir};
 pub(crate) use placement::{admit, place, Placement};
 pub use supervisor::Stop;
