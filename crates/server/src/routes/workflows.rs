@@ -615,6 +615,18 @@ fn event_feed(state: AppState, run_id: String, after: i64) -> impl Stream<Item =
                 }
                 match state.store.run(&run_id).await {
                     Ok(Some(r)) if !r.state.is_final() => {}
+                    // It ended after the read above: its last events
+                    // committed with its end, so read them before ending.
+                    Ok(Some(_)) => {
+                        return match state.store.events_after(&run_id, after, EVENT_BATCH).await {
+                            Ok(events) if !events.is_empty() => {
+                                let last = events.last().map_or(after, |e| e.id);
+                                let ended = events.iter().any(RunEvent::ends_run);
+                                Some((events, (state, run_id, last, rx, ended)))
+                            }
+                            _ => None,
+                        };
+                    }
                     _ => return None,
                 }
                 tokio::select! {
