@@ -309,7 +309,7 @@ impl Default for Metrics {
 /// Middleware counting and timing every request by its route template.
 pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -329,9 +329,36 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     response
 }
 
+/// The method as a label: the standard ones by name, anything else a
+/// client makes up (`curl -X M1`) as `other`, so that no request can add
+/// series.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn made_up_methods_share_one_label() {
+        use axum::http::Method;
+        assert_eq!(method_label(&Method::POST), "POST");
+        for m in ["M1", "M2", "PROPFIND", "TRACE", "CONNECT"] {
+            let m = Method::from_bytes(m.as_bytes()).unwrap_or(Method::TRACE);
+            assert_eq!(method_label(&m), "other", "{m}");
+        }
+    }
 
     #[test]
     fn registered_metrics_encode() {
