@@ -611,13 +611,18 @@ impl Jobs {
     /// that finished work is not declared lost while its report waits for
     /// the link or its artifacts upload.
     fn leased_attempts(&self) -> Vec<String> {
-        let mut ids: HashSet<String> = lock(&self.running).keys().cloned().collect();
+        // Running ones first: past the server's bound, results waiting in
+        // the outbox are the ones left to their lease.
+        let mut ids: Vec<String> = lock(&self.running).keys().cloned().collect();
         ids.extend(lock(&self.flushing).iter().cloned());
         ids.extend(lock(&self.unsaved).keys().cloned());
         if let Ok(waiting) = self.outbox.list(MAX_KNOWN_ATTEMPTS, |_| false) {
             ids.extend(waiting);
         }
-        ids.into_iter().collect()
+        let mut seen = HashSet::new();
+        ids.retain(|id| seen.insert(id.clone()));
+        ids.truncate(MAX_KNOWN_ATTEMPTS);
+        ids
     }
 
     pub(crate) async fn lease_loop(self: Arc<Self>) {

@@ -84,6 +84,10 @@ pub enum ParamSpec {
         pattern: Option<String>,
         #[serde(default)]
         default: Option<String>,
+        /// Whether a value may begin with '-' (which the program could
+        /// read as an option); refused unless set.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_leading_dash: bool,
     },
     Integer {
         #[serde(default)]
@@ -512,6 +516,43 @@ pub struct AttemptResult {
     /// The sandbox limit that stopped it, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_exceeded: Option<LimitExceeded>,
+}
+
+impl AttemptResult {
+    /// Checks the bounds of the protocol: the agent keeps to them, and the
+    /// server refuses a result that does not (whatever sent it).
+    pub fn check(&self) -> Result<(), String> {
+        use crate::limits::MAX_RESULT_ERROR;
+        use crate::workflows::{valid_output_name, MAX_OUTPUTS, MAX_OUTPUT_VALUE};
+        if self
+            .error
+            .as_ref()
+            .is_some_and(|e| e.len() > MAX_RESULT_ERROR)
+        {
+            return Err(format!("error must be at most {MAX_RESULT_ERROR} bytes"));
+        }
+        if self.outputs.len() > MAX_OUTPUTS {
+            return Err(format!(
+                "outputs has {} entries; at most {MAX_OUTPUTS} are accepted",
+                self.outputs.len()
+            ));
+        }
+        for (name, value) in &self.outputs {
+            if !valid_output_name(name) {
+                return Err(format!(
+                    "output name {:?} is invalid (letters, digits, '_' and '-', at most 64)",
+                    name.chars().take(80).collect::<String>()
+                ));
+            }
+            if value.len() > MAX_OUTPUT_VALUE {
+                return Err(format!(
+                    "output '{name}' is {} bytes; at most {MAX_OUTPUT_VALUE} are accepted",
+                    value.len()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Answer to a result report.

@@ -103,10 +103,10 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
         if element.contains('\0') {
             return field(&format!("argv[{i}]"), "contains a NUL byte".to_owned());
         }
-        let is_script = i > 0 && SCRIPT_FLAGS.contains(&spec.argv[i - 1].as_str());
-        for part in parse_element(element)
-            .or_else(|m| field(&format!("argv[{i}]"), m).map(|()| Vec::new()))?
-        {
+        let parts = parse_element(element)
+            .or_else(|m| field(&format!("argv[{i}]"), m).map(|()| Vec::new()))?;
+        let whole = matches!(parts.as_slice(), [Part::Param(_)]);
+        for part in parts {
             if let Part::Param(p) = part {
                 let Some(ps) = spec.params.get(p) else {
                     return field(
@@ -114,15 +114,19 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
                         format!("refers to undeclared parameter '{p}'"),
                     );
                 };
-                // Text substituted into code would be run as code: only
-                // values that cannot carry syntax may go there.
-                if is_script && matches!(ps, ParamSpec::String { .. }) {
+                // Free text joined to other text can become code (`sh -c
+                // "echo {{m}}"`, whatever the flags), several words or an
+                // option: only values that cannot carry syntax may be
+                // embedded. A free-text value is a whole argument or none.
+                if !whole && !embeddable(ps) {
                     return field(
                         &format!("argv[{i}]"),
                         format!(
-                            "string parameter '{p}' inside the script after '{}' would be run as code; \
-                             pass it as a separate argument instead, e.g. [\"sh\", \"-c\", \"echo \\\"$1\\\"\", \"sh\", \"{{{{{p}}}}}\"]",
-                            spec.argv[i - 1]
+                            "string parameter '{p}' is embedded in a larger argument, where it would be run as code \
+                             or read as several words: free text may only be a whole argument. Pass it as its own \
+                             element (e.g. [\"sh\", \"-c\", \"echo \\\"$1\\\"\", \"sh\", \"{{{{{p}}}}}\"]), \
+                             or make it an integer, bool or enum, or give it a pattern that admits none of {}",
+                            SHELL_SYNTAX.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(" ")
                         ),
                     );
                 }
@@ -139,12 +143,13 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
                 pattern,
                 default,
                 max_length,
+                allow_leading_dash,
             } => {
                 if let Some(re) = pattern {
                     anchored(re).map_err(|e| format!("action '{name}': {at}.pattern: {e}"))?;
                 }
                 if let Some(d) = default {
-                    check_string(p, d, *max_length, pattern.as_deref())
+                    check_string(p, d, *max_length, pattern.as_deref(), *allow_leading_dash)
                         .or_else(|m| field(&at, m))?;
                 }
             }
@@ -190,18 +195,33 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
     Ok(())
 }
 
-/// Flags after which interpreters take code from the next argument
-/// (`sh -c`, `python -c`, `perl -e`, `node --eval`, `pwsh -Command`, …).
-const SCRIPT_FLAGS: &[&str] = &[
-    "-c",
-    "-e",
-    "-E",
-    "--eval",
-    "--command",
-    "-Command",
-    "/c",
-    "-exec",
+/// Characters that carry syntax for a shell or split words: a string
+/// parameter whose pattern admits none of them may be embedded in a larger
+/// argument.
+const SHELL_SYNTAX: &[char] = &[
+    ' ', '\t', '\n', '\r', ';', '&', '|', '$', '`', '\'', '"', '<', '>', '(', ')', '{', '}', '[',
+    ']', '*', '?', '!', '#', '~', '\\', '%', '^',
 ];
+
+/// Whether a parameter's values may be embedded in a larger argument:
+/// typed values, or strings whose pattern admits no shell syntax.
+fn embeddable(ps: &ParamSpec) -> bool {
+    match ps {
+        ParamSpec::Integer { .. } | ParamSpec::Enum { .. } | ParamSpec::Bool { .. } => true,
+        ParamSpec::String { pattern, .. } => pattern
+            .as_deref()
+            .and_then(|p| anchored(p).ok())
+            .is_some_and(|re| {
+                SHELL_SYNTAX.iter().all(|c| {
+                    !re.is_match(&c.to_string())
+                        && !re.is_match(&format!("a{c}b"))
+                        && !re.is_match(&format!("1{c}2"))
+                        && !re.is_match(&format!("a{c}"))
+                        && !re.is_match(&format!("{c}a"))
+                })
+            }),
+    }
+}
 
 fn anchored(pattern: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| e.to_string())
@@ -212,9 +232,16 @@ fn check_string(
     v: &str,
     max_length: Option<usize>,
     pattern: Option<&str>,
+    allow_leading_dash: bool,
 ) -> Result<(), String> {
     if v.contains('\0') {
         return Err(format!("parameter '{name}' contains a NUL byte"));
+    }
+    if v.starts_with('-') && !allow_leading_dash {
+        return Err(format!(
+            "parameter '{name}' begins with '-', which the program could read as an option; \
+             the action does not allow that (allow_leading_dash)"
+        ));
     }
     if let Some(max) = max_length {
         let len = v.chars().count();
@@ -265,6 +292,7 @@ pub fn resolve_params(
                 max_length,
                 pattern,
                 default,
+                allow_leading_dash,
             } => {
                 let v = match value {
                     Some(Value::String(s)) => s.clone(),
@@ -277,7 +305,13 @@ pub fn resolve_params(
                         .clone()
                         .ok_or_else(|| format!("missing parameter '{name}'"))?,
                 };
-                check_string(name, &v, *max_length, pattern.as_deref())?;
+                check_string(
+                    name,
+                    &v,
+                    *max_length,
+                    pattern.as_deref(),
+                    *allow_leading_dash,
+                )?;
                 v
             }
             ParamSpec::Integer { min, max, default } => {
@@ -493,6 +527,7 @@ mod tests {
                 max_length: None,
                 pattern: Some("(".into()),
                 default: None,
+                allow_leading_dash: false,
             },
         );
         let mut reserved = base.clone();
@@ -518,8 +553,8 @@ mod tests {
             (bad_name, "action name 'rm -rf' is invalid"),
             (bad_regex, "params.re.pattern"),
             (reserved, "built in"),
-            (script, "argv[2]: string parameter 'message' inside the script after '-c' would be run as code"),
-            (perl, "argv[3]: string parameter 'message' inside the script after '-e'"),
+            (script, "argv[2]: string parameter 'message' is embedded in a larger argument, where it would be run as code"),
+            (perl, "argv[3]: string parameter 'message' is embedded in a larger argument"),
         ];
         for (spec, want) in cases {
             let err = validate_spec(&spec).unwrap_err();
@@ -539,6 +574,79 @@ mod tests {
         let mut typed = base.clone();
         typed.argv = vec!["/bin/sh".into(), "-c".into(), "sleep {{count}}".into()];
         assert!(validate_spec(&typed).is_ok());
+    }
+
+    /// The flag list this rule replaced was bypassed by `sh -ec`, `sh -c
+    /// --` and `python3 -Sc`: embedding free text is refused whatever the
+    /// flags, and only typed or pattern-bound values may be embedded.
+    #[test]
+    fn free_text_is_a_whole_argument_or_nothing() {
+        let with = |argv: &[&str], pattern: Option<&str>| {
+            let mut spec = echo();
+            spec.argv = argv.iter().map(|a| (*a).to_owned()).collect();
+            spec.params.insert(
+                "message".into(),
+                ParamSpec::String {
+                    max_length: None,
+                    pattern: pattern.map(str::to_owned),
+                    default: None,
+                    allow_leading_dash: false,
+                },
+            );
+            validate_spec(&spec)
+        };
+        for argv in [
+            &["/bin/sh", "-ec", "echo {{message}}"][..],
+            &["/bin/sh", "-c", "--", "echo {{message}}"],
+            &["/usr/bin/python3", "-Sc", "print('{{message}}')"],
+            &["/bin/bash", "-xc", "echo {{message}}"],
+            &["/bin/echo", "{{message}}.txt"],
+            &["/bin/echo", "--name={{message}}"],
+            &["/bin/echo", "{{message}}{{message}}"],
+        ] {
+            let err = with(argv, None).unwrap_err();
+            assert!(
+                err.contains("is embedded in a larger argument"),
+                "{argv:?}: {err}"
+            );
+        }
+        // Whole arguments are fine, whatever comes before them.
+        assert!(with(
+            &["/bin/sh", "-ec", "echo \"$1\"", "sh", "{{message}}"],
+            None
+        )
+        .is_ok());
+        // A pattern that admits no shell syntax may be embedded; one that
+        // admits a space, a quote or a '$' may not.
+        assert!(with(
+            &["/bin/echo", "--name={{message}}"],
+            Some("[A-Za-z0-9._-]+")
+        )
+        .is_ok());
+        assert!(with(&["/bin/sh", "-c", "echo {{message}}"], Some("[a-z]{1,8}")).is_ok());
+        for loose in ["[a-z ]+", ".*", "[^;]+", "[a-z$]+", "\\S+", "[a-z'\"]+"] {
+            let err = with(&["/bin/sh", "-c", "echo {{message}}"], Some(loose)).unwrap_err();
+            assert!(err.contains("is embedded"), "{loose}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_leading_dash_is_refused_unless_allowed() {
+        let mut spec = echo();
+        let given: BTreeMap<String, Value> =
+            [("message".to_owned(), Value::String("--help".into()))].into();
+        let err = resolve_params(&spec, &given).unwrap_err();
+        assert!(err.contains("parameter 'message' begins with '-'"), "{err}");
+        spec.params.insert(
+            "message".into(),
+            ParamSpec::String {
+                max_length: None,
+                pattern: None,
+                default: None,
+                allow_leading_dash: true,
+            },
+        );
+        assert_eq!(resolve_params(&spec, &given).unwrap()["message"], "--help");
     }
 
     #[test]

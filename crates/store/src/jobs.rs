@@ -985,6 +985,26 @@ impl Store {
     }
 
     /// Whose attempt this is.
+    /// The first of `attempt_ids` that belongs to another agent than
+    /// `agent_id`, if any: one statement for the whole batch.
+    pub async fn foreign_attempt(
+        &self,
+        agent_id: &str,
+        attempt_ids: &[String],
+    ) -> Result<Option<String>> {
+        if attempt_ids.is_empty() {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT id FROM attempts WHERE agent_id <> $1 AND id {} ORDER BY id LIMIT 1",
+            in_json(self.backend(), 2)
+        );
+        let ids = to_json(attempt_ids);
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar(&sql).bind(agent_id).bind(&ids).fetch_optional(p).await)?,
+        )
+    }
+
     pub async fn attempt_owner(&self, attempt_id: &str, agent_id: &str) -> Result<Ownership> {
         let sql = "SELECT agent_id, job_id FROM attempts WHERE id = $1";
         let row: Option<(String, String)> =

@@ -36,7 +36,6 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 use drover_proto::limits::{
     LOG_MARKER_ROOM, MAX_CAPACITY, MAX_KNOWN_ATTEMPTS, MAX_LOG_CHUNK, MAX_POLL_WAIT,
-    MAX_RESULT_ERROR,
 };
 
 /// Refuses a revoked agent or an ended session (the JWT alone is not enough).
@@ -330,15 +329,18 @@ async fn renew_leases(
     ApiJson(req): ApiJson<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
     require_live_agent(&state, &claims).await?;
-    if req.attempt_ids.len() > MAX_CAPACITY as usize {
+    // Running attempts and finished ones whose result waits.
+    if req.attempt_ids.len() > MAX_KNOWN_ATTEMPTS {
         return Err(ApiError::invalid(format!(
-            "at most {MAX_CAPACITY} attempts per renewal"
+            "at most {MAX_KNOWN_ATTEMPTS} attempts per renewal"
         )));
     }
-    for id in &req.attempt_ids {
-        if state.store.attempt_owner(id, &claims.sub).await? == Ownership::Foreign {
-            return Err(forbidden_attempt(id));
-        }
+    if let Some(id) = state
+        .store
+        .foreign_attempt(&claims.sub, &req.attempt_ids)
+        .await?
+    {
+        return Err(forbidden_attempt(&id));
     }
     let lease = state.config.attempt_lease;
     let gate = state.store.gate(&claims.sub).await?;
@@ -376,15 +378,7 @@ async fn report_result(
             result.attempt_id
         )));
     }
-    if result
-        .error
-        .as_ref()
-        .is_some_and(|e| e.len() > MAX_RESULT_ERROR)
-    {
-        return Err(ApiError::invalid(format!(
-            "error must be at most {MAX_RESULT_ERROR} bytes"
-        )));
-    }
+    result.check().map_err(ApiError::invalid)?;
     match state
         .store
         .record_result(&claims.sub, &result, fastrand::f64(), Utc::now())

@@ -1,0 +1,221 @@
+//! Hardening against hostile input (issue 12): the rule that keeps free
+//! text out of code, options smuggled in as values, and protocol bounds
+//! the server enforces whatever the agent sends. Real processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use drover_proto::jobs::JobState;
+use drover_tests::*;
+use serde_json::{json, Value};
+
+/// The shell-guard bypasses of the attack pass (`sh -ec`, `sh -c --`,
+/// `python3 -Sc`) and any other embedding of free text are refused when the
+/// catalog is applied, naming the element; the safe form runs the hostile
+/// value as one literal argument; a value that would be read as an option
+/// is refused unless the parameter allows it.
+#[tokio::test]
+async fn free_text_never_becomes_code_or_an_option() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+    let refuse = |yaml: &str, want: &str| {
+        let path = cluster.dir.path().join("catalog.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = cluster.cli(&["actions", "apply", "-f", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{yaml} was accepted");
+        assert!(stderr.contains(want), "{yaml}: {stderr}");
+    };
+    for argv in [
+        r#"["/bin/sh", "-ec", "echo {{msg}}"]"#,
+        r#"["/bin/sh", "-c", "--", "echo {{msg}}"]"#,
+        r#"["/usr/bin/python3", "-Sc", "print('{{msg}}')"]"#,
+        r#"["/bin/echo", "prefix-{{msg}}"]"#,
+    ] {
+        refuse(
+            &format!("actions:\n  - name: greet\n    argv: {argv}\n    params: {{msg: {{type: string}}}}\n"),
+            "string parameter 'msg' is embedded in a larger argument",
+        );
+    }
+    // A loose pattern does not make free text embeddable.
+    refuse(
+        "actions:\n  - name: greet\n    argv: [\"/bin/sh\", \"-c\", \"echo {{msg}}\"]\n    params: {msg: {type: string, pattern: \"[^;]*\"}}\n",
+        "is embedded in a larger argument",
+    );
+    // Nothing of a refused catalog was stored.
+    let listed = cluster.cli_ok(&["actions", "list"]);
+    assert!(!listed.contains("greet"), "{listed}");
+
+    cluster.apply_actions(
+        r#"
+actions:
+  - name: greet
+    argv: ["/bin/sh", "-ec", "echo \"$1\"", "sh", "{{msg}}"]
+    params:
+      msg: {type: string, max_length: 200}
+  - name: tag
+    argv: ["/bin/echo", "v-{{tag}}"]
+    params:
+      tag: {type: string, pattern: "[a-z0-9.]{1,20}"}
+  - name: flags
+    argv: ["/bin/echo", "{{arg}}"]
+    params:
+      arg: {type: string, allow_leading_dash: true}
+"#,
+    );
+    let agent = cluster.enroll_agent(&[]).await;
+    cluster.wait_online(&agent.id).await;
+    let run = |action: &str, param: &str| {
+        cluster.cli(&[
+            "run", action, "--target", &agent.id, "--param", param, "--follow",
+        ])
+    };
+    let out = run("greet", "msg=hi; id; $(id) `id`");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi; id; $(id) `id`\n",
+        "the value is one literal argument"
+    );
+    let out = run("tag", "tag=1.2.3");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v-1.2.3\n");
+    let out = run("tag", "tag=1;id");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match the pattern"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `--help` would be an option of echo: refused, and no job created.
+    let before = cluster.cli_ok(&["jobs", "list"]).lines().count();
+    let out = run("greet", "msg=--help");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("parameter 'msg' begins with '-'"),
+        "{stderr}"
+    );
+    assert_eq!(cluster.cli_ok(&["jobs", "list"]).lines().count(), before);
+    // Unless the parameter allows it.
+    let out = run("flags", "arg=-n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = cluster.submit("flags", &agent.id, &["--param", "arg=-e"]);
+    let job = cluster.wait_job(&id, Duration::from_secs(20)).await;
+    assert_eq!(job.state, JobState::Succeeded);
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    bearer: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
+    let mut req = http.post(url).json(&body);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The server enforces the protocol's bounds itself: a result with 10,000
+/// outputs (the agent's own limit is 64), an output too long or badly
+/// named, or a lease renewal listing more attempts than allowed, is
+/// refused with a message naming the bound, and nothing is stored.
+#[tokio::test]
+async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+    let token = cluster.bootstrap_token(&[]);
+    let (code, enrolled) = post(
+        &cluster.http,
+        format!("{}/api/v1/agent/enroll", cluster.url),
+        None,
+        json!({"token": token, "hostname": "h", "agent_version": "0.1.0"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{enrolled}");
+    let access = enrolled["credentials"]["access_token"].as_str().unwrap();
+    let result = |outputs: Value| {
+        json!({
+            "attempt_id": "a-1", "outcome": "succeeded", "exit_code": 0, "signal": null,
+            "started_at": null, "finished_at": "2026-11-30T00:00:00Z", "duration_ms": 1,
+            "error": null, "stdout_truncated": false, "stderr_truncated": false,
+            "outputs": outputs,
+        })
+    };
+    let url = format!("{}/api/v1/agent/attempts/a-1/result", cluster.url);
+    let many: serde_json::Map<String, Value> = (0..10_000)
+        .map(|i| (format!("o{i}"), Value::String("x".into())))
+        .collect();
+    let (code, body) = post(
+        &cluster.http,
+        url.clone(),
+        Some(access),
+        result(Value::Object(many)),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outputs has 10000 entries; at most 64"),
+        "{body}"
+    );
+    let (code, body) = post(
+        &cluster.http,
+        url.clone(),
+        Some(access),
+        result(json!({"big": "x".repeat(20_000)})),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.to_string().contains("at most 16384"), "{body}");
+    let (code, body) = post(
+        &cluster.http,
+        url.clone(),
+        Some(access),
+        result(json!({"bad name;": "x"})),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.to_string().contains("is invalid"), "{body}");
+    // Within the bounds, an unknown attempt is a 404 (the check came first).
+    let (code, _) = post(&cluster.http, url, Some(access), result(json!({"ok": "1"}))).await;
+    assert_eq!(code, 404);
+
+    // Lease renewals: finished attempts whose result waits count too, up
+    // to the bound of known attempts, and no further.
+    let leases = format!("{}/api/v1/agent/leases", cluster.url);
+    let ids = |n: usize| (0..n).map(|i| format!("x-{i}")).collect::<Vec<_>>();
+    let (code, body) = post(
+        &cluster.http,
+        leases.clone(),
+        Some(access),
+        json!({"attempt_ids": ids(300)}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = post(
+        &cluster.http,
+        leases,
+        Some(access),
+        json!({"attempt_ids": ids(1001)}),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.to_string()
+            .contains("at most 1000 attempts per renewal"),
+        "{body}"
+    );
+}
