@@ -120,6 +120,15 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
     // reuses it instead of enrolling another agent.
     let agent_dir = data_dir.join("agent");
     let dir = StateDir::open(&agent_dir)?;
+    // Tasks run as another user (a sandbox profile's `user`) reach their
+    // working dirs below the agent's state dir, so the data dir lets
+    // others pass (0711) without listing it; its files stay 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("setting the mode of {}", data_dir.display()))?;
+    }
     let agent_id = match dir.credentials()? {
         Some(c) => c.agent_id,
         None => {

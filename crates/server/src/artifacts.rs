@@ -78,7 +78,8 @@ impl ArtifactStore {
                 "use a directory, file:///DIR or s3://BUCKET[/PREFIX]".into()
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {dir}: {e}")))?;
+        crate::private::dir(std::path::Path::new(dir))
+            .map_err(|e| err(format!("cannot create {dir}: {e}")))?;
         let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .map_err(|e| err(e.to_string()))?;
         Ok(ArtifactStore {

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod private;
 pub mod routes;
 pub mod sandboxes;
 pub mod selector;
@@ -52,7 +53,7 @@ pub enum Error {
     Store(#[from] drover_store::Error),
     #[error(transparent)]
     Secret(#[from] auth::SecretError),
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot create or secure {path}: {source}")]
     DataDir {
         path: String,
         source: std::io::Error,
@@ -87,7 +88,7 @@ pub struct Server {
 impl Server {
     /// Opens (creating when missing) the data dir, the database and the key.
     pub async fn open(config: ServerConfig) -> Result<Server, Error> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+        private::dir(&config.data_dir).map_err(|source| Error::DataDir {
             path: config.data_dir.display().to_string(),
             source,
         })?;
@@ -96,7 +97,17 @@ impl Server {
             max_connections: 16,
         })
         .await?;
+        // SQLite creates its files 0644 (and its WAL files like the
+        // database): the database holds hashes and secrets.
+        private::sqlite_files(&config.database_url).map_err(|source| Error::DataDir {
+            path: drover_store::redact(&config.database_url),
+            source,
+        })?;
         let signing_key = SigningKey::load_or_create(&config.signing_key_file)?;
+        private::file(&config.signing_key_file).map_err(|source| Error::DataDir {
+            path: config.signing_key_file.display().to_string(),
+            source,
+        })?;
         let max_long_polls = config.max_long_polls;
         let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
         tracing::info!(store = %artifacts.describe, "artifact store opened");

@@ -219,3 +219,56 @@ async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
         "{body}"
     );
 }
+
+#[cfg(unix)]
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// The data dir, the SQLite database (and its WAL files), the signing key
+/// and the artifact dir are readable by the server's user only: created
+/// so, and corrected with a warning when found open to others.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_servers_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("drover.db");
+    let mut cluster = Cluster::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            database_url: Some(format!("sqlite://{}", db.display())),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let dir = cluster.data_dir();
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(mode(&dir.join("signing.key")), 0o600);
+    assert_eq!(mode(&dir.join("artifacts")), 0o700);
+    let wal = data.path().join("drover.db-wal");
+    if wal.exists() {
+        assert_eq!(mode(&wal), 0o600);
+    }
+
+    // An older install left them open: fixed at the next start.
+    cluster.stop_server().await;
+    for (p, m) in [
+        (&dir, 0o755),
+        (&db, 0o644),
+        (&dir.join("signing.key"), 0o644),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    cluster.start_server().await;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(mode(&dir.join("signing.key")), 0o600);
+    let log = std::fs::read_to_string(cluster.server_log(2)).unwrap();
+    assert!(
+        log.contains("was readable by other local users; made private"),
+        "{log}"
+    );
+}
