@@ -98,6 +98,15 @@ pub struct ServerArgs {
     /// Timeout of one webhook POST [default: 10s].
     #[arg(long, env = "DROVER_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub webhook_timeout: Option<Duration>,
+    /// An internal address or network webhooks may reach, e.g. 10.0.0.0/8;
+    /// repeatable [default: none: public addresses only].
+    #[arg(
+        long = "webhook-allow",
+        env = "DROVER_WEBHOOK_ALLOW",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub webhook_allow: Option<Vec<String>>,
     /// Password of the admin user created at the first start; generated and
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
@@ -151,6 +160,7 @@ struct FileConfig {
     webhook_max_backoff: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     webhook_timeout: Option<Duration>,
+    webhook_allow: Option<Vec<String>>,
 }
 
 /// The resolved configuration the server runs with.
@@ -181,6 +191,8 @@ pub struct ServerConfig {
     pub webhook_backoff: Duration,
     pub webhook_max_backoff: Duration,
     pub webhook_timeout: Duration,
+    /// Internal networks webhooks may reach (public ones always).
+    pub webhook_allow: Vec<ipnet::IpNet>,
     pub admin_password: Option<String>,
 }
 
@@ -357,6 +369,14 @@ impl ServerConfig {
                 .webhook_timeout
                 .or(file.webhook_timeout)
                 .unwrap_or(Duration::from_secs(10)),
+            webhook_allow: crate::egress::EgressPolicy::parse_allow(
+                &args
+                    .webhook_allow
+                    .clone()
+                    .or(file.webhook_allow.clone())
+                    .unwrap_or_default(),
+            )
+            .map_err(ConfigError::Invalid)?,
             admin_password: args.admin_password.clone().or_else(|| {
                 std::env::var("DROVER_ADMIN_PASSWORD")
                     .ok()

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod domain;
+pub mod egress;
 pub mod error;
 pub mod hub;
 pub mod metrics;

@@ -7,6 +7,7 @@
 //! never loses one; a delivery may be sent twice if the server dies between
 //! the POST and recording it (receivers dedupe by `x-drover-delivery`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -43,8 +44,14 @@ pub fn backoff(n: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
 
 /// Sends due deliveries until `shutdown`.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let policy = crate::egress::EgressPolicy::new(&state.config.webhook_allow);
     let client = match reqwest::Client::builder()
         .timeout(state.config.webhook_timeout)
+        // Only addresses the policy allows are ever connected to.
+        .dns_resolver(Arc::new(crate::egress::Resolver {
+            policy: policy.clone(),
+        }))
+        .no_proxy()
         .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -68,7 +75,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             if shutdown.is_cancelled() {
                 return;
             }
-            deliver(&state, &client, d).await;
+            deliver(&state, &client, &policy, d).await;
         }
         if full {
             continue;
@@ -85,7 +92,12 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     }
 }
 
-async fn deliver(state: &AppState, client: &reqwest::Client, d: DeliveryRecord) {
+async fn deliver(
+    state: &AppState,
+    client: &reqwest::Client,
+    policy: &crate::egress::EgressPolicy,
+    d: DeliveryRecord,
+) {
     let body = d.payload.clone().into_bytes();
     let mut req = client
         .post(&d.url)
@@ -97,13 +109,19 @@ async fn deliver(state: &AppState, client: &reqwest::Client, d: DeliveryRecord) 
     }
     let at = Utc::now();
     let clock = Instant::now();
-    let (status, error) = match req.body(body).send().await {
-        Ok(resp) if resp.status().is_success() => (Some(resp.status().as_u16()), None),
-        Ok(resp) => (
-            Some(resp.status().as_u16()),
-            Some(format!("answered {}", resp.status())),
-        ),
-        Err(e) => (None, Some(describe(&e))),
+    // A literal address never reaches the resolver: checked here (also
+    // for deliveries queued before the policy changed).
+    let refused = policy.check_url(&d.url).err();
+    let (status, error) = match refused {
+        Some(why) => (None, Some(format!("refused: {why}"))),
+        None => match req.body(body).send().await {
+            Ok(resp) if resp.status().is_success() => (Some(resp.status().as_u16()), None),
+            Ok(resp) => (
+                Some(resp.status().as_u16()),
+                Some(format!("answered {}", resp.status())),
+            ),
+            Err(e) => (None, Some(describe(&e))),
+        },
     };
     let attempt = DeliveryAttempt {
         at,
@@ -129,13 +147,13 @@ async fn deliver(state: &AppState, client: &reqwest::Client, d: DeliveryRecord) 
     };
     match &outcome {
         DeliveryOutcome::Delivered => {
-            tracing::info!(delivery = %d.id, run = %d.run_id, url = %d.url, attempt = n, "webhook delivered")
+            tracing::info!(delivery = %d.id, run = %d.run_id, url = %crate::egress::redact_url(&d.url), attempt = n, "webhook delivered")
         }
         DeliveryOutcome::RetryAt(t) => {
-            tracing::warn!(delivery = %d.id, url = %d.url, attempt = n, error = ?error, retry_at = %t, "webhook failed; will retry")
+            tracing::warn!(delivery = %d.id, url = %crate::egress::redact_url(&d.url), attempt = n, error = ?error, retry_at = %t, "webhook failed; will retry")
         }
         DeliveryOutcome::GaveUp => {
-            tracing::warn!(delivery = %d.id, url = %d.url, attempt = n, error = ?error, "webhook failed; giving up")
+            tracing::warn!(delivery = %d.id, url = %crate::egress::redact_url(&d.url), attempt = n, error = ?error, "webhook failed; giving up")
         }
     }
     state.metrics.webhook_attempt(error.is_none());

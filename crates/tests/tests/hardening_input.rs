@@ -272,3 +272,103 @@ async fn the_servers_files_are_private() {
         "{log}"
     );
 }
+
+/// Webhooks cannot be pointed inside: loopback (also the server's own
+/// API), link-local cloud metadata, private and unspecified addresses are
+/// refused however the URL spells them, for global webhooks and those of a
+/// definition, unless `webhook_allow` lists them; credentials in a URL are
+/// never shown back.
+#[tokio::test]
+async fn webhooks_cannot_reach_inside() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+    let add = |url: &str| {
+        cluster.cli(&[
+            "webhooks",
+            "add",
+            "--url",
+            url,
+            "--secret",
+            "0123456789abcdef-secret",
+        ])
+    };
+    let own = format!("http://127.0.0.1:{}/api/v1/jobs", cluster.port);
+    for (url, kind) in [
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        (own.as_str(), "loopback"),
+        ("http://[::1]:9/", "loopback"),
+        ("http://0.0.0.0:9/", "unspecified"),
+        ("http://2130706433:9/", "loopback"),
+        ("http://10.0.0.7/hook", "private"),
+        ("http://localhost:9/", "loopback"),
+    ] {
+        let out = add(url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url} was accepted");
+        assert!(stderr.contains(kind), "{url}: {stderr}");
+    }
+    let listed = cluster.cli_ok(&["webhooks", "list"]);
+    assert!(!listed.contains("169.254"), "{listed}");
+
+    // A definition's webhook is checked when the run is submitted.
+    cluster.apply_actions("actions:\n  - name: nothing\n    argv: [\"builtin:noop\"]\n");
+    let path = cluster.dir.path().join("hooked.yaml");
+    std::fs::write(
+        &path,
+        "name: hooked\ndefaults: {target: '*'}\nwebhooks:\n  - url: http://169.254.169.254/x\ntasks:\n  - {id: a, action: noop}\n",
+    )
+    .unwrap();
+    let out = cluster.cli(&["workflow", "submit", "-f", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("webhooks[0]") && stderr.contains("link-local"),
+        "{stderr}"
+    );
+
+    // Public targets are fine; their credentials are never shown.
+    let out = add("https://user:hunter2@hooks.example.com/x");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+    let listed = cluster.cli_ok(&["webhooks", "list", "-o", "json"]);
+    assert!(!listed.contains("hunter2"), "{listed}");
+    assert!(listed.contains("***@hooks.example.com"), "{listed}");
+}
+
+/// An operator can allow an internal receiver explicitly.
+#[tokio::test]
+async fn webhook_allow_opens_a_named_network() {
+    let cluster = Cluster::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            extra_args: vec!["--webhook-allow".into(), "10.0.0.0/8".into()],
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let ok = cluster.cli(&[
+        "webhooks",
+        "add",
+        "--url",
+        "http://10.0.0.7/hook",
+        "--secret",
+        "0123456789abcdef-secret",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = cluster.cli(&[
+        "webhooks",
+        "add",
+        "--url",
+        "http://192.168.1.1/hook",
+        "--secret",
+        "0123456789abcdef-secret",
+    ]);
+    assert!(!refused.status.success());
+}

@@ -879,8 +879,15 @@ fn hmac_hex(secret: &str, body: &str) -> String {
 /// attempt is in the delivery log.
 #[tokio::test]
 async fn webhooks_are_signed_retried_and_logged() {
+    // The receivers listen on loopback, which webhooks may reach only
+    // when allowed.
     let options = ServerOptions {
-        extra_args: vec!["--webhook-backoff".into(), "200ms".into()],
+        extra_args: vec![
+            "--webhook-backoff".into(),
+            "200ms".into(),
+            "--webhook-allow".into(),
+            "127.0.0.1".into(),
+        ],
         ..ServerOptions::default()
     };
     let (cluster, _agent) = cluster_with_agent(Backend::Sqlite, options).await;

@@ -13,6 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
+use crate::egress::redact_url;
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
 use crate::workflow::def::check_webhook_url;
@@ -38,6 +39,9 @@ async fn create_webhook(
 ) -> Result<(StatusCode, Json<Webhook>), ApiError> {
     user.require_admin()?;
     check_webhook_url(&req.url).map_err(ApiError::invalid)?;
+    crate::egress::EgressPolicy::new(&state.config.webhook_allow)
+        .check_url(&req.url)
+        .map_err(ApiError::invalid)?;
     if req.secret.len() < 16 || req.secret.len() > 256 {
         return Err(ApiError::invalid(
             "secret must be 16 to 256 bytes (it keys the HMAC-SHA256 signature)",
@@ -57,7 +61,7 @@ async fn create_webhook(
         StatusCode::CREATED,
         Json(Webhook {
             id,
-            url: req.url,
+            url: redact_url(&req.url),
             events,
             created_by: user.username,
             created_at: now,
@@ -81,7 +85,7 @@ async fn list_webhooks(
             .into_iter()
             .map(|h| Webhook {
                 id: h.id,
-                url: h.url,
+                url: redact_url(&h.url),
                 events: h.events,
                 created_by: h.created_by,
                 created_at: h.created_at,
@@ -142,7 +146,7 @@ async fn list_deliveries(
             .map(|d| WebhookDelivery {
                 id: d.id,
                 run_id: d.run_id,
-                url: d.url,
+                url: redact_url(&d.url),
                 event: d.event,
                 state: d.state,
                 attempts: u32::try_from(d.attempts).unwrap_or(0),

@@ -77,6 +77,12 @@ async fn submit_run(
         }
     };
     let parsed = def::parse(&text, source).map_err(ApiError::invalid)?;
+    let egress = crate::egress::EgressPolicy::new(&state.config.webhook_allow);
+    for (i, hook) in parsed.def.webhooks.iter().enumerate() {
+        egress
+            .check_url(&hook.url)
+            .map_err(|e| ApiError::invalid(format!("{source}: webhooks[{i}]: {e}")))?;
+    }
     check_actions(&state, &parsed).await?;
     check_sandboxes(&state, &parsed).await?;
     let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
