@@ -344,7 +344,7 @@ fn late_note(l: &drover_proto::jobs::LateResult) -> String {
 }
 
 fn print_job(job: &Job) {
-    let row = |k: &str, v: String| println!("{:<12} {v}", format!("{k}:"));
+    let row = |k: &str, v: String| output::row(12, k, &v);
     row("id", job.id.clone());
     row("action", job.action.clone());
     row("target", job.target.clone());

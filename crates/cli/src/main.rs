@@ -3,6 +3,7 @@
 
 mod client;
 mod jobs;
+mod logtext;
 mod ops;
 mod output;
 mod profile;

@@ -289,7 +289,7 @@ fn labels_text(labels: &Labels) -> String {
 
 fn print_agent(a: &Agent) {
     let now = Utc::now();
-    let row = |k: &str, v: String| println!("{:<16} {v}", format!("{k}:"));
+    let row = |k: &str, v: String| output::row(16, k, &v);
     row("id", a.id.clone());
     row("hostname", a.hostname.clone());
     row("status", a.status.as_str().to_owned());

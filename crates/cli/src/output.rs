@@ -18,8 +18,37 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints rows under headers, each column as wide as its widest cell.
+/// Text from the server as it may be shown on a terminal: control
+/// characters (a newline, an escape sequence an agent slipped into its
+/// `os` field) become visible `\u{..}` escapes instead of acting.
+pub fn clean(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Prints a `key: value` line of a detail view, the value cleaned.
+pub fn row(width: usize, key: &str, value: &str) {
+    println!("{:<width$} {}", format!("{key}:"), clean(value));
+}
+
+/// Prints rows under headers, each column as wide as its widest cell
+/// (cells cleaned of control characters).
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| clean(c)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -99,5 +128,11 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(clean("Debian 12"), "Debian 12");
+        assert_eq!(clean("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\u{a}c");
     }
 }

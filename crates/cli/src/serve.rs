@@ -22,12 +22,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 fn init_logging(config: &ServerConfig) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.with_writer(std::io::stderr).json().init(),
+        LogFormat::Human => {
+            // Colours only on a terminal; every control character a client
+            // slipped into a logged value is escaped (one event, one line).
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            builder
+                .with_ansi(ansi)
+                .with_writer(crate::logtext::Escaping { ansi })
+                .init()
+        }
     }
 }
 

@@ -331,7 +331,7 @@ async fn download_artifact(api: &Api, a: &Artifact, dest: &std::path::Path) -> a
 }
 
 fn print_run(run: &Run) {
-    let row = |k: &str, v: String| println!("{:<10} {v}", format!("{k}:"));
+    let row = |k: &str, v: String| output::row(10, k, &v);
     row("run", run.id.clone());
     row("workflow", run.workflow.clone());
     row("state", run.state.as_str().to_owned());

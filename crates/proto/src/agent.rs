@@ -101,6 +101,68 @@ pub struct Inventory {
     pub problem: Option<String>,
 }
 
+/// Longest text field of an inventory the server keeps, in bytes.
+pub const MAX_INVENTORY_TEXT: usize = 256;
+/// Most entries of an inventory list the server keeps.
+pub const MAX_INVENTORY_LIST: usize = 32;
+
+/// `text` cut to `max` bytes (on a character boundary) with its control
+/// characters replaced by U+FFFD: what the server stores of a field an
+/// agent reports, so no agent can grow the database or drive a terminal.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let c = if c.is_control() {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn bounded_list(list: &[String]) -> Vec<String> {
+    list.iter()
+        .take(MAX_INVENTORY_LIST)
+        .map(|s| bounded_text(s, MAX_INVENTORY_TEXT))
+        .collect()
+}
+
+impl Inventory {
+    /// The inventory with every text field bounded and cleaned of control
+    /// characters, every list bounded (the server keeps only this).
+    pub fn bounded(&self) -> Inventory {
+        let text = |s: &str| bounded_text(s, MAX_INVENTORY_TEXT);
+        let opt = |s: &Option<String>| s.as_deref().map(text);
+        Inventory {
+            hostname: text(&self.hostname),
+            os: text(&self.os),
+            os_version: text(&self.os_version),
+            kernel: text(&self.kernel),
+            arch: text(&self.arch),
+            agent_version: text(&self.agent_version),
+            sandboxes: bounded_list(&self.sandboxes),
+            docker: self.docker.as_ref().map(|d| DockerStatus {
+                available: d.available,
+                version: opt(&d.version),
+                api_version: opt(&d.api_version),
+                runtimes: bounded_list(&d.runtimes),
+                engine_runtimes: bounded_list(&d.engine_runtimes),
+                default_runtime: opt(&d.default_runtime),
+                cgroup_version: opt(&d.cgroup_version),
+                unenforced: bounded_list(&d.unenforced),
+                error: d.error.as_deref().map(|e| bounded_text(e, 1024)),
+            }),
+            problem: self.problem.as_deref().map(|p| bounded_text(p, 1024)),
+            ..self.clone()
+        }
+    }
+}
+
 /// Label keys whose values the agent reports rather than an operator sets:
 /// `docker` and `runtime.*`.
 pub fn is_reported_label(key: &str) -> bool {
@@ -122,4 +184,26 @@ pub fn reported_labels(inventory: Option<&Inventory>) -> Labels {
         }
     }
     labels
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+
+    #[test]
+    fn reported_text_is_bounded_and_printable() {
+        assert_eq!(
+            bounded_text("Debian\n\u{1b}[2J", 256),
+            "Debian\u{fffd}\u{fffd}[2J"
+        );
+        assert_eq!(bounded_text(&"é".repeat(200), 9), "éééé");
+        let inv = Inventory {
+            kernel: "x".repeat(1_000_000),
+            sandboxes: vec!["process".into(); 1000],
+            ..Inventory::default()
+        }
+        .bounded();
+        assert_eq!(inv.kernel.len(), MAX_INVENTORY_TEXT);
+        assert_eq!(inv.sandboxes.len(), MAX_INVENTORY_LIST);
+    }
 }

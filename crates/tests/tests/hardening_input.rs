@@ -372,3 +372,105 @@ async fn webhook_allow_opens_a_named_network() {
     ]);
     assert!(!refused.status.success());
 }
+
+/// Text an agent reports is kept bounded and free of control characters,
+/// and the CLI shows any control character as an escape: a heartbeat whose
+/// `os` carries a terminal escape and a newline, and whose `kernel` is
+/// 100 KB, is stored cut to 256 bytes with the characters replaced.
+#[tokio::test]
+async fn reported_text_is_bounded_and_cannot_drive_a_terminal() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+    let token = cluster.bootstrap_token(&[]);
+    let (code, enrolled) = post(
+        &cluster.http,
+        format!("{}/api/v1/agent/enroll", cluster.url),
+        None,
+        json!({"token": token, "hostname": "h", "agent_version": "0.1.0"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{enrolled}");
+    let id = enrolled["agent_id"].as_str().unwrap().to_owned();
+    let access = enrolled["credentials"]["access_token"].as_str().unwrap();
+    let (code, body) = post(
+        &cluster.http,
+        format!("{}/api/v1/agent/heartbeat", cluster.url),
+        Some(access),
+        json!({"inventory": {
+            "hostname": "h", "os": "Debian\n\u{1b}[2J\u{1b}]0;owned\u{7}", "os_version": "12",
+            "kernel": "k".repeat(100_000), "arch": "x86_64", "cpu_count": 1,
+            "load_avg": [0.0, 0.0, 0.0], "memory_total_bytes": 1, "memory_used_bytes": 1,
+            "disk_total_bytes": 1, "disk_available_bytes": 1, "agent_version": "0.1.0",
+            "agent_uptime_secs": 1, "system_uptime_secs": 1
+        }}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let agent = cluster.agent(&id);
+    let inv = agent.inventory.unwrap();
+    assert_eq!(inv.kernel.len(), 256);
+    assert!(!inv.os.chars().any(char::is_control), "{:?}", inv.os);
+    let shown = cluster.cli_ok(&["agents", "show", &id]);
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+        "{shown:?}"
+    );
+}
+
+/// A client's text cannot forge a line of the server's human-readable
+/// log: a login name carrying a newline and an escape sequence is logged
+/// inside its own line, escaped.
+#[tokio::test]
+async fn a_login_name_cannot_forge_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut server = std::process::Command::new(bin("drover"))
+        .arg("server")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--log-format", "human"])
+        .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("HOME", dir.path())
+        .env_remove("DROVER_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("the server", Duration::from_secs(30), || {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            http.get(format!("{url}/readyz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    })
+    .await;
+    let (code, _) = post(
+        &http,
+        format!("{url}/api/v1/auth/login"),
+        None,
+        json!({"username": "nobody\nFORGED INFO user logged in \u{1b}[2J", "password": "wrong"}),
+    )
+    .await;
+    assert!((400..500).contains(&code), "{code}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        !text.lines().any(|l| l.starts_with("FORGED")),
+        "a forged line: {text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "an escape reached the log: {text:?}"
+    );
+}

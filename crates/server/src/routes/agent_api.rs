@@ -229,9 +229,10 @@ async fn heartbeat(
     AgentToken(claims): AgentToken,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    let inv = &req.inventory;
-    check_text("inventory.hostname", &inv.hostname, 253)?;
-    check_text("inventory.agent_version", &inv.agent_version, 64)?;
+    check_text("inventory.hostname", &req.inventory.hostname, 253)?;
+    check_text("inventory.agent_version", &req.inventory.agent_version, 64)?;
+    // Every other field is kept bounded and free of control characters.
+    let inv = &req.inventory.bounded();
     let now = Utc::now();
     let recorded = state
         .store
