@@ -61,10 +61,7 @@ impl Api {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        let resp = req.send().await.map_err(|e| self.send_error(e))?;
         Self::refusal(resp)
             .await?
             .json()
@@ -117,6 +114,22 @@ impl Api {
             .await
             .with_context(|| format!("cannot reach the server at {}", self.server))?;
         Self::refusal(resp).await
+    }
+
+    /// What a failed send means to the user: the server could not be
+    /// reached, or it closed the connection while the request was sent
+    /// (typically a body over its `max_body_bytes`, refused with 413 before
+    /// it was read).
+    fn send_error(&self, e: reqwest::Error) -> anyhow::Error {
+        if e.is_connect() || e.is_timeout() {
+            anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.server))
+        } else {
+            anyhow::Error::new(e).context(format!(
+                "the server at {} closed the connection while the request was sent \
+                 (is it larger than the server accepts? see its max_body_bytes)",
+                self.server
+            ))
+        }
     }
 
     /// Passes a 2xx answer through; turns any other into an error.

@@ -101,14 +101,30 @@ fn restore_sigpipe() {
     }
 }
 
+/// The runtime's threads (where requests are written to sockets) block
+/// SIGPIPE: a server that answers early (413) and closes must give the
+/// client an error to report, not kill it; stdout stays a Unix filter's.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn block_sigpipe_on_this_thread() {
+    // SAFETY: sigset operations on a local set, and pthread_sigmask on the
+    // calling thread only; no Rust invariant depends on SIGPIPE.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 fn main() -> ExitCode {
     #[cfg(unix)]
     restore_sigpipe();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    #[cfg(unix)]
+    builder.on_thread_start(block_sigpipe_on_this_thread);
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

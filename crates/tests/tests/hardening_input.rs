@@ -474,3 +474,39 @@ async fn a_login_name_cannot_forge_a_log_line() {
         "an escape reached the log: {text:?}"
     );
 }
+
+/// A server that refuses a large upload early (413) and closes the
+/// connection does not kill the CLI with SIGPIPE: it exits 1 and says why.
+#[tokio::test]
+async fn a_refused_large_upload_is_reported_not_a_sigpipe() {
+    let cluster = Cluster::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            extra_args: vec!["--max-body-bytes".into(), "4096".into()],
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let path = cluster.dir.path().join("big.yaml");
+    let mut text = String::from("name: big\ndefaults: {target: '*'}\ntasks:\n");
+    // Large enough (65 MB) that the answer comes while the body is still
+    // being written (a 3 MB one is read whole first).
+    for i in 0..2_000_000 {
+        text.push_str(&format!("  - {{id: t{i}, action: noop}}\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    for _ in 0..3 {
+        let out = cluster.cli(&["workflow", "submit", "-f", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "killed by a signal? {:?} {stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains("413") || stderr.contains("max_body_bytes"),
+            "{stderr}"
+        );
+    }
+}
