@@ -78,6 +78,13 @@ pub struct ServerArgs {
     /// Long-polls held at once; beyond it agents get 503 and Retry-After [default: 20000].
     #[arg(long, env = "DROVER_MAX_LONG_POLLS", value_name = "N")]
     pub max_long_polls: Option<usize>,
+    /// Most workflow runs not yet ended; a submission past it is refused
+    /// (503) until some end [default: 5000].
+    #[arg(long, env = "DROVER_MAX_ACTIVE_RUNS", value_name = "N")]
+    pub max_active_runs: Option<u64>,
+    /// Timeout of a run whose definition sets none [default: 24h].
+    #[arg(long, env = "DROVER_DEFAULT_RUN_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub default_run_timeout: Option<Duration>,
     /// Where artifacts are kept: a directory, file:///DIR, or s3://BUCKET[/PREFIX]
     /// (S3 settings from the AWS_* variables, e.g. AWS_ENDPOINT for an
     /// S3-compatible server) [default: DATA_DIR/artifacts].
@@ -151,6 +158,9 @@ struct FileConfig {
     attempt_lease: Option<Duration>,
     log_cap_bytes: Option<u64>,
     max_long_polls: Option<usize>,
+    max_active_runs: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    default_run_timeout: Option<Duration>,
     artifact_store: Option<String>,
     max_artifact_bytes: Option<u64>,
     webhook_max_attempts: Option<u32>,
@@ -184,6 +194,8 @@ pub struct ServerConfig {
     pub attempt_lease: Duration,
     pub log_cap_bytes: u64,
     pub max_long_polls: usize,
+    pub max_active_runs: u64,
+    pub default_run_timeout: Duration,
     /// A directory, file:///DIR or s3://BUCKET[/PREFIX].
     pub artifact_store: String,
     pub max_artifact_bytes: u64,
@@ -344,6 +356,14 @@ impl ServerConfig {
                 .log_cap_bytes
                 .or(file.log_cap_bytes)
                 .unwrap_or(1024 * 1024),
+            max_active_runs: args
+                .max_active_runs
+                .or(file.max_active_runs)
+                .unwrap_or(5000),
+            default_run_timeout: args
+                .default_run_timeout
+                .or(file.default_run_timeout)
+                .unwrap_or(Duration::from_secs(24 * 3600)),
             max_long_polls: args
                 .max_long_polls
                 .or(file.max_long_polls)
@@ -418,6 +438,12 @@ impl ServerConfig {
         }
         if self.log_cap_bytes < 1024 {
             return bad("log_cap_bytes must be at least 1024");
+        }
+        if self.max_active_runs == 0 {
+            return bad("max_active_runs must be at least 1");
+        }
+        if self.default_run_timeout.is_zero() {
+            return bad("default_run_timeout must be longer than 0s");
         }
         if self.max_long_polls == 0 {
             return bad("max_long_polls must be at least 1");

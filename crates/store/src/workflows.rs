@@ -882,6 +882,12 @@ impl Store {
         rows.into_iter().map(RunRecord::try_from).collect()
     }
 
+    /// Runs not yet ended.
+    pub async fn count_running_runs(&self) -> Result<i64> {
+        let sql = "SELECT COUNT(*) FROM workflow_runs WHERE state = 'running'";
+        Ok(on_pool!(self, p => sqlx::query_scalar(sql).fetch_one(p).await)?)
+    }
+
     pub async fn count_runs_by_state(&self) -> Result<Vec<(String, i64)>> {
         let sql = "SELECT state, COUNT(*) FROM workflow_runs GROUP BY state";
         Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)

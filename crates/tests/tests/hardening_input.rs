@@ -510,3 +510,65 @@ async fn a_refused_large_upload_is_reported_not_a_sigpipe() {
         );
     }
 }
+
+/// Runs cannot pile up without bound: past `max_active_runs` a submission
+/// is refused (503, naming the limit), and a run whose definition sets no
+/// timeout ends after `default_run_timeout` — here runs waiting on an
+/// offline agent time out, and submissions are taken again.
+#[tokio::test]
+async fn active_runs_are_capped_and_every_run_ends() {
+    let cluster = Cluster::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            extra_args: vec![
+                "--max-active-runs".into(),
+                "2".into(),
+                "--default-run-timeout".into(),
+                "2s".into(),
+            ],
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let mut agent = cluster.enroll_agent(&[]).await;
+    cluster.wait_online(&agent.id).await;
+    agent.stop().await;
+    let path = cluster.dir.path().join("wait.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: wait\ntasks:\n  - {{id: a, action: noop, target: '{}'}}\n",
+            agent.id
+        ),
+    )
+    .unwrap();
+    let submit = || cluster.cli(&["workflow", "submit", "-f", path.to_str().unwrap()]);
+    let first = submit();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(submit().status.success());
+    let third = submit();
+    assert!(!third.status.success());
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(stderr.contains("max_active_runs"), "{stderr}");
+    let run = String::from_utf8_lossy(&first.stdout).trim().to_owned();
+    let url = format!("{}/api/v1/workflows/runs/{run}", cluster.url);
+    let state = wait_for("the default timeout", Duration::from_secs(20), || {
+        let req = cluster.http.get(&url).bearer_auth(&cluster.admin_token);
+        async move {
+            let v: Value = req.send().await.ok()?.json().await.ok()?;
+            let s = v["state"].as_str()?.to_owned();
+            (s != "running").then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(state, "timed_out");
+    wait_for("room for another run", Duration::from_secs(20), || {
+        let ok = submit().status.success();
+        async move { ok.then_some(()) }
+    })
+    .await;
+}

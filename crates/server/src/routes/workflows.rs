@@ -77,6 +77,17 @@ async fn submit_run(
         }
     };
     let parsed = def::parse(&text, source).map_err(ApiError::invalid)?;
+    let active = state.store.count_running_runs().await?;
+    if u64::try_from(active).unwrap_or(0) >= state.config.max_active_runs {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            drover_proto::ErrorCode::Unavailable,
+            format!(
+                "{active} runs are active, the most this server runs at once (max_active_runs): \
+                 submit again when some have ended"
+            ),
+        ));
+    }
     let egress = crate::egress::EgressPolicy::new(&state.config.webhook_allow);
     for (i, hook) in parsed.def.webhooks.iter().enumerate() {
         egress
@@ -88,10 +99,15 @@ async fn submit_run(
     let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
     let (body, hash) = def::canonical(&parsed.def);
     let now = Utc::now();
-    let deadline = parsed
+    // Every run ends: one that waits for ever (on an offline agent, …)
+    // times out after the default when its definition sets no timeout.
+    let timeout = parsed
         .def
         .timeout
-        .map(|t| now + chrono::Duration::milliseconds(t.as_millis().min(i64::MAX as u128) as i64));
+        .unwrap_or(state.config.default_run_timeout);
+    let deadline = Some(
+        now + chrono::Duration::milliseconds(timeout.as_millis().min(i64::MAX as u128) as i64),
+    );
     let task_ids: Vec<String> = parsed.def.tasks.iter().map(|t| t.id.clone()).collect();
     let id = state
         .store
