@@ -180,7 +180,8 @@ pub struct SubmitJobRequest {
     pub action: String,
     /// An agent id (or unique prefix), `key=value,key2=value2`, `group:NAME`, or `*`.
     pub target: String,
-    #[serde(default)]
+    /// A duplicate key is refused.
+    #[serde(default, deserialize_with = "crate::unique::object")]
     pub params: BTreeMap<String, serde_json::Value>,
     /// Overrides the action's timeout, in seconds.
     #[serde(default)]

@@ -166,12 +166,15 @@ impl WebhookEvent {
 #[serde(deny_unknown_fields)]
 pub struct SubmitRunRequest {
     /// The definition: YAML or JSON text, or a JSON object.
+    /// A duplicate key in a JSON object is refused.
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[serde(deserialize_with = "crate::unique::value")]
     pub definition: serde_json::Value,
     /// Where the definition came from, for error messages (e.g. the file name).
     #[serde(default)]
     pub source: Option<String>,
-    #[serde(default)]
+    /// A duplicate key is refused.
+    #[serde(default, deserialize_with = "crate::unique::strings")]
     pub inputs: BTreeMap<String, String>,
 }
 

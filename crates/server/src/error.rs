@@ -2,7 +2,8 @@
 //! message naming what is wrong; internal detail is logged, never returned.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -181,5 +182,63 @@ where
         <ApiJson<T> as FromRequest<S>>::from_request(req, state)
             .await
             .map(Some)
+    }
+}
+
+/// A query string whose rejections are API errors (the JSON envelope, 400)
+/// naming the parameter at fault, instead of axum's plain-text answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => {
+                // "Failed to deserialize query string: unknown variant ..."
+                let text = r.body_text();
+                let message = text
+                    .split_once(": ")
+                    .map(|(_, rest)| format!("query string: {rest}"))
+                    .unwrap_or(text);
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidRequest,
+                    message,
+                ))
+            }
+        }
+    }
+}
+
+/// Path parameters whose rejections are API errors (the JSON envelope).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(r) if r.status().is_server_error() => {
+                Err(ApiError::internal("reading the path", &r.body_text()))
+            }
+            Err(r) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                format!("path: {}", r.body_text()),
+            )),
+        }
     }
 }

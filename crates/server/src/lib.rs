@@ -303,7 +303,7 @@ async fn reap_leases(state: AppState) {
 /// metrics and the body-size limit.
 pub fn app(state: AppState) -> Router {
     let (api, openapi) = routes::api().split_for_parts();
-    let openapi = Arc::new(openapi);
+    let openapi = Arc::new(routes::document(openapi));
     let api = api.route(
         "/api/v1/openapi.json",
         axum::routing::get(move || {

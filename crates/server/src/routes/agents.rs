@@ -2,7 +2,7 @@
 //! an agent takes work: drain (no new work; what runs finishes), stop (no
 //! new work; what runs is cancelled, at once with `force`), resume.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use drover_proto::api::{
@@ -16,7 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -103,7 +103,7 @@ async fn list_agents(
 async fn show_agent(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Agent>, ApiError> {
     let a = load(&state, &id).await?;
     Ok(Json(to_api(&state, a, Utc::now())))
@@ -120,7 +120,7 @@ async fn show_agent(
 async fn label_agent(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<LabelAgentRequest>,
 ) -> Result<Json<Agent>, ApiError> {
     user.require_admin()?;
@@ -155,7 +155,7 @@ async fn label_agent(
 async fn revoke_agent(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<RevokeAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
     user.require_admin()?;
@@ -196,7 +196,7 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
 async fn drain_agent(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<DrainAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
     user.require_admin()?;
@@ -230,7 +230,7 @@ async fn drain_agent(
 async fn resume_agent(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Agent>, ApiError> {
     user.require_admin()?;
     let a = load(&state, &id).await?;
@@ -256,7 +256,7 @@ async fn resume_agent(
 async fn stop_agent(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
     user.require_admin()?;

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{FromRequestParts, MatchedPath, Query, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{hash_token, UserAuth};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiQuery};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -49,7 +49,7 @@ struct AuditQuery {
 async fn list_audit(
     State(state): State<AppState>,
     user: UserAuth,
-    Query(q): Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     user.require_admin()?;
     let rows = state

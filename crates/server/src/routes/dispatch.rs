@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{AgentClaims, AgentToken};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -230,7 +230,7 @@ async fn poll(
 async fn start(
     State(state): State<AppState>,
     AgentToken(claims): AgentToken,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<StartRequest>,
 ) -> Result<Json<ResultAck>, ApiError> {
     require_live_agent(&state, &claims).await?;
@@ -260,7 +260,7 @@ async fn start(
 async fn upload_log(
     State(state): State<AppState>,
     AgentToken(claims): AgentToken,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<LogUpload>,
 ) -> Result<Json<ResultAck>, ApiError> {
     require_live_agent(&state, &claims).await?;
@@ -368,7 +368,7 @@ async fn renew_leases(
 async fn report_result(
     State(state): State<AppState>,
     AgentToken(claims): AgentToken,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(result): ApiJson<AttemptResult>,
 ) -> Result<Json<ResultAck>, ApiError> {
     require_live_agent(&state, &claims).await?;
@@ -430,8 +430,8 @@ struct ArtifactQuery {
 async fn upload_artifact(
     State(state): State<AppState>,
     AgentToken(claims): AgentToken,
-    Path(id): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<ArtifactQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ArtifactQuery>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<ResultAck>, ApiError> {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
 use crate::domain;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::hub::{wait_for_end, wait_for_job};
 use crate::routes::audit::Audit;
 use crate::state::AppState;
@@ -104,7 +104,7 @@ struct ListQuery {
 async fn list_jobs(
     State(state): State<AppState>,
     _user: UserAuth,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<Job>>, ApiError> {
     let filter = match q.state.as_deref() {
         Some(s) => Some(
@@ -139,8 +139,8 @@ struct WaitQuery {
 async fn show_job(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
-    Query(q): Query<WaitQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Job>, ApiError> {
     // A full id is looked up as it is (a missing one is a 404 all the
     // same); only a prefix needs resolving.
@@ -190,8 +190,8 @@ struct LogQuery {
 async fn job_logs(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
-    Query(q): Query<LogQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Json<LogPage>, ApiError> {
     let id = state.store.resolve_job_id(&id).await?;
     let after = q.after.unwrap_or(0).max(0);
@@ -249,7 +249,7 @@ async fn job_logs(
 async fn cancel_job(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Job>, ApiError> {
     user.require_admin()?;
     let id = state.store.resolve_job_id(&id).await?;

@@ -77,3 +77,150 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(workflows::router())
         .merge(webhooks::router())
 }
+
+/// Adds the error answers every operation can really give, with the
+/// `ErrorBody` schema, where its annotations did not document them: 400
+/// (a malformed body, query string or path), 401 (a missing or bad token,
+/// on operations that need one), 413/415/422 (a body too large, not JSON,
+/// or JSON the operation refuses; 422 also for query values it refuses),
+/// 404 (an id in the path that names nothing), 500 and 503 (an internal
+/// failure, the database unavailable). Done once on the generated document
+/// so no operation can forget one.
+fn document_errors(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    for item in openapi.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let params = op.parameters.as_deref().unwrap_or_default();
+            let has_path = params
+                .iter()
+                .any(|p| p.parameter_in == utoipa::openapi::path::ParameterIn::Path);
+            let has_query = params
+                .iter()
+                .any(|p| p.parameter_in == utoipa::openapi::path::ParameterIn::Query);
+            let has_body = op.request_body.is_some();
+            let authenticated = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            let mut add = |status: &str, description: &str| {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| {
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content(
+                                "application/json",
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                    .build(),
+                            )
+                            .build()
+                            .into()
+                    });
+            };
+            if has_body || has_query || has_path {
+                add("400", "Malformed request (body, query string or path)");
+            }
+            if authenticated {
+                add("401", "Missing, unknown or expired token");
+            }
+            if has_path {
+                add("404", "Nothing has this id");
+            }
+            if has_body {
+                add("413", "Request body larger than the server accepts");
+                add("415", "Request body is not JSON (Content-Type)");
+            }
+            if has_body || has_query {
+                add("422", "The request names something invalid");
+            }
+            add("500", "Internal error (logged by the server)");
+            add("503", "The database is unavailable, try again");
+        }
+    }
+}
+
+/// The OpenAPI document as served: the generated one with the common error
+/// answers documented and closed compositions merged.
+pub fn document(mut openapi: utoipa::openapi::OpenApi) -> serde_json::Value {
+    document_errors(&mut openapi);
+    let mut doc = serde_json::to_value(&openapi).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "serialising the OpenAPI document");
+        serde_json::Value::Null
+    });
+    let schemas = doc
+        .pointer("/components/schemas")
+        .cloned()
+        .unwrap_or_default();
+    merge_closed_all_of(&mut doc, &schemas);
+    doc
+}
+
+/// A type that refuses unknown fields (`deny_unknown_fields`) is documented
+/// with `additionalProperties: false`, so where serde adds fields to it —
+/// `#[serde(flatten)]` into a bigger struct (`Action`), the tag of an
+/// internally tagged enum (`Sandbox`) — the generated `allOf` can be
+/// satisfied by no value at all. Such an `allOf` becomes the one closed
+/// object it means: the union of the parts' properties and required fields.
+fn merge_closed_all_of(value: &mut serde_json::Value, schemas: &serde_json::Value) {
+    use serde_json::{Map, Value};
+    match value {
+        Value::Array(items) => {
+            for item in items {
+                merge_closed_all_of(item, schemas);
+            }
+        }
+        Value::Object(map) => {
+            for v in map.values_mut() {
+                merge_closed_all_of(v, schemas);
+            }
+            let Some(Value::Array(parts)) = map.get("allOf") else {
+                return;
+            };
+            let resolved: Option<Vec<&Value>> = parts
+                .iter()
+                .map(|p| match p.get("$ref").and_then(Value::as_str) {
+                    Some(r) => r
+                        .strip_prefix("#/components/schemas/")
+                        .and_then(|name| schemas.get(name)),
+                    None => Some(p),
+                })
+                .collect();
+            let Some(resolved) = resolved else { return };
+            let objects = resolved
+                .iter()
+                .all(|p| p.get("type").and_then(Value::as_str) == Some("object"));
+            let closed = resolved
+                .iter()
+                .any(|p| p.get("additionalProperties") == Some(&Value::Bool(false)));
+            if !objects || !closed {
+                return;
+            }
+            let mut properties = Map::new();
+            let mut required: Vec<Value> = Vec::new();
+            for part in &resolved {
+                if let Some(Value::Object(props)) = part.get("properties") {
+                    properties.extend(props.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                if let Some(Value::Array(req)) = part.get("required") {
+                    for r in req {
+                        if !required.contains(r) {
+                            required.push(r.clone());
+                        }
+                    }
+                }
+            }
+            map.remove("allOf");
+            map.insert("type".into(), Value::from("object"));
+            map.insert("properties".into(), Value::Object(properties));
+            map.insert("required".into(), Value::Array(required));
+            map.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        _ => {}
+    }
+}

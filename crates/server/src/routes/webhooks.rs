@@ -1,7 +1,7 @@
 //! Global webhooks (sent for every run that ends) and the delivery log of
 //! every webhook, global or from a definition.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
 use crate::egress::redact_url;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
 use crate::workflow::def::check_webhook_url;
 
@@ -104,7 +104,7 @@ async fn list_webhooks(
 async fn delete_webhook(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     user.require_admin()?;
     if state.store.delete_webhook(&id).await? {
@@ -133,7 +133,7 @@ struct DeliveryQuery {
 async fn list_deliveries(
     State(state): State<AppState>,
     _user: UserAuth,
-    Query(q): Query<DeliveryQuery>,
+    ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> Result<Json<Vec<WebhookDelivery>>, ApiError> {
     let run = match &q.run {
         Some(r) => Some(state.store.resolve_run_id(r).await?),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 
 use crate::auth::UserAuth;
 use crate::catalog::resolve_params;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::selector::Selector;
 use crate::state::AppState;
 use crate::workflow::def::{self, Parsed};
@@ -263,7 +263,7 @@ struct ListQuery {
 async fn list_runs(
     State(state): State<AppState>,
     _user: UserAuth,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<Run>>, ApiError> {
     let filter = match q.state.as_deref() {
         Some(s) => Some(
@@ -397,7 +397,7 @@ pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
 async fn show_run(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
     Ok(Json(load_run(&state, &id).await?))
@@ -413,7 +413,7 @@ async fn show_run(
 async fn cancel_run(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
     user.require_admin()?;
     let id = state.store.resolve_run_id(&id).await?;
@@ -447,7 +447,7 @@ async fn cancel_run(
 async fn remove_run_workspace(
     State(state): State<AppState>,
     user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
     use crate::workflow::workspace::{Step, WorkspaceJob};
     user.require_admin()?;
@@ -500,7 +500,7 @@ async fn remove_run_workspace(
 async fn run_result(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunResult>, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
     let run = load_run(&state, &id).await?;
@@ -542,7 +542,7 @@ fn artifact_view(a: ArtifactRecord) -> Artifact {
 async fn run_artifacts(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<Artifact>>, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
     let list = state.store.run_artifacts(&id).await?;
@@ -559,7 +559,7 @@ async fn run_artifacts(
 async fn download_artifact(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let a = state
         .store
@@ -674,9 +674,9 @@ fn event_feed(state: AppState, run_id: String, after: i64) -> impl Stream<Item =
 async fn run_events(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
-    Query(q): Query<StreamQuery>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
     let after = resume_point(&headers, &q)?;
@@ -701,9 +701,9 @@ async fn run_events(
 async fn run_ws(
     State(state): State<AppState>,
     _user: UserAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
-    Query(q): Query<StreamQuery>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
