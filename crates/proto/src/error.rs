@@ -39,6 +39,8 @@ pub enum ErrorCode {
     RefreshTokenUnknown,
     RefreshTokenExpired,
     Unavailable,
+    /// Too many attempts (failed logins): retry after the Retry-After header.
+    RateLimited,
     Internal,
     /// A code this client does not know yet (a newer server).
     #[serde(other)]

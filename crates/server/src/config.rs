@@ -105,6 +105,36 @@ pub struct ServerArgs {
     /// Timeout of one webhook POST [default: 10s].
     #[arg(long, env = "DROVER_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub webhook_timeout: Option<Duration>,
+    /// Password checks run at once; up to four times as many wait, and
+    /// beyond that a login gets 503 at once [default: the CPU cores].
+    #[arg(long, env = "DROVER_LOGIN_CONCURRENCY", value_name = "N")]
+    pub login_concurrency: Option<usize>,
+    /// Failed logins of one account within the lockout period that lock
+    /// it out for that period [default: 10].
+    #[arg(long, env = "DROVER_LOGIN_MAX_FAILURES", value_name = "N")]
+    pub login_max_failures: Option<u32>,
+    /// Failed logins from one client address (IPv6: its /64) within the
+    /// lockout period that lock it out for that period [default: 50].
+    #[arg(long, env = "DROVER_LOGIN_MAX_FAILURES_PER_ADDRESS", value_name = "N")]
+    pub login_max_failures_per_address: Option<u32>,
+    /// How long failed logins are counted and a lockout lasts [default: 15m].
+    #[arg(long, env = "DROVER_LOGIN_LOCKOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub login_lockout: Option<Duration>,
+    /// HTTP connections served at once, lowered to fit the open-file limit;
+    /// a few more are kept for health checks [default: 30000].
+    #[arg(long, env = "DROVER_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers once it started
+    /// [default: 30s].
+    #[arg(long, env = "DROVER_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Option<Duration>,
+    /// A connection with no request in progress is closed after this
+    /// [default: 120s].
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Option<Duration>,
+    /// Longest wait for the next part of a request body [default: 60s].
+    #[arg(long, env = "DROVER_BODY_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub body_timeout: Option<Duration>,
     /// An internal address or network webhooks may reach, e.g. 10.0.0.0/8;
     /// repeatable [default: none: public addresses only].
     #[arg(
@@ -170,6 +200,18 @@ struct FileConfig {
     webhook_max_backoff: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     webhook_timeout: Option<Duration>,
+    login_concurrency: Option<usize>,
+    login_max_failures: Option<u32>,
+    login_max_failures_per_address: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    login_lockout: Option<Duration>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_timeout: Option<Duration>,
     webhook_allow: Option<Vec<String>>,
 }
 
@@ -203,6 +245,10 @@ pub struct ServerConfig {
     pub webhook_backoff: Duration,
     pub webhook_max_backoff: Duration,
     pub webhook_timeout: Duration,
+    /// See `ServerArgs::login_concurrency` and the following options.
+    pub login: crate::throttle::LoginLimits,
+    /// See `ServerArgs::max_connections` and the timeouts after it.
+    pub connections: crate::connections::ConnectionLimits,
     /// Internal networks webhooks may reach (public ones always).
     pub webhook_allow: Vec<ipnet::IpNet>,
     pub admin_password: Option<String>,
@@ -389,6 +435,42 @@ impl ServerConfig {
                 .webhook_timeout
                 .or(file.webhook_timeout)
                 .unwrap_or(Duration::from_secs(10)),
+            login: crate::throttle::LoginLimits {
+                concurrency: args
+                    .login_concurrency
+                    .or(file.login_concurrency)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                max_failures: args
+                    .login_max_failures
+                    .or(file.login_max_failures)
+                    .unwrap_or(10),
+                max_failures_per_address: args
+                    .login_max_failures_per_address
+                    .or(file.login_max_failures_per_address)
+                    .unwrap_or(50),
+                lockout: args
+                    .login_lockout
+                    .or(file.login_lockout)
+                    .unwrap_or(Duration::from_secs(15 * 60)),
+            },
+            connections: crate::connections::ConnectionLimits {
+                max_connections: args
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(30_000),
+                header_read_timeout: args
+                    .header_read_timeout
+                    .or(file.header_read_timeout)
+                    .unwrap_or(Duration::from_secs(30)),
+                idle_timeout: args
+                    .idle_timeout
+                    .or(file.idle_timeout)
+                    .unwrap_or(Duration::from_secs(120)),
+                body_timeout: args
+                    .body_timeout
+                    .or(file.body_timeout)
+                    .unwrap_or(Duration::from_secs(60)),
+            },
             webhook_allow: crate::egress::EgressPolicy::parse_allow(
                 &args
                     .webhook_allow
@@ -450,6 +532,27 @@ impl ServerConfig {
         }
         if self.max_body_bytes < 1024 {
             return bad("max_body_bytes must be at least 1024");
+        }
+        if self.login.concurrency == 0 || self.login.concurrency > 1024 {
+            return bad("login_concurrency must be between 1 and 1024");
+        }
+        if self.login.max_failures == 0 || self.login.max_failures_per_address == 0 {
+            return bad("login_max_failures and login_max_failures_per_address must be at least 1");
+        }
+        if self.login.lockout < Duration::from_secs(1) {
+            return bad("login_lockout must be at least 1s");
+        }
+        let c = &self.connections;
+        if c.max_connections == 0 {
+            return bad("max_connections must be at least 1");
+        }
+        if [c.header_read_timeout, c.idle_timeout, c.body_timeout]
+            .iter()
+            .any(|t| *t < Duration::from_millis(100))
+        {
+            return bad(
+                "header_read_timeout, idle_timeout and body_timeout must be at least 100ms",
+            );
         }
         Ok(())
     }

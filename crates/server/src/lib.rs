@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod connections;
 pub mod domain;
 pub mod egress;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod sandboxes;
 pub mod selector;
 pub mod state;
 pub mod tasks;
+pub mod throttle;
 pub mod webhooks;
 pub mod workflow;
 
@@ -110,6 +112,7 @@ impl Server {
             source,
         })?;
         let max_long_polls = config.max_long_polls;
+        let config_login = config.login.clone();
         let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
         tracing::info!(store = %artifacts.describe, "artifact store opened");
         tracing::info!(
@@ -131,6 +134,7 @@ impl Server {
                 metrics: Arc::new(Metrics::new()),
                 hub,
                 artifacts,
+                logins: Arc::new(throttle::LoginGuard::new(&config_login)),
                 shutdown: CancellationToken::new(),
             },
         })
@@ -229,10 +233,10 @@ impl Server {
         if let Some(listener) = self.state.store.listen().await? {
             tasks.spawn(TaskKind::Hub, hear_replicas(self.state.clone(), listener));
         }
-        let served =
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let limits = self.state.config.connections.clone();
+        let served = connections::serve(listener, app, &limits, shutdown.clone());
         let outcome = tokio::select! {
-            served = served => served.map_err(Error::Serve),
+            () = served => Ok(()),
             failure = tasks.watch() => {
                 // Stop serving and tell the caller: a half-dead server
                 // must not go on answering.

@@ -56,6 +56,12 @@ pub struct Metrics {
     store_syncs: Counter,
     store_commit_failures: Counter,
     store_write_failing: Gauge,
+    logins_refused: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -179,7 +185,14 @@ impl Metrics {
             "1 while the store cannot write (the last write failed on a full disk, an I/O error or a failed commit; the log says why), else 0",
             store_write_failing.clone(),
         );
+        let logins_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "logins_refused",
+            "Logins refused before their password was checked: locked (429, after failed logins) or busy (503, too many at once)",
+            logins_refused.clone(),
+        );
         Metrics {
+            logins_refused,
             store_write_failing,
             store_statements,
             store_commits,
@@ -230,6 +243,13 @@ impl Metrics {
                 state: state.to_owned(),
             })
             .set(n);
+    }
+
+    /// A login refused by the throttle: `locked` or `busy`.
+    pub fn login_refused(&self, reason: &'static str) {
+        self.logins_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn webhook_attempt(&self, delivered: bool) {

@@ -20,6 +20,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub artifacts: ArtifactStore,
+    /// The login throttle: bounded password checks, lockouts.
+    pub logins: Arc<crate::throttle::LoginGuard>,
     /// Cancelled when the server shuts down; long-polls return at once.
     pub shutdown: CancellationToken,
 }

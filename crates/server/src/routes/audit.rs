@@ -152,6 +152,17 @@ impl Audit {
     }
 }
 
+impl Audit {
+    /// Leaves the call out of the audit log: for answers that must stay
+    /// cheap under a flood (a login refused by the throttle, whose lockout
+    /// has an entry of its own).
+    pub fn skip(&self, status: StatusCode) {
+        if let Some(call) = &self.0 {
+            lock(call).written = Some(status);
+        }
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Audit {
     type Rejection = std::convert::Infallible;
 

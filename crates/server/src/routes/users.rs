@@ -1,6 +1,11 @@
 //! Logging in: a username and password traded for a session token.
 
-use axum::extract::State;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use drover_proto::api::{LoginRequest, LoginResponse};
@@ -9,12 +14,45 @@ use drover_store::NewUserToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{hash_token, new_token, verify_password, TokenPrefix};
+use crate::auth::{hash_token, new_token, TokenPrefix};
+use crate::connections::Peer;
 use crate::error::{ApiError, ApiJson};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
+use crate::throttle::{Lockout, Refused};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(login))
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .layer(DefaultBodyLimit::max(MAX_LOGIN_BODY))
+}
+
+/// Logs and audits the start of a lockout (once per lockout, not per
+/// refused attempt).
+async fn record_lockout(state: &AppState, username: &str, lockout: &Lockout) {
+    let lasts = humantime::format_duration(state.config.login.lockout);
+    let (actor, target) = match lockout {
+        Lockout::Account(name) => (name.clone(), format!("account {name:?} locked for {lasts}")),
+        Lockout::Address(ip) => (
+            format!("{username:?}"),
+            format!("address {ip} locked for {lasts}"),
+        ),
+    };
+    tracing::warn!(%target, "login lockout after failed logins");
+    if let Err(e) = state
+        .store
+        .audit(
+            &actor,
+            "LOCKOUT /api/v1/auth/login",
+            &target,
+            StatusCode::TOO_MANY_REQUESTS.as_u16(),
+            "refused",
+            Utc::now(),
+        )
+        .await
+    {
+        tracing::error!(error = %e, %target, "could not write the audit log");
+    }
 }
 
 /// A real hash of a random password, checked when the user does not exist
@@ -29,36 +67,145 @@ fn dummy_hash() -> String {
     .clone()
 }
 
+/// Largest login body: a name and a password need no more.
+pub const MAX_LOGIN_BODY: usize = 8 * 1024;
+/// Longest user name a login may give.
+pub const MAX_USERNAME_BYTES: usize = 256;
+/// Longest password a login may give.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// A login that failed: an API error, or the throttle's refusal (429 or
+/// 503, with Retry-After).
+enum LoginError {
+    Api(ApiError),
+    Refused(Refused),
+}
+
+impl From<ApiError> for LoginError {
+    fn from(e: ApiError) -> LoginError {
+        LoginError::Api(e)
+    }
+}
+
+impl From<drover_store::Error> for LoginError {
+    fn from(e: drover_store::Error) -> LoginError {
+        LoginError::Api(e.into())
+    }
+}
+
+/// The status of a refusal.
+fn refused_status(r: Refused) -> StatusCode {
+    match r {
+        Refused::Locked { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Refused::Busy => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl IntoResponse for LoginError {
+    fn into_response(self) -> Response {
+        let refused = match self {
+            LoginError::Api(e) => return e.into_response(),
+            LoginError::Refused(r) => r,
+        };
+        let (message, retry_after) = match refused {
+            Refused::Locked { retry_after } => (
+                "too many failed logins for this account or address: retry after the Retry-After header",
+                retry_after.as_secs().max(1),
+            ),
+            Refused::Busy => (
+                "too many logins at once: retry after the Retry-After header",
+                1,
+            ),
+        };
+        let code = match refused {
+            Refused::Locked { .. } => ErrorCode::RateLimited,
+            Refused::Busy => ErrorCode::Unavailable,
+        };
+        let mut resp = ApiError::new(refused_status(refused), code, message).into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        resp
+    }
+}
+
 /// Log in with a password; returns a session token.
+///
+/// Failed logins are counted per account and per client address; past
+/// the configured number within the lockout period, every login of that
+/// account or from that address gets 429 until the period ends — the
+/// right password too. 503 when too many password checks wait already.
 #[utoipa::path(
     post, path = "/api/v1/auth/login", tag = "auth",
     request_body = LoginRequest,
     responses(
         (status = 200, body = LoginResponse),
         (status = 401, description = "Wrong username or password", body = ErrorBody),
+        (status = 413, description = "Body larger than 8 KiB", body = ErrorBody),
+        (status = 422, description = "Malformed body, or a name or password too long", body = ErrorBody),
+        (status = 429, description = "Locked out after failed logins: retry after the Retry-After header", body = ErrorBody),
+        (status = 503, description = "Too many logins at once: retry after the Retry-After header", body = ErrorBody),
     )
 )]
 async fn login(
     State(state): State<AppState>,
+    Peer(peer): Peer,
+    audit: Audit,
     ApiJson(req): ApiJson<LoginRequest>,
-) -> Result<Json<LoginResponse>, ApiError> {
-    let user = state.store.user_by_username(&req.username).await?;
+) -> Result<Json<LoginResponse>, LoginError> {
+    if req.username.len() > MAX_USERNAME_BYTES {
+        return Err(
+            ApiError::invalid(format!("username: longer than {MAX_USERNAME_BYTES} bytes")).into(),
+        );
+    }
+    if req.password.len() > MAX_PASSWORD_BYTES {
+        return Err(
+            ApiError::invalid(format!("password: longer than {MAX_PASSWORD_BYTES} bytes")).into(),
+        );
+    }
+    let address = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+    let attempt = match state.logins.begin(&req.username, address, Instant::now()) {
+        Ok(attempt) => attempt,
+        Err(refused) => {
+            // Refusals stay cheap under a flood: no audit entry each (the
+            // lockout that causes them has one) and no password check.
+            audit.skip(refused_status(refused));
+            state.metrics.login_refused(match refused {
+                Refused::Locked { .. } => "locked",
+                Refused::Busy => "busy",
+            });
+            return Err(LoginError::Refused(refused));
+        }
+    };
+    let user = match state.store.user_by_username(&req.username).await {
+        Ok(user) => user,
+        Err(e) => {
+            attempt.abandon();
+            return Err(e.into());
+        }
+    };
     let known_hash = user.as_ref().map(|u| u.password_hash.clone());
-    let password = req.password;
-    let ok = tokio::task::spawn_blocking(move || {
-        let hash = known_hash.unwrap_or_else(dummy_hash);
-        verify_password(&password, &hash)
-    })
-    .await
-    .map_err(|e| ApiError::internal("verifying a password", &e))?;
+    let ok = match attempt.verify(req.password, known_hash, dummy_hash).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            attempt.abandon();
+            return Err(ApiError::internal("verifying a password", &e).into());
+        }
+    };
     let user = match user {
-        Some(u) if ok => u,
+        Some(u) if ok => {
+            attempt.finish(true);
+            u
+        }
         _ => {
-            tracing::info!(username = %req.username, "failed login");
+            for lockout in attempt.finish(false) {
+                record_lockout(&state, &req.username, &lockout).await;
+            }
+            tracing::info!(username = ?req.username, %address, "failed login");
             return Err(ApiError::unauthorized(
                 ErrorCode::InvalidCredentials,
                 "wrong username or password",
-            ));
+            )
+            .into());
         }
     };
     let token =
