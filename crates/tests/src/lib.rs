@@ -169,6 +169,43 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
+/// Sets the open-file limit (soft and hard) of the process `cmd` starts.
+fn limit_open_files(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    #[allow(unsafe_code)]
+    // SAFETY: setrlimit(2) is async-signal-safe and touches no memory of
+    // the parent; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit (a test
+/// that opens many sockets).
+pub fn raise_own_open_files() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit/setrlimit(2) on structs we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(65_536);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    limit.rlim_cur
+}
+
 /// Waits for a child to exit, up to `timeout`.
 pub async fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
     wait_for("process exit", timeout, || {
@@ -230,6 +267,9 @@ pub struct ServerOptions {
     /// The server's database instead of the test database (e.g. a SQLite
     /// file on a small tmpfs).
     pub database_url: Option<String>,
+    /// The server's open-file limit (soft and hard), to see what it does
+    /// when file descriptors run short.
+    pub open_files: Option<u64>,
 }
 
 impl Default for ServerOptions {
@@ -241,6 +281,7 @@ impl Default for ServerOptions {
             extra_env: Vec::new(),
             listen_ip: None,
             database_url: None,
+            open_files: None,
         }
     }
 }
@@ -336,6 +377,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        if let Some(n) = self.options.open_files {
+            limit_open_files(&mut cmd, n);
+        }
         self.server = Some(cmd.spawn().expect("spawn drover server"));
         let url = format!("{}/readyz", self.url);
         let http = self.http.clone();
@@ -408,6 +452,11 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Replica { url, child }
+    }
+
+    /// The pid of the running server process.
+    pub fn server_pid(&self) -> u32 {
+        self.server.as_ref().expect("server running").id()
     }
 
     /// SIGTERM, then waits for a clean exit.
