@@ -98,6 +98,17 @@ pub struct AgentArgs {
         global = true
     )]
     pub allow_sandboxes: Option<Vec<String>>,
+    /// A directory under which a workspace's git.repo may be a local path
+    /// (absolute); repeatable. Replaces workspace_local_roots of
+    /// agent.yaml [default: none, remote URLs only].
+    #[arg(
+        long = "workspace-local-root",
+        env = "DROVER_AGENT_WORKSPACE_LOCAL_ROOTS",
+        value_delimiter = ',',
+        value_name = "DIR",
+        global = true
+    )]
+    pub workspace_local_roots: Option<Vec<PathBuf>>,
 }
 
 /// Log output format.
@@ -154,6 +165,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     docker_host: Option<String>,
     allow_sandboxes: Option<Vec<String>>,
+    workspace_local_roots: Option<Vec<PathBuf>>,
 }
 
 /// Where the Docker engine is.
@@ -252,6 +264,11 @@ pub struct AgentConfig {
     /// Sandbox kinds this agent runs; an assignment of another kind is
     /// rejected. A plain process (no sandbox) counts as `process`.
     pub allow_sandboxes: Vec<SandboxKind>,
+    /// Directories under which a workspace's `git.repo` may be a local
+    /// path. Empty (the default): remote URLs only. The agent clones as
+    /// itself (root, usually), so a local path anywhere else would let a
+    /// task read a repository its own user could not.
+    pub workspace_local_roots: Vec<PathBuf>,
 }
 
 /// A configuration that cannot be used, naming the file, line or option.
@@ -281,7 +298,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// True when the effective user is root (`/proc/self` belongs to it).
-pub(crate) fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
@@ -370,7 +387,25 @@ impl AgentConfig {
                             .collect()
                     }),
             )?,
+            workspace_local_roots: args
+                .workspace_local_roots
+                .clone()
+                .or(file.workspace_local_roots)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect(),
         };
+        if let Some(root) = config
+            .workspace_local_roots
+            .iter()
+            .find(|p| !p.is_absolute())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "workspace_local_roots: '{}' is not an absolute path",
+                root.display()
+            )));
+        }
         if config.max_backoff < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "max_backoff must be at least 1s".to_owned(),
@@ -504,6 +539,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.allow_actions, vec!["b", "c"]);
         assert_eq!(c.capacity, 7);
+    }
+
+    #[test]
+    fn workspace_local_roots_are_absolute_and_none_by_default() {
+        let c = load_text("server: http://h:1\n").unwrap();
+        assert!(c.workspace_local_roots.is_empty(), "remote URLs only");
+        let c = load_text("workspace_local_roots: [/srv/repos, /opt/git]\n").unwrap();
+        assert_eq!(
+            c.workspace_local_roots,
+            vec![PathBuf::from("/srv/repos"), PathBuf::from("/opt/git")]
+        );
+        let err = load_text("workspace_local_roots: [repos]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: workspace_local_roots: 'repos' is not an absolute path"
+        );
     }
 
     #[test]

@@ -230,6 +230,7 @@ pub async fn run_with(
         allow_sandboxes: config.allow_sandboxes.clone(),
         docker: docker.clone(),
         can_switch_users,
+        workspace_local_roots: config.workspace_local_roots.clone(),
         ..executor::ExecOptions::new(dir.path())
     };
     // Leftovers of attempts a killed agent could not clean up; workspaces

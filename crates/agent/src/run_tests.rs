@@ -278,6 +278,7 @@ fn runs_work_end_to_end() {
                 crate::config::SandboxKind::Process,
                 crate::config::SandboxKind::Docker,
             ],
+            workspace_local_roots: Vec::new(),
         };
         let shutdown = CancellationToken::new();
         let agent = tokio::spawn({
@@ -391,6 +392,7 @@ fn forced_kill_from_the_poll_reaches_a_running_attempt() {
             metrics_listen: None,
             docker_host: crate::config::DockerHost::Off,
             allow_sandboxes: vec![crate::config::SandboxKind::Process],
+            workspace_local_roots: Vec::new(),
         };
         let shutdown = CancellationToken::new();
         let agent = tokio::spawn({

@@ -91,9 +91,13 @@ async fn try_create(
 ) -> Result<(), Failure> {
     let dir = dir(opts, &ws.id);
     let meta = meta_dir(opts, &ws.id);
-    if let Some(git) = &ws.git {
-        git.validate().map_err(Refusal::InvalidGitSource)?;
-    }
+    let source = match &ws.git {
+        Some(git) => {
+            git.validate().map_err(Refusal::InvalidGitSource)?;
+            Some(clone_source(&git.repo, &opts.workspace_local_roots)?)
+        }
+        None => None,
+    };
     if meta.join(READY).is_file() {
         let complete = match (&ws.sandbox, &opts.docker) {
             (Sandbox::Docker(_), Some(engine)) => {
@@ -124,8 +128,8 @@ async fn try_create(
         path: dir.clone(),
         source,
     })?;
-    if let Some(git) = &ws.git {
-        checkout(a, opts, git, &dir, sup).await?;
+    if let (Some(git), Some(source)) = (&ws.git, &source) {
+        checkout(a, opts, git, source, &dir, sup).await?;
     }
     if let Some((uid, gid)) = owner(&ws.sandbox).await? {
         for path in [&dir, &meta] {
@@ -204,14 +208,91 @@ async fn owner(sandbox: &Sandbox) -> Result<Option<(u32, Option<u32>)>, Failure>
     }
 }
 
+/// What git clones a workspace from, once this agent allowed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CloneSource {
+    /// A URL git fetches over the network: `https://`, `http://`,
+    /// `ssh://`, `git://`, or ssh's `host:path`.
+    Remote(String),
+    /// A local repository, by its canonical path, under one of the
+    /// agent's `workspace_local_roots`.
+    Local(PathBuf),
+}
+
+impl CloneSource {
+    /// The repository argument of `git clone`.
+    fn arg(&self) -> String {
+        match self {
+            CloneSource::Remote(url) => url.clone(),
+            CloneSource::Local(path) => path.to_string_lossy().into_owned(),
+        }
+    }
+
+    /// `GIT_ALLOW_PROTOCOL`: git itself then refuses a local clone of a
+    /// remote source (and the reverse), whatever it makes of the text.
+    fn allowed_protocols(&self) -> &'static str {
+        match self {
+            CloneSource::Remote(_) => "git:http:https:ssh",
+            CloneSource::Local(_) => "file",
+        }
+    }
+}
+
+/// A local path if git would read `repo` from this machine: `file://`
+/// URLs and paths; `None` for a network URL. As git decides: text with
+/// `://` is a URL by its scheme; else a colon with no slash before it is
+/// ssh's `host:path`; anything else is a path. (`git clone` also takes
+/// `host:path` for a path when such a file exists in its working dir; it
+/// runs in the agent's workspaces root, which holds only workspace ids,
+/// and `GIT_ALLOW_PROTOCOL` refuses a local clone of a remote source.)
+pub(crate) fn local_path(repo: &str) -> Option<PathBuf> {
+    if let Some((scheme, rest)) = repo.split_once("://") {
+        return (scheme == "file").then(|| PathBuf::from(rest));
+    }
+    match (repo.find(':'), repo.find('/')) {
+        (Some(colon), Some(slash)) if slash < colon => Some(PathBuf::from(repo)),
+        (Some(_), _) => None,
+        (None, _) => Some(PathBuf::from(repo)),
+    }
+}
+
+/// Whether this agent clones `repo`: any network URL; a local repository
+/// only when its canonical path (symlinks and `..` resolved) is under one
+/// of `roots`. A path that cannot be resolved is refused like one outside
+/// the roots, so a refusal says nothing about what exists on the agent.
+pub(crate) fn clone_source(repo: &str, roots: &[PathBuf]) -> Result<CloneSource, Refusal> {
+    let Some(path) = local_path(repo) else {
+        return Ok(CloneSource::Remote(repo.to_owned()));
+    };
+    let refused = || Refusal::LocalRepository {
+        repo: repo.to_owned(),
+        roots: roots.to_vec(),
+    };
+    if !path.is_absolute() || roots.is_empty() {
+        return Err(refused());
+    }
+    let real = std::fs::canonicalize(&path).map_err(|_| refused())?;
+    let inside = roots
+        .iter()
+        .filter_map(|root| std::fs::canonicalize(root).ok())
+        .any(|root| real.starts_with(root));
+    if inside {
+        Ok(CloneSource::Local(real))
+    } else {
+        Err(refused())
+    }
+}
+
 /// Checks `git` out into `dir` with the host's git, step by step through
 /// the supervisor (its output is the attempt's log; timeout and cancel
 /// apply). Never a shell, `--` before the repository, and an environment
-/// that reads no config and allows only plain transports (no `ext::`).
+/// that reads no config and allows only the transports of `source` (no
+/// `ext::`; `file` only for an allowed local repository).
 async fn checkout(
     a: &Assignment,
     opts: &ExecOptions,
     git: &GitSource,
+    source: &CloneSource,
     dir: &Path,
     sup: &mut Supervisor<'_>,
 ) -> Result<(), Failure> {
@@ -230,6 +311,7 @@ async fn checkout(
         })
     };
     let dir_arg = dir.to_string_lossy().into_owned();
+    let repo_arg = source.arg();
     let git_cmd = |args: &[&str]| {
         let mut cmd = Command::new("git");
         cmd.args(args)
@@ -239,7 +321,7 @@ async fn checkout(
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
+            .env("GIT_ALLOW_PROTOCOL", source.allowed_protocols())
             .current_dir(&opts.workspaces_root);
         cmd
     };
@@ -247,7 +329,7 @@ async fn checkout(
     let Some(reference) = git.reference.as_deref() else {
         let ok = step(
             sup,
-            git_cmd(&["clone", "--quiet", "--", &git.repo, &dir_arg]),
+            git_cmd(&["clone", "--quiet", "--", &repo_arg, &dir_arg]),
         )
         .await
         .map_err(|f| map_failed(f, &failed))?;
@@ -264,7 +346,7 @@ async fn checkout(
             "--no-checkout",
             "--quiet",
             "--",
-            &git.repo,
+            &repo_arg,
             &dir_arg,
         ]),
     )
@@ -393,4 +475,46 @@ async fn wipe(opts: &ExecOptions, ws: &WorkspaceSpec) -> Vec<String> {
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_table() {
+        // (git.repo, the local path git would read, if any)
+        let cases = [
+            ("https://git.example/app.git", None),
+            ("http://git.example/app.git", None),
+            ("ssh://git@git.example/app.git", None),
+            ("git://git.example/app.git", None),
+            ("git@git.example:team/app.git", None),
+            ("git.example:/srv/app.git", None),
+            ("[::1]:app.git", None),
+            ("/root/repo", Some("/root/repo")),
+            ("file:///root/repo", Some("/root/repo")),
+            ("file://localhost/root/repo", Some("localhost/root/repo")),
+            ("./a:b", Some("./a:b")),
+            ("/srv/a:b", Some("/srv/a:b")),
+            ("repo", Some("repo")),
+        ];
+        for (repo, want) in cases {
+            assert_eq!(local_path(repo), want.map(PathBuf::from), "{repo}");
+        }
+    }
+
+    #[test]
+    fn remote_urls_need_no_roots() {
+        let url = "https://git.example/app.git";
+        assert_eq!(
+            clone_source(url, &[]).ok(),
+            Some(CloneSource::Remote(url.to_owned()))
+        );
+        let source = CloneSource::Remote(url.to_owned());
+        assert_eq!(source.allowed_protocols(), "git:http:https:ssh");
+        let local = CloneSource::Local(PathBuf::from("/srv/repos/app"));
+        assert_eq!(local.allowed_protocols(), "file");
+        assert_eq!(local.arg(), "/srv/repos/app");
+    }
 }

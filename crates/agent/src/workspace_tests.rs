@@ -53,6 +53,14 @@ fn git_repo(root: &Path) -> String {
     repo.to_string_lossy().into_owned()
 }
 
+/// `opts` that clone local repositories under `root`.
+fn cloning_under(opts: ExecOptions, root: &Path) -> ExecOptions {
+    ExecOptions {
+        workspace_local_roots: vec![root.to_owned()],
+        ..opts
+    }
+}
+
 fn spec(sandbox: Sandbox, git: Option<(&str, Option<&str>)>) -> WorkspaceSpec {
     WorkspaceSpec {
         id: format!("ws-{:08x}", fastrand::u32(..)),
@@ -87,7 +95,7 @@ fn process_workspace_is_checked_out_shared_and_removed() {
     rt().block_on(async {
         let tmp = tempfile::tempdir().unwrap();
         let repo = git_repo(tmp.path());
-        let opts = process_opts(&tmp.path().join("state"));
+        let opts = cloning_under(process_opts(&tmp.path().join("state")), tmp.path());
         let ws = spec(Sandbox::default_process(), Some((&repo, Some("v1"))));
 
         let r = run(&opts, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
@@ -140,7 +148,7 @@ fn bad_git_sources_are_refused_before_git_runs() {
     rt().block_on(async {
         let tmp = tempfile::tempdir().unwrap();
         let repo = git_repo(tmp.path());
-        let opts = process_opts(&tmp.path().join("state"));
+        let opts = cloning_under(process_opts(&tmp.path().join("state")), tmp.path());
         let pwned = tmp.path().join("pwned");
         // No space in it: refused for its transport, not its spaces.
         let ext = format!("ext::touch%{}", pwned.display());
@@ -175,16 +183,71 @@ fn bad_git_sources_are_refused_before_git_runs() {
 }
 
 #[test]
+fn local_repositories_are_cloned_only_under_the_roots() {
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = git_repo(tmp.path());
+        let allowed = tmp.path().join("allowed");
+        let inside = git_repo(&allowed);
+        std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+        let state = tmp.path().join("state");
+        let none = process_opts(&state);
+        let some = cloning_under(process_opts(&state), &allowed);
+        let roots = allowed.display().to_string();
+        let escape = format!("{}/../repo", allowed.display());
+        let link = format!("{}/link", allowed.display());
+        let file_url = format!("file://{outside}");
+        // (options, git.repo, the roots the refusal names)
+        let refused = [
+            (&none, outside.as_str(), "none set"),
+            (&none, file_url.as_str(), "none set"),
+            (&none, inside.as_str(), "none set"),
+            (&some, outside.as_str(), roots.as_str()),
+            (&some, file_url.as_str(), roots.as_str()),
+            (&some, escape.as_str(), roots.as_str()),
+            (&some, link.as_str(), roots.as_str()),
+            (&some, "repo", roots.as_str()),
+            (&some, "/no/such/repo", roots.as_str()),
+        ];
+        for (opts, repo, named) in refused {
+            let ws = spec(Sandbox::default_process(), Some((repo, None)));
+            let r = run(opts, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
+            assert_eq!(r.result.outcome, Outcome::Rejected, "{repo}: {r:?}");
+            let err = r.result.error.unwrap();
+            assert_eq!(
+                err,
+                format!("git.repo '{repo}' is a path on this agent, and this agent clones local repositories only under its workspace_local_roots ({named})")
+            );
+            assert!(r.chunks.is_empty(), "git ran: {:?}", r.chunks);
+            assert!(!dir(opts, &ws.id).exists());
+        }
+        // Under a root, as a path or a file:// URL, it is cloned.
+        for repo in [inside.clone(), format!("file://{inside}")] {
+            let ws = spec(Sandbox::default_process(), Some((&repo, Some("v1"))));
+            let r = run(&some, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
+            assert_eq!(r.result.outcome, Outcome::Succeeded, "{repo}: {r:?}");
+            assert_eq!(
+                std::fs::read_to_string(dir(&some, &ws.id).join("file.txt")).unwrap(),
+                "v1\n"
+            );
+            let r = run(&some, &builtin(BUILTIN_WORKSPACE_REMOVE, &ws)).await;
+            assert_eq!(r.result.outcome, Outcome::Succeeded, "{r:?}");
+        }
+    });
+}
+
+#[test]
 fn docker_workspace_runs_tasks_in_its_container() {
     rt().block_on(async {
         let env = Env::new("ws-docker").await;
         let tmp = tempfile::tempdir().unwrap();
         let repo = git_repo(tmp.path());
+        let opts = cloning_under(env.opts.clone(), tmp.path());
         let ws = spec(
             env.sandbox(serde_json::json!({"user": "65534:65534", "memory": "64m"})),
             Some((&repo, None)),
         );
-        let r = run(&env.opts, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
+        let r = run(&opts, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
         assert_eq!(r.result.outcome, Outcome::Succeeded, "{r:?}");
         let name = workspace_name(&ws.id);
         let (containers, volumes) = env.labelled().await;
@@ -192,7 +255,7 @@ fn docker_workspace_runs_tasks_in_its_container() {
         assert_eq!(volumes, vec![name.clone()]);
 
         let r = run(
-            &env.opts,
+            &opts,
             &task(
                 &ws,
                 &[
@@ -214,17 +277,13 @@ fn docker_workspace_runs_tasks_in_its_container() {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         assert_eq!(outputs, vec![("x", "1"), ("y", "2")]);
-        let r = run(
-            &env.opts,
-            &task(&ws, &["sh", "-c", "cat by-task-1; exit 3"]),
-        )
-        .await;
+        let r = run(&opts, &task(&ws, &["sh", "-c", "cat by-task-1; exit 3"])).await;
         assert_eq!(r.result.outcome, Outcome::Failed, "{r:?}");
         assert_eq!(r.result.exit_code, Some(3));
         assert_eq!(r.stdout, "hi\n");
 
         // An exec that goes beyond the workspace's memory is reported so.
-        let r = run(&env.opts, &task(&ws, &["tail", "/dev/zero"])).await;
+        let r = run(&opts, &task(&ws, &["tail", "/dev/zero"])).await;
         assert_eq!(r.result.outcome, Outcome::Failed, "{r:?}");
         assert_eq!(
             r.result.error.as_deref(),
@@ -232,19 +291,19 @@ fn docker_workspace_runs_tasks_in_its_container() {
             "{r:?}"
         );
 
-        let r = run(&env.opts, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
+        let r = run(&opts, &builtin(BUILTIN_WORKSPACE_CREATE, &ws)).await;
         assert_eq!(r.result.outcome, Outcome::Succeeded, "{r:?}");
         assert!(r.stderr.contains("exists already"), "{r:?}");
 
         for _ in 0..2 {
-            let r = run(&env.opts, &builtin(BUILTIN_WORKSPACE_REMOVE, &ws)).await;
+            let r = run(&opts, &builtin(BUILTIN_WORKSPACE_REMOVE, &ws)).await;
             assert_eq!(r.result.outcome, Outcome::Succeeded, "{r:?}");
-            assert!(!dir(&env.opts, &ws.id).exists());
-            assert!(!meta_dir(&env.opts, &ws.id).exists());
+            assert!(!dir(&opts, &ws.id).exists());
+            assert!(!meta_dir(&opts, &ws.id).exists());
             env.assert_clean().await;
         }
         // A task of a workspace that is gone fails clearly.
-        let r = run(&env.opts, &task(&ws, &["true"])).await;
+        let r = run(&opts, &task(&ws, &["true"])).await;
         assert_eq!(r.result.outcome, Outcome::Failed, "{r:?}");
         assert!(r.result.error.unwrap().contains("has no container"));
     });

@@ -183,6 +183,16 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
                 .into(),
         ),
         allow_sandboxes: drover_agent::config::SandboxKind::ALL.to_vec(),
+        // Run as root, the local agent runs sandboxes as other users, and
+        // clones as root: remote repositories only, as any agent whose
+        // agent.yaml lists no roots. Run as the operator, it cannot switch
+        // users, so every task runs as the operator, who may read any
+        // repository this agent can: local paths too.
+        workspace_local_roots: if drover_agent::config::running_as_root() {
+            Vec::new()
+        } else {
+            vec!["/".into()]
+        },
     };
     let agent_shutdown = shutdown.clone();
     let agent_task =

@@ -138,9 +138,20 @@ fn catalog() -> String {
 async fn cluster_with_agent(backend: Backend, options: ServerOptions) -> (Cluster, AgentProc) {
     let cluster = Cluster::start_with(backend, options).await;
     cluster.apply_actions(&catalog());
-    let agent = cluster.enroll_agent(&["--label", "role=box"]).await;
+    let agent = cluster
+        .enroll_agent_with(&["--label", "role=box"], &cloning_here(&cluster))
+        .await;
     cluster.wait_online(&agent.id).await;
     (cluster, agent)
+}
+
+/// The default agent.yaml, with the cluster's temp dir (where the tests'
+/// git repositories are) as a root of local repositories.
+fn cloning_here(cluster: &Cluster) -> String {
+    format!(
+        "{DEFAULT_AGENT_YAML}workspace_local_roots: ['{}']\n",
+        cluster.dir.path().display()
+    )
 }
 
 /// Waits until the agent has reported its Docker engine.
@@ -1069,7 +1080,9 @@ async fn the_examples_apply_and_the_workspace_example_runs() {
         listed.contains("memory=64m") && listed.contains("cpu_time=30s"),
         "{listed}"
     );
-    let agent = cluster.enroll_agent(&["--group", "local"]).await;
+    let agent = cluster
+        .enroll_agent_with(&["--group", "local"], &cloning_here(&cluster))
+        .await;
     cluster.wait_online(&agent.id).await;
     let repo = git_repo(cluster.dir.path());
     let example = root.join("examples/workspace.yaml");

@@ -68,6 +68,22 @@ pub enum Refusal {
     /// The workspace's git source breaks a rule of `drover_proto::sandbox`.
     #[error("{0}")]
     InvalidGitSource(String),
+    /// A local repository outside the roots this agent allows (the agent
+    /// clones as root; a task must not read what its user could not).
+    #[error(
+        "git.repo '{repo}' is a path on this agent, and this agent clones local repositories only under its workspace_local_roots ({})",
+        roots_text(roots)
+    )]
+    LocalRepository { repo: String, roots: Vec<PathBuf> },
+}
+
+fn roots_text(roots: &[PathBuf]) -> String {
+    if roots.is_empty() {
+        "none set".to_owned()
+    } else {
+        let names: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        names.join(", ")
+    }
 }
 
 fn kinds(kinds: &[SandboxKind]) -> String {

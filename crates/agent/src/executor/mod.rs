@@ -73,6 +73,11 @@ pub struct ExecOptions {
     /// Records of running attempts (`survivors`): what a killed agent's
     /// next start must stop.
     pub attempts_root: PathBuf,
+    /// Directories under which a workspace's `git.repo` may be a local
+    /// path (`workspace_local_roots`); empty: remote URLs only. The agent
+    /// clones as itself, so any other local path would let a task read a
+    /// repository its own user could not.
+    pub workspace_local_roots: Vec<PathBuf>,
 }
 
 impl ExecOptions {
@@ -87,6 +92,7 @@ impl ExecOptions {
             docker: None,
             can_switch_users: crate::config::running_as_root(),
             attempts_root: root.join("attempts"),
+            workspace_local_roots: Vec::new(),
         }
     }
 }
