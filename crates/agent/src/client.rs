@@ -242,16 +242,21 @@ impl Client {
         attempt_id: &str,
         path: &str,
         sha256: &str,
-        file: &std::path::Path,
+        file: &std::fs::File,
     ) -> Result<ResultAck, ClientError> {
+        use std::io::Seek;
         let url = format!(
             "{}{API_PREFIX}/agent/attempts/{attempt_id}/artifacts",
             self.base
         );
-        let f = tokio::fs::File::open(file)
-            .await
-            .map_err(|e| ClientError::Protocol(format!("cannot open {}: {e}", file.display())))?;
-        let len = f.metadata().await.map(|m| m.len()).ok();
+        // The file was opened (beneath the working dir, as the attempt's
+        // user) by the caller; each try reads it from its start.
+        let f = file
+            .try_clone()
+            .and_then(|mut f| f.rewind().map(|()| f))
+            .map_err(|e| ClientError::Protocol(format!("cannot read artifact '{path}': {e}")))?;
+        let len = f.metadata().map(|m| m.len()).ok();
+        let f = tokio::fs::File::from_std(f);
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
         let mut req = self
             .http

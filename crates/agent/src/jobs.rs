@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::allow::action_allowed;
+use crate::artifacts;
 use crate::client::ClientError;
 use crate::executor::{self, ExecOptions, Refusal, Stop};
 use crate::metrics::Metrics;
@@ -450,38 +451,38 @@ impl Jobs {
 
     /// Uploads every declared path of the attempt's working dir (files, or
     /// every regular file under a directory). A declared path that is
-    /// missing, or a symlink, is an error; so is a refusal by the server.
+    /// missing, a symlink or behind one, or that the attempt's user could
+    /// not read, is an error; so is a refusal by the server. Files are
+    /// listed and opened by an `artifacts::Reader` (beneath the working
+    /// dir, as the attempt's user); this task only hashes and sends them.
     async fn collect_artifacts(&self, a: &Assignment, stop: &Stop) -> Result<(), ArtifactError> {
         let root = executor::work_dir(&self.config.exec, a);
-        let files = tokio::task::spawn_blocking({
-            let root = root.clone();
-            let declared = a.artifacts.clone();
-            move || list_artifact_files(&root, &declared)
-        })
-        .await
-        .map_err(ArtifactError::Listing)??;
-        for (rel, path) in files {
-            let sha = tokio::task::spawn_blocking({
-                let path = path.clone();
-                move || sha256_file(&path)
+        let user = artifacts::reader_user(a, &self.config.exec);
+        let reader = artifacts::Reader::start(root, user).await?;
+        let files = reader.list(a.artifacts.clone()).await?;
+        for rel in files {
+            let mut file = reader.open(rel.clone()).await?;
+            let (file, sha) = tokio::task::spawn_blocking(move || {
+                let sha = sha256_file(&mut file);
+                (file, sha)
             })
             .await
             .map_err(|source| ArtifactError::Hashing {
                 path: rel.clone(),
                 source,
-            })?
-            .map_err(|source| ArtifactError::Read {
+            })?;
+            let sha = sha.map_err(|source| ArtifactError::Read {
                 path: rel.clone(),
                 source,
             })?;
             let mut backoff = Backoff::new(self.config.max_backoff);
             loop {
-                let (id, rel_ref, sha_ref, path_ref) = (&a.attempt_id, &rel, &sha, &path);
+                let (id, rel_ref, sha_ref, file_ref) = (&a.attempt_id, &rel, &sha, &file);
                 let r = self
                     .session
                     .call(|client, token| async move {
                         client
-                            .upload_artifact(&token, id, rel_ref, sha_ref, path_ref)
+                            .upload_artifact(&token, id, rel_ref, sha_ref, file_ref)
                             .await
                     })
                     .await;
@@ -869,28 +870,17 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Why the artifacts of an attempt were not all collected; `path` is the
+/// Why the artifacts of an attempt were not all uploaded; `path` is the
 /// declared path (or one under a declared directory).
 #[derive(Debug, thiserror::Error)]
 enum ArtifactError {
-    #[error("artifact path '{path}' is not a plain relative path")]
-    NotPlain { path: String },
-    #[error("declared artifact '{path}' was not produced")]
-    NotProduced { path: String },
-    #[error("artifact '{path}' is a symlink; only regular files are collected")]
-    Symlink { path: String },
-    #[error("artifact '{path}': {source}")]
-    Inspect {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Collect(#[from] artifacts::Error),
     #[error("cannot read artifact '{path}': {source}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("listing artifacts failed: {0}")]
-    Listing(tokio::task::JoinError),
     #[error("hashing {path} failed: {source}")]
     Hashing {
         path: String,
@@ -904,72 +894,11 @@ enum ArtifactError {
     Refused { path: String, source: ClientError },
 }
 
-/// The files to upload for `declared` paths under `root`, as (relative
-/// path, file). Symlinks are never followed: a declared symlink is an
-/// error, one inside a declared directory is skipped.
-fn list_artifact_files(
-    root: &std::path::Path,
-    declared: &[String],
-) -> Result<Vec<(String, std::path::PathBuf)>, ArtifactError> {
-    let mut out = Vec::new();
-    for rel in declared {
-        if !drover_proto::workflows::valid_artifact_path(rel) {
-            return Err(ArtifactError::NotPlain { path: rel.clone() });
-        }
-        let path = root.join(rel);
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ArtifactError::NotProduced { path: rel.clone() })
-            }
-            Err(source) => {
-                return Err(ArtifactError::Inspect {
-                    path: rel.clone(),
-                    source,
-                })
-            }
-        };
-        if meta.file_type().is_symlink() {
-            return Err(ArtifactError::Symlink { path: rel.clone() });
-        }
-        if meta.is_file() {
-            out.push((rel.clone(), path));
-            continue;
-        }
-        let mut stack = vec![(rel.clone(), path)];
-        while let Some((dir_rel, dir)) = stack.pop() {
-            let mut entries: Vec<_> = std::fs::read_dir(&dir)
-                .map_err(|source| ArtifactError::Inspect {
-                    path: dir_rel.clone(),
-                    source,
-                })?
-                .filter_map(Result::ok)
-                .collect();
-            entries.sort_by_key(|e| e.file_name());
-            for entry in entries {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let child_rel = format!("{dir_rel}/{name}");
-                let ft = entry.file_type().map_err(|source| ArtifactError::Inspect {
-                    path: child_rel.clone(),
-                    source,
-                })?;
-                if ft.is_symlink() {
-                    tracing::warn!(path = %child_rel, "skipping a symlink inside an artifact directory");
-                } else if ft.is_dir() {
-                    stack.push((child_rel, entry.path()));
-                } else if ft.is_file() && drover_proto::workflows::valid_artifact_path(&child_rel) {
-                    out.push((child_rel, entry.path()));
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+/// The sha256 of an open file, read from its start.
+fn sha256_file(f: &mut std::fs::File) -> std::io::Result<String> {
     use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    use std::io::{Read, Seek};
+    f.rewind()?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

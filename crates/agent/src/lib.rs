@@ -22,9 +22,11 @@
 //! Where an attempt runs: `executor` (the supervision loop shared by all
 //! kinds of work), `process` (process sandboxes), `docker` (containers and
 //! execs over the Docker Engine API), `workspace` (the workspace
-//! built-ins).
+//! built-ins); what it leaves for upload is read by `artifacts` (beneath
+//! the working dir, no symlink followed, as the attempt's user).
 
 pub mod allow;
+mod artifacts;
 pub mod client;
 pub mod config;
 pub mod docker;
