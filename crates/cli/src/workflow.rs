@@ -262,9 +262,13 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
         } => {
             let list: Vec<Artifact> = api.get(&format!("{}/artifacts", run_path(&id)?)).await?;
             if let Some(dir) = download {
-                for a in &list {
-                    let dest = dir.join(a.task.as_deref().unwrap_or("job")).join(&a.path);
-                    download_artifact(&api, a, &dest).await?;
+                // Every destination is checked before anything is written.
+                let dests = list
+                    .iter()
+                    .map(|a| download_dest(&dir, a))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                for (a, dest) in list.iter().zip(&dests) {
+                    download_artifact(&api, a, dest).await?;
                     eprintln!("saved {} ({} bytes, sha256 ok)", dest.display(), a.size);
                 }
             }
@@ -291,16 +295,54 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
     Ok(())
 }
 
+/// Where `--download` saves an artifact: `DIR/<task>/<path>` (`job` for
+/// one of a job outside a run's tasks). Every part taken from the
+/// server's answer is checked — the task is one plain name, the path is
+/// relative without `..`, the id (which goes into a URL) is plain — so
+/// nothing is written outside `DIR` and nothing else is fetched, whatever
+/// the server sends.
+fn download_dest(dir: &std::path::Path, a: &Artifact) -> anyhow::Result<PathBuf> {
+    let task = a.task.as_deref().unwrap_or("job");
+    if !plain_name(task) {
+        bail!(
+            "the server named an artifact's task '{}', which is not a plain name; nothing was downloaded",
+            task.escape_debug()
+        );
+    }
+    if !drover_proto::workflows::valid_artifact_path(&a.path) {
+        bail!(
+            "the server named an artifact '{}', which is not a plain relative path; nothing was downloaded",
+            a.path.escape_debug()
+        );
+    }
+    let id_ok = (1..=128).contains(&a.id.len())
+        && a.id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !id_ok {
+        bail!(
+            "the server named an artifact by the id '{}', which is not a plain id; nothing was downloaded",
+            a.id.escape_debug()
+        );
+    }
+    Ok(dir.join(task).join(&a.path))
+}
+
+/// One path segment that names a child, never the dir itself, its parent
+/// or a path of its own.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
+}
+
 /// Streams one artifact to `dest` (through a temp file), checking its
 /// sha256 against the server's before the file takes its name.
 async fn download_artifact(api: &Api, a: &Artifact, dest: &std::path::Path) -> anyhow::Result<()> {
     use sha2::Digest;
-    if !drover_proto::workflows::valid_artifact_path(&a.path) {
-        bail!(
-            "the server named an artifact '{}', which is not a plain relative path",
-            a.path
-        );
-    }
     let parent = dest
         .parent()
         .context("artifact destination has no parent")?;
@@ -628,6 +670,110 @@ pub async fn webhooks(target: &Target, cmd: WebhooksCommand) -> anyhow::Result<(
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn download_destinations_stay_in_the_dir() {
+        let artifact = |task: Option<&str>, path: &str, id: &str| Artifact {
+            id: id.to_owned(),
+            run_id: Some("r".to_owned()),
+            task: task.map(str::to_owned),
+            job_id: "j".to_owned(),
+            attempt_id: "a".to_owned(),
+            path: path.to_owned(),
+            size: 1,
+            sha256: String::new(),
+            created_at: chrono::Utc::now(),
+        };
+        let dir = std::path::Path::new("/dl");
+        // (task, path, id, the destination or the start of the error)
+        let cases = [
+            (
+                Some("build"),
+                "out/a.txt",
+                "0192-ab_c",
+                Ok("/dl/build/out/a.txt"),
+            ),
+            (None, "a.txt", "x", Ok("/dl/job/a.txt")),
+            (
+                Some("../../x"),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task '../../x'"),
+            ),
+            (
+                Some("/etc"),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task '/etc'"),
+            ),
+            (
+                Some(".."),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task '..'"),
+            ),
+            (
+                Some("."),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task '.'"),
+            ),
+            (
+                Some(""),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task ''"),
+            ),
+            (
+                Some("a\\b"),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task 'a\\\\b'"),
+            ),
+            (
+                Some("a\nb"),
+                "a.txt",
+                "x",
+                Err("the server named an artifact's task 'a\\nb'"),
+            ),
+            (
+                Some("t"),
+                "../a.txt",
+                "x",
+                Err("the server named an artifact '../a.txt'"),
+            ),
+            (
+                Some("t"),
+                "/etc/passwd",
+                "x",
+                Err("the server named an artifact '/etc/passwd'"),
+            ),
+            (
+                Some("t"),
+                "a.txt",
+                "../../api/v1/x",
+                Err("the server named an artifact by the id '../../api/v1/x'"),
+            ),
+            (
+                Some("t"),
+                "a.txt",
+                "",
+                Err("the server named an artifact by the id ''"),
+            ),
+        ];
+        for (task, path, id, want) in cases {
+            let got = download_dest(dir, &artifact(task, path, id));
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, PathBuf::from(want), "{task:?} {path}"),
+                (Err(e), Err(want)) => {
+                    let e = e.to_string();
+                    assert!(e.starts_with(want), "{task:?} {path} {id}: {e}");
+                    assert!(e.ends_with("nothing was downloaded"), "{e}");
+                }
+                (got, want) => panic!("{task:?} {path} {id}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 
     #[test]
     fn sse_blocks_parse_into_events() {
