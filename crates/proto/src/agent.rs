@@ -72,6 +72,7 @@ pub struct Inventory {
     pub arch: String,
     pub cpu_count: u32,
     /// 1, 5 and 15 minute load averages.
+    #[cfg_attr(feature = "openapi", schema(min_items = 3, max_items = 3))]
     pub load_avg: [f64; 3],
     pub memory_total_bytes: u64,
     pub memory_used_bytes: u64,

@@ -135,6 +135,7 @@ fn unexpected(v: &Value) -> de::Unexpected<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

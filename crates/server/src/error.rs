@@ -170,7 +170,8 @@ where
 {
     type Rejection = ApiError;
 
-    /// No body (no Content-Type) is `None`; a body must be valid JSON.
+    /// No body (no Content-Type) or a JSON `null` is `None`; a body must
+    /// be a JSON object (serde would also take a struct from an array).
     async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
         if req
             .headers()
@@ -179,9 +180,18 @@ where
         {
             return Ok(None);
         }
-        <ApiJson<T> as FromRequest<S>>::from_request(req, state)
-            .await
-            .map(Some)
+        let ApiJson(value) =
+            <ApiJson<Option<serde_json::Value>> as FromRequest<S>>::from_request(req, state)
+                .await?;
+        match value {
+            None => Ok(None),
+            Some(v @ serde_json::Value::Object(_)) => serde_json::from_value(v)
+                .map(|v| Some(ApiJson(v)))
+                .map_err(|e| ApiError::invalid(e.to_string())),
+            Some(_) => Err(ApiError::invalid(
+                "the request body must be a JSON object or null",
+            )),
+        }
     }
 }
 

@@ -191,7 +191,11 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body(content = Option<DrainAgentRequest>),
     security(("user" = [])),
-    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = Agent),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The agent is stopped: resume it first"),
+    )
 )]
 async fn drain_agent(
     State(state): State<AppState>,

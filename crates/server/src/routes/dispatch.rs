@@ -406,6 +406,7 @@ async fn report_result(
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ArtifactQuery {
     /// The declared path (relative to the working dir) of this file.

@@ -86,9 +86,11 @@ async fn submit_job(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only jobs in this state.
+    #[param(value_type = Option<drover_proto::jobs::JobState>)]
     state: Option<String>,
     /// At most this many, newest first [default 50, at most 1000].
     limit: Option<i64>,
@@ -122,6 +124,7 @@ async fn list_jobs(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
     /// Wait up to this many milliseconds (at most 30000) for the job to end.
@@ -169,6 +172,7 @@ async fn show_job(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     /// Return chunks after this cursor [default 0].

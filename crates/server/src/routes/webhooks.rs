@@ -115,6 +115,7 @@ async fn delete_webhook(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DeliveryQuery {
     /// Only deliveries of this run (id or unique prefix).
@@ -128,7 +129,10 @@ struct DeliveryQuery {
     get, path = "/api/v1/webhooks/deliveries", tag = "webhooks",
     params(DeliveryQuery),
     security(("user" = [])),
-    responses((status = 200, body = [WebhookDelivery]))
+    responses(
+        (status = 200, body = [WebhookDelivery]),
+        (status = 404, body = ErrorBody, description = "No run has the id given as `run`"),
+    )
 )]
 async fn list_deliveries(
     State(state): State<AppState>,

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -245,9 +246,11 @@ fn resolve_inputs(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only runs in this state.
+    #[param(value_type = Option<drover_proto::workflows::RunState>)]
     state: Option<String>,
     /// At most this many, newest first [default 50, at most 1000].
     limit: Option<i64>,
@@ -593,6 +596,7 @@ async fn download_artifact(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct StreamQuery {
     /// Resume after this event id (the `Last-Event-ID` header does the same).
@@ -696,7 +700,12 @@ async fn run_events(
     get, path = "/api/v1/workflows/runs/{id}/ws", tag = "workflows",
     params(("id" = String, Path, description = "Run id or a unique prefix"), StreamQuery),
     security(("user" = [])),
-    responses((status = 101, description = "WebSocket of RunEvent messages"), (status = 404, body = ErrorBody))
+    responses(
+        (status = 101, description = "WebSocket of RunEvent messages"),
+        (status = 400, body = ErrorBody, description = "Not a WebSocket handshake"),
+        (status = 404, body = ErrorBody),
+        (status = 426, body = ErrorBody, description = "The connection cannot be upgraded"),
+    )
 )]
 async fn run_ws(
     State(state): State<AppState>,
@@ -704,8 +713,15 @@ async fn run_ws(
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<StreamQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|r| {
+        ApiError::new(
+            r.status(),
+            drover_proto::ErrorCode::InvalidRequest,
+            r.body_text(),
+        )
+    })?;
     let id = state.store.resolve_run_id(&id).await?;
     let after = resume_point(&headers, &q)?;
     Ok(ws.on_upgrade(move |socket| stream_ws(socket, state, id, after)))
