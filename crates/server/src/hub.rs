@@ -209,34 +209,40 @@ impl Hub {
 
 /// Waits until `job_id` has an event or `deadline` passes. Returns false on
 /// timeout. Subscribe before checking the store, then call this.
-/// Waits until the job ended (or anything may have happened: another
-/// replica's "everything", missed events); false when the deadline passed.
-pub async fn wait_for_end(
-    rx: &mut broadcast::Receiver<JobEvent>,
-    job_id: &str,
-    deadline: tokio::time::Instant,
-) -> bool {
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Err(_) => return false,
-            Ok(Ok(JobEvent::Ended(id))) if id == job_id => return true,
-            Ok(Ok(JobEvent::Everything)) => return true,
-            Ok(Ok(_)) => continue,
-            Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,
-            Ok(Err(broadcast::error::RecvError::Closed)) => return false,
-        }
-    }
-}
-
 pub async fn wait_for_job(
     rx: &mut broadcast::Receiver<JobEvent>,
     job_id: &str,
     deadline: tokio::time::Instant,
 ) -> bool {
+    wait_until(rx, deadline, |ev| ev.job_id() == Some(job_id)).await
+}
+
+/// Waits until the job ended; false when the deadline passed.
+pub async fn wait_for_end(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    job_id: &str,
+    deadline: tokio::time::Instant,
+) -> bool {
+    wait_until(
+        rx,
+        deadline,
+        |ev| matches!(ev, JobEvent::Ended(id) if id == job_id),
+    )
+    .await
+}
+
+/// Waits for an event `wanted` accepts, or one after which anything may
+/// have happened (another replica's "everything", missed events): true;
+/// false when `deadline` passed or the hub closed.
+async fn wait_until(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    deadline: tokio::time::Instant,
+    wanted: impl Fn(&JobEvent) -> bool,
+) -> bool {
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return false,
-            Ok(Ok(ev)) if ev.job_id() == Some(job_id) || ev == JobEvent::Everything => return true,
+            Ok(Ok(ev)) if wanted(&ev) || ev == JobEvent::Everything => return true,
             Ok(Ok(_)) => continue,
             // Missed events: look again to be safe.
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,

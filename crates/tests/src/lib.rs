@@ -24,9 +24,27 @@ pub use drover_proto::jobs::{Job, JobState};
 pub use drover_store::testing::{TestDb, BACKENDS};
 pub use drover_store::Backend;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 /// The admin password every test cluster is started with.
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
+/// POSTs `body` as JSON (with a bearer token if given); returns the status
+/// and the JSON answer (null when it is not JSON).
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: String,
+    bearer: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
+    let mut req = http.post(url).json(&body);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("POST");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
 
 /// Path of a workspace binary next to this test binary.
 pub fn bin(name: &str) -> PathBuf {
@@ -591,8 +609,15 @@ impl Cluster {
 
     /// Enrolls and starts a new agent with this agent.yaml.
     pub async fn enroll_agent_with(&self, token_flags: &[&str], yaml: &str) -> AgentProc {
+        let mut agent = AgentProc::with_config(&self.url, yaml);
+        self.enroll_and_start(&mut agent, token_flags);
+        agent
+    }
+
+    /// Enrolls a prepared agent (its own server URL — a proxy, say —, its
+    /// own state dir) with a fresh token and starts it.
+    pub fn enroll_and_start(&self, agent: &mut AgentProc, token_flags: &[&str]) {
         let token = self.bootstrap_token(token_flags);
-        let agent = AgentProc::with_config(&self.url, yaml);
         let out = agent
             .command(&["enroll", "--token", &token])
             .output()
@@ -602,13 +627,35 @@ impl Cluster {
             "enroll failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut agent = agent;
         agent.id = String::from_utf8(out.stdout)
             .expect("utf-8")
             .trim()
             .to_owned();
         agent.start();
+    }
+
+    /// An agent that reaches the server through `server_url` (a proxy, a
+    /// gate), enrolled, started and online.
+    pub async fn agent_via(&self, server_url: &str) -> AgentProc {
+        let mut agent = AgentProc::new(server_url);
+        self.enroll_and_start(&mut agent, &[]);
+        self.wait_online(&agent.id).await;
         agent
+    }
+
+    /// Enrolls an agent over HTTP, as an agent would; returns the answer
+    /// (`agent_id`, `credentials`).
+    pub async fn enroll_over_http(&self) -> Value {
+        let token = self.bootstrap_token(&[]);
+        let (code, enrolled) = post_json(
+            &self.http,
+            format!("{}/api/v1/agent/enroll", self.url),
+            None,
+            serde_json::json!({"token": token, "hostname": "h", "agent_version": "0.1.0"}),
+        )
+        .await;
+        assert_eq!(code, 200, "{enrolled}");
+        enrolled
     }
 
     /// Waits until the agent is listed online with an inventory.

@@ -8,21 +8,6 @@ use std::time::{Duration, Instant};
 use drover_tests::*;
 use serde_json::{json, Value};
 
-async fn refresh_post(
-    http: &reqwest::Client,
-    url: String,
-    bearer: Option<&str>,
-    body: Value,
-) -> (u16, Value) {
-    let mut req = http.post(url).json(&body);
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 fn refresh_heartbeat_body() -> Value {
     json!({"inventory": {
         "hostname": "h", "os": "linux", "os_version": "1", "kernel": "6", "arch": "x86_64",
@@ -34,15 +19,7 @@ fn refresh_heartbeat_body() -> Value {
 
 /// Enrolls over HTTP; returns the first refresh token.
 async fn refresh_enroll(cluster: &Cluster) -> String {
-    let token = cluster.bootstrap_token(&[]);
-    let (code, enrolled) = refresh_post(
-        &cluster.http,
-        format!("{}/api/v1/agent/enroll", cluster.url),
-        None,
-        json!({"token": token, "hostname": "h", "agent_version": "0.1.0"}),
-    )
-    .await;
-    assert_eq!(code, 200, "{enrolled}");
+    let enrolled = cluster.enroll_over_http().await;
     enrolled["credentials"]["refresh_token"]
         .as_str()
         .unwrap()
@@ -50,7 +27,7 @@ async fn refresh_enroll(cluster: &Cluster) -> String {
 }
 
 async fn refresh_with(http: &reqwest::Client, base: &str, token: &str) -> (u16, Value) {
-    refresh_post(
+    post_json(
         http,
         format!("{base}/api/v1/agent/refresh"),
         None,
@@ -65,7 +42,7 @@ fn refresh_token_of(credentials: &Value) -> String {
 
 async fn refresh_heartbeat(http: &reqwest::Client, base: &str, credentials: &Value) -> u16 {
     let access = credentials["access_token"].as_str().unwrap();
-    refresh_post(
+    post_json(
         http,
         format!("{base}/api/v1/agent/heartbeat"),
         Some(access),
@@ -235,20 +212,7 @@ async fn refresh_survives_a_link_cut_at_random() {
         "actions:\n  - name: echo\n    argv: [\"/bin/echo\", \"{{message}}\"]\n    params:\n      message: {type: string, max_length: 100}\n",
     );
     let proxy = Proxy::start(cluster.port).await;
-    let token = cluster.bootstrap_token(&[]);
-    let mut agent = AgentProc::new(&proxy.url());
-    let out = agent
-        .command(&["enroll", "--token", &token])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    agent.id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    agent.start();
-    cluster.wait_online(&agent.id).await;
+    let mut agent = cluster.agent_via(&proxy.url()).await;
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

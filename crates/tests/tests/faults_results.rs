@@ -255,20 +255,7 @@ async fn late_result_stays_information(backend: Backend) {
     .await;
     cluster.apply_actions(CATALOG);
     let proxy = Proxy::start(cluster.port).await;
-    let mut agent = AgentProc::new(&proxy.url());
-    let token = cluster.bootstrap_token(&[]);
-    let out = agent
-        .command(&["enroll", "--token", &token])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    agent.id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    agent.start();
-    cluster.wait_online(&agent.id).await;
+    let agent = cluster.agent_via(&proxy.url()).await;
 
     let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=3"]);
     wait_for("the job to run", Duration::from_secs(10), || {
@@ -348,20 +335,7 @@ async fn lease_held_while_result_waits(backend: Backend) {
     .await;
     cluster.apply_actions(CATALOG);
     let gate = HttpGate::start(cluster.port);
-    let mut agent = AgentProc::new(&gate.url());
-    let token = cluster.bootstrap_token(&[]);
-    let out = agent
-        .command(&["enroll", "--token", &token])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    agent.id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    agent.start();
-    cluster.wait_online(&agent.id).await;
+    let agent = cluster.agent_via(&gate.url()).await;
 
     gate.block("/result", 3);
     let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=1"]);
@@ -401,18 +375,7 @@ async fn an_agent_on_a_full_disk_keeps_its_results_and_takes_no_work_until_it_ca
     let mut agent = AgentProc::new(&proxy.url());
     std::fs::create_dir_all(agent.state_dir()).unwrap();
     let fs = Tmpfs::mount_at(&agent.state_dir(), "1m");
-    let token = cluster.bootstrap_token(&[]);
-    let out = agent
-        .command(&["enroll", "--token", &token])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    agent.id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    agent.start();
+    cluster.enroll_and_start(&mut agent, &[]);
     cluster.wait_online(&agent.id).await;
 
     let id = cluster.submit("nap", &agent.id, &["--param", "seconds=2"]);

@@ -134,21 +134,6 @@ async fn revoked_agent_is_refused_and_stops() {
     assert_eq!(again.code(), Some(3));
 }
 
-async fn post(
-    http: &reqwest::Client,
-    url: String,
-    bearer: Option<&str>,
-    body: Value,
-) -> (u16, Value) {
-    let mut req = http.post(url).json(&body);
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 fn heartbeat_body() -> Value {
     json!({"inventory": {
         "hostname": "h", "os": "linux", "os_version": "1", "kernel": "6", "arch": "x86_64",
@@ -167,7 +152,7 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
         let http = &cluster.http;
         let api = |p: &str| format!("{}/api/v1{p}", cluster.url);
         let token = cluster.bootstrap_token(&[]);
-        let (code, enrolled) = post(
+        let (code, enrolled) = post_json(
             http,
             api("/agent/enroll"),
             None,
@@ -180,7 +165,7 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
             .unwrap()
             .to_owned();
 
-        let (code, c1) = post(
+        let (code, c1) = post_json(
             http,
             api("/agent/refresh"),
             None,
@@ -191,9 +176,9 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
         let r1 = c1["refresh_token"].as_str().unwrap().to_owned();
         let a1 = c1["access_token"].as_str().unwrap().to_owned();
         assert_ne!(r0, r1);
-        let (code, _) = post(http, api("/agent/heartbeat"), Some(&a1), heartbeat_body()).await;
+        let (code, _) = post_json(http, api("/agent/heartbeat"), Some(&a1), heartbeat_body()).await;
         assert_eq!(code, 200);
-        let (code, c2) = post(
+        let (code, c2) = post_json(
             http,
             api("/agent/refresh"),
             None,
@@ -205,7 +190,7 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
 
         // r0 was rotated and its successor used: presenting it again is
         // reuse (tests/faults.rs has the grace for a lost answer).
-        let (code, reuse) = post(
+        let (code, reuse) = post_json(
             http,
             api("/agent/refresh"),
             None,
@@ -218,7 +203,7 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
             "{reuse}"
         );
         // The whole session is gone: the current refresh and access tokens too.
-        let (code, after) = post(
+        let (code, after) = post_json(
             http,
             api("/agent/refresh"),
             None,
@@ -230,14 +215,15 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
             (401, Some("session_revoked")),
             "{after}"
         );
-        let (code, hb) = post(http, api("/agent/heartbeat"), Some(&a1), heartbeat_body()).await;
+        let (code, hb) =
+            post_json(http, api("/agent/heartbeat"), Some(&a1), heartbeat_body()).await;
         assert_eq!(
             (code, hb["error"]["code"].as_str()),
             (401, Some("session_revoked")),
             "{hb}"
         );
 
-        let (code, unknown) = post(
+        let (code, unknown) = post_json(
             http,
             api("/agent/refresh"),
             None,
@@ -248,7 +234,7 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
             (code, unknown["error"]["code"].as_str()),
             (401, Some("refresh_token_unknown"))
         );
-        let (code, _) = post(
+        let (code, _) = post_json(
             http,
             api("/agent/heartbeat"),
             Some("not-a-jwt"),
@@ -256,7 +242,7 @@ async fn refresh_tokens_rotate_and_reuse_ends_the_session() {
         )
         .await;
         assert_eq!(code, 401);
-        let (code, _) = post(http, api("/agent/heartbeat"), None, heartbeat_body()).await;
+        let (code, _) = post_json(http, api("/agent/heartbeat"), None, heartbeat_body()).await;
         assert_eq!(code, 401);
     }
 }
@@ -420,14 +406,14 @@ async fn oversized_and_malformed_bodies_are_refused() {
     .await;
     let url = format!("{}/api/v1/agent/enroll", cluster.url);
     let big = json!({"token": "x".repeat(8192), "hostname": "h", "agent_version": "1"});
-    let (code, body) = post(&cluster.http, url.clone(), None, big).await;
+    let (code, body) = post_json(&cluster.http, url.clone(), None, big).await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),
         (413, Some("payload_too_large")),
         "{body}"
     );
 
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         url.clone(),
         None,
@@ -453,7 +439,7 @@ async fn oversized_and_malformed_bodies_are_refused() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
 
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         format!("{}/api/v1/tokens", cluster.url),
         Some(&cluster.admin_token),

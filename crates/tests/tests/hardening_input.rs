@@ -112,21 +112,6 @@ actions:
     assert_eq!(job.state, JobState::Succeeded);
 }
 
-async fn post(
-    http: &reqwest::Client,
-    url: String,
-    bearer: Option<&str>,
-    body: Value,
-) -> (u16, Value) {
-    let mut req = http.post(url).json(&body);
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// The server enforces the protocol's bounds itself: a result with 10,000
 /// outputs (the agent's own limit is 64), an output too long or badly
 /// named, or a lease renewal listing more attempts than allowed, is
@@ -134,15 +119,7 @@ async fn post(
 #[tokio::test]
 async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
     let cluster = Cluster::start(Backend::Sqlite).await;
-    let token = cluster.bootstrap_token(&[]);
-    let (code, enrolled) = post(
-        &cluster.http,
-        format!("{}/api/v1/agent/enroll", cluster.url),
-        None,
-        json!({"token": token, "hostname": "h", "agent_version": "0.1.0"}),
-    )
-    .await;
-    assert_eq!(code, 200, "{enrolled}");
+    let enrolled = cluster.enroll_over_http().await;
     let access = enrolled["credentials"]["access_token"].as_str().unwrap();
     let result = |outputs: Value| {
         json!({
@@ -156,7 +133,7 @@ async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
     let many: serde_json::Map<String, Value> = (0..10_000)
         .map(|i| (format!("o{i}"), Value::String("x".into())))
         .collect();
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         url.clone(),
         Some(access),
@@ -171,7 +148,7 @@ async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
             .contains("outputs has 10000 entries; at most 64"),
         "{body}"
     );
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         url.clone(),
         Some(access),
@@ -180,7 +157,7 @@ async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
     .await;
     assert_eq!(code, 422, "{body}");
     assert!(body.to_string().contains("at most 16384"), "{body}");
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         url.clone(),
         Some(access),
@@ -190,14 +167,14 @@ async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
     assert_eq!(code, 422, "{body}");
     assert!(body.to_string().contains("is invalid"), "{body}");
     // Within the bounds, an unknown attempt is a 404 (the check came first).
-    let (code, _) = post(&cluster.http, url, Some(access), result(json!({"ok": "1"}))).await;
+    let (code, _) = post_json(&cluster.http, url, Some(access), result(json!({"ok": "1"}))).await;
     assert_eq!(code, 404);
 
     // Lease renewals: finished attempts whose result waits count too, up
     // to the bound of known attempts, and no further.
     let leases = format!("{}/api/v1/agent/leases", cluster.url);
     let ids = |n: usize| (0..n).map(|i| format!("x-{i}")).collect::<Vec<_>>();
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         leases.clone(),
         Some(access),
@@ -205,7 +182,7 @@ async fn the_server_enforces_protocol_bounds_an_agent_could_break() {
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         leases,
         Some(access),
@@ -380,18 +357,10 @@ async fn webhook_allow_opens_a_named_network() {
 #[tokio::test]
 async fn reported_text_is_bounded_and_cannot_drive_a_terminal() {
     let cluster = Cluster::start(Backend::Sqlite).await;
-    let token = cluster.bootstrap_token(&[]);
-    let (code, enrolled) = post(
-        &cluster.http,
-        format!("{}/api/v1/agent/enroll", cluster.url),
-        None,
-        json!({"token": token, "hostname": "h", "agent_version": "0.1.0"}),
-    )
-    .await;
-    assert_eq!(code, 200, "{enrolled}");
+    let enrolled = cluster.enroll_over_http().await;
     let id = enrolled["agent_id"].as_str().unwrap().to_owned();
     let access = enrolled["credentials"]["access_token"].as_str().unwrap();
-    let (code, body) = post(
+    let (code, body) = post_json(
         &cluster.http,
         format!("{}/api/v1/agent/heartbeat", cluster.url),
         Some(access),
@@ -453,7 +422,7 @@ async fn a_login_name_cannot_forge_a_log_line() {
         }
     })
     .await;
-    let (code, _) = post(
+    let (code, _) = post_json(
         &http,
         format!("{url}/api/v1/auth/login"),
         None,

@@ -749,20 +749,7 @@ async fn agent_cut_off_for_minutes_delivers_its_result() {
     .await;
     cluster.apply_actions(CATALOG);
     let proxy = Proxy::start(cluster.port).await;
-    let token = cluster.bootstrap_token(&[]);
-    let mut agent = AgentProc::new(&proxy.url());
-    let out = agent
-        .command(&["enroll", "--token", &token])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    agent.id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    agent.start();
-    cluster.wait_online(&agent.id).await;
+    let agent = cluster.agent_via(&proxy.url()).await;
 
     let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=3"]);
     wait_for("the job to run", Duration::from_secs(10), || {
