@@ -168,3 +168,110 @@ async fn schemathesis_finds_nothing_in_the_user_and_agent_apis() {
         .expect("healthz");
     assert!(health.status().is_success(), "{}", health.status());
 }
+
+/// Sends `body` as raw JSON (so it can repeat a key) and returns the status
+/// and the error envelope's message.
+async fn post_raw(cluster: &Cluster, path: &str, body: &str) -> (u16, String) {
+    let resp = cluster
+        .http
+        .post(format!("{}{path}", cluster.url))
+        .bearer_auth(&cluster.admin_token)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("post");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("a JSON error envelope");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    (status, message.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_keys_and_bad_query_strings_are_refused_in_the_envelope() {
+    let cluster = Cluster::start(Backend::Sqlite).await;
+
+    // Duplicate keys: serde_json would keep the last one silently.
+    let (status, message) = post_raw(
+        &cluster,
+        "/api/v1/jobs",
+        r#"{"action": "noop", "target": "*", "params": {"n": 1, "n": 2}}"#,
+    )
+    .await;
+    assert_eq!(status, 422, "{message}");
+    assert!(message.contains("duplicate key 'n'"), "{message}");
+    let (status, message) = post_raw(
+        &cluster,
+        "/api/v1/workflows/runs",
+        r#"{"definition": {"name": "w", "tasks": {}}, "inputs": {"i": "a", "i": "b"}}"#,
+    )
+    .await;
+    assert_eq!(status, 422, "{message}");
+    assert!(message.contains("duplicate key 'i'"), "{message}");
+    let (status, message) = post_raw(
+        &cluster,
+        "/api/v1/workflows/runs",
+        r#"{"definition": {"name": "w", "name": "v", "tasks": {}}}"#,
+    )
+    .await;
+    assert_eq!(status, 422, "{message}");
+    assert!(message.contains("duplicate key 'name'"), "{message}");
+
+    // A query string the route cannot read: 400 in the JSON envelope,
+    // naming the parameter, not axum's plain text.
+    for path in [
+        "/api/v1/jobs?limit=abc",
+        "/api/v1/workflows/runs?state=bogus",
+    ] {
+        let resp = cluster
+            .http
+            .get(format!("{}{path}", cluster.url))
+            .bearer_auth(&cluster.admin_token)
+            .send()
+            .await
+            .expect("get");
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.expect("a JSON error envelope");
+        assert!(status == 400 || status == 422, "{path}: {status} {body}");
+        assert_eq!(body["error"]["code"], "invalid_request", "{path}: {body}");
+    }
+    let resp = cluster
+        .http
+        .get(format!("{}/api/v1/jobs?limit=abc", cluster.url))
+        .bearer_auth(&cluster.admin_token)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("envelope");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limit")),
+        "{body}"
+    );
+
+    // The served document: Action is one closed object carrying the
+    // catalog's fields, and every operation documents 500.
+    let doc: Value = cluster
+        .http
+        .get(format!("{}/api/v1/openapi.json", cluster.url))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("document");
+    let action = &doc["components"]["schemas"]["Action"];
+    assert!(action.get("allOf").is_none(), "{action}");
+    assert!(action["properties"]["hash"].is_object(), "{action}");
+    assert!(action["properties"]["argv"].is_object(), "{action}");
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            assert!(
+                op["responses"]["500"].is_object(),
+                "{method} {path} does not document 500"
+            );
+        }
+    }
+}
