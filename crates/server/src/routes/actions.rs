@@ -34,7 +34,7 @@ pub async fn find(state: &AppState, name: &str) -> Result<Option<(ActionSpec, St
     post, path = "/api/v1/actions", tag = "actions",
     request_body = ActionCatalog,
     security(("user" = [])),
-    responses((status = 200, body = ApplyActionsResponse), (status = 422, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = ApplyActionsResponse), (status = 422, body = ErrorBody))
 )]
 async fn apply_actions(
     State(state): State<AppState>,

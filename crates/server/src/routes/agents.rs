@@ -115,7 +115,7 @@ async fn show_agent(
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body = LabelAgentRequest,
     security(("user" = [])),
-    responses((status = 200, body = Agent), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Agent), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody))
 )]
 async fn label_agent(
     State(state): State<AppState>,
@@ -150,7 +150,7 @@ async fn label_agent(
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body(content = Option<RevokeAgentRequest>),
     security(("user" = [])),
-    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Agent), (status = 404, body = ErrorBody))
 )]
 async fn revoke_agent(
     State(state): State<AppState>,
@@ -191,7 +191,7 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body(content = Option<DrainAgentRequest>),
     security(("user" = [])),
-    responses(
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), 
         (status = 200, body = Agent),
         (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "The agent is stopped: resume it first"),
@@ -229,7 +229,7 @@ async fn drain_agent(
     post, path = "/api/v1/agents/{id}/resume", tag = "agents",
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     security(("user" = [])),
-    responses((status = 200, body = Agent), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Agent), (status = 404, body = ErrorBody))
 )]
 async fn resume_agent(
     State(state): State<AppState>,
@@ -255,7 +255,7 @@ async fn resume_agent(
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body(content = Option<StopRequest>),
     security(("user" = [])),
-    responses((status = 200, body = StopResponse), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = StopResponse), (status = 404, body = ErrorBody))
 )]
 async fn stop_agent(
     State(state): State<AppState>,

@@ -45,7 +45,7 @@ struct AuditQuery {
     get, path = "/api/v1/audit", tag = "audit",
     params(AuditQuery),
     security(("user" = [])),
-    responses((status = 200, body = [AuditEntry]))
+    responses((status = 200, body = [AuditEntry]), (status = 403, body = drover_proto::ErrorBody, description = "Needs an admin"))
 )]
 async fn list_audit(
     State(state): State<AppState>,

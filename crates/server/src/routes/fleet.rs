@@ -74,7 +74,7 @@ async fn fleet_status(
     post, path = "/api/v1/fleet/stop", tag = "fleet",
     request_body(content = Option<StopRequest>),
     security(("user" = [])),
-    responses((status = 200, body = StopResponse), (status = 422, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = StopResponse), (status = 422, body = ErrorBody))
 )]
 async fn stop_fleet(
     State(state): State<AppState>,
@@ -111,7 +111,7 @@ async fn stop_fleet(
 #[utoipa::path(
     post, path = "/api/v1/fleet/resume", tag = "fleet",
     security(("user" = [])),
-    responses((status = 200, body = FleetStatus))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = FleetStatus))
 )]
 async fn resume_fleet(
     State(state): State<AppState>,

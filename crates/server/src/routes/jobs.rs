@@ -42,7 +42,7 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
     post, path = "/api/v1/jobs", tag = "jobs",
     request_body = SubmitJobRequest,
     security(("user" = [])),
-    responses((status = 201, body = Job), (status = 422, description = "Unknown action, bad parameter or target", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 201, body = Job), (status = 422, description = "Unknown action, bad parameter or target", body = ErrorBody))
 )]
 async fn submit_job(
     State(state): State<AppState>,
@@ -248,7 +248,7 @@ async fn job_logs(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
     params(("id" = String, Path, description = "Job id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 200, body = Job), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Job), (status = 404, body = ErrorBody))
 )]
 async fn cancel_job(
     State(state): State<AppState>,

@@ -30,7 +30,7 @@ const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
     post, path = "/api/v1/tokens", tag = "tokens",
     request_body = CreateTokenRequest,
     security(("user" = [])),
-    responses(
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), 
         (status = 201, body = CreatedToken),
         (status = 422, description = "Invalid labels, group or ttl", body = ErrorBody),
     )

@@ -30,7 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     post, path = "/api/v1/webhooks", tag = "webhooks",
     request_body = CreateWebhookRequest,
     security(("user" = [])),
-    responses((status = 201, body = Webhook), (status = 422, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 201, body = Webhook), (status = 422, body = ErrorBody))
 )]
 async fn create_webhook(
     State(state): State<AppState>,
@@ -99,7 +99,7 @@ async fn list_webhooks(
     delete, path = "/api/v1/webhooks/{id}", tag = "webhooks",
     params(("id" = String, Path, description = "Webhook id")),
     security(("user" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 204), (status = 404, body = ErrorBody))
 )]
 async fn delete_webhook(
     State(state): State<AppState>,

@@ -58,7 +58,7 @@ const STREAM_POLL: Duration = Duration::from_secs(1);
     post, path = "/api/v1/workflows/runs", tag = "workflows",
     request_body = SubmitRunRequest,
     security(("user" = [])),
-    responses((status = 201, body = Run), (status = 422, description = "The definition or an input is invalid; the message names the line", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 201, body = Run), (status = 422, description = "The definition or an input is invalid; the message names the line", body = ErrorBody))
 )]
 async fn submit_run(
     State(state): State<AppState>,
@@ -411,7 +411,7 @@ async fn show_run(
     post, path = "/api/v1/workflows/runs/{id}/cancel", tag = "workflows",
     params(("id" = String, Path, description = "Run id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "The run has ended", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "The run has ended", body = ErrorBody))
 )]
 async fn cancel_run(
     State(state): State<AppState>,
@@ -445,7 +445,7 @@ async fn cancel_run(
     post, path = "/api/v1/workflows/runs/{id}/workspace/remove", tag = "workflows",
     params(("id" = String, Path, description = "Run id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "No kept workspace to remove", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "No kept workspace to remove", body = ErrorBody))
 )]
 async fn remove_run_workspace(
     State(state): State<AppState>,
