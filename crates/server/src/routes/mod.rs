@@ -224,3 +224,79 @@ fn merge_closed_all_of(value: &mut serde_json::Value, schemas: &serde_json::Valu
         _ => {}
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::merge_closed_all_of;
+
+    #[test]
+    fn a_closed_all_of_becomes_one_closed_object() {
+        let schemas = json!({
+            "Spec": {"type": "object", "additionalProperties": false,
+                     "required": ["name"], "properties": {"name": {"type": "string"}}},
+            "Open": {"type": "object", "properties": {"a": {"type": "string"}}},
+        });
+        let cases = [
+            // A flattened closed struct: merged, still closed.
+            (
+                json!({"allOf": [{"$ref": "#/components/schemas/Spec"},
+                                 {"type": "object", "required": ["hash"],
+                                  "properties": {"hash": {"type": "string"}}}],
+                       "description": "d"}),
+                json!({"type": "object", "additionalProperties": false, "description": "d",
+                       "required": ["name", "hash"],
+                       "properties": {"name": {"type": "string"}, "hash": {"type": "string"}}}),
+            ),
+            // Nothing closed: left as it is.
+            (
+                json!({"allOf": [{"$ref": "#/components/schemas/Open"},
+                                 {"type": "object", "properties": {"b": {"type": "string"}}}]}),
+                json!({"allOf": [{"$ref": "#/components/schemas/Open"},
+                                 {"type": "object", "properties": {"b": {"type": "string"}}}]}),
+            ),
+            // A part that is not an object (or an unknown ref): left as it is.
+            (
+                json!({"allOf": [{"$ref": "#/components/schemas/Spec"}, {"type": "string"}]}),
+                json!({"allOf": [{"$ref": "#/components/schemas/Spec"}, {"type": "string"}]}),
+            ),
+            (
+                json!({"allOf": [{"$ref": "#/components/schemas/Nope"}]}),
+                json!({"allOf": [{"$ref": "#/components/schemas/Nope"}]}),
+            ),
+        ];
+        for (mut input, want) in cases {
+            let before = input.clone();
+            merge_closed_all_of(&mut input, &schemas);
+            assert_eq!(input, want, "from {before}");
+        }
+    }
+
+    #[test]
+    fn every_operation_documents_its_errors() {
+        let doc = super::document(super::api().split_for_parts().1);
+        let paths = doc["paths"].as_object().expect("paths");
+        assert!(!paths.is_empty());
+        for (path, item) in paths {
+            for (method, op) in item.as_object().expect("path item") {
+                let responses = &op["responses"];
+                for status in ["500", "503"] {
+                    assert!(responses[status].is_object(), "{method} {path}: {status}");
+                }
+                if op["security"].as_array().is_some_and(|s| !s.is_empty()) {
+                    assert!(responses["401"].is_object(), "{method} {path}: 401");
+                }
+                if op.get("requestBody").is_some() {
+                    for status in ["400", "413", "415", "422"] {
+                        assert!(responses[status].is_object(), "{method} {path}: {status}");
+                    }
+                }
+            }
+        }
+        let action = &doc["components"]["schemas"]["Action"];
+        assert_eq!(action["additionalProperties"], json!(false), "{action}");
+        assert!(action["properties"]["updated_at"].is_object(), "{action}");
+    }
+}
