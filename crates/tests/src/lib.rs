@@ -578,6 +578,15 @@ impl Cluster {
         .await
     }
 
+    /// Waits (10 s at most) until the job is running.
+    pub async fn wait_running(&self, id: &str) {
+        wait_for("the job to run", Duration::from_secs(10), || {
+            let job = self.job(id);
+            async move { (job.state == JobState::Running).then_some(()) }
+        })
+        .await
+    }
+
     pub fn job(&self, id: &str) -> Job {
         self.cli_json(&["jobs", "show", id])
     }

@@ -258,11 +258,7 @@ async fn late_result_stays_information(backend: Backend) {
     let agent = cluster.agent_via(&proxy.url()).await;
 
     let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=3"]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let job = cluster.job(&id);
-        async move { (job.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&id).await;
     proxy.cut();
     wait_for("the attempt to be lost", Duration::from_secs(20), || {
         let job = cluster.job(&id);
@@ -379,11 +375,7 @@ async fn an_agent_on_a_full_disk_keeps_its_results_and_takes_no_work_until_it_ca
     cluster.wait_online(&agent.id).await;
 
     let id = cluster.submit("nap", &agent.id, &["--param", "seconds=2"]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let job = cluster.job(&id);
-        async move { (job.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&id).await;
     let filler = fs.fill();
     proxy.cut();
     wait_for("the result kept in memory", Duration::from_secs(15), || {

@@ -407,11 +407,7 @@ async fn timeout_kills_the_whole_process_group() {
 async fn cancel_reaches_the_agent_within_a_second() {
     let (cluster, agent) = cluster_with_agent(Backend::Sqlite, ServerOptions::default()).await;
     let id = cluster.submit("sleep", &agent.id, &["--param", "seconds=300"]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let job = cluster.job(&id);
-        async move { (job.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&id).await;
     let reason = cluster.job(&id).reason.unwrap_or_default();
     assert!(reason.contains("running on agent"), "{reason}");
     let asked = Instant::now();
@@ -495,11 +491,7 @@ async fn agent_killed_mid_run_fails_the_attempt_and_retries() {
         &agent.id,
         &["--param", "delay=2", "--retries", "1"],
     );
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let job = cluster.job(&id);
-        async move { (job.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&id).await;
     agent.kill();
     agent.start();
     let job = cluster.wait_job(&id, Duration::from_secs(30)).await;
@@ -519,11 +511,7 @@ async fn results_survive_a_server_crash() {
     for backend in BACKENDS {
         let (mut cluster, agent) = cluster_with_agent(backend, ServerOptions::default()).await;
         let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=2"]);
-        wait_for("the job to run", Duration::from_secs(10), || {
-            let job = cluster.job(&id);
-            async move { (job.state == JobState::Running).then_some(()) }
-        })
-        .await;
+        cluster.wait_running(&id).await;
         cluster.kill_server().await;
         // The job ends while the server is down; its result waits on disk.
         let outbox = agent.state_dir().join("outbox");
@@ -752,11 +740,7 @@ async fn agent_cut_off_for_minutes_delivers_its_result() {
     let agent = cluster.agent_via(&proxy.url()).await;
 
     let id = cluster.submit("slow-echo", &agent.id, &["--param", "delay=3"]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let job = cluster.job(&id);
-        async move { (job.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&id).await;
     proxy.cut();
     let outbox = agent.state_dir().join("outbox");
     wait_for("the result in the outbox", Duration::from_secs(15), || {

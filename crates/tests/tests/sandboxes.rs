@@ -899,11 +899,7 @@ async fn drain_stop_and_resume_an_agent() {
 
     // Drain: the running job finishes, the new one waits.
     let first = cluster.submit("sleep", &agent.id, &["--param", "seconds=2"]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let j = cluster.job(&first);
-        async move { (j.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&first).await;
     wait_for("the heartbeat to count it", Duration::from_secs(10), || {
         let inv = cluster.agent(&agent.id).inventory.unwrap();
         async move { (inv.running == 1).then_some(()) }
@@ -941,11 +937,7 @@ async fn drain_stop_and_resume_an_agent() {
 
     // Graceful stop: SIGTERM ends the sleeper well before its grace.
     let job = cluster.submit("sleep", &agent.id, &["--param", "seconds=300"]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let j = cluster.job(&job);
-        async move { (j.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&job).await;
     let started = Instant::now();
     let stopped = cluster.cli_ok(&["agents", "stop", &agent.id, "--output", "json"]);
     let stopped: Value = serde_json::from_str(&stopped).unwrap();
@@ -975,11 +967,7 @@ async fn drain_stop_and_resume_an_agent() {
     // Forced stop: a process that ignores SIGTERM dies at once, not after
     // its 20 s grace.
     let job = cluster.submit("stubborn", &agent.id, &[]);
-    wait_for("the job to run", Duration::from_secs(10), || {
-        let j = cluster.job(&job);
-        async move { (j.state == JobState::Running).then_some(()) }
-    })
-    .await;
+    cluster.wait_running(&job).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     cluster.cli_ok(&["agents", "stop", &agent.id, "--force"]);
