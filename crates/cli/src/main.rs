@@ -1,6 +1,7 @@
 //! `drover`: the server (`drover server`), the all-in-one local mode
 //! (`drover up`) and the operator CLI. Parses arguments, then hands off.
 
+mod approvals;
 mod client;
 mod jobs;
 mod logtext;
@@ -8,6 +9,7 @@ mod ops;
 mod output;
 mod profile;
 mod serve;
+mod users;
 mod workflow;
 
 use std::process::ExitCode;
@@ -55,9 +57,15 @@ enum Command {
     Up(ServerArgs),
     /// Log in with a password and save the session in the profile.
     Login(ops::LoginArgs),
-    /// Create tokens.
+    /// Create, list and revoke tokens.
     #[command(subcommand)]
     Token(ops::TokenCommand),
+    /// Work waiting for approval; approve, reject; protection rules.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// Users, their roles and scopes; passwords.
+    #[command(subcommand)]
+    Users(users::UsersCommand),
     /// Inspect and manage enrolled agents; drain, stop and resume them.
     #[command(subcommand)]
     Agents(ops::AgentsCommand),
@@ -155,6 +163,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => serve::up(args, &target).await,
         Command::Login(args) => ops::login(&target, args).await,
         Command::Token(cmd) => ops::token(&target, cmd).await,
+        Command::Users(cmd) => users::users(&target, cmd).await,
+        Command::Approvals(cmd) => approvals::approvals(&target, cmd).await,
         Command::Agents(cmd) => ops::agents(&target, cmd).await,
         Command::Fleet(cmd) => ops::fleet(&target, cmd).await,
         Command::Sandboxes(cmd) => jobs::sandboxes(&target, cmd).await,

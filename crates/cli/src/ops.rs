@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Context};
 use chrono::Utc;
+use drover_proto::access::TokenView;
 use drover_proto::api::{
     Agent, CreateTokenRequest, CreatedToken, DispatchState, DrainAgentRequest, FleetStatus,
     LabelAgentRequest, LoginRequest, LoginResponse, RevokeAgentRequest, StopRequest, StopResponse,
@@ -15,6 +16,63 @@ use reqwest::Method;
 use crate::client::Api;
 use crate::output::{self, Output};
 use crate::profile::{self, Profile, ProfileFile};
+
+/// A path segment the server's ids are made of; anything else encoded so
+/// it cannot change the path.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn token_list(target: &Target, all: bool, output: Output) -> anyhow::Result<()> {
+    let api = target.api()?;
+    let tokens: Vec<TokenView> = api
+        .get(if all { "/tokens?all=true" } else { "/tokens" })
+        .await?;
+    match output {
+        Output::Json => output::json(&tokens)?,
+        Output::Text => {
+            let now = Utc::now();
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.kind.clone(),
+                        t.username.clone(),
+                        t.role
+                            .map(|r| r.as_str().to_owned())
+                            .unwrap_or_else(|| "-".to_owned()),
+                        t.scope
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_else(|| "-".to_owned()),
+                        t.state.clone(),
+                        output::ago(Some(t.created_at), now),
+                        t.expires_at
+                            .map(|e| e.format("%Y-%m-%d %H:%M UTC").to_string())
+                            .unwrap_or_else(|| "-".to_owned()),
+                        t.name.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "ID", "KIND", "USER", "ROLE", "SCOPE", "STATE", "CREATED", "EXPIRES", "NAME",
+                ],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
 
 /// The server URL used when neither flag, variable nor profile names one.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -110,14 +168,21 @@ pub async fn login(target: &Target, args: LoginArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TokenCommand {
-    /// Create a one-time bootstrap token for enrolling an agent (default),
-    /// or an API token for CI with --kind api. Prints the token on stdout.
+    /// Create a one-time bootstrap token for enrolling an agent (default;
+    /// admins), or an API token for CI with --kind api (a role and scope
+    /// never beyond yours). Prints the token on stdout.
     Create {
         #[arg(long, value_enum, default_value_t = Kind::Bootstrap)]
         kind: Kind,
-        /// Lifetime, e.g. 30m, 1h, 7d [bootstrap default: 1h; api: none].
+        /// Lifetime, e.g. 30m, 1h, 7d [bootstrap: default 1h, at most 30d;
+        /// api: default 90d, at most 365d].
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<std::time::Duration>,
+        /// An API token's role: at most (and by default) yours.
+        #[arg(long, value_enum)]
+        role: Option<crate::users::RoleArg>,
+        #[command(flatten)]
+        scope: crate::users::ScopeArgs,
         /// A label the enrolled agent gets (repeatable): --label role=web.
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
@@ -130,6 +195,16 @@ pub enum TokenCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Your tokens (sessions, API tokens, bootstrap tokens you made), or
+    /// everyone's with --all (admins). Never the secrets.
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Revoke a token by id: it stops working on its next request.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -148,15 +223,33 @@ fn parse_labels(pairs: &[String]) -> anyhow::Result<Labels> {
 }
 
 pub async fn token(target: &Target, cmd: TokenCommand) -> anyhow::Result<()> {
-    let TokenCommand::Create {
-        kind,
-        ttl,
-        labels,
-        group,
-        name,
-        output,
-    } = cmd;
+    let (kind, ttl, role, scope, labels, group, name, output) = match cmd {
+        TokenCommand::Create {
+            kind,
+            ttl,
+            role,
+            scope,
+            labels,
+            group,
+            name,
+            output,
+        } => (kind, ttl, role, scope, labels, group, name, output),
+        TokenCommand::List { all, output } => return token_list(target, all, output).await,
+        TokenCommand::Revoke { id } => {
+            let api = target.api()?;
+            let t: TokenView = api
+                .post(&format!("/tokens/{}/revoke", path_segment(&id)), &())
+                .await?;
+            eprintln!(
+                "{} token {} of {} revoked: it stops working on its next request",
+                t.kind, t.id, t.username
+            );
+            return Ok(());
+        }
+    };
     let req = CreateTokenRequest {
+        role: role.map(Into::into),
+        scope: scope.scope(),
         kind: match kind {
             Kind::Bootstrap => TokenKind::Bootstrap,
             Kind::Api => TokenKind::Api,

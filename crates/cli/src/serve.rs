@@ -148,6 +148,7 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
                         labels: [("local".to_owned(), "true".to_owned())].into(),
                         group: Some("local".to_owned()),
                         name: Some("drover up".to_owned()),
+                        ..CreateTokenRequest::default()
                     },
                 )
                 .await?;

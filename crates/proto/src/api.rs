@@ -25,8 +25,9 @@ pub struct LoginResponse {
     pub role: Role,
 }
 
-/// What a user may do. Only `admin` exists in the foundation; the other roles
-/// are reserved for governance.
+/// What a user may do: a viewer reads; an operator also runs, stops and
+/// cancels work (within its scope); an admin also changes the catalog, the
+/// fleet, users and tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -74,10 +75,16 @@ pub enum TokenKind {
 pub struct CreateTokenRequest {
     #[serde(default)]
     pub kind: TokenKind,
-    /// Lifetime in seconds. Bootstrap tokens default to one hour; API tokens
-    /// do not expire unless this is set.
+    /// Lifetime in seconds. Bootstrap tokens default to one hour (at most
+    /// 30 days); API tokens to 90 days (at most one year).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// An API token's role: at most (and by default) its creator's.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// An API token's scope, applied on top of its user's.
+    #[serde(default)]
+    pub scope: Option<crate::access::Scope>,
     /// Labels baked into a bootstrap token and given to the agent it enrolls.
     #[serde(default)]
     pub labels: Labels,
@@ -99,6 +106,10 @@ pub struct CreatedToken {
     pub expires_at: Option<DateTime<Utc>>,
     pub labels: Labels,
     pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<crate::access::Scope>,
 }
 
 /// Health of an agent, derived from its last heartbeat.

@@ -199,6 +199,9 @@ pub struct SubmitJobRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Waits for people to approve it (a protected action, profile or
+    /// target); nothing is handed out until then.
+    AwaitingApproval,
     Queued,
     Dispatched,
     Running,
@@ -211,7 +214,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 9] = [
+    pub const ALL: [JobState; 10] = [
+        JobState::AwaitingApproval,
         JobState::Queued,
         JobState::Dispatched,
         JobState::Running,
@@ -225,6 +229,7 @@ impl JobState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobState::AwaitingApproval => "awaiting_approval",
             JobState::Queued => "queued",
             JobState::Dispatched => "dispatched",
             JobState::Running => "running",
@@ -244,7 +249,10 @@ impl JobState {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            JobState::Queued | JobState::Dispatched | JobState::Running
+            JobState::AwaitingApproval
+                | JobState::Queued
+                | JobState::Dispatched
+                | JobState::Running
         )
     }
 }
@@ -612,6 +620,9 @@ impl RetryPolicy {
 pub fn aggregate_state(latest: &[JobState]) -> JobState {
     if latest.is_empty() {
         return JobState::Queued;
+    }
+    if latest.contains(&JobState::AwaitingApproval) {
+        return JobState::AwaitingApproval;
     }
     if latest.contains(&JobState::Running) {
         return JobState::Running;

@@ -6,9 +6,12 @@
 //! agent can depend on it and stay small. OpenAPI schemas are derived only
 //! when the server turns on the `openapi` feature.
 
+pub mod access;
 pub mod agent;
 pub mod api;
+pub mod approvals;
 pub mod error;
+pub mod glob;
 pub mod jobs;
 pub mod labels;
 pub mod limits;

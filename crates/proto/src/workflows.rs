@@ -183,6 +183,9 @@ pub struct SubmitRunRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
+    /// Waits for people to approve it (a protected workflow); no task
+    /// starts until then.
+    AwaitingApproval,
     Running,
     Succeeded,
     Failed,
@@ -191,7 +194,8 @@ pub enum RunState {
 }
 
 impl RunState {
-    pub const ALL: [RunState; 5] = [
+    pub const ALL: [RunState; 6] = [
+        RunState::AwaitingApproval,
         RunState::Running,
         RunState::Succeeded,
         RunState::Failed,
@@ -201,6 +205,7 @@ impl RunState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            RunState::AwaitingApproval => "awaiting_approval",
             RunState::Running => "running",
             RunState::Succeeded => "succeeded",
             RunState::Failed => "failed",
@@ -214,7 +219,7 @@ impl RunState {
     }
 
     pub fn is_final(self) -> bool {
-        self != RunState::Running
+        !matches!(self, RunState::Running | RunState::AwaitingApproval)
     }
 }
 

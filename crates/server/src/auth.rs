@@ -345,33 +345,30 @@ pub async fn explain_agent_refusal(state: &AppState, claims: &AgentClaims) -> Ap
     }
 }
 
-/// A logged-in user (session token) or a user's API token.
+/// A logged-in user (session token) or a user's API token, with the role
+/// and limits it acts under: never more than the user's own at the time
+/// of the request, so a role change or a revocation counts at once.
 #[derive(Debug, Clone)]
 pub struct UserAuth {
     pub user_id: String,
     pub username: String,
+    /// The role this request acts with: the token's, capped by the user's.
     pub role: Role,
-}
-
-impl UserAuth {
-    /// Refuses anyone but an admin.
-    pub fn require_admin(&self) -> Result<(), ApiError> {
-        if self.role == Role::Admin {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(format!(
-                "user '{}' is {}; this needs admin",
-                self.username,
-                self.role.as_str()
-            )))
-        }
-    }
+    /// The user's scope and, on top, the token's.
+    pub limits: crate::access::Limits,
+    /// The token presented.
+    pub token_id: String,
+    /// The token's own scope (everywhere for sessions).
+    pub token_scope: drover_proto::access::Scope,
 }
 
 impl FromRequestParts<AppState> for UserAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(user) = parts.extensions.get::<UserAuth>() {
+            return Ok(user.clone());
+        }
         let token = bearer(parts)?;
         let found = state.store.user_token_by_hash(&hash_token(token)).await?;
         let Some((t, user)) = found else {
@@ -393,11 +390,27 @@ impl FromRequestParts<AppState> for UserAuth {
             ));
         }
         crate::routes::audit::Audit::set_actor(parts, &user.username);
-        Ok(UserAuth {
+        if user.disabled_at.is_some() {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                ErrorCode::UserDisabled,
+                format!("user '{}' is disabled", user.username),
+            ));
+        }
+        let role = match t.role {
+            Some(r) if !r.at_least(user.role) => r,
+            _ => user.role,
+        };
+        let auth = UserAuth {
+            limits: crate::access::Limits::of(&user.scope, &t.scope),
             user_id: user.id,
             username: user.username,
-            role: user.role,
-        })
+            role,
+            token_id: t.id,
+            token_scope: t.scope,
+        };
+        parts.extensions.insert(auth.clone());
+        Ok(auth)
     }
 }
 

@@ -61,6 +61,10 @@ pub struct ServerArgs {
     /// Lifetime of a `drover login` session [default: 12h].
     #[arg(long, env = "DROVER_SESSION_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub session_ttl: Option<Duration>,
+    /// How long an approval request stays open before it expires and its
+    /// job or run is cancelled [default: 24h].
+    #[arg(long, env = "DROVER_APPROVAL_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub approval_ttl: Option<Duration>,
     /// Largest request body accepted, in bytes [default: 1048576].
     #[arg(long, env = "DROVER_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -182,6 +186,8 @@ struct FileConfig {
     agent_refresh_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     session_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    approval_ttl: Option<Duration>,
     max_body_bytes: Option<usize>,
     signing_key_file: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
@@ -231,6 +237,8 @@ pub struct ServerConfig {
     /// See `ServerArgs::agent_refresh_grace`.
     pub agent_refresh_grace: Duration,
     pub session_ttl: Duration,
+    /// See `ServerArgs::approval_ttl`.
+    pub approval_ttl: Duration,
     pub max_body_bytes: usize,
     pub signing_key_file: PathBuf,
     pub attempt_lease: Duration,
@@ -390,6 +398,10 @@ impl ServerConfig {
                 .session_ttl
                 .or(file.session_ttl)
                 .unwrap_or(Duration::from_secs(12 * 3600)),
+            approval_ttl: args
+                .approval_ttl
+                .or(file.approval_ttl)
+                .unwrap_or(Duration::from_secs(24 * 3600)),
             max_body_bytes: args
                 .max_body_bytes
                 .or(file.max_body_bytes)

@@ -20,6 +20,7 @@ use drover_proto::sandbox::{Sandbox, WorkspaceSpec, PROCESS};
 use drover_store::jobs::NewJob;
 use drover_store::{AgentRecord, Store};
 
+use crate::access::Limits;
 use crate::catalog::{noop_spec, render_argv, resolve_params, NOOP};
 use crate::sandboxes::{check_floor, spec_hash};
 use crate::selector::Selector;
@@ -49,6 +50,9 @@ pub enum Error {
     /// The target names no agent that may be given work.
     #[error("{0}")]
     Target(String),
+    /// The action or an agent is outside the submitter's scope.
+    #[error("{0}")]
+    OutOfScope(String),
     /// A stored catalog entry cannot be read.
     #[error("stored {what} '{name}' is unreadable: {detail}")]
     Corrupt {
@@ -102,6 +106,8 @@ pub struct JobRequest<'a> {
     /// Variables beside the action's (a workspace's); a name the action
     /// sets too is refused.
     pub env: &'a BTreeMap<String, String>,
+    /// The submitter's scopes: the action and every agent must be inside.
+    pub limits: &'a Limits,
 }
 
 /// A job ready to store: everything its attempts run with.
@@ -140,6 +146,7 @@ impl JobSpec {
             artifacts: &self.artifacts,
             sandbox: &self.sandbox,
             workspace: self.workspace.as_ref(),
+            approval: None,
         }
     }
 }
@@ -244,6 +251,30 @@ impl<'s> Jobs<'s> {
         found.map_err(Error::Target)
     }
 
+    /// Refuses an action or agents outside `limits` (no look-up when
+    /// they allow everything).
+    pub async fn check_limits(
+        &mut self,
+        limits: &Limits,
+        action: &str,
+        agents: &[String],
+    ) -> Result<(), Error> {
+        if limits.is_everywhere() {
+            return Ok(());
+        }
+        if !limits.allows_action(action) {
+            return limits.check(action, &[]).map_err(Error::OutOfScope);
+        }
+        let mut records = Vec::with_capacity(agents.len());
+        for id in agents {
+            if let Some(a) = self.store.agent(id).await? {
+                records.push(a);
+            }
+        }
+        let refs: Vec<&AgentRecord> = records.iter().collect();
+        limits.check(action, &refs).map_err(Error::OutOfScope)
+    }
+
     /// Checks and renders everything a job needs; stores nothing.
     pub async fn build(&mut self, req: &JobRequest<'_>) -> Result<JobSpec, Error> {
         let (spec, hash) = self
@@ -278,6 +309,7 @@ impl<'s> Jobs<'s> {
                 (vec![agent.to_owned()], sandbox, Some(ws.clone()))
             }
         };
+        self.check_limits(req.limits, &spec.name, &agents).await?;
         let mut env = spec.env.clone();
         for (name, value) in req.env {
             if env.insert(name.clone(), value.clone()).is_some() {

@@ -95,6 +95,7 @@ impl From<crate::domain::Error> for ApiError {
         match e {
             E::Store(e) => e.into(),
             E::Corrupt { .. } => ApiError::internal("reading the catalog", &e),
+            E::OutOfScope(why) => ApiError::forbidden(why),
             input => ApiError::invalid(input.to_string()),
         }
     }

@@ -6,6 +6,8 @@
 //! requests beyond caches it can lose; the database is the only state shared
 //! between replicas, so any number of servers can front one PostgreSQL.
 
+pub mod access;
+pub mod approvals;
 pub mod artifacts;
 pub mod auth;
 pub mod catalog;
@@ -166,7 +168,13 @@ impl Server {
         match self
             .state
             .store
-            .create_user(ADMIN_USER, &hash, Role::Admin, Utc::now())
+            .create_user(
+                ADMIN_USER,
+                &hash,
+                Role::Admin,
+                &Default::default(),
+                Utc::now(),
+            )
             .await
         {
             Ok(_) => {}
@@ -195,7 +203,15 @@ impl Server {
             .user_by_username(username)
             .await?
             .ok_or_else(|| error::ApiError::not_found(format!("user '{username}' not found")))?;
-        Ok(routes::tokens::create(&self.state, &user.id, req).await?)
+        let by = auth::UserAuth {
+            limits: access::Limits::of(&user.scope, &Default::default()),
+            user_id: user.id,
+            username: user.username,
+            role: user.role,
+            token_id: String::new(),
+            token_scope: Default::default(),
+        };
+        Ok(routes::tokens::create(&self.state, &by, req).await?)
     }
 
     /// The whole HTTP application.
@@ -279,7 +295,8 @@ async fn hear_replicas(state: AppState, mut listener: drover_store::notify::List
 }
 
 /// Background task: attempts whose agent stopped renewing their lease become
-/// lost (and are retried per policy). Runs until shutdown; an error is logged
+/// lost (and are retried per policy); approval requests past their time
+/// expire (their work is cancelled). Runs until shutdown; an error is logged
 /// and the next round tries again.
 async fn reap_leases(state: AppState) {
     let every = (state.config.attempt_lease / 4).clamp(
@@ -299,6 +316,15 @@ async fn reap_leases(state: AppState) {
                 }
             }
             Err(e) => tracing::error!(error = %e, "expiring leases failed"),
+        }
+        // Approval requests past their time end, and their work with them.
+        match state.store.expire_approvals(Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                requests = n,
+                "approval requests expired: their work was cancelled"
+            ),
+            Err(e) => tracing::error!(error = %e, "expiring approval requests failed"),
         }
     }
 }

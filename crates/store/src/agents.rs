@@ -108,6 +108,7 @@ pub enum EnrollOutcome {
     TokenUnknown,
     TokenUsed { used_at: DateTime<Utc> },
     TokenExpired { expired_at: DateTime<Utc> },
+    TokenRevoked { revoked_at: DateTime<Utc> },
 }
 
 /// A refresh token presented for rotation.
@@ -197,7 +198,7 @@ impl Store {
             let mut tx = self.begin().await?;
             let claimed: Option<(String, Option<String>)> = on_tx!(&mut tx, c => sqlx::query_as(
                 "UPDATE bootstrap_tokens SET used_at = $1, used_by_agent = $2 \
-                 WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+                 WHERE token_hash = $3 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1 \
                  RETURNING labels, grp",
             )
             .bind(to_ms(now))
@@ -206,8 +207,8 @@ impl Store {
             .fetch_optional(&mut *c)
             .await)?;
             let Some((labels, grp)) = claimed else {
-                let found: Option<(Option<i64>, i64)> = on_tx!(&mut tx, c => sqlx::query_as(
-                    "SELECT used_at, expires_at FROM bootstrap_tokens WHERE token_hash = $1",
+                let found: Option<(Option<i64>, i64, Option<i64>)> = on_tx!(&mut tx, c => sqlx::query_as(
+                    "SELECT used_at, expires_at, revoked_at FROM bootstrap_tokens WHERE token_hash = $1",
                 )
                 .bind(bootstrap_hash)
                 .fetch_optional(&mut *c)
@@ -215,10 +216,13 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(match found {
                     None => EnrollOutcome::TokenUnknown,
-                    Some((Some(used), _)) => EnrollOutcome::TokenUsed {
+                    Some((Some(used), _, _)) => EnrollOutcome::TokenUsed {
                         used_at: from_ms(used),
                     },
-                    Some((None, expires)) => EnrollOutcome::TokenExpired {
+                    Some((None, _, Some(revoked))) => EnrollOutcome::TokenRevoked {
+                        revoked_at: from_ms(revoked),
+                    },
+                    Some((None, expires, None)) => EnrollOutcome::TokenExpired {
                         expired_at: from_ms(expires),
                     },
                 });

@@ -53,6 +53,8 @@ pub struct NewJob<'a> {
     pub sandbox: &'a Sandbox,
     /// The workspace the attempts run in, create or remove.
     pub workspace: Option<&'a WorkspaceSpec>,
+    /// Set when it needs approval: it is stored waiting, with this request.
+    pub approval: Option<&'a crate::approvals::NewApproval<'a>>,
 }
 
 /// A job as stored.
@@ -78,6 +80,8 @@ pub struct JobRecord {
     pub artifacts: Vec<String>,
     pub sandbox: Sandbox,
     pub workspace: Option<WorkspaceSpec>,
+    /// The spec hash its approval holds for (protected jobs only).
+    pub approved_hash: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -101,12 +105,13 @@ struct JobRow {
     artifacts: String,
     sandbox: Option<String>,
     workspace: Option<String>,
+    approved_hash: Option<String>,
 }
 
 const JOB_COLUMNS: &str =
     "id, action, target, params, argv, env, timeout_ms, kill_grace_ms, retry, state, \
                            created_by, created_at, finished_at, cancel_requested_at, run_id, task_id, artifacts, \
-                           sandbox, workspace";
+                           sandbox, workspace, approved_hash";
 
 fn corrupt(what: &'static str) -> impl Fn(String) -> Error {
     move |detail| Error::Corrupt { what, detail }
@@ -140,6 +145,7 @@ impl TryFrom<JobRow> for JobRecord {
                 .map(serde_json::from_str)
                 .transpose()
                 .map_err(|e| corrupt("job workspace")(e.to_string()))?,
+            approved_hash: r.approved_hash,
             run_id: r.run_id,
             task_id: r.task_id,
             id: r.id,
@@ -500,6 +506,11 @@ impl Tx {
         task_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        let initial = if job.approval.is_some() {
+            JobState::AwaitingApproval
+        } else {
+            JobState::Queued
+        };
         on_tx!(self, c => sqlx::query(
             "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
              retry, state, created_by, created_at, run_id, task_id, artifacts, sandbox, workspace) \
@@ -515,7 +526,7 @@ impl Tx {
         .bind(job.timeout_ms)
         .bind(job.kill_grace_ms)
         .bind(to_json(job.retry))
-        .bind(JobState::Queued.as_str())
+        .bind(initial.as_str())
         .bind(job.created_by)
         .bind(to_ms(now))
         .bind(run_id)
@@ -535,7 +546,7 @@ impl Tx {
                         .push_bind(id)
                         .push_bind(agent)
                         .push_bind(1_i64)
-                        .push_bind(JobState::Queued.as_str())
+                        .push_bind(initial.as_str())
                         .push_bind(to_ms(now))
                         .push_bind(to_ms(now));
                 });
@@ -543,7 +554,11 @@ impl Tx {
             })?;
         }
         self.changes.jobs.insert(id.to_owned());
-        self.changes.agents.extend(job.agent_ids.iter().cloned());
+        if let Some(approval) = job.approval {
+            self.request_approval(Some(id), None, approval, now).await?;
+        } else {
+            self.changes.agents.extend(job.agent_ids.iter().cloned());
+        }
         if let Some(run) = run_id {
             self.changes.runs.insert(run.to_owned());
         }
@@ -878,9 +893,28 @@ impl Store {
             let job = JobRecord::try_from(row)?;
             jobs.insert(job.id.clone(), job);
         }
-        for id in &ids {
-            tx.recompute_job(id, now).await?;
+        // A protected job is handed out only while its spec still has the
+        // hash its approval holds for; changed, it waits for a new one.
+        let mut changed = std::collections::BTreeSet::new();
+        for job in jobs.values() {
+            if let Some(approved) = &job.approved_hash {
+                let (hash, spec) = tx.job_spec_hash(job).await?;
+                if hash != *approved {
+                    tracing::warn!(job = %job.id, "spec changed after approval: the job waits for a new approval");
+                    tx.reapprove_job(job, &hash, &spec, now).await?;
+                    changed.insert(job.id.clone());
+                }
+            }
         }
+        for id in &ids {
+            if !changed.contains(*id) {
+                tx.recompute_job(id, now).await?;
+            }
+        }
+        let rows: Vec<(String, String, i64)> = rows
+            .into_iter()
+            .filter(|(_, job_id, _)| !changed.contains(job_id))
+            .collect();
         let mut claimed = Vec::with_capacity(rows.len());
         for (attempt_id, job_id, not_before) in rows {
             let job = jobs.get(&job_id).ok_or_else(|| Error::NotFound {
@@ -1270,6 +1304,19 @@ impl Tx {
         Ok(jobs)
     }
 
+    /// A job as this transaction sees it.
+    pub async fn job_record(&mut self, job_id: &str) -> Result<JobRecord> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let row: Option<JobRow> =
+            on_tx!(self, c => sqlx::query_as(&sql).bind(job_id).fetch_optional(&mut *c).await)?;
+        row.map(JobRecord::try_from)
+            .transpose()?
+            .ok_or_else(|| Error::NotFound {
+                what: "job",
+                id: job_id.to_owned(),
+            })
+    }
+
     /// Requests cancellation: queued attempts end at once, running ones
     /// are flagged for their agents. Returns the agents to tell.
     pub async fn cancel_job(
@@ -1293,13 +1340,14 @@ impl Tx {
         }
         on_tx!(self, c => sqlx::query(
             "UPDATE attempts SET state = 'cancelled', reason = $1, finished_at = $2 \
-             WHERE job_id = $3 AND state = 'queued'",
+             WHERE job_id = $3 AND state IN ('queued', 'awaiting_approval')",
         )
         .bind(reason)
         .bind(to_ms(now))
         .bind(job_id)
         .execute(&mut *c)
         .await.map(|r| r.rows_affected()))?;
+        self.cancel_approvals_of(job_id, reason, now).await?;
         let agents: Vec<String> = on_tx!(self, c => sqlx::query_scalar(
             "UPDATE attempts SET cancel_requested = 1, reason = $1 \
              WHERE job_id = $2 AND state IN ('dispatched', 'running') RETURNING agent_id",

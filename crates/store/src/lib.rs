@@ -12,6 +12,7 @@
 //! This is the only crate that knows SQL; callers see plain Rust types.
 
 mod agents;
+pub mod approvals;
 mod auth;
 mod error;
 pub mod fleet;
@@ -34,7 +35,9 @@ use sqlx::{ConnectOptions, Connection, PgPool, SqlitePool};
 pub use agents::{
     AgentCounts, AgentRecord, EnrollOutcome, NewAgent, RefreshOutcome, RefreshRotation,
 };
-pub use auth::{BootstrapToken, NewBootstrapToken, NewUserToken, User, UserToken};
+pub use auth::{
+    BootstrapToken, NewBootstrapToken, NewUserToken, TokenListing, User, UserChange, UserToken,
+};
 pub use error::Error;
 pub use sqlx::Error as SqlxError;
 pub use tx::{Changes, CommitHook, StatsSnapshot, Tx};

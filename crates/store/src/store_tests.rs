@@ -19,7 +19,7 @@ async fn bootstrap(store: &Store, hash: &str, ttl: Duration) -> BootstrapToken {
     let user = match store.user_by_username("admin").await.unwrap() {
         Some(u) => u,
         None => store
-            .create_user("admin", "x", Role::Admin, Utc::now())
+            .create_user("admin", "x", Role::Admin, &Default::default(), Utc::now())
             .await
             .unwrap(),
     };
@@ -91,6 +91,7 @@ async fn true_job(
                 artifacts: &[],
                 sandbox,
                 workspace,
+                approval: None,
             },
             Utc::now(),
         )
@@ -109,7 +110,7 @@ async fn migrations_apply_once_and_reopen() {
         let db = TestDb::new(backend).await;
         let store = db.open().await;
         store
-            .create_user("admin", "h", Role::Admin, Utc::now())
+            .create_user("admin", "h", Role::Admin, &Default::default(), Utc::now())
             .await
             .unwrap();
         store.close().await;
@@ -125,11 +126,17 @@ async fn users_are_unique_and_found_by_name_and_token() {
         let db = TestDb::new(backend).await;
         let store = db.open().await;
         let u = store
-            .create_user("ops", "hash", Role::Admin, Utc::now())
+            .create_user("ops", "hash", Role::Admin, &Default::default(), Utc::now())
             .await
             .unwrap();
         let dup = store
-            .create_user("ops", "hash2", Role::Viewer, Utc::now())
+            .create_user(
+                "ops",
+                "hash2",
+                Role::Viewer,
+                &Default::default(),
+                Utc::now(),
+            )
             .await;
         assert!(dup.unwrap_err().is_unique_violation(), "{backend}");
         let found = store.user_by_username("ops").await.unwrap().unwrap();
@@ -142,6 +149,8 @@ async fn users_are_unique_and_found_by_name_and_token() {
                     kind: "api",
                     token_hash: "th",
                     name: Some("ci"),
+                    role: None,
+                    scope: &Default::default(),
                     expires_at: None,
                 },
                 Utc::now(),
@@ -1256,6 +1265,8 @@ mod workflows {
                     deadline: None,
                     tasks: &tasks,
                     workspace: false,
+                    scope: None,
+                    approval: None,
                 },
                 Utc::now(),
             )
@@ -1284,6 +1295,7 @@ mod workflows {
             artifacts: &[],
             sandbox: &SANDBOX,
             workspace: None,
+            approval: None,
         }
     }
 
@@ -1911,6 +1923,8 @@ mod fleet {
                                 deadline: None,
                                 tasks,
                                 workspace,
+                                scope: None,
+                                approval: None,
                             },
                             Utc::now(),
                         )
@@ -1952,6 +1966,7 @@ mod fleet {
                 artifacts: &[],
                 sandbox: &ws.sandbox,
                 workspace: Some(&ws),
+                approval: None,
             };
             let now = Utc::now();
             let created = store

@@ -94,6 +94,36 @@ fn with_database(url: &str, name: &str) -> String {
     }
 }
 
+/// Runs one statement on a database behind the server's back, as someone
+/// with access to the database file or server could: for tests that
+/// tamper with rows. Returns the rows it changed.
+#[allow(clippy::expect_used, clippy::panic)]
+pub async fn tamper(url: &str, sql: &str) -> u64 {
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", crate::redact(url)));
+        let n = sqlx::query(sql)
+            .execute(&mut conn)
+            .await
+            .expect("tamper")
+            .rows_affected();
+        let _ = conn.close().await;
+        n
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        let n = sqlx::query(sql)
+            .execute(&mut conn)
+            .await
+            .expect("tamper")
+            .rows_affected();
+        let _ = conn.close().await;
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

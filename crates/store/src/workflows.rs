@@ -38,6 +38,10 @@ pub struct NewRun<'a> {
     pub tasks: &'a [String],
     /// The definition asks for a workspace (created before the first task).
     pub workspace: bool,
+    /// The submitter's scopes (JSON, the server's to read); `None`: none.
+    pub scope: Option<&'a str>,
+    /// Set when it needs approval: it is stored waiting, with this request.
+    pub approval: Option<&'a crate::approvals::NewApproval<'a>>,
 }
 
 /// A run as stored.
@@ -61,6 +65,10 @@ pub struct RunRecord {
     /// The jobs that create and remove the workspace.
     pub workspace_job: Option<String>,
     pub workspace_remove_job: Option<String>,
+    /// The submitter's scopes (JSON); its tasks' jobs stay inside them.
+    pub scope: Option<String>,
+    /// The spec hash its approval holds for (protected runs only).
+    pub approved_hash: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -81,11 +89,13 @@ struct RunRow {
     workspace_reason: Option<String>,
     workspace_job: Option<String>,
     workspace_remove_job: Option<String>,
+    scope: Option<String>,
+    approved_hash: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, name, def_hash, state, reason, inputs, created_by, created_at, \
                            finished_at, deadline_at, cancel_requested_at, workspace_state, workspace_agent, \
-                           workspace_reason, workspace_job, workspace_remove_job";
+                           workspace_reason, workspace_job, workspace_remove_job, scope, approved_hash";
 
 impl TryFrom<RunRow> for RunRecord {
     type Error = Error;
@@ -102,6 +112,8 @@ impl TryFrom<RunRow> for RunRecord {
             workspace_reason: r.workspace_reason,
             workspace_job: r.workspace_job,
             workspace_remove_job: r.workspace_remove_job,
+            scope: r.scope,
+            approved_hash: r.approved_hash,
             state: RunState::parse(&r.state)
                 .ok_or_else(|| corrupt("run state")(r.state.clone()))?,
             inputs: serde_json::from_str(&r.inputs)
@@ -355,7 +367,7 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
-    fn new(kind: &'a str) -> Event<'a> {
+    pub(crate) fn new(kind: &'a str) -> Event<'a> {
         Event {
             kind,
             task: None,
@@ -411,7 +423,7 @@ impl Tx {
         .await.map(|r| r.rows_affected()))?;
         on_tx!(self, c => sqlx::query(
             "INSERT INTO workflow_runs (id, name, def_hash, state, inputs, created_by, created_at, deadline_at, \
-             workspace_state) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
+             workspace_state, scope) VALUES ($1, $2, $3, $10, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&id)
         .bind(run.name)
@@ -421,6 +433,8 @@ impl Tx {
         .bind(to_ms(now))
         .bind(run.deadline.map(to_ms))
         .bind(run.workspace.then_some(WorkspaceState::Pending.as_str()))
+        .bind(run.scope)
+        .bind(if run.approval.is_some() { "awaiting_approval" } else { "running" })
         .execute(&mut *c)
         .await.map(|r| r.rows_affected()))?;
         if !run.tasks.is_empty() {
@@ -437,13 +451,26 @@ impl Tx {
                 q.build().execute(&mut *c).await.map(|r| r.rows_affected())
             })?;
         }
-        let ev = Event {
-            state: Some("running"),
-            message: Some("submitted"),
-            ..Event::new("run")
+        let ev = if run.approval.is_some() {
+            Event {
+                state: Some("awaiting_approval"),
+                message: Some("submitted: waiting for approval"),
+                ..Event::new("run")
+            }
+        } else {
+            Event {
+                state: Some("running"),
+                message: Some("submitted"),
+                ..Event::new("run")
+            }
         };
         self.emit(&id, &ev, now).await?;
-        self.changes.runs.insert(id.clone());
+        if let Some(approval) = run.approval {
+            self.request_approval(None, Some(&id), approval, now)
+                .await?;
+        } else {
+            self.changes.runs.insert(id.clone());
+        }
         Ok(id)
     }
 
@@ -730,8 +757,8 @@ impl Tx {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let changed = on_tx!(self, c => sqlx::query(
-            "UPDATE workflow_runs SET cancel_requested_at = $1 WHERE id = $2 AND state = 'running' \
-             AND cancel_requested_at IS NULL",
+            "UPDATE workflow_runs SET cancel_requested_at = $1, state = 'running' WHERE id = $2 \
+             AND state IN ('running', 'awaiting_approval') AND cancel_requested_at IS NULL",
         )
         .bind(to_ms(now))
         .bind(run_id)
@@ -741,6 +768,7 @@ impl Tx {
             return Ok(false);
         }
         let why = format!("cancel requested by {by}");
+        self.cancel_approvals_of(run_id, &why, now).await?;
         let ev = Event {
             state: Some("running"),
             message: Some(&why),

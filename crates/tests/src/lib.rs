@@ -355,6 +355,11 @@ impl Cluster {
         cluster
     }
 
+    /// Runs one statement on the server's database behind its back.
+    pub async fn tamper(&self, sql: &str) -> u64 {
+        drover_store::testing::tamper(&self.database_url, sql).await
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

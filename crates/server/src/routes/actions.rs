@@ -11,6 +11,7 @@ use drover_store::jobs::Upsert;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::Admin;
 use crate::auth::UserAuth;
 use crate::catalog::{noop_spec, spec_hash, validate_spec};
 use crate::error::{ApiError, ApiJson};
@@ -38,10 +39,9 @@ pub async fn find(state: &AppState, name: &str) -> Result<Option<(ActionSpec, St
 )]
 async fn apply_actions(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     ApiJson(catalog): ApiJson<ActionCatalog>,
 ) -> Result<Json<ApplyActionsResponse>, ApiError> {
-    user.require_admin()?;
     let mut profiles = std::collections::HashSet::new();
     for profile in &catalog.sandboxes {
         profile.validate().map_err(ApiError::invalid)?;

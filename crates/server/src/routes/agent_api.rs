@@ -92,6 +92,12 @@ async fn enroll(
                 format!("bootstrap token expired at {}: create a new one", expired_at.to_rfc3339()),
             ))
         }
+        EnrollOutcome::TokenRevoked { revoked_at } => {
+            return Err(ApiError::unauthorized(
+                ErrorCode::BootstrapTokenRevoked,
+                format!("bootstrap token was revoked at {}: create a new one", revoked_at.to_rfc3339()),
+            ))
+        }
     };
     let access_expires_at = now + state.config.agent_access_ttl;
     let access_token = issue_agent_token(

@@ -15,6 +15,7 @@ use drover_store::AgentRecord;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::{Admin, Operator};
 use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::AppState;
@@ -119,11 +120,10 @@ async fn show_agent(
 )]
 async fn label_agent(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<LabelAgentRequest>,
 ) -> Result<Json<Agent>, ApiError> {
-    user.require_admin()?;
     check_labels(&req.set).map_err(|e| ApiError::invalid(e.to_string()))?;
     check_settable(&req.set)?;
     for k in &req.remove {
@@ -154,11 +154,10 @@ async fn label_agent(
 )]
 async fn revoke_agent(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<RevokeAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
-    user.require_admin()?;
     let reason = req
         .and_then(|ApiJson(r)| r.reason)
         .unwrap_or_else(|| format!("revoked by {}", user.username));
@@ -191,7 +190,7 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body(content = Option<DrainAgentRequest>),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), 
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the agent"), 
         (status = 200, body = Agent),
         (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "The agent is stopped: resume it first"),
@@ -199,14 +198,14 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
 )]
 async fn drain_agent(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<DrainAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
-    user.require_admin()?;
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     super::fleet::check_reason(req.reason.as_deref())?;
     let a = load(&state, &id).await?;
+    user.check_agent(&a)?;
     if a.dispatch == DispatchState::Stopped {
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
@@ -229,15 +228,15 @@ async fn drain_agent(
     post, path = "/api/v1/agents/{id}/resume", tag = "agents",
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Agent), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the agent"), (status = 200, body = Agent), (status = 404, body = ErrorBody))
 )]
 async fn resume_agent(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Agent>, ApiError> {
-    user.require_admin()?;
     let a = load(&state, &id).await?;
+    user.check_agent(&a)?;
     state
         .store
         .set_agent_dispatch(&a.id, DispatchState::Active, None)
@@ -255,18 +254,18 @@ async fn resume_agent(
     params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
     request_body(content = Option<StopRequest>),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = StopResponse), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the agent"), (status = 200, body = StopResponse), (status = 404, body = ErrorBody))
 )]
 async fn stop_agent(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
-    user.require_admin()?;
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     super::fleet::check_reason(req.reason.as_deref())?;
     let a = load(&state, &id).await?;
+    user.check_agent(&a)?;
     let verb = if req.force {
         "stopped (forced)"
     } else {

@@ -18,7 +18,8 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{hash_token, UserAuth};
+use crate::access::Admin;
+use crate::auth::hash_token;
 use crate::error::{ApiError, ApiQuery};
 use crate::state::AppState;
 
@@ -49,10 +50,9 @@ struct AuditQuery {
 )]
 async fn list_audit(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(_user): Admin,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
-    user.require_admin()?;
     let rows = state
         .store
         .list_audit(&AuditFilter {

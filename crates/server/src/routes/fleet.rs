@@ -11,6 +11,7 @@ use drover_proto::ErrorBody;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::Admin;
 use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
@@ -78,10 +79,9 @@ async fn fleet_status(
 )]
 async fn stop_fleet(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
-    user.require_admin()?;
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     check_reason(req.reason.as_deref())?;
     let how = if req.force {
@@ -115,9 +115,8 @@ async fn stop_fleet(
 )]
 async fn resume_fleet(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
 ) -> Result<Json<FleetStatus>, ApiError> {
-    user.require_admin()?;
     state.store.resume_fleet().await?;
     tracing::warn!(by = %user.username, "fleet resumed");
     Ok(Json(status(&state).await?))

@@ -20,6 +20,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::Operator;
 use crate::auth::UserAuth;
 use crate::domain;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
@@ -42,15 +43,14 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
     post, path = "/api/v1/jobs", tag = "jobs",
     request_body = SubmitJobRequest,
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 201, body = Job), (status = 422, description = "Unknown action, bad parameter or target", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the action and agents"), (status = 201, body = Job), (status = 422, description = "Unknown action, bad parameter or target", body = ErrorBody))
 )]
 async fn submit_job(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     audit: Audit,
     ApiJson(req): ApiJson<SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    user.require_admin()?;
     if let Some(t) = req.timeout_secs {
         if t == 0 || Duration::from_secs(t) > domain::MAX_TIMEOUT {
             return Err(ApiError::invalid(format!(
@@ -71,13 +71,23 @@ async fn submit_job(
             artifacts: &[],
             who: "the job",
             env: &BTreeMap::new(),
+            limits: &user.limits,
         })
         .await?;
+    let request = crate::approvals::request_for_job(
+        &state.store,
+        &job,
+        &user.username,
+        state.config.approval_ttl,
+    )
+    .await?;
+    let approval = request.as_ref().map(|r| r.as_new());
+    let mut new_job = job.new_job(&user.username);
+    new_job.approval = approval.as_ref();
     // The job and its audit entry in one commit.
     let id = drover_store::new_id();
     let mut tx = state.store.begin().await?;
-    tx.insert_job(&id, &job.new_job(&user.username), None, None, Utc::now())
-        .await?;
+    tx.insert_job(&id, &new_job, None, None, Utc::now()).await?;
     audit.write(&mut tx, StatusCode::CREATED).await?;
     tx.commit().await?;
     let (spec, sandbox, agents) = (&job, &job.sandbox, &job.agents);
@@ -248,15 +258,21 @@ async fn job_logs(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
     params(("id" = String, Path, description = "Job id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Job), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the action and agents"), (status = 200, body = Job), (status = 404, body = ErrorBody))
 )]
 async fn cancel_job(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Job>, ApiError> {
-    user.require_admin()?;
     let id = state.store.resolve_job_id(&id).await?;
+    if !user.limits.is_everywhere() {
+        let job = load_job(&state, &id).await?;
+        let agents: Vec<String> = job.attempts.iter().map(|a| a.agent_id.clone()).collect();
+        domain::Jobs::new(&state.store)
+            .check_limits(&user.limits, &job.action, &agents)
+            .await?;
+    }
     let reason = format!("cancelled by {}", user.username);
     let agents = state.store.cancel_job(&id, &reason, Utc::now()).await?;
     tracing::info!(job = %id, by = %user.username, running = agents.len(), "job cancel requested");
@@ -286,7 +302,21 @@ pub async fn load_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
     } else {
         None
     };
-    Ok(job_view(job, attempts, &agents, fleet.as_ref(), state))
+    let awaiting = job.state == JobState::AwaitingApproval;
+    let mut view = job_view(job, attempts, &agents, fleet.as_ref(), state);
+    if awaiting {
+        if let Some(a) = state.store.approval_of(&view.id).await? {
+            view.reason = Some(format!(
+                "awaiting approval {} ({} of {} approvals): {}; drover approvals approve {}",
+                short(&a.id),
+                a.approved_by.len(),
+                a.approvers_needed,
+                a.reasons.join("; "),
+                short(&a.id)
+            ));
+        }
+    }
+    Ok(view)
 }
 
 fn job_view(
@@ -365,6 +395,10 @@ fn waiting_reason(
         || fleet.is_some_and(|f| f.stopped_at.is_some())
         || agent.is_some_and(|g| g.dispatch == DispatchState::Stopped);
     match a.state {
+        JobState::AwaitingApproval => a
+            .reason
+            .clone()
+            .unwrap_or_else(|| "awaiting approval".to_owned()),
         JobState::Running | JobState::Dispatched if stopping => match &a.reason {
             Some(why) => format!("cancel sent to agent {who} ({why})"),
             None => format!("cancel sent to agent {who}"),

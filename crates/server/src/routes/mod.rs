@@ -1,9 +1,11 @@
 //! The HTTP API. Each module has one `router()`; `api()` merges them with the
 //! OpenAPI document generated from the handlers' annotations and types.
 
+pub mod accounts;
 pub mod actions;
 pub mod agent_api;
 pub mod agents;
+pub mod approvals;
 pub mod audit;
 pub mod dispatch;
 pub mod fleet;
@@ -28,6 +30,8 @@ use crate::state::AppState;
     tags(
         (name = "auth", description = "Logging in"),
         (name = "tokens", description = "Bootstrap and API tokens"),
+        (name = "users", description = "Users, their roles and scopes"),
+        (name = "approvals", description = "Protected work waiting for people to approve it"),
         (name = "agents", description = "The fleet, as operators see it"),
         (name = "agent", description = "The protocol agents speak"),
         (name = "actions", description = "The action catalog and sandbox profiles"),
@@ -65,6 +69,8 @@ impl Modify for BearerAuth {
 pub fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(users::router())
+        .merge(accounts::router())
+        .merge(approvals::router())
         .merge(tokens::router())
         .merge(agents::router())
         .merge(agent_api::router())

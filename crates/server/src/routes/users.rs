@@ -194,6 +194,14 @@ async fn login(
     let user = match user {
         Some(u) if ok => {
             attempt.finish(true);
+            if u.disabled_at.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::UserDisabled,
+                    format!("user '{}' is disabled", u.username),
+                )
+                .into());
+            }
             u
         }
         _ => {
@@ -220,6 +228,8 @@ async fn login(
                 kind: "session",
                 token_hash: &hash_token(&token),
                 name: None,
+                role: None,
+                scope: &Default::default(),
                 expires_at: Some(expires_at),
             },
             now,

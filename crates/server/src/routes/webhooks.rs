@@ -12,6 +12,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::Admin;
 use crate::auth::UserAuth;
 use crate::egress::redact_url;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
@@ -34,10 +35,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 )]
 async fn create_webhook(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     ApiJson(req): ApiJson<CreateWebhookRequest>,
 ) -> Result<(StatusCode, Json<Webhook>), ApiError> {
-    user.require_admin()?;
     check_webhook_url(&req.url).map_err(ApiError::invalid)?;
     crate::egress::EgressPolicy::new(&state.config.webhook_allow)
         .check_url(&req.url)
@@ -103,10 +103,9 @@ async fn list_webhooks(
 )]
 async fn delete_webhook(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(_user): Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    user.require_admin()?;
     if state.store.delete_webhook(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -27,6 +27,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::Operator;
 use crate::auth::UserAuth;
 use crate::catalog::resolve_params;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
@@ -58,14 +59,13 @@ const STREAM_POLL: Duration = Duration::from_secs(1);
     post, path = "/api/v1/workflows/runs", tag = "workflows",
     request_body = SubmitRunRequest,
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 201, body = Run), (status = 422, description = "The definition or an input is invalid; the message names the line", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds every task's action"), (status = 201, body = Run), (status = 422, description = "The definition or an input is invalid; the message names the line", body = ErrorBody))
 )]
 async fn submit_run(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiJson(req): ApiJson<SubmitRunRequest>,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
-    user.require_admin()?;
     let source = req.source.as_deref().unwrap_or("definition");
     let text = match &req.definition {
         serde_json::Value::String(s) => s.clone(),
@@ -96,6 +96,17 @@ async fn submit_run(
             .map_err(|e| ApiError::invalid(format!("{source}: webhooks[{i}]: {e}")))?;
     }
     check_actions(&state, &parsed).await?;
+    for task in &parsed.def.tasks {
+        if !user.limits.allows_action(&task.action) {
+            return Err(ApiError::forbidden(format!(
+                "{}: task '{}': action '{}' is outside your scope ({})",
+                parsed.task_at[&task.id],
+                task.id,
+                task.action,
+                user.limits.describe()
+            )));
+        }
+    }
     check_sandboxes(&state, &parsed).await?;
     let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
     let (body, hash) = def::canonical(&parsed.def);
@@ -110,6 +121,16 @@ async fn submit_run(
         now + chrono::Duration::milliseconds(timeout.as_millis().min(i64::MAX as u128) as i64),
     );
     let task_ids: Vec<String> = parsed.def.tasks.iter().map(|t| t.id.clone()).collect();
+    let request = crate::approvals::request_for_run(
+        &state.store,
+        &parsed.def.name,
+        &hash,
+        &inputs,
+        &user.username,
+        state.config.approval_ttl,
+    )
+    .await?;
+    let approval = request.as_ref().map(|r| r.as_new());
     let id = state
         .store
         .create_run(
@@ -122,12 +143,35 @@ async fn submit_run(
                 deadline,
                 tasks: &task_ids,
                 workspace: parsed.def.workspace.is_some(),
+                scope: user.limits.to_json().as_deref(),
+                approval: approval.as_ref(),
             },
             now,
         )
         .await?;
     tracing::info!(run = %id, workflow = %parsed.def.name, tasks = task_ids.len(), by = %user.username, "run submitted");
     Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?)))
+}
+
+/// A scoped operator stops only the runs it submitted; anyone else
+/// acting as operator stops any run.
+async fn check_run_owner(state: &AppState, user: &UserAuth, id: &str) -> Result<(), ApiError> {
+    if user.limits.is_everywhere() {
+        return Ok(());
+    }
+    let run = state
+        .store
+        .run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run '{id}' not found")))?;
+    if run.created_by == user.username {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "run {id} was submitted by {}; with a scope ({}) you may stop only your own runs",
+        run.created_by,
+        user.limits.describe()
+    )))
 }
 
 /// Every task's action must exist, its parameters must be known to the
@@ -411,15 +455,15 @@ async fn show_run(
     post, path = "/api/v1/workflows/runs/{id}/cancel", tag = "workflows",
     params(("id" = String, Path, description = "Run id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "The run has ended", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator; a scoped one stops only its own runs"), (status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "The run has ended", body = ErrorBody))
 )]
 async fn cancel_run(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
-    user.require_admin()?;
     let id = state.store.resolve_run_id(&id).await?;
+    check_run_owner(&state, &user, &id).await?;
     if !state
         .store
         .request_run_cancel(&id, &user.username, Utc::now())
@@ -445,16 +489,16 @@ async fn cancel_run(
     post, path = "/api/v1/workflows/runs/{id}/workspace/remove", tag = "workflows",
     params(("id" = String, Path, description = "Run id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "No kept workspace to remove", body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator; a scoped one stops only its own runs"), (status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, description = "No kept workspace to remove", body = ErrorBody))
 )]
 async fn remove_run_workspace(
     State(state): State<AppState>,
-    user: UserAuth,
+    Operator(user): Operator,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
     use crate::workflow::workspace::{Step, WorkspaceJob};
-    user.require_admin()?;
     let id = state.store.resolve_run_id(&id).await?;
+    check_run_owner(&state, &user, &id).await?;
     let run = state
         .store
         .run(&id)

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::plan::{self, Facts, JobFacts, Step, TaskFacts, WorkspaceFacts};
 use super::template::{self, Scope};
 use super::workspace::{self, Step as WsStep, WorkspaceJob};
+use crate::access::Limits;
 use crate::domain;
 use crate::hub::JobEvent;
 use crate::state::AppState;
@@ -190,6 +191,13 @@ impl Engine {
             return Ok(false);
         };
         let safety = Utc::now() + chrono::Duration::from_std(SAFETY_LOOK).unwrap_or_default();
+        if run.state == RunState::AwaitingApproval {
+            // Nothing starts before approval; the decision marks it due.
+            let mut tx = store.begin().await?;
+            tx.set_next_check(run_id, None, claimed).await?;
+            tx.commit().await?;
+            return Ok(false);
+        }
         if run.state.is_final() {
             // Only the removal of its workspace can still be under way.
             let mut tx = store.begin().await?;
@@ -707,6 +715,7 @@ impl Engine {
                 artifacts: &task.artifacts,
                 who: &who,
                 env: &env,
+                limits: &Limits::from_json(run.scope.as_deref()),
             })
             .await;
         let job = match built {
@@ -714,8 +723,25 @@ impl Engine {
             Err(domain::Error::Store(e)) => return Err(e.into()),
             Err(e) => return Ok(Err(e.to_string())),
         };
+        // A task touching something protected waits for approval, unless
+        // its run was approved as a whole (the approvers saw the
+        // definition and inputs).
+        let request = if run.approved_hash.is_none() {
+            crate::approvals::request_for_job(
+                &self.state.store,
+                &job,
+                &run.created_by,
+                self.state.config.approval_ttl,
+            )
+            .await?
+        } else {
+            None
+        };
+        let approval = request.as_ref().map(|r| r.as_new());
+        let mut new_job = job.new_job(&run.created_by);
+        new_job.approval = approval.as_ref();
         let created = tx
-            .start_task(&run.id, &task.id, &job.new_job(&run.created_by), Utc::now())
+            .start_task(&run.id, &task.id, &new_job, Utc::now())
             .await?;
         if let Some(job_id) = &created {
             tracing::debug!(run = %run.id, task = %task.id, job = %job_id, "task started");

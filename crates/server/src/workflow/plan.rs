@@ -85,7 +85,7 @@ pub enum Step {
 /// The task state that mirrors a job's.
 pub fn mirror(job: JobState) -> TaskState {
     match job {
-        JobState::Queued => TaskState::Queued,
+        JobState::AwaitingApproval | JobState::Queued => TaskState::Queued,
         JobState::Dispatched => TaskState::Dispatched,
         JobState::Running => TaskState::Running,
         JobState::Succeeded => TaskState::Succeeded,

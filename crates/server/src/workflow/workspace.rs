@@ -168,6 +168,7 @@ impl WorkspaceJob {
             artifacts: &[],
             sandbox: &self.spec.sandbox,
             workspace: Some(&self.spec),
+            approval: None,
         }
     }
 }

@@ -1,0 +1,273 @@
+//! `drover approvals …`: what waits for approval, deciding it, and the
+//! protection rules (admins).
+
+use chrono::Utc;
+use drover_proto::approvals::{
+    Approval, DecideRequest, ProtectRequest, Protection, ProtectionKind,
+};
+
+use crate::ops::Target;
+use crate::output::{self, Output};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KindArg {
+    Action,
+    Sandbox,
+    Target,
+    Workflow,
+}
+
+impl From<KindArg> for ProtectionKind {
+    fn from(k: KindArg) -> ProtectionKind {
+        match k {
+            KindArg::Action => ProtectionKind::Action,
+            KindArg::Sandbox => ProtectionKind::Sandbox,
+            KindArg::Target => ProtectionKind::Target,
+            KindArg::Workflow => ProtectionKind::Workflow,
+        }
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ApprovalsCommand {
+    /// Requests, newest first [default: pending ones].
+    List {
+        /// Every state, not only pending.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// One request with exactly what will run.
+    Show {
+        id: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Approve a request (never your own).
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reject a request; its job or run is cancelled.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// The protection rules.
+    Rules {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Protect actions, sandboxes or workflows (a name glob) or agents (a
+    /// target selector): work touching them waits for approval.
+    Protect {
+        #[arg(value_enum)]
+        kind: KindArg,
+        pattern: String,
+        /// Distinct people who must approve [default: 1].
+        #[arg(long)]
+        approvers: Option<u32>,
+    },
+    /// Remove a protection rule by id.
+    Unprotect { id: String },
+}
+
+fn print(a: &Approval) {
+    let what = match (&a.job_id, &a.run_id) {
+        (Some(j), _) => format!("job {j}"),
+        (_, Some(r)) => format!("run {r}"),
+        _ => "-".to_owned(),
+    };
+    output::row(12, "approval", &a.id);
+    output::row(12, "state", a.state.as_str());
+    output::row(12, "for", &what);
+    output::row(
+        12,
+        "requested",
+        &format!(
+            "by {} at {}",
+            a.requested_by,
+            a.requested_at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    );
+    output::row(
+        12,
+        "expires",
+        &a.expires_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    );
+    output::row(
+        12,
+        "approvals",
+        &format!(
+            "{} of {} ({})",
+            a.approved_by.len(),
+            a.approvers_needed,
+            if a.approved_by.is_empty() {
+                "none yet".to_owned()
+            } else {
+                a.approved_by.join(", ")
+            }
+        ),
+    );
+    for r in &a.reasons {
+        output::row(12, "because", r);
+    }
+    if let (Some(by), Some(at)) = (&a.decided_by, a.decided_at) {
+        output::row(
+            12,
+            "decided",
+            &format!("by {by} at {}", at.format("%Y-%m-%d %H:%M:%S UTC")),
+        );
+    }
+    if let Some(r) = &a.reason {
+        output::row(12, "reason", r);
+    }
+    output::row(12, "spec sha256", &a.spec_hash);
+    println!("will run:");
+    let spec = serde_json::to_string_pretty(&a.spec).unwrap_or_default();
+    for line in spec.lines() {
+        println!("  {}", output::clean(line));
+    }
+}
+
+fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result<()> {
+    let api = target.api()?;
+    match cmd {
+        ApprovalsCommand::List { all, output } => {
+            let list: Vec<Approval> = api
+                .get(if all {
+                    "/approvals"
+                } else {
+                    "/approvals?state=pending"
+                })
+                .await?;
+            match output {
+                Output::Json => output::json(&list)?,
+                Output::Text => {
+                    let now = Utc::now();
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                a.id.clone(),
+                                a.state.as_str().to_owned(),
+                                a.job_id
+                                    .as_ref()
+                                    .map(|j| format!("job {j}"))
+                                    .or_else(|| a.run_id.as_ref().map(|r| format!("run {r}")))
+                                    .unwrap_or_default(),
+                                a.requested_by.clone(),
+                                format!("{}/{}", a.approved_by.len(), a.approvers_needed),
+                                output::ago(Some(a.requested_at), now),
+                                a.reasons.join("; "),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &["ID", "STATE", "FOR", "BY", "APPROVALS", "REQUESTED", "WHY"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        ApprovalsCommand::Show { id, output } => {
+            let a: Approval = api.get(&format!("/approvals/{}", segment(&id))).await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => print(&a),
+            }
+        }
+        ApprovalsCommand::Approve { id, reason } => {
+            let a: Approval = api
+                .post(
+                    &format!("/approvals/{}/approve", segment(&id)),
+                    &DecideRequest { reason },
+                )
+                .await?;
+            if a.state == drover_proto::approvals::ApprovalState::Approved {
+                eprintln!("approval {} granted: the work is released", a.id);
+            } else {
+                eprintln!(
+                    "approval {} counted: {} of {} approvals",
+                    a.id,
+                    a.approved_by.len(),
+                    a.approvers_needed
+                );
+            }
+        }
+        ApprovalsCommand::Reject { id, reason } => {
+            let a: Approval = api
+                .post(
+                    &format!("/approvals/{}/reject", segment(&id)),
+                    &DecideRequest {
+                        reason: Some(reason),
+                    },
+                )
+                .await?;
+            eprintln!("approval {} rejected: its work is cancelled", a.id);
+        }
+        ApprovalsCommand::Rules { output } => {
+            let rules: Vec<Protection> = api.get("/protections").await?;
+            match output {
+                Output::Json => output::json(&rules)?,
+                Output::Text => {
+                    let rows: Vec<Vec<String>> = rules
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.id.clone(),
+                                r.kind.as_str().to_owned(),
+                                r.pattern.clone(),
+                                r.approvers.to_string(),
+                                r.created_by.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["ID", "KIND", "PATTERN", "APPROVERS", "BY"], &rows);
+                }
+            }
+        }
+        ApprovalsCommand::Protect {
+            kind,
+            pattern,
+            approvers,
+        } => {
+            let _: Vec<Protection> = api
+                .post(
+                    "/protections",
+                    &ProtectRequest {
+                        kind: kind.into(),
+                        pattern: pattern.clone(),
+                        approvers,
+                    },
+                )
+                .await?;
+            eprintln!(
+                "{} {pattern} is protected: work touching it waits for {} approval(s)",
+                ProtectionKind::from(kind).as_str(),
+                approvers.unwrap_or(1)
+            );
+        }
+        ApprovalsCommand::Unprotect { id } => {
+            api.delete(&format!("/protections/{}", segment(&id)))
+                .await?;
+            eprintln!("protection {id} removed");
+        }
+    }
+    Ok(())
+}
