@@ -38,6 +38,12 @@ pub enum ApprovalsCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Follow requests live: every pending one, then each change as it
+    /// happens (one JSON object per line with -o json). Ends with Ctrl-C.
+    Watch {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// One request with exactly what will run.
     Show {
         id: String,
@@ -185,6 +191,7 @@ pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result
                 }
             }
         }
+        ApprovalsCommand::Watch { output } => return watch(&api, output).await,
         ApprovalsCommand::Show { id, output } => {
             let a: Approval = api.get(&format!("/approvals/{}", segment(&id))).await?;
             match output {
@@ -270,4 +277,57 @@ pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// Prints approval events as the server sends them; reconnects when the
+/// stream breaks (a restart), as the stream starts with what is pending.
+async fn watch(api: &crate::client::Api, output: Output) -> anyhow::Result<()> {
+    let mut failures = 0u32;
+    loop {
+        let mut resp = match api.open("/approvals/events", &[]).await {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                if failures > 60 {
+                    return Err(e.context("the approval stream stayed unavailable"));
+                }
+                eprintln!("approval stream unavailable ({e:#}); retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    500 * u64::from(failures.min(10)),
+                ))
+                .await;
+                continue;
+            }
+        };
+        failures = 0;
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let data: Vec<&str> = block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                let Ok(a) = serde_json::from_str::<Approval>(&data.join("\n")) else {
+                    continue;
+                };
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string(&a)?),
+                    Output::Text => println!(
+                        "{} {} {} {}/{} by {}: {}",
+                        Utc::now().format("%H:%M:%S"),
+                        a.id,
+                        a.state.as_str(),
+                        a.approved_by.len(),
+                        a.approvers_needed,
+                        a.requested_by,
+                        output::clean(&a.reasons.join("; "))
+                    ),
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }

@@ -426,6 +426,13 @@ impl Tx {
         .fetch_one(&mut *c)
         .await)?;
         let need = row.approvers_needed.max(1);
+        // Watchers of the job or run (and of approvals) look again.
+        if let Some(job_id) = &row.job_id {
+            self.changes.jobs.insert(job_id.clone());
+        }
+        if let Some(run_id) = &row.run_id {
+            self.changes.run_events.insert(run_id.clone());
+        }
         if have < need {
             return Ok(Vote::Counted {
                 have: u32::try_from(have).unwrap_or(0),

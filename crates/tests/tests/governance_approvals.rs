@@ -561,3 +561,90 @@ async fn unanswered_requests_expire() {
         drop(agent);
     }
 }
+
+/// Reads server-sent `approval` events until one satisfies `want`.
+async fn next_event(
+    resp: &mut reqwest::Response,
+    buf: &mut String,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.trim_start())
+                .collect();
+            if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                if want(&v) {
+                    return v;
+                }
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .expect("an approval event in time")
+            .unwrap()
+            .expect("the stream stays open");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// The live stream shows a new request and each decision as they happen.
+#[tokio::test]
+async fn approvals_stream_live() {
+    for backend in BACKENDS {
+        let cluster = Cluster::start(backend).await;
+        cluster.apply_actions(CATALOG);
+        let agent = cluster.enroll_agent(&[]).await;
+        cluster.wait_online(&agent.id).await;
+        let bob = operator(&cluster, "bob").await;
+        cluster.cli_ok(&[
+            "approvals",
+            "protect",
+            "action",
+            "deploy",
+            "--approvers",
+            "2",
+        ]);
+        let mut resp = cluster
+            .http
+            .get(format!("{}/api/v1/approvals/events", cluster.url))
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut buf = String::new();
+        let job = cluster.submit("deploy", &agent.id, &[]);
+        let ev = next_event(&mut resp, &mut buf, |v| v["job_id"] == job.as_str()).await;
+        assert_eq!(ev["state"], "pending");
+        let id = ev["id"].as_str().unwrap().to_owned();
+        api(
+            &cluster,
+            "POST",
+            &format!("/approvals/{id}/approve"),
+            &bob,
+            None,
+        )
+        .await;
+        let ev = next_event(&mut resp, &mut buf, |v| v["id"] == id.as_str()).await;
+        assert_eq!(
+            (ev["state"].as_str(), ev["approved_by"].clone()),
+            (Some("pending"), json!(["bob"]))
+        );
+        api(
+            &cluster,
+            "POST",
+            &format!("/approvals/{id}/reject"),
+            &bob,
+            Some(json!({"reason": "no"})),
+        )
+        .await;
+        let ev = next_event(&mut resp, &mut buf, |v| v["id"] == id.as_str()).await;
+        assert_eq!(ev["state"], "rejected");
+        drop(agent);
+    }
+}

@@ -60,6 +60,7 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/api/v1/users/{name}/password", Rule::SelfOrAdmin),
     ("GET", "/api/v1/approvals", Rule::Viewer),
     ("GET", "/api/v1/approvals/{id}", Rule::Viewer),
+    ("GET", "/api/v1/approvals/events", Rule::Viewer),
     ("POST", "/api/v1/approvals/{id}/approve", Rule::Operator),
     ("POST", "/api/v1/approvals/{id}/reject", Rule::Operator),
     ("GET", "/api/v1/protections", Rule::Viewer),
@@ -141,6 +142,14 @@ async fn call(
     }
     let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
+    let streaming = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streaming {
+        // A live stream never ends: its status is the answer.
+        return (status, Value::Null);
+    }
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 

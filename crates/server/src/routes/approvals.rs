@@ -25,6 +25,7 @@ use crate::state::AppState;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_approvals))
+        .routes(routes!(approval_events))
         .routes(routes!(show_approval))
         .routes(routes!(approve))
         .routes(routes!(reject))
@@ -65,6 +66,77 @@ async fn list_approvals(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     Ok(Json(state.store.list_approvals(filter, limit).await?))
+}
+
+/// How often the stream looks again when no commit woke it.
+const STREAM_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Server-sent events of approval requests: first every pending one, then
+/// each request whose state or approvals change, as they happen (event
+/// `approval`, data the JSON `Approval`).
+#[utoipa::path(
+    get, path = "/api/v1/approvals/events", tag = "approvals",
+    security(("user" = [])),
+    responses((status = 200, description = "text/event-stream of Approval", content_type = "text/event-stream"))
+)]
+async fn approval_events(
+    State(state): State<AppState>,
+    _user: UserAuth,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt;
+    // Seen: id -> (state, approvals). The first round sends the pending.
+    let seen: std::collections::HashMap<String, (ApprovalState, usize)> =
+        std::collections::HashMap::new();
+    let rx = state.hub.subscribe();
+    let feed = futures_util::stream::unfold(
+        (state, rx, seen, true),
+        |(state, mut rx, mut seen, first)| async move {
+            if !first {
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return None,
+                    _ = rx.recv() => {}
+                    _ = tokio::time::sleep(STREAM_POLL) => {}
+                }
+                // Coalesce a burst of commits into one look.
+                while rx.try_recv().is_ok() {}
+            }
+            let list = match state.store.list_approvals(None, 200).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "approval stream: reading requests");
+                    return Some((Vec::new(), (state, rx, seen, false)));
+                }
+            };
+            let mut out = Vec::new();
+            for a in list.into_iter().rev() {
+                let now = (a.state, a.approved_by.len());
+                let changed = match seen.get(&a.id) {
+                    Some(before) => *before != now,
+                    None => !first || a.state == ApprovalState::Pending,
+                };
+                seen.insert(a.id.clone(), now);
+                if changed {
+                    out.push(a);
+                }
+            }
+            Some((out, (state, rx, seen, false)))
+        },
+    )
+    .flat_map(futures_util::stream::iter)
+    .map(|a| {
+        let data = serde_json::to_string(&a).unwrap_or_default();
+        Ok(Event::default()
+            .event("approval")
+            .id(a.id.clone())
+            .data(data))
+    });
+    Ok(Sse::new(feed).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Approval, ApiError> {
