@@ -92,6 +92,7 @@ pub async fn create(
                 expires_at: Some(expires_at),
                 labels: stored.labels,
                 group: stored.group,
+                tls_fingerprint: state.tls_fingerprint.clone(),
             })
         }
         TokenKind::Api => {
@@ -122,6 +123,7 @@ pub async fn create(
                 expires_at,
                 labels: Default::default(),
                 group: None,
+                tls_fingerprint: None,
             })
         }
     }
