@@ -18,6 +18,9 @@ use serde::Serialize;
 pub enum ClientError {
     #[error("cannot reach the server at {url}: {source}")]
     Unreachable { url: String, source: reqwest::Error },
+    /// The server's certificate does not match the pin (or the roots).
+    #[error("{message} (server {url})")]
+    Untrusted { url: String, message: String },
     #[error("server answered {status}: {code}: {message}")]
     Refused {
         status: u16,
@@ -69,9 +72,27 @@ pub struct Client {
     base: String,
 }
 
+/// A failed send: an untrusted certificate, or an unreachable server.
+fn send_failed(url: &str, source: reqwest::Error) -> ClientError {
+    match crate::tls::untrusted(&source) {
+        Some(message) => ClientError::Untrusted {
+            url: url.to_owned(),
+            message,
+        },
+        None => ClientError::Unreachable {
+            url: url.to_owned(),
+            source,
+        },
+    }
+}
+
 impl Client {
-    pub fn new(server: &str) -> Result<Client, ClientError> {
-        let http = reqwest::Client::builder()
+    /// A client for `server`, trusting only what `pin` says over HTTPS
+    /// (the public web roots without one); a pin refuses plain HTTP.
+    pub fn new(server: &str, pin: Option<&crate::tls::Pin>) -> Result<Client, ClientError> {
+        let builder = crate::tls::apply(reqwest::Client::builder(), server, pin)
+            .map_err(ClientError::Protocol)?;
+        let http = builder
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
             // Idle connections are dropped quickly so that a moved server
@@ -129,13 +150,7 @@ impl Client {
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let resp = req.send().await.map_err(|e| send_failed(&url, e))?;
         Self::check(url, resp).await
     }
 
@@ -271,13 +286,7 @@ impl Client {
         if let Some(len) = len {
             req = req.header(reqwest::header::CONTENT_LENGTH, len);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let resp = req.send().await.map_err(|e| send_failed(&url, e))?;
         let (url, resp) = Self::check(url, resp).await?;
         resp.json()
             .await

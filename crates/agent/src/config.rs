@@ -109,6 +109,20 @@ pub struct AgentArgs {
         global = true
     )]
     pub workspace_local_roots: Option<Vec<PathBuf>>,
+    /// Trust only servers whose certificate this CA (PEM) signed; kept in
+    /// the state dir at enrollment [default: the pin kept there].
+    #[arg(long, env = "DROVER_AGENT_CA_FILE", value_name = "FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Trust only the server certificate with this fingerprint
+    /// (sha256:HEX, from `drover token create`); kept in the state dir at
+    /// enrollment [default: the pin kept there].
+    #[arg(
+        long,
+        env = "DROVER_AGENT_CA_FINGERPRINT",
+        value_name = "SHA256",
+        global = true
+    )]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// Log output format.
@@ -166,6 +180,8 @@ struct FileConfig {
     docker_host: Option<String>,
     allow_sandboxes: Option<Vec<String>>,
     workspace_local_roots: Option<Vec<PathBuf>>,
+    ca_file: Option<PathBuf>,
+    ca_fingerprint: Option<String>,
 }
 
 /// Where the Docker engine is.
@@ -269,6 +285,9 @@ pub struct AgentConfig {
     /// itself (root, usually), so a local path anywhere else would let a
     /// task read a repository its own user could not.
     pub workspace_local_roots: Vec<PathBuf>,
+    /// The server's CA or certificate, from `ca_file`/`ca_fingerprint`;
+    /// beats the pin kept in the state dir (`tls`).
+    pub pin: Option<crate::tls::Pin>,
 }
 
 /// A configuration that cannot be used, naming the file, line or option.
@@ -395,6 +414,13 @@ impl AgentConfig {
                 .into_iter()
                 .filter(|p| !p.as_os_str().is_empty())
                 .collect(),
+            pin: crate::tls::Pin::configured(
+                args.ca_file.as_deref().or(file.ca_file.as_deref()),
+                args.ca_fingerprint
+                    .as_deref()
+                    .or(file.ca_fingerprint.as_deref()),
+            )
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?,
         };
         if let Some(root) = config
             .workspace_local_roots

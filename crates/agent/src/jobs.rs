@@ -126,7 +126,7 @@ fn refusal_is_final(e: &ClientError) -> bool {
 /// Worth trying the same request again soon.
 fn is_transient(e: &ClientError) -> bool {
     match e {
-        ClientError::Unreachable { .. } => true,
+        ClientError::Unreachable { .. } | ClientError::Untrusted { .. } => true,
         ClientError::Refused { status, .. } => *status >= 500 || matches!(status, 408 | 429),
         ClientError::Protocol(_) => false,
     }

@@ -48,6 +48,7 @@ pub mod state;
 pub mod survivors;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
 pub mod workspace;
 #[cfg(test)]
 mod workspace_tests;
@@ -76,6 +77,8 @@ pub enum Error {
     State(#[from] state::StateError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Trust(#[from] tls::TrustError),
     #[error("not enrolled (state dir {0}): run drover-agent enroll --server URL --token TOKEN")]
     NotEnrolled(PathBuf),
     #[error(
@@ -110,6 +113,9 @@ pub struct EnrollOptions {
     pub token: String,
     /// Replace an existing identity in the state dir.
     pub force: bool,
+    /// The server's CA or certificate (`tls::enrollment_pin`); `None`
+    /// keeps the pin already in the state dir, if any.
+    pub pin: Option<tls::Pin>,
 }
 
 /// Trades a bootstrap token for an identity and stores it in the state dir.
@@ -123,7 +129,13 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<StoredCreden
             });
         }
     }
-    let client = Client::new(&opts.server)?;
+    // A pin given now replaces the one kept; none given keeps it (a
+    // re-enrollment never trusts less than the last one did).
+    let pin = match &opts.pin {
+        Some(pin) => Some(pin.clone()),
+        None => tls::stored(dir)?,
+    };
+    let client = Client::new(&opts.server, pin.as_ref())?;
     let resp = client
         .enroll(&EnrollRequest {
             token: opts.token.trim().to_owned(),
@@ -135,6 +147,10 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<StoredCreden
             ClientError::Refused { message, .. } => Error::EnrollRefused(message),
             other => Error::Client(other),
         })?;
+    // The pin first: credentials are never kept without it.
+    if let Some(pin) = &pin {
+        tls::store(dir, pin)?;
+    }
     let creds = StoredCredentials {
         server: client.server().to_owned(),
         agent_id: resp.agent_id,
@@ -198,8 +214,20 @@ pub async fn run_with(
         .server
         .clone()
         .unwrap_or_else(|| creds.server.clone());
+    // The configured pin beats the one kept at enrollment.
+    let pin = match &config.pin {
+        Some(pin) => Some(pin.clone()),
+        None => tls::stored(&dir)?,
+    };
+    if pin.is_none() && server.starts_with("http://") && !is_loopback_url(&server) {
+        tracing::warn!(
+            %server,
+            "talking to the server over plain HTTP across the network: its tokens can be read \
+             on the way; serve HTTPS and pin its CA or fingerprint"
+        );
+    }
     let session = Arc::new(session::Session::new(
-        Client::new(&server)?,
+        Client::new(&server, pin.as_ref())?,
         dir.clone(),
         creds,
     ));
@@ -326,6 +354,21 @@ pub async fn run_with(
     session.settle().await;
     tracing::info!("agent stopped");
     outcome
+}
+
+/// True when `url`'s host is a loopback address or `localhost`.
+fn is_loopback_url(url: &str) -> bool {
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+    else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Probes the Docker engine once and removes the attempt containers this

@@ -30,7 +30,8 @@ struct Cli {
 enum Command {
     /// Trade a one-time bootstrap token for this machine's identity.
     Enroll {
-        /// The bootstrap token from `drover token create`.
+        /// The bootstrap token from `drover token create`; TOKEN#sha256:HEX
+        /// also pins the server's certificate (as --ca-fingerprint does).
         #[arg(long, env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
         token: String,
         /// Replace an identity already in the state dir.
@@ -121,16 +122,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll { token, force } => {
             init_logging(&config);
             let dir = StateDir::open(&config.state_dir)?;
-            let server = config.server.clone().ok_or(Error::NoServer)?;
-            let creds = drover_agent::enroll(
-                &dir,
-                &EnrollOptions {
-                    server,
-                    token,
-                    force,
-                },
-            )
-            .await?;
+            let creds =
+                drover_agent::enroll(&dir, &enroll_options(&config, &token, force)?).await?;
             println!("{}", creds.agent_id);
             eprintln!(
                 "enrolled as agent {} with {}; start it with: drover-agent run --state-dir {}",
@@ -144,16 +137,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config);
             let dir = StateDir::open(&config.state_dir)?;
             if let (Some(token), None) = (token, dir.credentials()?) {
-                let server = config.server.clone().ok_or(Error::NoServer)?;
-                drover_agent::enroll(
-                    &dir,
-                    &EnrollOptions {
-                        server,
-                        token,
-                        force: false,
-                    },
-                )
-                .await?;
+                drover_agent::enroll(&dir, &enroll_options(&config, &token, false)?).await?;
             }
             let shutdown = CancellationToken::new();
             tokio::spawn(drover_agent::signals::stop_on_signals(shutdown.clone()));
@@ -166,12 +150,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The server, the token and the pin of an enrollment: a fingerprint
+/// attached to the token (`TOKEN#sha256:HEX`) pins like --ca-fingerprint.
+fn enroll_options(config: &AgentConfig, token: &str, force: bool) -> Result<EnrollOptions, Error> {
+    let server = config.server.clone().ok_or(Error::NoServer)?;
+    let (token, attached) = drover_agent::tls::split_token(token)?;
+    Ok(EnrollOptions {
+        server,
+        token,
+        force,
+        pin: drover_agent::tls::enrollment_pin(config.pin.clone(), attached)?,
+    })
+}
+
 fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
     let Some(dir) = StateDir::existing(&config.state_dir) else {
         anyhow::bail!(Error::NotEnrolled(config.state_dir.clone()));
     };
     let creds = dir.credentials().context("reading credentials")?;
     let local = dir.local_state().context("reading local state")?;
+    let pin = match &config.pin {
+        Some(pin) => Some(pin.clone()),
+        None => drover_agent::tls::stored(&dir).context("reading the pinned certificate")?,
+    };
     let Some(creds) = creds else {
         anyhow::bail!(Error::NotEnrolled(config.state_dir.clone()));
     };
@@ -185,6 +186,7 @@ fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
         "last_error_at": local.last_error_at,
         "heartbeat_interval_secs": local.heartbeat_interval_secs,
         "credentials_rejected": local.credentials_rejected,
+        "trusts": pin.map(|p| p.describe()),
         // Results written but not yet acknowledged by the server.
         "outbox": Outbox::existing(&dir).map_or(0, |o| o.len()),
         "version": drover_agent::VERSION,
@@ -207,6 +209,7 @@ fn status(config: &AgentConfig, output: Output) -> anyhow::Result<()> {
                 "last_error_at",
                 "heartbeat_interval_secs",
                 "credentials_rejected",
+                "trusts",
                 "outbox",
                 "version",
             ] {

@@ -154,7 +154,7 @@ fn concurrent_expiries_refresh_once() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(tmp.path()).unwrap();
         let session = Arc::new(Session::new(
-            Client::new(&url).unwrap(),
+            Client::new(&url, None).unwrap(),
             dir.clone(),
             credentials(&url),
         ));
@@ -279,6 +279,7 @@ fn runs_work_end_to_end() {
                 crate::config::SandboxKind::Docker,
             ],
             workspace_local_roots: Vec::new(),
+            pin: None,
         };
         let shutdown = CancellationToken::new();
         let agent = tokio::spawn({
@@ -393,6 +394,7 @@ fn forced_kill_from_the_poll_reaches_a_running_attempt() {
             docker_host: crate::config::DockerHost::Off,
             allow_sandboxes: vec![crate::config::SandboxKind::Process],
             workspace_local_roots: Vec::new(),
+            pin: None,
         };
         let shutdown = CancellationToken::new();
         let agent = tokio::spawn({

@@ -1,6 +1,7 @@
 //! A small typed client of the REST API for the CLI.
 
 use anyhow::{anyhow, Context};
+use drover_agent::tls::Pin;
 use drover_proto::{ErrorBody, API_PREFIX};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -12,6 +13,9 @@ pub struct Api {
     http: reqwest::Client,
     pub server: String,
     token: Option<String>,
+    /// The server's pin as given (kept in the profile by `drover login`).
+    pub trust: crate::ops::Trust,
+    pin: Option<Pin>,
 }
 
 /// A refusal from the server, with its stable code.
@@ -24,17 +28,35 @@ pub struct ApiFailure {
 }
 
 impl Api {
-    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Api> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
+    pub fn new(
+        server: &str,
+        token: Option<String>,
+        mut trust: crate::ops::Trust,
+    ) -> anyhow::Result<Api> {
+        if let Some(path) = &trust.ca_file {
+            trust.ca_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
+        }
+        let pin = Pin::configured(trust.ca_file.as_deref(), trust.ca_fingerprint.as_deref())?;
+        let server = server.trim_end_matches('/').to_owned();
+        let http = Self::builder(&server, pin.as_ref())?
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
         Ok(Api {
             http,
-            server: server.trim_end_matches('/').to_owned(),
+            server,
             token,
+            trust,
+            pin,
         })
+    }
+
+    /// A client builder that trusts what the pin says (the public web
+    /// roots without one; with one, never plain HTTP).
+    fn builder(server: &str, pin: Option<&Pin>) -> anyhow::Result<reqwest::ClientBuilder> {
+        let builder =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+        drover_agent::tls::apply(builder, server, pin).map_err(|e| anyhow!(e))
     }
 
     fn require_token(&self) -> anyhow::Result<&str> {
@@ -89,7 +111,7 @@ impl Api {
             .bearer_auth(self.require_token()?)
             .send()
             .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+            .map_err(|e| self.reach_error(e))?;
         Self::refusal(resp).await.map(drop)
     }
 
@@ -101,19 +123,26 @@ impl Api {
         headers: &[(&str, String)],
     ) -> anyhow::Result<reqwest::Response> {
         let url = format!("{}{API_PREFIX}{path}", self.server);
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
+        let client = Self::builder(&self.server, self.pin.as_ref())?
             .build()
             .context("building the HTTP client")?;
         let mut req = client.get(&url).bearer_auth(self.require_token()?);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        let resp = req.send().await.map_err(|e| self.reach_error(e))?;
         Self::refusal(resp).await
+    }
+
+    /// A request without a body that failed: an untrusted certificate, or
+    /// a server out of reach.
+    fn reach_error(&self, e: reqwest::Error) -> anyhow::Error {
+        match drover_agent::tls::untrusted(&e) {
+            Some(why) => anyhow!("{why} (server {})", self.server),
+            None => {
+                anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.server))
+            }
+        }
     }
 
     /// What a failed send means to the user: the server could not be
@@ -121,6 +150,9 @@ impl Api {
     /// (typically a body over its `max_body_bytes`, refused with 413 before
     /// it was read).
     fn send_error(&self, e: reqwest::Error) -> anyhow::Error {
+        if let Some(why) = drover_agent::tls::untrusted(&e) {
+            return anyhow!("{why} (server {})", self.server);
+        }
         if e.is_connect() || e.is_timeout() {
             anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.server))
         } else {

@@ -36,6 +36,21 @@ struct Cli {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+    /// Trust only a server whose certificate this CA (PEM) signed [default:
+    /// the profile's; else the public web roots]. `drover login` keeps it
+    /// in the profile.
+    #[arg(long, env = "DROVER_CA_FILE", global = true, value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Trust only the server certificate with this fingerprint
+    /// (sha256:HEX) [default: the profile's]. `drover login` keeps it in
+    /// the profile.
+    #[arg(
+        long,
+        env = "DROVER_CA_FINGERPRINT",
+        global = true,
+        value_name = "SHA256"
+    )]
+    ca_fingerprint: Option<String>,
     /// Saved profile to use.
     #[arg(
         long,
@@ -54,7 +69,7 @@ enum Command {
     /// Run the control-plane server.
     Server(ServerArgs),
     /// Run a server on SQLite plus one local agent: a whole Drover in one command.
-    Up(ServerArgs),
+    Up(serve::UpArgs),
     /// Log in with a password and save the session in the profile.
     Login(ops::LoginArgs),
     /// Create, list and revoke tokens.
@@ -157,6 +172,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         server: cli.server,
         token: cli.token,
         profile: cli.profile,
+        ca_file: cli.ca_file,
+        ca_fingerprint: cli.ca_fingerprint,
     };
     match cli.command {
         Command::Server(args) => serve::server(args).await,

@@ -83,11 +83,20 @@ pub struct Target {
     pub server: Option<String>,
     pub token: Option<String>,
     pub profile: String,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub ca_fingerprint: Option<String>,
+}
+
+/// The server's pin as given: a CA file or a fingerprint.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub ca_fingerprint: Option<String>,
 }
 
 impl Target {
-    /// Resolves server and token: flag or variable, else the profile. The
-    /// profile's token is used only with the profile's own server.
+    /// Resolves server, token and pin: flag or variable, else the profile.
+    /// The profile's token and pin are used only with its own server.
     pub fn api(&self) -> anyhow::Result<Api> {
         let file = ProfileFile::load(&profile::path())?;
         let saved = file.profiles.get(&self.profile);
@@ -96,12 +105,24 @@ impl Target {
             .clone()
             .or_else(|| saved.map(|p| p.server.clone()))
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-        let token = self.token.clone().or_else(|| {
-            saved
-                .filter(|p| same_server(&p.server, &server))
-                .and_then(|p| p.token.clone())
-        });
-        Api::new(&server, token)
+        let own = saved.filter(|p| same_server(&p.server, &server));
+        let token = self
+            .token
+            .clone()
+            .or_else(|| own.and_then(|p| p.token.clone()));
+        let trust = if self.ca_file.is_some() || self.ca_fingerprint.is_some() {
+            Trust {
+                ca_file: self.ca_file.clone(),
+                ca_fingerprint: self.ca_fingerprint.clone(),
+            }
+        } else {
+            own.map(|p| Trust {
+                ca_file: p.ca_file.clone(),
+                ca_fingerprint: p.ca_fingerprint.clone(),
+            })
+            .unwrap_or_default()
+        };
+        Api::new(&server, token, trust)
     }
 }
 
@@ -152,6 +173,8 @@ pub async fn login(target: &Target, args: LoginArgs) -> anyhow::Result<()> {
         Profile {
             server: api.server.clone(),
             token: Some(resp.token),
+            ca_file: api.trust.ca_file.clone(),
+            ca_fingerprint: api.trust.ca_fingerprint.clone(),
         },
     );
     file.save(&path)?;
@@ -270,10 +293,18 @@ pub async fn token(target: &Target, cmd: TokenCommand) -> anyhow::Result<()> {
                 .map(|t| format!("expires {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
                 .unwrap_or_else(|| "does not expire".to_owned());
             match created.kind {
-                TokenKind::Bootstrap => eprintln!(
-                    "one-time bootstrap token {} ({expiry}); enroll with:\n  drover-agent enroll --server {} --token <TOKEN>",
-                    created.id, api.server
-                ),
+                TokenKind::Bootstrap => {
+                    // Over HTTPS the agent pins the server's certificate.
+                    let pin = created
+                        .tls_fingerprint
+                        .as_deref()
+                        .map(|f| format!(" --ca-fingerprint {f}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "one-time bootstrap token {} ({expiry}); enroll with:\n  drover-agent enroll --server {}{pin} --token <TOKEN>",
+                        created.id, api.server
+                    )
+                }
                 TokenKind::Api => eprintln!(
                     "API token {} ({expiry}); use it with DROVER_TOKEN=<TOKEN> or --token",
                     created.id

@@ -1,4 +1,5 @@
-//! The CLI's saved profiles (server URL and token per name), kept in the
+//! The CLI's saved profiles (server URL, token and the server's pinned
+//! CA or certificate fingerprint per name), kept in the
 //! user's config dir with mode 0600: `~/.config/drover/cli.toml`.
 
 use std::collections::BTreeMap;
@@ -14,6 +15,12 @@ use serde::{Deserialize, Serialize};
 pub struct Profile {
     pub server: String,
     pub token: Option<String>,
+    /// The CA (PEM file) the server's certificate must be signed by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The fingerprint (sha256:HEX) the server's certificate must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// The whole profile file.

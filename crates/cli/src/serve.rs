@@ -68,7 +68,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// The URL a local client uses to reach a listener.
-fn local_url(addr: SocketAddr) -> String {
+fn local_url(addr: SocketAddr, tls: bool) -> String {
     let host = if addr.ip().is_unspecified() {
         match addr {
             SocketAddr::V4(_) => "127.0.0.1".to_owned(),
@@ -80,7 +80,38 @@ fn local_url(addr: SocketAddr) -> String {
             SocketAddr::V6(a) => format!("[{}]", a.ip()),
         }
     };
-    format!("http://{host}:{}", addr.port())
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{host}:{}", addr.port())
+}
+
+/// Flags of `drover up`: the server's, and `--tls`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Serve HTTPS with a self-signed certificate kept in the data dir
+    /// (made at the first start, reused after); prints its fingerprint.
+    /// --tls-cert and --tls-key use a certificate of your own instead.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The names the self-signed certificate of `drover up --tls` is valid
+/// for: loopback, this host's name and the address listened on.
+fn self_signed_names(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let host = drover_agent::inventory::hostname();
+    if !host.is_empty() && !names.contains(&host) {
+        names.push(host);
+    }
+    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+        names.push(listen.ip().to_string());
+    }
+    names
 }
 
 /// Waits for the server task to finish, at most the grace period.
@@ -102,6 +133,9 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(&config);
     let server = Server::open(config).await?;
     announce_admin(&server.ensure_admin().await?);
+    if let Some(fingerprint) = server.tls_fingerprint() {
+        eprintln!("  Serving HTTPS; certificate fingerprint {fingerprint}");
+    }
     let listener = bind(server.config().listen).await?;
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
@@ -110,14 +144,28 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     finish(task).await
 }
 
-pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
-    let config = ServerConfig::load(&args)?;
+pub async fn up(args: UpArgs, target: &Target) -> anyhow::Result<()> {
+    let mut config = ServerConfig::load(&args.server)?;
     init_logging(&config);
     let data_dir = config.data_dir.clone();
+    if args.tls && config.tls.is_none() {
+        drover_server::private::dir(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let (cert, key) =
+            drover_server::tls::self_signed(&data_dir, &self_signed_names(config.listen))?;
+        config.tls = Some(drover_server::config::TlsFiles { cert, key });
+    }
     let server = Server::open(config).await?;
     let admin = server.ensure_admin().await?;
     let listener = bind(server.config().listen).await?;
-    let url = local_url(listener.local_addr()?);
+    let fingerprint = server.tls_fingerprint().map(str::to_owned);
+    let url = local_url(listener.local_addr()?, fingerprint.is_some());
+    // The local agent and the CLI profile trust exactly this certificate.
+    let pin = fingerprint
+        .as_deref()
+        .map(drover_agent::tls::Fingerprint::parse)
+        .transpose()?
+        .map(drover_agent::tls::Pin::Fingerprint);
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     let handle = server.clone();
@@ -135,6 +183,11 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("setting the mode of {}", data_dir.display()))?;
+    }
+    if pin.is_none() {
+        // An earlier `up --tls` pinned its certificate; this start serves
+        // plain HTTP on the same machine, to the same process.
+        drover_agent::tls::forget(&dir)?;
     }
     let agent_id = match dir.credentials()? {
         Some(c) => c.agent_id,
@@ -158,6 +211,7 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
                     server: url.clone(),
                     token: token.token,
                     force: false,
+                    pin: pin.clone(),
                 },
             )
             .await
@@ -194,14 +248,21 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
         } else {
             vec!["/".into()]
         },
+        pin,
     };
     let agent_shutdown = shutdown.clone();
     let agent_task =
         tokio::spawn(async move { drover_agent::run(&agent_config, agent_shutdown).await });
 
-    let profile_path = write_profile(&handle, target, &url).await?;
+    let profile_path = write_profile(&handle, target, &url, fingerprint.as_deref()).await?;
     eprintln!();
     eprintln!("  Drover is running at {url}");
+    if let Some(fingerprint) = &fingerprint {
+        eprintln!("  TLS certificate fingerprint: {fingerprint}");
+        eprintln!(
+            "  Agents elsewhere pin it: drover-agent enroll --server URL --ca-fingerprint {fingerprint} --token TOKEN"
+        );
+    }
     match &admin {
         AdminInit::CreatedWithGeneratedPassword(_) | AdminInit::CreatedWithGivenPassword => {
             announce_admin(&admin)
@@ -229,17 +290,22 @@ pub async fn up(args: ServerArgs, target: &Target) -> anyhow::Result<()> {
     finish(server_task).await
 }
 
-/// Saves a CLI profile for this server with an API token of the admin, unless
-/// the profile already holds a token this server accepts.
+/// Saves a CLI profile for this server with an API token of the admin
+/// (unless the profile already holds a token this server accepts) and the
+/// fingerprint of its certificate when it serves HTTPS.
 async fn write_profile(
     server: &Server,
     target: &Target,
     url: &str,
+    fingerprint: Option<&str>,
 ) -> anyhow::Result<std::path::PathBuf> {
     let path = profile::path();
     let mut file = ProfileFile::load(&path)?;
     if let Some(p) = file.profiles.get(&target.profile) {
-        if p.server.trim_end_matches('/') == url {
+        if p.server.trim_end_matches('/') == url
+            && p.ca_fingerprint.as_deref() == fingerprint
+            && p.ca_file.is_none()
+        {
             if let Some(token) = &p.token {
                 let hash = drover_server::auth::hash_token(token);
                 let usable =
@@ -272,6 +338,8 @@ async fn write_profile(
         Profile {
             server: url.to_owned(),
             token: Some(token.token),
+            ca_file: None,
+            ca_fingerprint: fingerprint.map(str::to_owned),
         },
     );
     file.save(&path)?;

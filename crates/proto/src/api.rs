@@ -110,6 +110,11 @@ pub struct CreatedToken {
     pub role: Option<Role>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<crate::access::Scope>,
+    /// The fingerprint (`sha256:HEX`) of the certificate the server serves
+    /// HTTPS with, for `drover-agent enroll --ca-fingerprint`; absent on
+    /// plain HTTP (also behind a proxy that terminates TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
 }
 
 /// Health of an agent, derived from its last heartbeat.

@@ -148,6 +148,17 @@ pub struct ServerArgs {
         value_name = "CIDR"
     )]
     pub webhook_allow: Option<Vec<String>>,
+    /// Serve HTTPS with this certificate chain (PEM, the server's first);
+    /// needs --tls-key.
+    #[arg(long, env = "DROVER_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "DROVER_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on an address other than loopback (behind a proxy
+    /// that terminates TLS); refused without it.
+    #[arg(long, env = "DROVER_ALLOW_PLAIN_HTTP", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_plain_http: Option<bool>,
     /// Password of the admin user created at the first start; generated and
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
@@ -219,6 +230,9 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     body_timeout: Option<Duration>,
     webhook_allow: Option<Vec<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    allow_plain_http: Option<bool>,
 }
 
 /// The resolved configuration the server runs with.
@@ -259,7 +273,18 @@ pub struct ServerConfig {
     pub connections: crate::connections::ConnectionLimits,
     /// Internal networks webhooks may reach (public ones always).
     pub webhook_allow: Vec<ipnet::IpNet>,
+    /// Certificate and key of HTTPS; `None` serves plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// See `ServerArgs::allow_plain_http`.
+    pub allow_plain_http: bool,
     pub admin_password: Option<String>,
+}
+
+/// The certificate chain and key files of `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A configuration that cannot be used, with the file, line or option at fault.
@@ -491,6 +516,22 @@ impl ServerConfig {
                     .unwrap_or_default(),
             )
             .map_err(ConfigError::Invalid)?,
+            tls: match (
+                args.tls_cert.clone().or(file.tls_cert),
+                args.tls_key.clone().or(file.tls_key),
+            ) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "tls_cert and tls_key go together: give both or neither".to_owned(),
+                    ))
+                }
+            },
+            allow_plain_http: args
+                .allow_plain_http
+                .or(file.allow_plain_http)
+                .unwrap_or(false),
             admin_password: args.admin_password.clone().or_else(|| {
                 std::env::var("DROVER_ADMIN_PASSWORD")
                     .ok()
@@ -569,6 +610,29 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// Plain HTTP is served on loopback only: elsewhere tokens and
+    /// passwords would cross the network in clear. `allow_plain_http`
+    /// opens it (a proxy in front terminates TLS), with a warning.
+    pub fn check_listen(&self) -> Result<(), ConfigError> {
+        if self.tls.is_some() || self.listen.ip().is_loopback() {
+            return Ok(());
+        }
+        if self.allow_plain_http {
+            tracing::warn!(
+                listen = %self.listen,
+                "serving plain HTTP on a network address: tokens and passwords cross the \
+                 network in clear unless a proxy in front terminates TLS"
+            );
+            return Ok(());
+        }
+        Err(ConfigError::Invalid(format!(
+            "listen {} is not a loopback address and no TLS is configured: give tls_cert and \
+             tls_key (--tls-cert, --tls-key), or set allow_plain_http (--allow-plain-http) \
+             when a proxy in front terminates TLS",
+            self.listen
+        )))
+    }
+
     /// The thresholds that turn "last seen" into a health status.
     pub fn health(&self) -> drover_proto::api::HealthThresholds {
         drover_proto::api::HealthThresholds {
@@ -638,6 +702,30 @@ mod tests {
             err.contains("stale_after must be at least heartbeat_interval"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn plain_http_stays_on_loopback_unless_allowed() {
+        let on = |listen: &str, extra: &str| {
+            load_text(
+                &format!("listen = \"{listen}\"\n{extra}"),
+                ServerArgs::default(),
+            )
+            .and_then(|c| c.check_listen())
+        };
+        assert!(on("127.0.0.1:7070", "").is_ok());
+        assert!(on("[::1]:7070", "").is_ok());
+        let err = on("0.0.0.0:7070", "").unwrap_err().to_string();
+        assert!(
+            err.contains("0.0.0.0:7070 is not a loopback address") && err.contains("tls_cert"),
+            "{err}"
+        );
+        assert!(on("0.0.0.0:7070", "allow_plain_http = true\n").is_ok());
+        assert!(on("0.0.0.0:7070", "tls_cert = \"c\"\ntls_key = \"k\"\n").is_ok());
+        let err = on("127.0.0.1:7070", "tls_cert = \"c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_cert and tls_key go together"), "{err}");
     }
 
     #[test]

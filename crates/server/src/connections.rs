@@ -16,6 +16,9 @@
 //!   served one request each, with `HEADROOM_TIMEOUT`, so `/healthz` and
 //!   `/readyz` still answer at the limit; beyond that a new connection is
 //!   closed at once rather than left waiting in the kernel's queue.
+//! - with TLS, the handshake runs on the connection's own task, holding its
+//!   slot, and must be over within the header timeout: a client that starts
+//!   one and stalls gives the slot back as one that stalls in its headers.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +38,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -114,12 +119,14 @@ fn raise_fd_limit(wanted: u64) -> Option<u64> {
     Some(raised.rlim_cur)
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled, then lets the
-/// connections finish their requests (long polls end on the same token).
+/// Serves `app` on `listener` (over TLS when given an acceptor) until
+/// `shutdown` is cancelled, then lets the connections finish their
+/// requests (long polls end on the same token).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let wanted = (limits.max_connections + HEADROOM + RESERVED_FDS) as u64;
@@ -190,6 +197,7 @@ pub async fn serve(
             peer,
             slot,
             headroom,
+            tls: tls.clone(),
             app: app.clone(),
             limits: limits.clone(),
             shutdown: shutdown.clone(),
@@ -216,6 +224,7 @@ struct Connection {
     peer: SocketAddr,
     slot: OwnedSemaphorePermit,
     headroom: bool,
+    tls: Option<TlsAcceptor>,
     app: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
@@ -233,11 +242,31 @@ async fn serve_connection(c: Connection) {
     } else {
         (c.limits.header_read_timeout, c.limits.idle_timeout)
     };
+    let stream = match &c.tls {
+        None => Stream::Plain(c.stream),
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(header_timeout, acceptor.accept(c.stream));
+            tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "closing a connection whose TLS handshake came too slowly");
+                        return;
+                    }
+                },
+                _ = c.shutdown.cancelled() => return,
+            }
+        }
+    };
     let activity = Arc::new(Activity::default());
     // The slot travels with the socket: a connection upgraded to a
     // WebSocket keeps it until the socket closes.
     let io = TokioIo::new(Tracked {
-        inner: c.stream,
+        inner: stream,
         activity: activity.clone(),
         _slot: c.slot,
     });
@@ -349,10 +378,74 @@ impl Drop for Busy {
     }
 }
 
+/// A connection's byte stream: the socket, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// The socket, noting reads for the header deadline and holding the
 /// connection's slot.
 struct Tracked {
-    inner: TcpStream,
+    inner: Stream,
     activity: Arc<Activity>,
     _slot: OwnedSemaphorePermit,
 }

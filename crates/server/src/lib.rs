@@ -25,6 +25,7 @@ pub mod selector;
 pub mod state;
 pub mod tasks;
 pub mod throttle;
+pub mod tls;
 pub mod webhooks;
 pub mod workflow;
 
@@ -71,6 +72,8 @@ pub enum Error {
     Artifacts(#[from] artifacts::ArtifactError),
     #[error(transparent)]
     Task(#[from] tasks::TaskFailure),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// What happened to the admin user at start.
@@ -88,11 +91,21 @@ pub enum AdminInit {
 #[derive(Debug, Clone)]
 pub struct Server {
     state: AppState,
+    tls: Option<tls::ServerTls>,
 }
 
 impl Server {
     /// Opens (creating when missing) the data dir, the database and the key.
     pub async fn open(config: ServerConfig) -> Result<Server, Error> {
+        config.check_listen()?;
+        let tls = match &config.tls {
+            Some(files) => {
+                let tls = tls::load(&files.cert, &files.key)?;
+                tracing::info!(cert = %files.cert.display(), fingerprint = %tls.fingerprint, "serving HTTPS");
+                Some(tls)
+            }
+            None => None,
+        };
         private::dir(&config.data_dir).map_err(|source| Error::DataDir {
             path: config.data_dir.display().to_string(),
             source,
@@ -138,7 +151,9 @@ impl Server {
                 artifacts,
                 logins: Arc::new(throttle::LoginGuard::new(&config_login)),
                 shutdown: CancellationToken::new(),
+                tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
             },
+            tls,
         })
     }
 
@@ -148,6 +163,12 @@ impl Server {
 
     pub fn store(&self) -> &Store {
         &self.state.store
+    }
+
+    /// The fingerprint (`sha256:HEX`) of the certificate served, when the
+    /// server serves HTTPS.
+    pub fn tls_fingerprint(&self) -> Option<&str> {
+        self.tls.as_ref().map(|t| t.fingerprint.as_str())
     }
 
     /// Creates the admin user if no user exists yet.
@@ -227,7 +248,8 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let addr = listener.local_addr().map_err(Error::Serve)?;
-        tracing::info!(%addr, "listening");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "listening");
         let app = self.router();
         // Long-polls and waits end as soon as shutdown starts.
         let state_shutdown = self.state.shutdown.clone();
@@ -250,7 +272,8 @@ impl Server {
             tasks.spawn(TaskKind::Hub, hear_replicas(self.state.clone(), listener));
         }
         let limits = self.state.config.connections.clone();
-        let served = connections::serve(listener, app, &limits, shutdown.clone());
+        let acceptor = self.tls.as_ref().map(|t| t.acceptor.clone());
+        let served = connections::serve(listener, app, &limits, acceptor, shutdown.clone());
         let outcome = tokio::select! {
             () = served => Ok(()),
             failure = tasks.watch() => {

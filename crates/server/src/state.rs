@@ -24,4 +24,7 @@ pub struct AppState {
     pub logins: Arc<crate::throttle::LoginGuard>,
     /// Cancelled when the server shuts down; long-polls return at once.
     pub shutdown: CancellationToken,
+    /// `sha256:HEX` of the certificate served over HTTPS (`None`: plain
+    /// HTTP); token answers carry it so agents can pin it.
+    pub tls_fingerprint: Option<String>,
 }

@@ -288,6 +288,9 @@ pub struct ServerOptions {
     /// The server's open-file limit (soft and hard), to see what it does
     /// when file descriptors run short.
     pub open_files: Option<u64>,
+    /// Serve HTTPS with these files (`TestPki::files`); the cluster's
+    /// client and CLI trust its CA.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ServerOptions {
@@ -300,6 +303,7 @@ impl Default for ServerOptions {
             listen_ip: None,
             database_url: None,
             open_files: None,
+            tls: None,
         }
     }
 }
@@ -334,6 +338,10 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| "127.0.0.1".to_owned());
         let port = free_port_on(&ip);
+        let (scheme, http) = match &options.tls {
+            Some(tls) => ("https", tls.client()),
+            None => ("http", reqwest::Client::new()),
+        };
         let mut cluster = Cluster {
             backend,
             database_url: options
@@ -343,12 +351,12 @@ impl Cluster {
             _db: db,
             dir: tempfile::tempdir().expect("temp dir"),
             port,
-            url: format!("http://{ip}:{port}"),
+            url: format!("{scheme}://{ip}:{port}"),
             options,
             server: None,
             starts: 0,
             admin_token: String::new(),
-            http: reqwest::Client::new(),
+            http,
         };
         cluster.start_server().await;
         cluster.admin_token = cluster.login(ADMIN_PASSWORD).await.expect("admin login");
@@ -389,6 +397,12 @@ impl Cluster {
             .args(["--log-format", "json"]);
         if let Some(ttl) = self.options.agent_access_ttl {
             cmd.args(["--agent-access-ttl", ttl]);
+        }
+        if let Some(tls) = &self.options.tls {
+            cmd.arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key);
         }
         cmd.args(&self.options.extra_args)
             .envs(self.options.extra_env.iter().map(|(k, v)| (k, v)))
@@ -522,6 +536,9 @@ impl Cluster {
             .env("HOME", self.dir.path())
             .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
             .stdin(Stdio::null());
+        if let Some(tls) = &self.options.tls {
+            cmd.env("DROVER_CA_FILE", &tls.ca);
+        }
         cmd
     }
 
@@ -1026,5 +1043,89 @@ impl Drop for HttpGate {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+// ---- TLS (issue 13, point 6) -------------------------------------------
+
+/// The files of a server's TLS: its certificate and key, and the CA that
+/// signed the certificate.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// A client that trusts the CA (and nothing else).
+    pub fn client(&self) -> reqwest::Client {
+        let pem = std::fs::read(&self.ca).expect("read the CA");
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA pem"))
+            .build()
+            .expect("TLS client")
+    }
+}
+
+/// A throwaway CA and a server certificate it signed, valid for
+/// 127.0.0.1 and localhost, in files (rcgen).
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    /// `sha256:HEX` of the server certificate (DER).
+    pub fingerprint: String,
+    files: TlsFiles,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        use sha2::Digest;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "drover test CA");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "drover test server");
+        let key = KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &issuer).expect("server certificate");
+        let files = TlsFiles {
+            cert: dir.path().join("server.crt"),
+            key: dir.path().join("server.key"),
+            ca: dir.path().join("ca.crt"),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("write cert");
+        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+        std::fs::write(&files.ca, ca_cert.pem()).expect("write CA");
+        let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.der())));
+        TestPki {
+            dir,
+            fingerprint,
+            files,
+        }
+    }
+
+    pub fn files(&self) -> TlsFiles {
+        self.files.clone()
+    }
+
+    pub fn ca_file(&self) -> &Path {
+        &self.files.ca
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
     }
 }

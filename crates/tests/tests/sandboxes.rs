@@ -239,6 +239,8 @@ async fn docker_limits_are_enforced() {
     let gateway = docker_gateway();
     let options = ServerOptions {
         listen_ip: Some(gateway.clone()),
+        // The bridge is not loopback: plain HTTP there is opted into.
+        extra_args: vec!["--allow-plain-http".into()],
         ..ServerOptions::default()
     };
     let (cluster, agent) = cluster_with_agent(Backend::Sqlite, options).await;

@@ -114,6 +114,7 @@ pub async fn create(
                 group: stored.group,
                 role: None,
                 scope: None,
+                tls_fingerprint: state.tls_fingerprint.clone(),
             })
         }
         TokenKind::Api => {
@@ -171,6 +172,7 @@ pub async fn create(
                 group: None,
                 role: Some(role),
                 scope: (!scope.is_everywhere()).then_some(scope),
+                tls_fingerprint: None,
             })
         }
     }
