@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod fleet;
 pub mod jobs;
 pub mod sandboxes;
+pub mod secrets;
 pub mod system;
 pub mod tokens;
 pub mod users;
@@ -36,6 +37,7 @@ use crate::state::AppState;
         (name = "audit", description = "Who changed what"),
         (name = "workflows", description = "Durable workflow runs, their events and artifacts"),
         (name = "webhooks", description = "Notifications when runs end"),
+        (name = "secrets", description = "The secrets vault: values go in, never out"),
     )
 )]
 struct ApiDoc;
@@ -76,6 +78,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(audit::router())
         .merge(workflows::router())
         .merge(webhooks::router())
+        .merge(secrets::router())
 }
 
 /// Adds the error answers every operation can really give, with the
