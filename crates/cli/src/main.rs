@@ -8,6 +8,7 @@ mod logtext;
 mod ops;
 mod output;
 mod profile;
+mod secrets;
 mod serve;
 mod users;
 mod workflow;
@@ -107,6 +108,9 @@ enum Command {
     /// Read the audit log.
     #[command(subcommand)]
     Audit(jobs::AuditCommand),
+    /// The secrets vault: set, list, rm, rotate-master-key.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
     /// Print the version.
     Version,
 }
@@ -191,6 +195,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(cmd) => jobs::audit(&target, cmd).await,
         Command::Workflow(cmd) => workflow::workflow(&target, cmd).await,
         Command::Webhooks(cmd) => workflow::webhooks(&target, cmd).await,
+        Command::Secrets(cmd) => secrets::secrets(&target, cmd).await,
         Command::Version => {
             println!("drover {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -431,6 +431,10 @@ pub struct Assignment {
     /// removes (`builtin:workspace-create`, `builtin:workspace-remove`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceSpec>,
+    /// Values of the secrets in `env`: the agent replaces them with `***`
+    /// in the output it sends (the server masks again before storing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mask: Vec<String>,
 }
 
 /// The argv of the built-in action that runs without a process.

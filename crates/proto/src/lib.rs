@@ -17,6 +17,7 @@ pub mod labels;
 pub mod limits;
 pub mod metrics_text;
 pub mod sandbox;
+pub mod secrets;
 pub mod unique;
 pub mod workflows;
 

@@ -103,6 +103,12 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
         if element.contains('\0') {
             return field(&format!("argv[{i}]"), "contains a NUL byte".to_owned());
         }
+        if crate::vault::mentions_secret(element) {
+            return field(
+                &format!("argv[{i}]"),
+                "refers to a secret: secrets may only be used in env, never in argv, which other users of the host can read (e.g. env: {TOKEN: \"${{ secrets.NAME }}\"}, then \"$TOKEN\" in a script)".to_owned(),
+            );
+        }
         let parts = parse_element(element)
             .or_else(|m| field(&format!("argv[{i}]"), m).map(|()| Vec::new()))?;
         let whole = matches!(parts.as_slice(), [Part::Param(_)]);
@@ -183,6 +189,8 @@ pub fn validate_spec(spec: &ActionSpec) -> Result<(), String> {
         if !ok {
             return field("env", format!("'{k}' is not a valid variable name"));
         }
+        crate::vault::secret_refs(&spec.env[k])
+            .or_else(|m| field(&format!("env.{k}"), m).map(|()| Vec::new()))?;
     }
     if spec.timeout.is_zero() {
         return field("timeout", "must be above zero".to_owned());

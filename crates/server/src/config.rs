@@ -72,6 +72,12 @@ pub struct ServerArgs {
     /// [default: DATA_DIR/signing.key]. Replicas must share it.
     #[arg(long, env = "DROVER_SIGNING_KEY_FILE", value_name = "FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// File of the vault's master keys, one per line (64 hex characters):
+    /// the current key first, then previous ones while rotating; created
+    /// (mode 0600) with a new key when missing [default: DATA_DIR/master.key].
+    /// `DROVER_MASTER_KEY` (keys separated by commas) takes its place.
+    #[arg(long, env = "DROVER_MASTER_KEY_FILE", value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
     /// Lease of a dispatched attempt; the agent renews it every third of it,
     /// and an attempt whose lease runs out is lost [default: 30s].
     #[arg(long, env = "DROVER_ATTEMPT_LEASE", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -163,6 +169,10 @@ pub struct ServerArgs {
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
     pub admin_password: Option<String>,
+    /// The vault's master keys (see `master_key_file`). Only read from the
+    /// environment, never a flag (argv is readable by other users).
+    #[arg(skip)]
+    pub master_key: Option<String>,
 }
 
 /// Log output format.
@@ -201,6 +211,7 @@ struct FileConfig {
     approval_ttl: Option<Duration>,
     max_body_bytes: Option<usize>,
     signing_key_file: Option<PathBuf>,
+    master_key_file: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     attempt_lease: Option<Duration>,
     log_cap_bytes: Option<u64>,
@@ -255,6 +266,8 @@ pub struct ServerConfig {
     pub approval_ttl: Duration,
     pub max_body_bytes: usize,
     pub signing_key_file: PathBuf,
+    /// Where the vault's master keys come from.
+    pub master_key: crate::vault::MasterKeySource,
     pub attempt_lease: Duration,
     pub log_cap_bytes: u64,
     pub max_long_polls: usize,
@@ -396,6 +409,19 @@ impl ServerConfig {
                 .clone()
                 .or(file.signing_key_file)
                 .unwrap_or_else(|| data_dir.join("signing.key")),
+            master_key: match args.master_key.clone().or_else(|| {
+                std::env::var("DROVER_MASTER_KEY")
+                    .ok()
+                    .filter(|k| !k.trim().is_empty())
+            }) {
+                Some(keys) => crate::vault::MasterKeySource::Variable(keys),
+                None => crate::vault::MasterKeySource::File(
+                    args.master_key_file
+                        .clone()
+                        .or(file.master_key_file)
+                        .unwrap_or_else(|| data_dir.join("master.key")),
+                ),
+            },
             data_dir,
             database_url,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

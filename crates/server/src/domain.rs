@@ -53,6 +53,10 @@ pub enum Error {
     /// The action or an agent is outside the submitter's scope.
     #[error("{0}")]
     OutOfScope(String),
+    /// A referenced secret does not exist, or may not reach the action or
+    /// one of the agents.
+    #[error("{0}")]
+    Secret(String),
     /// A stored catalog entry cannot be read.
     #[error("stored {what} '{name}' is unreadable: {detail}")]
     Corrupt {
@@ -265,14 +269,54 @@ impl<'s> Jobs<'s> {
         if !limits.allows_action(action) {
             return limits.check(action, &[]).map_err(Error::OutOfScope);
         }
+        let records = self.agent_records(agents).await?;
+        let refs: Vec<&AgentRecord> = records.iter().collect();
+        limits.check(action, &refs).map_err(Error::OutOfScope)
+    }
+
+    async fn agent_records(&mut self, agents: &[String]) -> Result<Vec<AgentRecord>, Error> {
         let mut records = Vec::with_capacity(agents.len());
         for id in agents {
             if let Some(a) = self.store.agent(id).await? {
                 records.push(a);
             }
         }
-        let refs: Vec<&AgentRecord> = records.iter().collect();
-        limits.check(action, &refs).map_err(Error::OutOfScope)
+        Ok(records)
+    }
+
+    /// Every secret the variables reference exists and may reach the
+    /// action and each agent (dispatch checks again, as the secret may
+    /// change meanwhile). Values are not read here.
+    async fn check_secrets(
+        &mut self,
+        action: &str,
+        env: &BTreeMap<String, String>,
+        agents: &[String],
+        who: &str,
+    ) -> Result<(), Error> {
+        let names = crate::vault::env_refs(env).map_err(Error::Secret)?;
+        if names.is_empty() {
+            return Ok(());
+        }
+        let records = self.agent_records(agents).await?;
+        for name in names {
+            let Some(secret) = self.store.secret(&name).await? else {
+                return Err(Error::Secret(format!(
+                    "{who} uses secret '{name}', which does not exist: see drover secrets list"
+                )));
+            };
+            let scope = crate::vault::Scope {
+                name: &name,
+                actions: &secret.actions,
+                target: secret.target.as_deref(),
+            };
+            for agent in &records {
+                if let Some(why) = scope.refusal(action, agent) {
+                    return Err(Error::Secret(format!("{who}: {why}")));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks and renders everything a job needs; stores nothing.
@@ -319,6 +363,8 @@ impl<'s> Jobs<'s> {
                 )));
             }
         }
+        self.check_secrets(&spec.name, &env, &agents, req.who)
+            .await?;
         let params_json = serde_json::to_string(req.params).map_err(|e| Error::Corrupt {
             what: "parameters",
             name: req.action.to_owned(),

@@ -26,6 +26,7 @@ pub mod state;
 pub mod tasks;
 pub mod throttle;
 pub mod tls;
+pub mod vault;
 pub mod webhooks;
 pub mod workflow;
 
@@ -74,6 +75,8 @@ pub enum Error {
     Task(#[from] tasks::TaskFailure),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("secrets vault: {0}")]
+    Vault(#[from] vault::Error),
 }
 
 /// What happened to the admin user at start.
@@ -126,6 +129,19 @@ impl Server {
             path: config.signing_key_file.display().to_string(),
             source,
         })?;
+        let master = vault::MasterKeys::load(&config.master_key)?;
+        if let vault::MasterKeySource::File(path) = &config.master_key {
+            private::file(path).map_err(|source| Error::DataDir {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let vault = vault::Vault::open(&store, master).await?;
+        let sealed = vault.backfill_webhook_secrets(&store).await?;
+        if sealed > 0 {
+            tracing::info!(count = sealed, "sealed webhook secrets stored in clear");
+        }
+        tracing::info!(master_key = %vault.master_key_id(), "secrets vault opened");
         let max_long_polls = config.max_long_polls;
         let config_login = config.login.clone();
         let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
@@ -146,6 +162,7 @@ impl Server {
                 store,
                 config: Arc::new(config),
                 signing_key,
+                vault: Arc::new(vault),
                 metrics: Arc::new(Metrics::new()),
                 hub,
                 artifacts,

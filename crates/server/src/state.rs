@@ -17,6 +17,8 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ServerConfig>,
     pub signing_key: SigningKey,
+    /// The secrets vault, its data key unwrapped at start.
+    pub vault: Arc<crate::vault::Vault>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub artifacts: ArtifactStore,

@@ -104,14 +104,19 @@ async fn deliver(
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(EVENT_HEADER, d.event.as_str())
         .header(DELIVERY_HEADER, &d.id);
-    if let Some(secret) = &d.secret {
-        req = req.header(SIGNATURE_HEADER, signature(secret, &body));
+    // The secret is sealed in the vault; opened only to sign.
+    let mut unsealed = None;
+    if let Some(stored) = &d.secret {
+        match state.vault.webhook_secret(stored) {
+            Ok(secret) => req = req.header(SIGNATURE_HEADER, signature(&secret, &body)),
+            Err(e) => unsealed = Some(format!("webhook secret: {e}")),
+        }
     }
     let at = Utc::now();
     let clock = Instant::now();
     // A literal address never reaches the resolver: checked here (also
     // for deliveries queued before the policy changed).
-    let refused = policy.check_url(&d.url).err();
+    let refused = unsealed.or_else(|| policy.check_url(&d.url).err());
     let (status, error) = match refused {
         Some(why) => (None, Some(format!("refused: {why}"))),
         None => match req.body(body).send().await {

@@ -21,6 +21,7 @@ pub mod notify;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tx;
+pub mod vault;
 pub mod workflows;
 
 use std::str::FromStr;

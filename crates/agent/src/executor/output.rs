@@ -152,6 +152,9 @@ pub(super) struct StreamLog {
     dropping: bool,
     /// The uploader is gone: discard everything.
     closed: bool,
+    /// Secret values to replace with `***` before a chunk leaves; a chunk
+    /// ending in the start of one keeps that end back for the next.
+    masks: Vec<String>,
 }
 
 impl StreamLog {
@@ -165,7 +168,15 @@ impl StreamLog {
             pending: Vec::new(),
             dropping: false,
             closed: false,
+            masks: Vec::new(),
         }
+    }
+
+    /// Masks these values (the attempt's secrets) in what it sends.
+    pub(super) fn with_masks(mut self, masks: &[String]) -> StreamLog {
+        self.masks = masks.iter().filter(|m| !m.is_empty()).cloned().collect();
+        self.masks.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        self
     }
 
     /// Takes in output just read, keeping what the cap allows.
@@ -245,7 +256,21 @@ impl StreamLog {
                 return false;
             }
         };
-        let data = take_chunk(&mut self.pending, MAX_LOG_CHUNK, eof);
+        let mut data = take_chunk(&mut self.pending, MAX_LOG_CHUNK, eof);
+        if !self.masks.is_empty() {
+            data = mask(&data, &self.masks);
+            // A value split between this chunk and the next: keep its
+            // start back (in front of what waits) until the rest comes.
+            if !(eof && self.pending.is_empty()) {
+                let hold = held_back(&data, &self.masks);
+                if hold > 0 {
+                    let tail = data.split_off(data.len() - hold);
+                    let mut rest = tail.into_bytes();
+                    rest.append(&mut self.pending);
+                    self.pending = rest;
+                }
+            }
+        }
         if data.is_empty() {
             return false;
         }
@@ -257,6 +282,34 @@ impl StreamLog {
         self.seq += 1;
         true
     }
+}
+
+/// Replaces every value (longest first) with `***`.
+fn mask(text: &str, masks: &[String]) -> String {
+    let mut out = text.to_owned();
+    for m in masks {
+        if out.contains(m.as_str()) {
+            out = out.replace(m.as_str(), "***");
+        }
+    }
+    out
+}
+
+/// How many bytes at the end of `text` could be the start of a value.
+fn held_back(text: &str, masks: &[String]) -> usize {
+    let mut hold = 0;
+    for m in masks {
+        for k in (1..m.len()).rev() {
+            if k <= hold {
+                break;
+            }
+            if m.is_char_boundary(k) && text.ends_with(&m[..k]) {
+                hold = k;
+                break;
+            }
+        }
+    }
+    hold
 }
 
 /// Where the output of a stream was cut at its cap.
@@ -425,6 +478,26 @@ mod tests {
             assert_eq!(r.outcome, Outcome::Succeeded);
             assert_eq!(rx.recv().await.unwrap().data, "second\n");
         });
+    }
+
+    #[test]
+    fn secrets_are_masked_also_across_chunks() {
+        let (tx, mut rx) = mpsc::channel(100);
+        let mut log =
+            StreamLog::new(Stream::Stdout, 1 << 20).with_masks(&["s3cr3t-value".to_owned()]);
+        log.push(b"token=s3cr");
+        log.send_pending(&tx, false);
+        log.push(b"3t-value and s3cr3t-value; end s3");
+        log.send_pending(&tx, false);
+        log.push(b"x");
+        log.finish(&tx);
+        drop(tx);
+        let mut all = String::new();
+        while let Ok(chunk) = rx.try_recv() {
+            assert!(!chunk.data.contains("s3cr3t"), "{:?}", chunk.data);
+            all.push_str(&chunk.data);
+        }
+        assert_eq!(all, "token=*** and ***; end s3x");
     }
 
     #[test]

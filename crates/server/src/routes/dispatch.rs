@@ -173,10 +173,26 @@ async fn poll(
         let cancel: Vec<String> = stops.into_iter().map(|(id, _)| id).collect();
         if !claimed.is_empty() || !cancel.is_empty() || tokio::time::Instant::now() >= deadline {
             let mut assignments = Vec::with_capacity(claimed.len());
-            for c in claimed {
+            let mut agent_record = None;
+            for mut c in claimed {
                 state.metrics.observe_dispatch(
                     (now - c.ready_at).num_microseconds().unwrap_or(0) as f64 / 1e6,
                 );
+                // Secrets are put in only now, for an agent their scope
+                // allows; the job keeps the references.
+                let mask = match with_secrets(&state, agent, &mut agent_record, &c.action, &c.env)
+                    .await?
+                {
+                    Ok((env, values)) => {
+                        c.env = env;
+                        state.vault.remember(&c.attempt_id, values.clone());
+                        values
+                    }
+                    Err(why) => {
+                        refuse_attempt(&state, agent, &c.attempt_id, why).await?;
+                        continue;
+                    }
+                };
                 assignments.push(Assignment {
                     attempt_id: c.attempt_id,
                     job_id: c.job_id,
@@ -190,6 +206,7 @@ async fn poll(
                     artifacts: c.artifacts,
                     sandbox: Some(c.sandbox),
                     workspace: c.workspace,
+                    mask,
                 });
             }
             return Ok(Json(PollResponse {
@@ -217,6 +234,69 @@ async fn poll(
             _ = state.shutdown.cancelled() => return Ok(Json(PollResponse::default()).into_response()),
         }
     }
+}
+
+/// The attempt's environment with its secrets' values, and the values
+/// (to mask its output); `Err` with the reason when one may not be given
+/// to this agent or action.
+async fn with_secrets(
+    state: &AppState,
+    agent: &str,
+    record: &mut Option<drover_store::AgentRecord>,
+    action: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<Result<(std::collections::BTreeMap<String, String>, Vec<String>), String>, ApiError> {
+    if !env.values().any(|v| crate::vault::mentions_secret(v)) {
+        return Ok(Ok((env.clone(), Vec::new())));
+    }
+    if record.is_none() {
+        *record = state.store.agent(agent).await?;
+    }
+    let Some(rec) = record.as_ref() else {
+        return Ok(Err(format!("agent {agent} not found")));
+    };
+    let values = match state.vault.resolve(&state.store, action, env, rec).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(why)) => return Ok(Err(why)),
+        Err(crate::vault::Error::Store(e)) => return Err(e.into()),
+        Err(other) => return Ok(Err(other.to_string())),
+    };
+    let filled = env
+        .iter()
+        .map(|(k, v)| (k.clone(), crate::vault::substitute(v, &values)))
+        .collect();
+    Ok(Ok((filled, values.into_values().collect())))
+}
+
+/// Ends an attempt that may not be handed out (`rejected`, with why), as
+/// if the agent had refused it; the job's policy decides what follows.
+async fn refuse_attempt(
+    state: &AppState,
+    agent: &str,
+    attempt: &str,
+    why: String,
+) -> Result<(), ApiError> {
+    let now = Utc::now();
+    tracing::warn!(attempt = %attempt, agent = %agent, reason = %why, "attempt refused at dispatch");
+    let result = AttemptResult {
+        attempt_id: attempt.to_owned(),
+        outcome: drover_proto::jobs::Outcome::Rejected,
+        exit_code: None,
+        signal: None,
+        started_at: None,
+        finished_at: now,
+        duration_ms: 0,
+        error: Some(why),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        outputs: Default::default(),
+        limit_exceeded: None,
+    };
+    state
+        .store
+        .record_result(agent, &result, fastrand::f64(), now)
+        .await?;
+    Ok(())
 }
 
 /// The attempt started running.
@@ -293,7 +373,15 @@ async fn upload_log(
         return Err(forbidden_attempt(&id));
     }
     let stream = usize::from(req.stream == Stream::Stderr);
-    let len = req.data.len() as i64;
+    // Secrets are masked before anything is stored (the agent masks too,
+    // and also where a value spans two chunks).
+    let masks = state.vault.masks(&state.store, &id).await?;
+    let data = if masks.is_empty() {
+        req.data
+    } else {
+        crate::vault::mask(&req.data, &masks)
+    };
+    let len = data.len() as i64;
     if target.used[stream] + len > cap {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -307,7 +395,7 @@ async fn upload_log(
     }
     let mut tx = state.store.begin().await?;
     let stored = tx
-        .append_log(&target, &id, req.stream, seq, &req.data, Utc::now())
+        .append_log(&target, &id, req.stream, seq, &data, Utc::now())
         .await?;
     tx.commit().await?;
     if stored {
@@ -379,6 +467,14 @@ async fn report_result(
         )));
     }
     result.check().map_err(ApiError::invalid)?;
+    let mut result = result;
+    let masks = state.vault.masks(&state.store, &id).await?;
+    if !masks.is_empty() {
+        result.error = result.error.map(|e| crate::vault::mask(&e, &masks));
+        for v in result.outputs.values_mut() {
+            *v = crate::vault::mask(v, &masks);
+        }
+    }
     match state
         .store
         .record_result(&claims.sub, &result, fastrand::f64(), Utc::now())
@@ -386,6 +482,7 @@ async fn report_result(
     {
         Recorded::Recorded { .. } => {
             state.hub.forget_log_target(&id);
+            state.vault.forget(&id);
             state
                 .metrics
                 .result_recorded(result.outcome.state().as_str());
@@ -397,6 +494,7 @@ async fn report_result(
         Recorded::Duplicate { .. } => Ok(Json(ResultAck { recorded: false })),
         Recorded::Late { job_id } => {
             state.hub.forget_log_target(&id);
+            state.vault.forget(&id);
             tracing::warn!(attempt = %id, job = %job_id, outcome = ?result.outcome, "result arrived after the attempt was declared lost; kept as information, no state changed");
             Ok(Json(ResultAck { recorded: false }))
         }

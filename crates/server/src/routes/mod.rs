@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod fleet;
 pub mod jobs;
 pub mod sandboxes;
+pub mod secrets;
 pub mod system;
 pub mod tokens;
 pub mod users;
@@ -40,6 +41,7 @@ use crate::state::AppState;
         (name = "audit", description = "Who changed what"),
         (name = "workflows", description = "Durable workflow runs, their events and artifacts"),
         (name = "webhooks", description = "Notifications when runs end"),
+        (name = "secrets", description = "The secrets vault: values go in, never out"),
     )
 )]
 struct ApiDoc;
@@ -82,6 +84,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(audit::router())
         .merge(workflows::router())
         .merge(webhooks::router())
+        .merge(secrets::router())
 }
 
 /// Adds the error answers every operation can really give, with the

@@ -53,9 +53,13 @@ async fn create_webhook(
         req.events
     };
     let now = Utc::now();
+    let sealed = state
+        .vault
+        .seal_webhook_secret(&req.secret)
+        .map_err(|e| ApiError::internal("sealing a webhook secret", &e))?;
     let id = state
         .store
-        .create_webhook(&req.url, &req.secret, &events, &user.username, now)
+        .create_webhook(&req.url, &sealed, &events, &user.username, now)
         .await?;
     Ok((
         StatusCode::CREATED,

@@ -341,6 +341,11 @@ fn check(raw: RawDef, source: &str) -> Result<Parsed, String> {
             if let serde_json::Value::String(s) = value {
                 let refs = template::refs(s).map_err(|e| ctx(format!("param '{param}': {e}")))?;
                 for r in refs {
+                    if let Ref::Secret(name) = &r {
+                        return Err(ctx(format!(
+                            "param '{param}' refers to secrets.{name}: a secret may only be used in env (an action's or the workspace's), never in parameters, which become argv that other users of the host can read"
+                        )));
+                    }
                     if let Ref::Input(input) = &r {
                         if !raw.inputs.contains_key(input) {
                             return Err(ctx(format!(
@@ -552,6 +557,11 @@ fn check_workspace_refs(
             Ref::TaskOutput(task, _) => {
                 return Err(format!(
                     "{field} refers to tasks.{task}: the workspace is made before any task runs"
+                ))
+            }
+            Ref::Secret(name) if !field.starts_with("env.") => {
+                return Err(format!(
+                    "{field} refers to secrets.{name}: a secret may only be used in env"
                 ))
             }
             _ => {}

@@ -115,6 +115,8 @@ pub enum EngineError {
     Store(#[from] drover_store::Error),
     #[error("stored definition {0} is unreadable: {1}")]
     Definition(String, String),
+    #[error("sealing a webhook secret: {0}")]
+    Vault(String),
 }
 
 /// Most waves of plan-and-apply in one pass; each wave changes something,
@@ -762,12 +764,20 @@ impl Engine {
     ) -> Result<bool, EngineError> {
         let now = Utc::now();
         let event = WebhookEvent::of(end);
-        let mut hooks: Vec<(String, Option<String>)> = def
-            .webhooks
-            .iter()
-            .filter(|h| h.events.contains(&event))
-            .map(|h| (h.url.clone(), h.secret.clone()))
-            .collect();
+        // A delivery keeps its secret sealed, as global webhooks do.
+        let mut hooks: Vec<(String, Option<String>)> = Vec::new();
+        for h in def.webhooks.iter().filter(|h| h.events.contains(&event)) {
+            let sealed = match &h.secret {
+                Some(s) => Some(
+                    self.state
+                        .vault
+                        .seal_webhook_secret(s)
+                        .map_err(|e| EngineError::Vault(e.to_string()))?,
+                ),
+                None => None,
+            };
+            hooks.push((h.url.clone(), sealed));
+        }
         for h in self.state.store.list_webhooks().await? {
             if h.events.is_empty() || h.events.contains(&event) {
                 hooks.push((h.url, Some(h.secret)));

@@ -12,6 +12,9 @@ pub enum Ref {
     Input(String),
     TaskOutput(String, String),
     RunId,
+    /// `secrets.NAME`: allowed in env values only, where it stays a
+    /// reference until the server hands the attempt to an agent.
+    Secret(String),
 }
 
 const OPEN: &str = "${{";
@@ -27,8 +30,11 @@ fn parse_ref(expr: &str) -> Result<Ref, String> {
             Ok(Ref::TaskOutput((*task).to_owned(), (*name).to_owned()))
         }
         ["run", "id"] => Ok(Ref::RunId),
+        ["secrets", name] if crate::vault::is_secret_name(name) => {
+            Ok(Ref::Secret((*name).to_owned()))
+        }
         _ => Err(format!(
-            "unknown reference '{expr}': use inputs.NAME, tasks.ID.outputs.NAME or run.id"
+            "unknown reference '{expr}': use inputs.NAME, tasks.ID.outputs.NAME, run.id or (in env) secrets.NAME"
         )),
     }
 }
@@ -75,6 +81,10 @@ pub fn render(s: &str, scope: &Scope<'_>) -> Result<String, String> {
         match piece {
             Ok(text) => out.push_str(text),
             Err(Ref::RunId) => out.push_str(scope.run_id),
+            // Kept as a reference: only dispatch puts the value in.
+            Err(Ref::Secret(name)) => {
+                out.push_str(&format!("${{{{ secrets.{name} }}}}"));
+            }
             Err(Ref::Input(name)) => out.push_str(
                 scope
                     .inputs
