@@ -423,6 +423,10 @@ pub struct Assignment {
     /// removes (`builtin:workspace-create`, `builtin:workspace-remove`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceSpec>,
+    /// The server's signatures (`signing`); an agent that knows the
+    /// server's key refuses an assignment without a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<crate::signing::Seal>,
 }
 
 /// The argv of the built-in action that runs without a process.

@@ -14,6 +14,7 @@ pub mod labels;
 pub mod limits;
 pub mod metrics_text;
 pub mod sandbox;
+pub mod signing;
 pub mod unique;
 pub mod workflows;
 
