@@ -17,6 +17,10 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ServerConfig>,
     pub signing_key: SigningKey,
+    /// Signs assignments as they are handed out (`sealing`).
+    pub assignment_signer: Arc<drover_proto::signing::Signer>,
+    /// Its public key (hex), told to agents at enrollment and heartbeats.
+    pub assignment_key: Arc<str>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub artifacts: ArtifactStore,

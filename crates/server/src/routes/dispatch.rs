@@ -173,11 +173,12 @@ async fn poll(
         let cancel: Vec<String> = stops.into_iter().map(|(id, _)| id).collect();
         if !claimed.is_empty() || !cancel.is_empty() || tokio::time::Instant::now() >= deadline {
             let mut assignments = Vec::with_capacity(claimed.len());
+            let expires_at_ms = (Utc::now() + crate::sealing::ASSIGNMENT_TTL).timestamp_millis();
             for c in claimed {
                 state.metrics.observe_dispatch(
                     (now - c.ready_at).num_microseconds().unwrap_or(0) as f64 / 1e6,
                 );
-                assignments.push(Assignment {
+                let mut a = Assignment {
                     attempt_id: c.attempt_id,
                     job_id: c.job_id,
                     action: c.action,
@@ -190,7 +191,21 @@ async fn poll(
                     artifacts: c.artifacts,
                     sandbox: Some(c.sandbox),
                     workspace: c.workspace,
-                });
+                    seal: None,
+                };
+                // Last, once the assignment is complete (anything injected
+                // into it, such as secrets, must come before): the seal
+                // covers what the agent receives.
+                if let Err(e) =
+                    state
+                        .assignment_signer
+                        .seal(&mut a, c.spec_sig.as_deref(), expires_at_ms)
+                {
+                    // Only a stored signature that is not hex gets here:
+                    // the agent refuses the unsealed assignment.
+                    tracing::error!(attempt = %a.attempt_id, job = %a.job_id, error = %e, "the job's stored spec signature is unusable");
+                }
+                assignments.push(a);
             }
             return Ok(Json(PollResponse {
                 assignments,
