@@ -216,6 +216,7 @@ fn assignment(id: &str, action: &str, argv: &[&str]) -> Assignment {
         artifacts: Vec::new(),
         sandbox: None,
         workspace: None,
+        seal: None,
     }
 }
 

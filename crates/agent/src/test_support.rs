@@ -29,6 +29,7 @@ pub(crate) fn assignment(argv: &[&str]) -> Assignment {
         artifacts: Vec::new(),
         sandbox: None,
         workspace: None,
+        seal: None,
     }
 }
 
