@@ -363,7 +363,7 @@ pub fn verify(a: &Assignment, key: &VerifyingKey, now_ms: i64) -> Result<(), Err
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::ProcessSandbox;
+    use crate::sandbox::{ByteSize, DockerSandbox, GitSource, ProcessSandbox, PullPolicy};
 
     fn signer(seed: u8) -> Signer {
         Signer::from_seed(&[seed; 32])
@@ -415,6 +415,45 @@ mod tests {
         // Through JSON and back, as the agent gets it.
         let text = serde_json::to_string(&a).unwrap_or_else(|e| panic!("{e}"));
         let back: Assignment = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(verify(&back, &s.public_key(), NOW), Ok(()));
+    }
+
+    /// A docker sandbox (a float, sizes) and a workspace with a git source,
+    /// signed before they are stored as JSON and verified after they are
+    /// read back, as the database and the wire do to them.
+    #[test]
+    fn profiles_survive_a_json_round_trip() {
+        let s = signer(7);
+        let docker = Sandbox::Docker(DockerSandbox {
+            name: "tight".into(),
+            description: String::new(),
+            image: "debian:bookworm-slim".into(),
+            pull: PullPolicy::Never,
+            cpus: Some(0.1 + 0.2),
+            memory: Some(ByteSize(1536 << 20)),
+            pids: Some(64),
+            network: "none".into(),
+            runtime: Some("runsc".into()),
+            read_only: true,
+            scratch: ByteSize(64 << 20),
+            user: Some("1000:1000".into()),
+            capabilities: vec!["CHOWN".into()],
+        });
+        let mut a = assignment();
+        a.sandbox = Some(docker.clone());
+        a.workspace = Some(WorkspaceSpec {
+            id: "ws-1".into(),
+            sandbox: docker,
+            git: Some(GitSource {
+                repo: "https://example.com/r.git".into(),
+                reference: Some("v1".into()),
+            }),
+        });
+        let spec = s.sign_spec(&Spec::of(&a)).unwrap_or_else(|e| panic!("{e}"));
+        let stored = serde_json::to_string(&a).unwrap_or_else(|e| panic!("{e}"));
+        let mut back: Assignment = serde_json::from_str(&stored).unwrap_or_else(|e| panic!("{e}"));
+        s.seal(&mut back, Some(&spec), NOW + 1)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(verify(&back, &s.public_key(), NOW), Ok(()));
     }
 

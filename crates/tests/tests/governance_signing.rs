@@ -14,12 +14,24 @@ use drover_store::testing::TestDb;
 use drover_tests::*;
 
 const CATALOG: &str = r#"
+sandboxes:
+  - name: limited
+    type: process
+    cpu_time: 30s
+    open_files: 64
+    address_space: 512m
 actions:
   - name: echo
     argv: ["/bin/echo", "{{message}}"]
     params:
       message: {type: string, max_length: 200}
     timeout: 10s
+  - name: limited-env
+    argv: ["/bin/sh", "-c", "echo \"$GREETING\""]
+    env: {GREETING: "hello from a sandbox"}
+    sandbox: limited
+    timeout: 1m 30s
+    kill_grace: 1500ms
 "#;
 
 /// Runs one SQL statement on the server's database, as an intruder with
@@ -102,6 +114,11 @@ async fn the_agent_refuses_an_assignment_edited_in_the_database() {
         // A normal job: signed, verified, run.
         let ok = cluster.submit("echo", &agent.id, &["--param", "message=signed"]);
         let job = cluster.wait_job(&ok, Duration::from_secs(20)).await;
+        assert_eq!(job.state, JobState::Succeeded, "{backend}: {job:?}");
+        // A sandbox with limits, an environment and odd durations survive
+        // the database and the wire byte for byte.
+        let limited = cluster.submit("limited-env", &agent.id, &[]);
+        let job = cluster.wait_job(&limited, Duration::from_secs(20)).await;
         assert_eq!(job.state, JobState::Succeeded, "{backend}: {job:?}");
 
         // With the agent away, two jobs wait in the queue; an intruder
