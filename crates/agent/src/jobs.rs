@@ -35,6 +35,7 @@ use drover_proto::jobs::{
 use drover_proto::limits::{
     DEFAULT_LEASE, MAX_KNOWN_ATTEMPTS, MAX_RESULT_ERROR, MIN_LEASE, POLL_WAIT,
 };
+use drover_proto::signing::{self, VerifyingKey};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +68,8 @@ pub(crate) struct JobsConfig {
     pub allow_actions: Vec<String>,
     pub exec: ExecOptions,
     pub max_backoff: Duration,
+    /// The server's key that signs assignments, if the agent knows it yet.
+    pub assignment_key: Option<VerifyingKey>,
 }
 
 struct Running {
@@ -97,6 +100,9 @@ pub(crate) struct Jobs {
     unsaved: Mutex<BTreeMap<String, AttemptResult>>,
     /// Why the agent takes no new work: it cannot write its results.
     problem: Mutex<Option<String>>,
+    /// The server's key that signs assignments: once known, every
+    /// assignment must verify with it (see `verify`).
+    assignment_key: Mutex<Option<VerifyingKey>>,
     /// Stops the poller, lease renewer and reporter.
     stop: CancellationToken,
     /// Parent of every attempt's cancel token: cancelling it stops them all.
@@ -143,6 +149,7 @@ impl Jobs {
         metrics.set_outbox(outbox.len());
         Jobs {
             session,
+            assignment_key: Mutex::new(config.assignment_key),
             config,
             outbox,
             metrics,
@@ -263,6 +270,14 @@ impl Jobs {
             tracing::debug!(attempt = %a.attempt_id, "ignoring a repeated assignment");
             return;
         }
+        // Before anything else is believed: an assignment the server did
+        // not sign as it is is refused and never runs.
+        if let Err(why) = self.verify(&a) {
+            tracing::error!(attempt = %a.attempt_id, job = %a.job_id, error = %why, "refusing an assignment");
+            self.store_result(executor::rejected(&a, &why));
+            self.result_ready.notify_one();
+            return;
+        }
         if !action_allowed(&self.config.allow_actions, &a.action) {
             tracing::warn!(attempt = %a.attempt_id, action = %a.action, "refusing an action not in allow_actions");
             let why = Refusal::ActionNotAllowed {
@@ -306,6 +321,26 @@ impl Jobs {
             let _alive = AliveGuard(jobs.clone());
             jobs.run_attempt(a, stop).await;
         });
+    }
+
+    /// Checks an assignment's signatures and expiry with the server's key.
+    /// Before the agent knows a key (enrolled before the server signed,
+    /// and no heartbeat answer has told it yet), every assignment passes.
+    fn verify(&self, a: &Assignment) -> Result<(), Refusal> {
+        let Some(key) = *lock(&self.assignment_key) else {
+            return Ok(());
+        };
+        signing::verify(a, &key, Utc::now().timestamp_millis()).map_err(Refusal::Signature)
+    }
+
+    /// The key assignments are checked with, if known.
+    pub(crate) fn assignment_key(&self) -> Option<VerifyingKey> {
+        *lock(&self.assignment_key)
+    }
+
+    /// Starts checking assignments with `key` (learned from a heartbeat).
+    pub(crate) fn trust_assignment_key(&self, key: VerifyingKey) {
+        *lock(&self.assignment_key) = Some(key);
     }
 
     /// Stops a running attempt: gracefully, or at once when `force`d

@@ -159,7 +159,22 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<StoredCreden
         refresh_token: resp.credentials.refresh_token,
         enrolled_at: Utc::now(),
     };
+    // The key is checked before anything is written: a server that sends
+    // a bad one is not enrolled with.
+    let key = match &resp.assignment_key {
+        Some(k) => {
+            drover_proto::signing::parse_public_key(k)
+                .map_err(|e| Error::EnrollRefused(format!("the server's assignment key: {e}")))?;
+            Some(state::AssignmentKey {
+                public_key: k.clone(),
+                learned_at: Utc::now(),
+                learned_from: "enrollment".to_owned(),
+            })
+        }
+        None => None,
+    };
     dir.save_credentials(&creds)?;
+    dir.save_assignment_key(key.as_ref())?;
     dir.save_local_state(&state::LocalState {
         agent_id: Some(creds.agent_id.clone()),
         server: Some(creds.server.clone()),
@@ -208,6 +223,17 @@ pub async fn run_with(
         )));
     }
     let outbox = outbox::Outbox::open(&dir)?;
+    let assignment_key = match dir.assignment_key()? {
+        Some(k) => Some(
+            drover_proto::signing::parse_public_key(&k.public_key).map_err(|e| {
+                Error::State(state::StateError::Corrupt {
+                    path: dir.path().join("assignment-key.json"),
+                    message: e.to_string(),
+                })
+            })?,
+        ),
+        None => None,
+    };
     // A server given in the config overrides the one of enrollment, so a
     // moved server needs no re-enrollment.
     let server = config
@@ -296,6 +322,7 @@ pub async fn run_with(
             allow_actions: config.allow_actions.clone(),
             exec,
             max_backoff: config.max_backoff,
+            assignment_key,
         },
         outbox,
         metrics.clone(),

@@ -217,6 +217,7 @@ fn assignment(id: &str, action: &str, argv: &[&str]) -> Assignment {
         sandbox: None,
         workspace: None,
         mask: Vec::new(),
+        seal: None,
     }
 }
 

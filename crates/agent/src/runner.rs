@@ -84,6 +84,8 @@ pub(crate) struct Runner {
     reported: Reported,
     backoff: Backoff,
     last_state_write: Option<chrono::DateTime<Utc>>,
+    /// The server named another assignment key, and this was logged.
+    key_mismatch_reported: bool,
 }
 
 impl Runner {
@@ -102,6 +104,7 @@ impl Runner {
             reported,
             backoff: Backoff::new(config.max_backoff),
             last_state_write: None,
+            key_mismatch_reported: false,
         })
     }
 
@@ -116,6 +119,9 @@ impl Runner {
             let wait = match outcome {
                 Ok(resp) => {
                     self.contact_ok(resp.heartbeat_interval_secs);
+                    if let Some(key) = &resp.assignment_key {
+                        self.learn_assignment_key(key);
+                    }
                     jittered(Duration::from_secs(resp.heartbeat_interval_secs.max(1)))
                 }
                 Err(e) if e.is_terminal() => return Err(self.record_rejection()),
@@ -171,6 +177,52 @@ impl Runner {
         self.session
             .call(|client, token| async move { client.heartbeat(&token, req).await })
             .await
+    }
+
+    /// Trust on first use: an agent that knows no key yet (enrolled before
+    /// the server signed assignments) keeps the one its authenticated
+    /// heartbeat answer names, on disk first. A known key is never
+    /// replaced: a different one is reported, and assignments signed
+    /// with it are refused until the agent is enrolled again.
+    fn learn_assignment_key(&mut self, text: &str) {
+        let key = match drover_proto::signing::parse_public_key(text) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the server's assignment key");
+                return;
+            }
+        };
+        match self.reported.jobs.assignment_key() {
+            Some(known) if known == key => {}
+            Some(_) => {
+                if !self.key_mismatch_reported {
+                    self.key_mismatch_reported = true;
+                    tracing::error!(
+                        "the server names another assignment key than the one this agent trusts; \
+                         its assignments will be refused (enroll again to trust the new key)"
+                    );
+                }
+            }
+            None => {
+                let stored = crate::state::AssignmentKey {
+                    public_key: drover_proto::signing::public_key_hex(&key),
+                    learned_at: Utc::now(),
+                    learned_from: "heartbeat".to_owned(),
+                };
+                match self.dir.save_assignment_key(Some(&stored)) {
+                    Ok(()) => {
+                        tracing::info!(
+                            key = %stored.public_key,
+                            "learned the server's assignment key; assignments must be signed from now on"
+                        );
+                        self.reported.jobs.trust_assignment_key(key);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot keep the server's assignment key; will try again")
+                    }
+                }
+            }
+        }
     }
 
     fn contact_ok(&mut self, interval_secs: u64) {

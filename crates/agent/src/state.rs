@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 const CREDENTIALS: &str = "credentials.json";
 const STATE: &str = "state.json";
+const ASSIGNMENT_KEY: &str = "assignment-key.json";
 
 /// Errors reading or writing the state dir.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,19 @@ pub struct LocalState {
     /// Set when the server refused the credentials for good (revoked,
     /// session ended): the agent will not use them again.
     pub credentials_rejected: Option<String>,
+}
+
+/// The server's public key that signs assignments, as the agent trusts it:
+/// learned at enrollment, or from the first heartbeat answer that carried
+/// it (an agent enrolled before the server signed), and never replaced but
+/// by enrolling again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentKey {
+    /// Ed25519 public key, 64 hex digits.
+    pub public_key: String,
+    pub learned_at: DateTime<Utc>,
+    /// `enrollment` or `heartbeat`.
+    pub learned_from: String,
 }
 
 /// A state directory on disk.
@@ -114,6 +128,25 @@ impl StateDir {
 
     pub fn save_local_state(&self, s: &LocalState) -> Result<(), StateError> {
         write_json(&self.root.join(STATE), s)
+    }
+
+    pub fn assignment_key(&self) -> Result<Option<AssignmentKey>, StateError> {
+        read_json(&self.root.join(ASSIGNMENT_KEY))
+    }
+
+    /// Keeps the key, or forgets it (`None`: enrolled with a server that
+    /// does not sign).
+    pub fn save_assignment_key(&self, key: Option<&AssignmentKey>) -> Result<(), StateError> {
+        let path = self.root.join(ASSIGNMENT_KEY);
+        match key {
+            Some(k) => write_json(&path, k),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(StateError::Io { path, source: e })
+                }
+                _ => Ok(()),
+            },
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub(crate) fn assignment(argv: &[&str]) -> Assignment {
         sandbox: None,
         workspace: None,
         mask: Vec::new(),
+        seal: None,
     }
 }
 

@@ -23,6 +23,11 @@ pub struct EnrollResponse {
     pub agent_id: String,
     pub credentials: Credentials,
     pub heartbeat_interval_secs: u64,
+    /// The server's Ed25519 public key (64 hex digits) that signs
+    /// assignments (`signing`); the agent keeps it and refuses assignments
+    /// it does not verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_key: Option<String>,
 }
 
 /// A short-lived access JWT and the refresh token that renews it. The refresh
@@ -57,6 +62,11 @@ pub struct HeartbeatRequest {
 pub struct HeartbeatResponse {
     pub heartbeat_interval_secs: u64,
     pub server_time: DateTime<Utc>,
+    /// The key that signs assignments, for agents enrolled before the
+    /// server signed them: one that knows no key yet keeps this one (trust
+    /// on first use over its authenticated channel) and never replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_key: Option<String>,
 }
 
 /// What an agent knows about its machine, sent with every heartbeat.

@@ -435,6 +435,10 @@ pub struct Assignment {
     /// in the output it sends (the server masks again before storing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mask: Vec<String>,
+    /// The server's signatures (`signing`); an agent that knows the
+    /// server's key refuses an assignment without a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<crate::signing::Seal>,
 }
 
 /// The argv of the built-in action that runs without a process.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod private;
 pub mod routes;
 pub mod sandboxes;
+pub mod sealing;
 pub mod selector;
 pub mod state;
 pub mod tasks;
@@ -60,6 +61,8 @@ pub enum Error {
     Store(#[from] drover_store::Error),
     #[error(transparent)]
     Secret(#[from] auth::SecretError),
+    #[error(transparent)]
+    AssignmentKey(#[from] sealing::KeyError),
     #[error("cannot create or secure {path}: {source}")]
     DataDir {
         path: String,
@@ -142,6 +145,16 @@ impl Server {
             tracing::info!(count = sealed, "sealed webhook secrets stored in clear");
         }
         tracing::info!(master_key = %vault.master_key_id(), "secrets vault opened");
+        let assignment_key_file = sealing::key_path(&config.signing_key_file);
+        let assignment_signer = Arc::new(sealing::load_or_create(&assignment_key_file)?);
+        private::file(&assignment_key_file).map_err(|source| Error::DataDir {
+            path: assignment_key_file.display().to_string(),
+            source,
+        })?;
+        // Every job's spec is signed as it is inserted, on any path.
+        store.sign_jobs_with(assignment_signer.clone());
+        let assignment_key: Arc<str> =
+            drover_proto::signing::public_key_hex(&assignment_signer.public_key()).into();
         let max_long_polls = config.max_long_polls;
         let config_login = config.login.clone();
         let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
@@ -163,6 +176,8 @@ impl Server {
                 config: Arc::new(config),
                 signing_key,
                 vault: Arc::new(vault),
+                assignment_signer,
+                assignment_key,
                 metrics: Arc::new(Metrics::new()),
                 hub,
                 artifacts,

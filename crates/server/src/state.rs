@@ -19,6 +19,10 @@ pub struct AppState {
     pub signing_key: SigningKey,
     /// The secrets vault, its data key unwrapped at start.
     pub vault: Arc<crate::vault::Vault>,
+    /// Signs assignments as they are handed out (`sealing`).
+    pub assignment_signer: Arc<drover_proto::signing::Signer>,
+    /// Its public key (hex), told to agents at enrollment and heartbeats.
+    pub assignment_key: Arc<str>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub artifacts: ArtifactStore,

@@ -82,6 +82,8 @@ pub struct JobRecord {
     pub workspace: Option<WorkspaceSpec>,
     /// The spec hash its approval holds for (protected jobs only).
     pub approved_hash: Option<String>,
+    /// The Ed25519 signature of its spec, made when it was created (hex).
+    pub spec_sig: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -106,12 +108,13 @@ struct JobRow {
     sandbox: Option<String>,
     workspace: Option<String>,
     approved_hash: Option<String>,
+    spec_sig: Option<String>,
 }
 
 const JOB_COLUMNS: &str =
     "id, action, target, params, argv, env, timeout_ms, kill_grace_ms, retry, state, \
                            created_by, created_at, finished_at, cancel_requested_at, run_id, task_id, artifacts, \
-                           sandbox, workspace, approved_hash";
+                           sandbox, workspace, approved_hash, spec_sig";
 
 fn corrupt(what: &'static str) -> impl Fn(String) -> Error {
     move |detail| Error::Corrupt { what, detail }
@@ -148,6 +151,7 @@ impl TryFrom<JobRow> for JobRecord {
             approved_hash: r.approved_hash,
             run_id: r.run_id,
             task_id: r.task_id,
+            spec_sig: r.spec_sig,
             id: r.id,
             action: r.action,
             target: r.target,
@@ -271,6 +275,9 @@ pub struct Claimed {
     pub artifacts: Vec<String>,
     pub sandbox: Sandbox,
     pub workspace: Option<WorkspaceSpec>,
+    /// The spec signature made when the job was created (hex); `None` for
+    /// a job from before assignments were signed.
+    pub spec_sig: Option<String>,
     /// When it became runnable (queued, or its retry time).
     pub ready_at: DateTime<Utc>,
 }
@@ -511,10 +518,33 @@ impl Tx {
         } else {
             JobState::Queued
         };
+        // Signed before the row is written: what the agent will verify is
+        // what the job was created with, whatever happens to the row.
+        let spec_sig = match self.job_signer() {
+            Some(signer) => Some(
+                signer
+                    .sign_spec(&drover_proto::signing::Spec {
+                        job_id: id,
+                        action: job.action,
+                        argv: job.argv,
+                        env: job.env,
+                        timeout_ms: job.timeout_ms as u64,
+                        kill_grace_ms: job.kill_grace_ms as u64,
+                        artifacts: job.artifacts,
+                        sandbox: Some(job.sandbox),
+                        workspace: job.workspace,
+                    })
+                    .map_err(|e| Error::Corrupt {
+                        what: "job spec",
+                        detail: e.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
         on_tx!(self, c => sqlx::query(
             "INSERT INTO jobs (id, action, action_hash, target, params, argv, env, timeout_ms, kill_grace_ms, \
-             retry, state, created_by, created_at, run_id, task_id, artifacts, sandbox, workspace) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+             retry, state, created_by, created_at, run_id, task_id, artifacts, sandbox, workspace, spec_sig) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         )
         .bind(id)
         .bind(job.action)
@@ -534,6 +564,7 @@ impl Tx {
         .bind(to_json(job.artifacts))
         .bind(to_json(job.sandbox))
         .bind(job.workspace.map(to_json))
+        .bind(&spec_sig)
         .execute(&mut *c)
         .await.map(|r| r.rows_affected()))?;
         if !job.agent_ids.is_empty() {
@@ -932,6 +963,7 @@ impl Store {
                 artifacts: job.artifacts.clone(),
                 sandbox: job.sandbox.clone(),
                 workspace: job.workspace.clone(),
+                spec_sig: job.spec_sig.clone(),
                 ready_at: from_ms(not_before),
             });
         }

@@ -153,6 +153,8 @@ impl Stats {
 pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) hook: OnceLock<CommitHook>,
+    /// Signs the spec of every job inserted (`Tx::insert_job`).
+    pub(crate) signer: OnceLock<Arc<drover_proto::signing::Signer>>,
     /// Names this process in its notifications, to skip its own.
     pub(crate) origin: String,
 }
@@ -162,6 +164,7 @@ impl Shared {
         Shared {
             stats: Stats::default(),
             hook: OnceLock::new(),
+            signer: OnceLock::new(),
             origin: crate::new_id(),
         }
     }
@@ -452,12 +455,26 @@ impl Store {
         let _ = self.shared.hook.set(hook);
     }
 
+    /// Sets the key that signs the spec of every job inserted from now on
+    /// (once; later calls are ignored). The store never sees the key
+    /// itself, only this signer; without one, jobs are stored unsigned.
+    pub fn sign_jobs_with(&self, signer: Arc<drover_proto::signing::Signer>) {
+        let _ = self.shared.signer.set(signer);
+    }
+
     /// Tells the hook about changes made outside a local commit (another
     /// replica's, heard through PostgreSQL notifications).
     pub fn announce(&self, changes: &Changes) {
         if let Some(hook) = self.shared.hook.get() {
             hook(changes);
         }
+    }
+}
+
+impl Tx {
+    /// The signer of job specs the server set, if any.
+    pub(crate) fn job_signer(&self) -> Option<&drover_proto::signing::Signer> {
+        self.store.shared.signer.get().map(|s| s.as_ref())
     }
 }
 

@@ -25,6 +25,10 @@ pub enum Refusal {
     ActionNotAllowed { action: String },
     #[error("agent at capacity ({capacity} attempts running)")]
     AtCapacity { capacity: u32 },
+    /// Not signed by the key the agent trusts, changed after signing, or
+    /// expired (`drover_proto::signing`).
+    #[error("assignment signature does not verify: {0}")]
+    Signature(#[from] drover_proto::signing::Error),
     #[error("workspace id '{id}' is not valid")]
     InvalidWorkspaceId { id: String },
     /// A workspace built-in without the workspace it is about.

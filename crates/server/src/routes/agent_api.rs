@@ -116,6 +116,7 @@ async fn enroll(
             refresh_token,
         },
         heartbeat_interval_secs: state.config.heartbeat_interval.as_secs(),
+        assignment_key: Some(state.assignment_key.to_string()),
     }))
 }
 
@@ -250,5 +251,6 @@ async fn heartbeat(
     Ok(Json(HeartbeatResponse {
         heartbeat_interval_secs: state.config.heartbeat_interval.as_secs(),
         server_time: now,
+        assignment_key: Some(state.assignment_key.to_string()),
     }))
 }

@@ -174,6 +174,7 @@ async fn poll(
         if !claimed.is_empty() || !cancel.is_empty() || tokio::time::Instant::now() >= deadline {
             let mut assignments = Vec::with_capacity(claimed.len());
             let mut agent_record = None;
+            let expires_at_ms = (Utc::now() + crate::sealing::ASSIGNMENT_TTL).timestamp_millis();
             for mut c in claimed {
                 state.metrics.observe_dispatch(
                     (now - c.ready_at).num_microseconds().unwrap_or(0) as f64 / 1e6,
@@ -193,7 +194,7 @@ async fn poll(
                         continue;
                     }
                 };
-                assignments.push(Assignment {
+                let mut a = Assignment {
                     attempt_id: c.attempt_id,
                     job_id: c.job_id,
                     action: c.action,
@@ -207,7 +208,21 @@ async fn poll(
                     sandbox: Some(c.sandbox),
                     workspace: c.workspace,
                     mask,
-                });
+                    seal: None,
+                };
+                // Last, once the assignment is complete (anything injected
+                // into it, such as secrets, must come before): the seal
+                // covers what the agent receives.
+                if let Err(e) =
+                    state
+                        .assignment_signer
+                        .seal(&mut a, c.spec_sig.as_deref(), expires_at_ms)
+                {
+                    // Only a stored signature that is not hex gets here:
+                    // the agent refuses the unsealed assignment.
+                    tracing::error!(attempt = %a.attempt_id, job = %a.job_id, error = %e, "the job's stored spec signature is unusable");
+                }
+                assignments.push(a);
             }
             return Ok(Json(PollResponse {
                 assignments,
