@@ -1,6 +1,7 @@
 //! `drover`: the server (`drover server`), the all-in-one local mode
 //! (`drover up`) and the operator CLI. Parses arguments, then hands off.
 
+mod audit;
 mod client;
 mod jobs;
 mod logtext;
@@ -137,6 +138,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<jobs::JobFailed>().is_some() {
                 ExitCode::from(jobs::EXIT_JOB_FAILED)
+            } else if e.downcast_ref::<audit::ChainBroken>().is_some() {
+                ExitCode::from(audit::EXIT_CHAIN_BROKEN)
             } else {
                 ExitCode::FAILURE
             }

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod error;
 pub mod jobs;
 pub mod labels;

@@ -12,6 +12,7 @@
 //! This is the only crate that knows SQL; callers see plain Rust types.
 
 mod agents;
+pub mod audit;
 mod auth;
 mod error;
 pub mod fleet;
@@ -162,10 +163,12 @@ impl Store {
                 redact(url)
             )));
         };
-        Ok(Store {
+        let store = Store {
             pool,
             shared: Arc::new(tx::Shared::new()),
-        })
+        };
+        store.chain_audit_backlog().await?;
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {
