@@ -17,6 +17,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod private;
+pub mod ratelimit;
 pub mod routes;
 pub mod sandboxes;
 pub mod selector;
@@ -113,6 +114,7 @@ impl Server {
         })?;
         let max_long_polls = config.max_long_polls;
         let config_login = config.login.clone();
+        let config_rate_limits = config.rate_limits;
         let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
         tracing::info!(store = %artifacts.describe, "artifact store opened");
         tracing::info!(
@@ -135,6 +137,7 @@ impl Server {
                 hub,
                 artifacts,
                 logins: Arc::new(throttle::LoginGuard::new(&config_login)),
+                limiter: Arc::new(ratelimit::Limiter::new(config_rate_limits)),
                 shutdown: CancellationToken::new(),
             },
         })
