@@ -359,6 +359,11 @@ impl Cluster {
         self.dir.path().join("data")
     }
 
+    /// The server's database URL (for tests that open or alter it directly).
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     /// Path of the log of the n-th server start (1-based).
     pub fn server_log(&self, start: u32) -> PathBuf {
         self.dir.path().join(format!("server-{start}.log"))
