@@ -359,6 +359,30 @@ async fn concurrent_writers_keep_one_chain() {
         );
         assert_eq!(v["head_id"], v["count"], "{backend}: {v}");
         assert_ok(&cluster, before + n as u64);
+
+        // Fleet stops and agent revocations are in the chain with their
+        // actor.
+        cluster.cli_ok(&["fleet", "stop", "--reason", "drill"]);
+        cluster.cli_ok(&["fleet", "resume"]);
+        cluster.cli_ok(&["agents", "revoke", &agent.id, "--reason", "lost laptop"]);
+        for (action, target) in [
+            ("POST /api/v1/fleet/stop", "/api/v1/fleet/stop".to_owned()),
+            (
+                "POST /api/v1/fleet/resume",
+                "/api/v1/fleet/resume".to_owned(),
+            ),
+            (
+                "POST /api/v1/agents/{id}/revoke",
+                format!("/api/v1/agents/{}/revoke", agent.id),
+            ),
+        ] {
+            let found: Vec<Value> = cluster.cli_json(&["audit", "list", "--action", action]);
+            assert_eq!(found.len(), 1, "{backend} {action}: {found:?}");
+            assert_eq!(found[0]["actor"], "admin", "{backend}: {found:?}");
+            assert_eq!(found[0]["target"], target.as_str(), "{backend}: {found:?}");
+            assert_eq!(found[0]["outcome"], "ok", "{backend}: {found:?}");
+        }
+        assert_ok(&cluster, before + n as u64 + 3);
     }
 }
 
