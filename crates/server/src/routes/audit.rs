@@ -82,6 +82,7 @@ struct ExportQuery {
     /// Only rows at or after this time (RFC 3339) [default: all].
     since: Option<DateTime<Utc>>,
     /// Only `jsonl` [default].
+    #[param(inline)]
     format: Option<ExportFormat>,
 }
 
