@@ -543,10 +543,42 @@ pub enum AuditCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Check the audit log's hash chain: OK with the number of rows, or
+    /// the first row that was edited, inserted or deleted (exit status 5).
+    Verify {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Export audit rows with their hashes, oldest first, so that anyone
+    /// can re-verify them (docs/SECURITY.md has the encoding).
+    Export {
+        /// Only rows at or after this time (RFC 3339), or this long ago (e.g. 24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only jsonl: one JSON object per line.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
+        /// Write to this file instead of stdout (replaced only once the
+        /// export is complete).
+        #[arg(long = "out", short = 'o', value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `--since`: an RFC 3339 time or a duration ago (e.g. 1h).
+fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<Utc>> {
+    Ok(match humantime::parse_duration(s) {
+        Ok(d) => Utc::now() - chrono::Duration::from_std(d).context("--since is too long")?,
+        Err(_) => chrono::DateTime::parse_from_rfc3339(s)
+            .with_context(|| {
+                format!("--since '{s}' is neither a duration (1h) nor an RFC 3339 time")
+            })?
+            .with_timezone(&Utc),
+    })
 }
 
 /// Percent-encodes a query value.
-fn q(v: &str) -> String {
+pub(crate) fn q(v: &str) -> String {
     let mut out = String::new();
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -559,13 +591,20 @@ fn q(v: &str) -> String {
 }
 
 pub async fn audit(target: &Target, cmd: AuditCommand) -> anyhow::Result<()> {
-    let AuditCommand::List {
-        actor,
-        action,
-        since,
-        limit,
-        output,
-    } = cmd;
+    let (actor, action, since, limit, output) = match cmd {
+        AuditCommand::List {
+            actor,
+            action,
+            since,
+            limit,
+            output,
+        } => (actor, action, since, limit, output),
+        AuditCommand::Verify { output } => return crate::audit::verify(target, output).await,
+        AuditCommand::Export { since, format, out } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            return crate::audit::export(target, since, &format, out.as_deref()).await;
+        }
+    };
     let api = target.api()?;
     let mut path = format!("/audit?limit={limit}");
     if let Some(a) = actor {
@@ -575,14 +614,7 @@ pub async fn audit(target: &Target, cmd: AuditCommand) -> anyhow::Result<()> {
         path.push_str(&format!("&action={}", q(&a)));
     }
     if let Some(s) = since {
-        let at = match humantime::parse_duration(&s) {
-            Ok(d) => Utc::now() - chrono::Duration::from_std(d).context("--since is too long")?,
-            Err(_) => chrono::DateTime::parse_from_rfc3339(&s)
-                .with_context(|| {
-                    format!("--since '{s}' is neither a duration (1h) nor an RFC 3339 time")
-                })?
-                .with_timezone(&Utc),
-        };
+        let at = parse_since(&s)?;
         path.push_str(&format!("&since={}", q(&at.to_rfc3339())));
     }
     let entries: Vec<AuditEntry> = api.get(&path).await?;

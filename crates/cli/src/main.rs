@@ -2,6 +2,7 @@
 //! (`drover up`) and the operator CLI. Parses arguments, then hands off.
 
 mod approvals;
+mod audit;
 mod client;
 mod jobs;
 mod logtext;
@@ -164,6 +165,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<jobs::JobFailed>().is_some() {
                 ExitCode::from(jobs::EXIT_JOB_FAILED)
+            } else if e.downcast_ref::<audit::ChainBroken>().is_some() {
+                ExitCode::from(audit::EXIT_CHAIN_BROKEN)
             } else {
                 ExitCode::FAILURE
             }

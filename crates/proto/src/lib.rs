@@ -10,6 +10,7 @@ pub mod access;
 pub mod agent;
 pub mod api;
 pub mod approvals;
+pub mod audit;
 pub mod error;
 pub mod glob;
 pub mod jobs;

@@ -390,6 +390,20 @@ impl FromRequestParts<AppState> for UserAuth {
             ));
         }
         crate::routes::audit::Audit::set_actor(parts, &user.username);
+        if let Err(limited) = state.limiter.check(&user.id, &t.id) {
+            state.metrics.rate_limited(limited.limit);
+            crate::routes::audit::Audit::skip_call(
+                parts,
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+            );
+            return Err(ApiError::rate_limited(
+                format!(
+                    "too many requests for this {}: retry after the Retry-After header",
+                    limited.limit
+                ),
+                limited.retry_after,
+            ));
+        }
         if user.disabled_at.is_some() {
             return Err(ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,

@@ -165,6 +165,21 @@ pub struct ServerArgs {
     /// that terminates TLS); refused without it.
     #[arg(long, env = "DROVER_ALLOW_PLAIN_HTTP", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub allow_plain_http: Option<bool>,
+    /// Requests per second one user may make, sustained, over all its
+    /// tokens; beyond it and its burst a request gets 429 with Retry-After;
+    /// 0 turns the limit off [default: 2000]. Agents are not limited.
+    #[arg(long, env = "DROVER_USER_RATE_LIMIT", value_name = "N")]
+    pub user_rate_limit: Option<u32>,
+    /// Requests one user may make at once above its rate [default: 4000].
+    #[arg(long, env = "DROVER_USER_RATE_BURST", value_name = "N")]
+    pub user_rate_burst: Option<u32>,
+    /// Requests per second one API or session token may make, sustained;
+    /// 0 turns the limit off [default: 1000].
+    #[arg(long, env = "DROVER_TOKEN_RATE_LIMIT", value_name = "N")]
+    pub token_rate_limit: Option<u32>,
+    /// Requests one token may make at once above its rate [default: 2000].
+    #[arg(long, env = "DROVER_TOKEN_RATE_BURST", value_name = "N")]
+    pub token_rate_burst: Option<u32>,
     /// Password of the admin user created at the first start; generated and
     /// printed once when unset. Only read from the environment.
     #[arg(skip)]
@@ -244,6 +259,10 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     allow_plain_http: Option<bool>,
+    user_rate_limit: Option<u32>,
+    user_rate_burst: Option<u32>,
+    token_rate_limit: Option<u32>,
+    token_rate_burst: Option<u32>,
 }
 
 /// The resolved configuration the server runs with.
@@ -290,6 +309,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// See `ServerArgs::allow_plain_http`.
     pub allow_plain_http: bool,
+    /// See `ServerArgs::user_rate_limit` and the three after it.
+    pub rate_limits: crate::ratelimit::RateLimits,
     pub admin_password: Option<String>,
 }
 
@@ -558,6 +579,24 @@ impl ServerConfig {
                 .allow_plain_http
                 .or(file.allow_plain_http)
                 .unwrap_or(false),
+            rate_limits: crate::ratelimit::RateLimits {
+                per_user: crate::ratelimit::RateLimits::rate(
+                    args.user_rate_limit
+                        .or(file.user_rate_limit)
+                        .unwrap_or(2000),
+                    args.user_rate_burst
+                        .or(file.user_rate_burst)
+                        .unwrap_or(4000),
+                ),
+                per_token: crate::ratelimit::RateLimits::rate(
+                    args.token_rate_limit
+                        .or(file.token_rate_limit)
+                        .unwrap_or(1000),
+                    args.token_rate_burst
+                        .or(file.token_rate_burst)
+                        .unwrap_or(2000),
+                ),
+            },
             admin_password: args.admin_password.clone().or_else(|| {
                 std::env::var("DROVER_ADMIN_PASSWORD")
                     .ok()
@@ -752,6 +791,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tls_cert and tls_key go together"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_come_from_the_file_and_flags() {
+        use crate::ratelimit::RateLimits;
+        let c = load_text("", ServerArgs::default()).unwrap();
+        assert_eq!(c.rate_limits.per_user, RateLimits::rate(2000, 4000));
+        assert_eq!(c.rate_limits.per_token, RateLimits::rate(1000, 2000));
+        let c = load_text(
+            "token_rate_limit = 5\ntoken_rate_burst = 10\nuser_rate_limit = 0\n",
+            ServerArgs {
+                token_rate_burst: Some(7),
+                ..ServerArgs::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.rate_limits.per_token, RateLimits::rate(5, 7));
+        assert_eq!(c.rate_limits.per_user, None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod private;
+pub mod ratelimit;
 pub mod routes;
 pub mod sandboxes;
 pub mod sealing;
@@ -157,6 +158,7 @@ impl Server {
             drover_proto::signing::public_key_hex(&assignment_signer.public_key()).into();
         let max_long_polls = config.max_long_polls;
         let config_login = config.login.clone();
+        let config_rate_limits = config.rate_limits;
         let artifacts = artifacts::ArtifactStore::open(&config.artifact_store)?;
         tracing::info!(store = %artifacts.describe, "artifact store opened");
         tracing::info!(
@@ -182,6 +184,7 @@ impl Server {
                 hub,
                 artifacts,
                 logins: Arc::new(throttle::LoginGuard::new(&config_login)),
+                limiter: Arc::new(ratelimit::Limiter::new(config_rate_limits)),
                 shutdown: CancellationToken::new(),
                 tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
             },

@@ -57,6 +57,8 @@ pub struct Metrics {
     store_commit_failures: Counter,
     store_write_failing: Gauge,
     logins_refused: Family<ReasonLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
+    audit_verify_failures: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,7 +193,21 @@ impl Metrics {
             "Logins refused before their password was checked: locked (429, after failed logins) or busy (503, too many at once)",
             logins_refused.clone(),
         );
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused (429) by a per-user or per-token rate limit, by limit (user or token)",
+            rate_limited.clone(),
+        );
+        let audit_verify_failures = Counter::default();
+        registry.register(
+            "audit_verify_failures",
+            "Audit verifications that found the hash chain broken",
+            audit_verify_failures.clone(),
+        );
         Metrics {
+            rate_limited,
+            audit_verify_failures,
             logins_refused,
             store_write_failing,
             store_statements,
@@ -250,6 +266,18 @@ impl Metrics {
         self.logins_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// A request refused by a rate limit: `user` or `token`.
+    pub fn rate_limited(&self, limit: &'static str) {
+        self.rate_limited
+            .get_or_create(&LimitLabels { limit })
+            .inc();
+    }
+
+    /// An audit verification found the chain broken.
+    pub fn audit_verify_failed(&self) {
+        self.audit_verify_failures.inc();
     }
 
     pub fn webhook_attempt(&self, delivered: bool) {

@@ -28,6 +28,8 @@ pub struct AppState {
     pub artifacts: ArtifactStore,
     /// The login throttle: bounded password checks, lockouts.
     pub logins: Arc<crate::throttle::LoginGuard>,
+    /// Request rate limits per user and per token.
+    pub limiter: Arc<crate::ratelimit::Limiter>,
     /// Cancelled when the server shuts down; long-polls return at once.
     pub shutdown: CancellationToken,
     /// `sha256:HEX` of the certificate served over HTTPS (`None`: plain

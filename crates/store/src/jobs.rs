@@ -1393,20 +1393,10 @@ impl Tx {
         Ok(agents)
     }
 
-    /// Appends to the audit log.
+    /// Appends to the audit log's hash chain (`crate::audit`). Make it the
+    /// transaction's last write: it holds the chain's head until the commit.
     pub async fn audit(&mut self, entry: &AuditEntry<'_>, now: DateTime<Utc>) -> Result<()> {
-        on_tx!(self, c => sqlx::query(
-            "INSERT INTO audit (at, actor, action, target, status, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(to_ms(now))
-        .bind(entry.actor)
-        .bind(entry.action)
-        .bind(entry.target)
-        .bind(i64::from(entry.status))
-        .bind(entry.outcome)
-        .execute(&mut *c)
-        .await.map(|r| r.rows_affected()))?;
-        Ok(())
+        self.append_audit(entry, to_ms(now)).await
     }
 }
 

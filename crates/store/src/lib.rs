@@ -13,6 +13,7 @@
 
 mod agents;
 pub mod approvals;
+pub mod audit;
 mod auth;
 mod error;
 pub mod fleet;
@@ -166,10 +167,12 @@ impl Store {
                 redact(url)
             )));
         };
-        Ok(Store {
+        let store = Store {
             pool,
             shared: Arc::new(tx::Shared::new()),
-        })
+        };
+        store.chain_audit_backlog().await?;
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {

@@ -372,7 +372,7 @@ impl Cluster {
         self.dir.path().join("data")
     }
 
-    /// The database URL the server runs on.
+    /// The server's database URL (for tests that open or alter it directly).
     pub fn database_url(&self) -> &str {
         &self.database_url
     }

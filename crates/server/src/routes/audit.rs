@@ -1,5 +1,8 @@
 //! The audit log: every state-changing API call, who made it, on what, and
-//! how it ended. Written by the `record` middleware, read by `drover audit list`.
+//! how it ended. Written by the `record` middleware (or by a handler in the
+//! transaction of its change), read by `drover audit list`, checked by
+//! `drover audit verify` and exported by `drover audit export`. The rows
+//! form a hash chain (`drover_store::audit`).
 
 use std::sync::{Arc, Mutex};
 
@@ -7,9 +10,10 @@ use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use drover_proto::audit::{AuditBreak, AuditExportRow, AuditVerification};
 use drover_proto::jobs::AuditEntry;
 use drover_store::jobs::{AuditEntry as NewEntry, AuditFilter};
 use drover_store::{Error as StoreError, Tx};
@@ -24,8 +28,135 @@ use crate::error::{ApiError, ApiQuery};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_audit))
+    OpenApiRouter::new()
+        .routes(routes!(list_audit))
+        .routes(routes!(verify_audit))
+        .routes(routes!(export_audit))
 }
+
+/// Walks the audit log's hash chain and reports the first row that was
+/// edited, inserted or deleted.
+#[utoipa::path(
+    get, path = "/api/v1/audit/verify", tag = "audit",
+    security(("user" = [])),
+    responses(
+        (status = 200, body = AuditVerification, description = "The chain's state: ok, or the first break (also answered 200: the check itself worked)"),
+        (status = 403, body = drover_proto::ErrorBody, description = "Needs an admin"),
+    )
+)]
+async fn verify_audit(
+    State(state): State<AppState>,
+    Admin(_user): Admin,
+) -> Result<Json<AuditVerification>, ApiError> {
+    let v = state.store.verify_audit().await?;
+    if let Some(b) = &v.broken {
+        state.metrics.audit_verify_failed();
+        tracing::error!(row = b.row(), problem = %b, checked = v.count, "the audit log's hash chain is broken");
+    }
+    Ok(Json(AuditVerification {
+        ok: v.broken.is_none(),
+        count: v.count,
+        head_id: v.head_id,
+        head_hash: v.head_hash,
+        broken: v.broken.map(|b| AuditBreak {
+            row: b.row(),
+            kind: b.kind().to_owned(),
+            message: b.to_string(),
+        }),
+    }))
+}
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum ExportFormat {
+    /// JSON Lines: one row per line.
+    #[default]
+    Jsonl,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    /// Only rows at or after this time (RFC 3339) [default: all].
+    since: Option<DateTime<Utc>>,
+    /// Only `jsonl` [default].
+    #[param(inline)]
+    format: Option<ExportFormat>,
+}
+
+/// Rows of the audit log with their hashes, oldest first, one JSON object
+/// per line, so that anyone can recompute the chain.
+#[utoipa::path(
+    get, path = "/api/v1/audit/export", tag = "audit",
+    params(ExportQuery),
+    security(("user" = [])),
+    responses(
+        (status = 200, content_type = "application/x-ndjson", body = AuditExportRow, description = "One row per line, oldest first"),
+        (status = 403, body = drover_proto::ErrorBody, description = "Needs an admin"),
+    )
+)]
+async fn export_audit(
+    State(state): State<AppState>,
+    Admin(_user): Admin,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let ExportFormat::Jsonl = q.format.unwrap_or_default();
+    let since = q.since;
+    // Rows read a page at a time while the answer is sent: memory stays
+    // one page whatever the log's size. Rows appended meanwhile come too.
+    let first = state.store.audit_rows(0, since, EXPORT_PAGE).await?;
+    let pages = futures_util::stream::unfold(
+        (state.store.clone(), Some(first)),
+        move |(store, page)| async move {
+            let page = match page {
+                Some(p) => p,
+                None => return None,
+            };
+            let last = page.last()?.id;
+            let mut body = Vec::with_capacity(page.len() * 256);
+            for r in &page {
+                let row = AuditExportRow {
+                    id: r.id,
+                    at: drover_store::time_from_ms(r.at),
+                    at_ms: r.at,
+                    actor: r.actor.clone(),
+                    action: r.action.clone(),
+                    target: r.target.clone(),
+                    status: r.status,
+                    outcome: r.outcome.clone(),
+                    prev_hash: r.prev_hash.clone(),
+                    hash: r.hash.clone(),
+                };
+                if let Err(e) = serde_json::to_writer(&mut body, &row) {
+                    return Some((Err(std::io::Error::other(e)), (store, None)));
+                }
+                body.push(b'\n');
+            }
+            let next = if (page.len() as i64) < EXPORT_PAGE {
+                None
+            } else {
+                match store.audit_rows(last, since, EXPORT_PAGE).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::error!(error = %e, after = last, "audit export: reading the next page failed");
+                        return Some((Err(std::io::Error::other(e)), (store, None)));
+                    }
+                }
+            };
+            Some((Ok(bytes::Bytes::from(body)), (store, next)))
+        },
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(pages),
+    )
+        .into_response())
+}
+
+/// Rows per page of an export.
+const EXPORT_PAGE: i64 = 1000;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -154,6 +285,15 @@ impl Audit {
 }
 
 impl Audit {
+    /// Leaves the current call out of the audit log when it is answered
+    /// `status` (the rate limits' 429: a storm must not become a storm of
+    /// database writes; `drover_rate_limited_total` counts them).
+    pub(crate) fn skip_call(parts: &Parts, status: StatusCode) {
+        if let Some(audit) = parts.extensions.get::<Audit>() {
+            audit.skip(status);
+        }
+    }
+
     /// Leaves the call out of the audit log: for answers that must stay
     /// cheap under a flood (a login refused by the throttle, whose lockout
     /// has an entry of its own).

@@ -90,7 +90,8 @@ pub fn api() -> OpenApiRouter<AppState> {
 /// Adds the error answers every operation can really give, with the
 /// `ErrorBody` schema, where its annotations did not document them: 400
 /// (a malformed body, query string or path), 401 (a missing or bad token,
-/// on operations that need one), 413/415/422 (a body too large, not JSON,
+/// on operations that need one), 429 (a user's token over its rate
+/// limit), 413/415/422 (a body too large, not JSON,
 /// or JSON the operation refuses; 422 also for query values it refuses),
 /// 404 (an id in the path that names nothing), 500 and 503 (an internal
 /// failure, the database unavailable). Done once on the generated document
@@ -115,6 +116,15 @@ fn document_errors(openapi: &mut utoipa::openapi::OpenApi) {
                 .any(|p| p.parameter_in == utoipa::openapi::path::ParameterIn::Query);
             let has_body = op.request_body.is_some();
             let authenticated = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            // A user's token (not an agent's) is subject to the rate limits.
+            let as_user = op.security.as_ref().is_some_and(|s| {
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|r| r.get("user").is_some())
+            });
             let mut add = |status: &str, description: &str| {
                 op.responses
                     .responses
@@ -137,6 +147,12 @@ fn document_errors(openapi: &mut utoipa::openapi::OpenApi) {
             }
             if authenticated {
                 add("401", "Missing, unknown or expired token");
+            }
+            if as_user {
+                add(
+                    "429",
+                    "Over the user's or the token's rate limit: retry after the Retry-After header",
+                );
             }
             if has_path {
                 add("404", "Nothing has this id");
