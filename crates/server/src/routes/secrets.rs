@@ -12,7 +12,7 @@ use drover_store::vault::{NewSecret, SecretRecord};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::UserAuth;
+use crate::access::Admin;
 use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::selector::Selector;
 use crate::state::AppState;
@@ -66,11 +66,10 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 )]
 async fn set_secret(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<SetSecretRequest>,
 ) -> Result<Json<Secret>, ApiError> {
-    user.require_admin()?;
     check_name(&name)?;
     if req.value.is_empty() {
         return Err(ApiError::invalid("value is empty"));
@@ -129,9 +128,8 @@ async fn set_secret(
 )]
 async fn list_secrets(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(_user): Admin,
 ) -> Result<Json<Vec<Secret>>, ApiError> {
-    user.require_admin()?;
     let list = state.store.list_secrets().await?;
     Ok(Json(list.into_iter().map(to_api).collect()))
 }
@@ -145,10 +143,9 @@ async fn list_secrets(
 )]
 async fn delete_secret(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    user.require_admin()?;
     check_name(&name)?;
     if state.store.delete_secret(&name).await? {
         tracing::info!(secret = %name, by = %user.username, "secret removed");
@@ -168,9 +165,8 @@ async fn delete_secret(
 )]
 async fn rotate_master_key(
     State(state): State<AppState>,
-    user: UserAuth,
+    Admin(user): Admin,
 ) -> Result<Json<RotateMasterKeyResponse>, ApiError> {
-    user.require_admin()?;
     let r = state
         .vault
         .rotate(&state.store)
