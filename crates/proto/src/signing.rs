@@ -392,6 +392,7 @@ mod tests {
                 ..ProcessSandbox::default()
             })),
             workspace: None,
+            mask: Vec::new(),
             seal: None,
         }
     }

@@ -401,6 +401,7 @@ async fn second_user(cluster: &Cluster, name: &str) -> String {
             name,
             "not-a-password-hash",
             drover_proto::api::Role::Operator,
+            &Default::default(),
             now,
         )
         .await
@@ -414,6 +415,8 @@ async fn second_user(cluster: &Cluster, name: &str) -> String {
                 kind: "api",
                 token_hash: &hash,
                 name: Some("test"),
+                role: None,
+                scope: &Default::default(),
                 expires_at: None,
             },
             now,
@@ -608,6 +611,8 @@ async fn second_user_token(cluster: &Cluster, name: &str) -> String {
                 kind: "api",
                 token_hash: &hash,
                 name: Some("test-2"),
+                role: None,
+                scope: &Default::default(),
                 expires_at: None,
             },
             chrono::Utc::now(),
