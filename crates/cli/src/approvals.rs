@@ -139,18 +139,6 @@ fn print(a: &Approval) {
     }
 }
 
-fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result<()> {
     let api = target.api()?;
     match cmd {
@@ -193,7 +181,9 @@ pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result
         }
         ApprovalsCommand::Watch { output } => return watch(&api, output).await,
         ApprovalsCommand::Show { id, output } => {
-            let a: Approval = api.get(&format!("/approvals/{}", segment(&id))).await?;
+            let a: Approval = api
+                .get(&format!("/approvals/{}", crate::client::segment(&id)?))
+                .await?;
             match output {
                 Output::Json => output::json(&a)?,
                 Output::Text => print(&a),
@@ -202,7 +192,7 @@ pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result
         ApprovalsCommand::Approve { id, reason } => {
             let a: Approval = api
                 .post(
-                    &format!("/approvals/{}/approve", segment(&id)),
+                    &format!("/approvals/{}/approve", crate::client::segment(&id)?),
                     &DecideRequest { reason },
                 )
                 .await?;
@@ -220,7 +210,7 @@ pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result
         ApprovalsCommand::Reject { id, reason } => {
             let a: Approval = api
                 .post(
-                    &format!("/approvals/{}/reject", segment(&id)),
+                    &format!("/approvals/{}/reject", crate::client::segment(&id)?),
                     &DecideRequest {
                         reason: Some(reason),
                     },
@@ -271,7 +261,7 @@ pub async fn approvals(target: &Target, cmd: ApprovalsCommand) -> anyhow::Result
             );
         }
         ApprovalsCommand::Unprotect { id } => {
-            api.delete(&format!("/protections/{}", segment(&id)))
+            api.delete(&format!("/protections/{}", crate::client::segment(&id)?))
                 .await?;
             eprintln!("protection {id} removed");
         }

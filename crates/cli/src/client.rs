@@ -190,3 +190,37 @@ impl Api {
         self.call(Method::PATCH, path, Some(body), true).await
     }
 }
+
+/// A name or id as one path segment: letters, digits and `-_.@` (what ids
+/// and user names are made of) as they are, anything else percent-encoded,
+/// so a value can never change the path. Empty or only dots (`..` would
+/// climb a level) is refused.
+pub fn segment(s: &str) -> anyhow::Result<String> {
+    if s.bytes().all(|b| b == b'.') {
+        anyhow::bail!("'{s}' is not a name or id");
+    }
+    Ok(s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_never_change_the_path() {
+        assert_eq!(segment("ana.b@x-1_2").unwrap(), "ana.b@x-1_2");
+        assert_eq!(segment("a/../b?c#d").unwrap(), "a%2F..%2Fb%3Fc%23d");
+        for climbing in ["", ".", ".."] {
+            assert!(segment(climbing).is_err(), "{climbing:?}");
+        }
+    }
+}

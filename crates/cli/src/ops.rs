@@ -17,20 +17,6 @@ use crate::client::Api;
 use crate::output::{self, Output};
 use crate::profile::{self, Profile, ProfileFile};
 
-/// A path segment the server's ids are made of; anything else encoded so
-/// it cannot change the path.
-fn path_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 async fn token_list(target: &Target, all: bool, output: Output) -> anyhow::Result<()> {
     let api = target.api()?;
     let tokens: Vec<TokenView> = api
@@ -261,7 +247,10 @@ pub async fn token(target: &Target, cmd: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Revoke { id } => {
             let api = target.api()?;
             let t: TokenView = api
-                .post(&format!("/tokens/{}/revoke", path_segment(&id)), &())
+                .post(
+                    &format!("/tokens/{}/revoke", crate::client::segment(&id)?),
+                    &(),
+                )
                 .await?;
             eprintln!(
                 "{} token {} of {} revoked: it stops working on its next request",

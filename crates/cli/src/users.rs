@@ -139,22 +139,8 @@ fn print_user(u: &UserView) {
     output::row(9, "state", &state);
 }
 
-fn path_of(name: &str) -> String {
-    format!("/users/{}", urlencoding(name))
-}
-
-/// User names are letters, digits and `._-@`; anything else is encoded
-/// so it can never change the path.
-fn urlencoding(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+fn path_of(name: &str) -> anyhow::Result<String> {
+    Ok(format!("/users/{}", crate::client::segment(name)?))
 }
 
 pub async fn users(target: &Target, cmd: UsersCommand) -> anyhow::Result<()> {
@@ -220,7 +206,7 @@ pub async fn users(target: &Target, cmd: UsersCommand) -> anyhow::Result<()> {
             }
         }
         UsersCommand::Show { name, output } => {
-            let u: UserView = api.get(&path_of(&name)).await?;
+            let u: UserView = api.get(&path_of(&name)?).await?;
             match output {
                 Output::Json => output::json(&u)?,
                 Output::Text => print_user(&u),
@@ -230,7 +216,7 @@ pub async fn users(target: &Target, cmd: UsersCommand) -> anyhow::Result<()> {
             let u: UserView = api
                 .call(
                     Method::PUT,
-                    &format!("{}/role", path_of(&name)),
+                    &format!("{}/role", path_of(&name)?),
                     Some(&SetRoleRequest {
                         role: role.into(),
                         scope: scope.scope(),
@@ -247,7 +233,7 @@ pub async fn users(target: &Target, cmd: UsersCommand) -> anyhow::Result<()> {
         }
         UsersCommand::Disable { name } => {
             let u: UserView = api
-                .post(&format!("{}/disable", path_of(&name)), &())
+                .post(&format!("{}/disable", path_of(&name)?), &())
                 .await?;
             eprintln!(
                 "{} is disabled: no login, and every token of theirs is refused",
@@ -255,14 +241,16 @@ pub async fn users(target: &Target, cmd: UsersCommand) -> anyhow::Result<()> {
             );
         }
         UsersCommand::Enable { name } => {
-            let u: UserView = api.post(&format!("{}/enable", path_of(&name)), &()).await?;
+            let u: UserView = api
+                .post(&format!("{}/enable", path_of(&name)?), &())
+                .await?;
             eprintln!("{} is enabled", u.username);
         }
         UsersCommand::Passwd {
             name,
             password_stdin,
         } => {
-            let path = format!("{}/password", path_of(&name));
+            let path = format!("{}/password", path_of(&name)?);
             let (password, mut current) = if password_stdin || !std::io::stdin().is_terminal() {
                 // The new password on the first line; your current one on
                 // the second when you change your own without admin.

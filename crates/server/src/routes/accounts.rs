@@ -49,12 +49,13 @@ fn check_username(name: &str) -> Result<(), ApiError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
-        && !name.starts_with('-');
+        && !name.starts_with('-')
+        && !name.bytes().all(|b| b == b'.');
     if ok {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
-            "username: '{name}' must be 1 to {MAX_USERNAME_BYTES} letters, digits, '.', '_', '-' or '@', not starting with '-'"
+            "username: '{name}' must be 1 to {MAX_USERNAME_BYTES} letters, digits, '.', '_', '-' or '@', not starting with '-' nor only dots"
         )))
     }
 }

@@ -139,7 +139,8 @@ async fn list_secrets(
     delete, path = "/api/v1/secrets/{name}", tag = "secrets",
     params(("name" = String, Path, description = "Secret name")),
     security(("user" = [])),
-    responses((status = 204), (status = 403, body = ErrorBody, description = "Needs an admin"), (status = 404, body = ErrorBody))
+    responses((status = 204), (status = 403, body = ErrorBody, description = "Needs an admin"), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "Not a valid secret name"))
 )]
 async fn delete_secret(
     State(state): State<AppState>,
