@@ -182,7 +182,7 @@ impl SigningKey {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent).map_err(io_err)?;
                 }
-                write_private(path, hex::encode(&key).as_bytes()).map_err(io_err)?;
+                crate::private::create_file(path, hex::encode(&key).as_bytes()).map_err(io_err)?;
                 tracing::info!(path = %path.display(), "created a new signing key");
                 key
             }
@@ -216,21 +216,6 @@ impl SigningKey {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
         )
     }
-}
-
-/// Writes a new file readable by its owner only; fails if it exists.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 /// Claims of an agent access token.

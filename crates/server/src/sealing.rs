@@ -56,7 +56,7 @@ pub fn load_or_create(path: &Path) -> Result<Signer, KeyError> {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(io)?;
             }
-            match write_new(path, signing::to_hex(&seed).as_bytes()) {
+            match crate::private::create_file(path, signing::to_hex(&seed).as_bytes()) {
                 Ok(()) => {
                     tracing::info!(path = %path.display(), "created a new assignment signing key");
                     Ok(Signer::from_seed(&seed))
@@ -78,20 +78,6 @@ fn parse(path: &Path, text: &str) -> Result<Signer, KeyError> {
         .ok_or_else(|| KeyError::Corrupt {
             path: path.display().to_string(),
         })
-}
-
-fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! value moved to another name (or another webhook) does not open.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -246,8 +246,11 @@ impl MasterKeys {
                         if let Some(parent) = path.parent() {
                             std::fs::create_dir_all(parent).map_err(io)?;
                         }
-                        write_new_private(path, format!("{}\n", hex::encode(bytes)).as_bytes())
-                            .map_err(io)?;
+                        crate::private::create_file(
+                            path,
+                            format!("{}\n", hex::encode(bytes)).as_bytes(),
+                        )
+                        .map_err(io)?;
                         tracing::info!(path = %path.display(), "created a new master key");
                         Ok(MasterKeys {
                             keys: vec![MasterKey::new(bytes)],
@@ -268,21 +271,6 @@ impl MasterKeys {
     fn find(&self, id: &str) -> Option<&MasterKey> {
         self.keys.iter().find(|k| k.id == id)
     }
-}
-
-/// Writes a new file readable by its owner only; fails if it exists.
-fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 fn wrap_aad(data_key_id: &str) -> String {
