@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use crate::access::{Admin, Operator};
 use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -121,6 +122,7 @@ async fn show_agent(
 async fn label_agent(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<LabelAgentRequest>,
 ) -> Result<Json<Agent>, ApiError> {
@@ -135,6 +137,10 @@ async fn label_agent(
         }
     }
     let mut a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
+    let set: Vec<String> = req.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    audit.note("set", set.join(","));
+    audit.note("remove", req.remove.join(","));
     for k in &req.remove {
         a.labels.remove(k);
     }
@@ -155,6 +161,7 @@ async fn label_agent(
 async fn revoke_agent(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<RevokeAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
@@ -165,6 +172,8 @@ async fn revoke_agent(
         return Err(ApiError::invalid("reason must be at most 500 bytes"));
     }
     let id = state.store.resolve_agent_id(&id).await?;
+    audit.target(format!("agent:{id}"));
+    audit.note("reason", &reason);
     state.store.revoke_agent(&id, &reason, Utc::now()).await?;
     // Its unfinished attempts can never run now: end them, with the reason.
     state
@@ -199,12 +208,15 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
 async fn drain_agent(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<DrainAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     super::fleet::check_reason(req.reason.as_deref())?;
+    audit.note("reason", req.reason.as_deref().unwrap_or_default());
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     if a.dispatch == DispatchState::Stopped {
         return Err(ApiError::new(
@@ -233,9 +245,11 @@ async fn drain_agent(
 async fn resume_agent(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Agent>, ApiError> {
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     state
         .store
@@ -259,12 +273,18 @@ async fn resume_agent(
 async fn stop_agent(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     super::fleet::check_reason(req.reason.as_deref())?;
+    audit.note("reason", req.reason.as_deref().unwrap_or_default());
+    if req.force {
+        audit.note("force", "true");
+    }
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     let verb = if req.force {
         "stopped (forced)"

@@ -31,22 +31,25 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// refused attempt).
 async fn record_lockout(state: &AppState, username: &str, lockout: &Lockout) {
     let lasts = humantime::format_duration(state.config.login.lockout);
-    let (actor, target) = match lockout {
-        Lockout::Account(name) => (name.clone(), format!("account {name:?} locked for {lasts}")),
-        Lockout::Address(ip) => (
-            format!("{username:?}"),
-            format!("address {ip} locked for {lasts}"),
-        ),
+    let (action, target, source) = match lockout {
+        Lockout::Account(name) => ("user.lockout", format!("user:{name}"), String::new()),
+        Lockout::Address(ip) => ("address.lockout", format!("address:{ip}"), ip.to_string()),
     };
+    let detail = serde_json::json!({ "for": lasts.to_string() }).to_string();
     tracing::warn!(%target, "login lockout after failed logins");
     if let Err(e) = state
         .store
         .audit(
-            &actor,
-            "LOCKOUT /api/v1/auth/login",
-            &target,
-            StatusCode::TOO_MANY_REQUESTS.as_u16(),
-            "refused",
+            &drover_store::jobs::AuditEntry {
+                actor: username,
+                action,
+                target: &target,
+                status: StatusCode::TOO_MANY_REQUESTS.as_u16(),
+                outcome: "refused",
+                request: "POST /api/v1/auth/login",
+                source: &source,
+                detail: &detail,
+            },
             Utc::now(),
         )
         .await
@@ -163,6 +166,9 @@ async fn login(
         );
     }
     let address = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+    // The entry names the user tried, whether the login works or not.
+    audit.actor(&req.username);
+    audit.target(format!("user:{}", req.username));
     let attempt = match state.logins.begin(&req.username, address, Instant::now()) {
         Ok(attempt) => attempt,
         Err(refused) => {
