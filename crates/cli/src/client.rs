@@ -243,15 +243,22 @@ fn unreachable_why(e: &reqwest::Error) -> String {
 /// with the value named (not left to the HTTP client's words).
 pub fn server_url(given: &str) -> anyhow::Result<String> {
     let given = given.trim();
-    let with_scheme = if given.contains("://") {
-        given.to_owned()
-    } else {
-        format!("http://{given}")
-    };
     let bad = || {
         anyhow!(
             "'{given}' is not a server URL: give http://HOST:PORT, https://HOST:PORT or HOST:PORT"
         )
+    };
+    let scheme_less = !given.contains("://");
+    // Without a scheme, only HOST or HOST:PORT: no path, no empty port.
+    if given.chars().any(char::is_whitespace)
+        || (scheme_less && (given.contains('/') || given.ends_with(':')))
+    {
+        return Err(bad());
+    }
+    let with_scheme = if scheme_less {
+        format!("http://{given}")
+    } else {
+        given.to_owned()
     };
     let url = reqwest::Url::parse(&with_scheme).map_err(|_| bad())?;
     if !matches!(url.scheme(), "http" | "https")
@@ -307,6 +314,13 @@ mod tests {
             ("", None),
             ("http://h:7070/?x=1", None),
             ("127.0.0.1:notaport", None),
+            ("htp:/x y", None),
+            ("drover.example:", None),
+            ("drover.example/api", None),
+            (
+                "https://drover.example/drover",
+                Some("https://drover.example/drover"),
+            ),
         ];
         for (given, want) in cases {
             match (server_url(given), want) {

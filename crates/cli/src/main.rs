@@ -136,6 +136,31 @@ struct ClientWith<A: clap::Args> {
     args: A,
 }
 
+/// Client flags given after `drover server` or `drover up`: parsed only
+/// to be refused by name, and hidden from their help.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct StrayClientFlags {
+    #[arg(long = "server", id = "stray_server", hide = true)]
+    server: Option<String>,
+    #[arg(long = "token", id = "stray_token", hide = true)]
+    token: Option<String>,
+    #[arg(long = "ca-file", id = "stray_ca_file", hide = true)]
+    ca_file: Option<String>,
+    #[arg(long = "ca-fingerprint", id = "stray_ca_fingerprint", hide = true)]
+    ca_fingerprint: Option<String>,
+}
+
+/// `drover server`: the server's flags.
+#[derive(Debug, clap::Args)]
+struct ServerCommand {
+    #[command(flatten)]
+    args: ServerArgs,
+    #[command(flatten)]
+    stray: StrayClientFlags,
+    #[arg(long = "profile", id = "stray_profile", hide = true)]
+    profile: Option<String>,
+}
+
 /// `drover up`: the server's flags, and the profile it saves.
 #[derive(Debug, clap::Args)]
 struct UpCommand {
@@ -144,12 +169,14 @@ struct UpCommand {
     /// The CLI profile to save this server in [default: default].
     #[arg(long, env = "DROVER_PROFILE", value_name = "NAME")]
     profile: Option<String>,
+    #[command(flatten)]
+    stray: StrayClientFlags,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the control-plane server.
-    Server(ServerArgs),
+    Server(ServerCommand),
     /// Run a server on SQLite plus one local agent: a whole Drover in one command.
     Up(UpCommand),
     /// Log in with a password and save the session in the profile.
@@ -277,12 +304,13 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let root = cli.client;
     match cli.command {
-        Command::Server(args) => {
-            refuse_client_flags("server", &root, false)?;
-            serve::server(args).await
+        Command::Server(cmd) => {
+            let profile = root.profile.is_some() || cmd.profile.is_some();
+            refuse_client_flags("server", &root, &cmd.stray, profile)?;
+            serve::server(cmd.args).await
         }
         Command::Up(cmd) => {
-            refuse_client_flags("up", &root, true)?;
+            refuse_client_flags("up", &root, &cmd.stray, false)?;
             let client = ClientArgs {
                 profile: cmd.profile,
                 ..ClientArgs::default()
@@ -320,14 +348,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 fn refuse_client_flags(
     command: &str,
     root: &RootClientArgs,
-    profile_allowed: bool,
+    after: &StrayClientFlags,
+    profile: bool,
 ) -> anyhow::Result<()> {
     let given = [
-        ("--server", root.server.is_some()),
-        ("--token", root.token.is_some()),
-        ("--ca-file", root.ca_file.is_some()),
-        ("--ca-fingerprint", root.ca_fingerprint.is_some()),
-        ("--profile", root.profile.is_some() && !profile_allowed),
+        ("--server", root.server.is_some() || after.server.is_some()),
+        ("--token", root.token.is_some() || after.token.is_some()),
+        (
+            "--ca-file",
+            root.ca_file.is_some() || after.ca_file.is_some(),
+        ),
+        (
+            "--ca-fingerprint",
+            root.ca_fingerprint.is_some() || after.ca_fingerprint.is_some(),
+        ),
+        ("--profile", profile),
     ];
     if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
         anyhow::bail!(
@@ -378,12 +413,13 @@ mod tests {
     }
 
     #[test]
-    fn server_and_up_list_no_client_flags() {
+    fn server_and_up_show_no_client_flags() {
         let mut command = command();
         command.build();
         for name in ["server", "up"] {
             let sub = command.find_subcommand(name).map(|s| {
                 s.get_arguments()
+                    .filter(|a| !a.is_hide_set())
                     .filter_map(|a| a.get_long().map(str::to_owned))
                     .collect::<Vec<_>>()
             });

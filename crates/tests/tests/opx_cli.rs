@@ -176,10 +176,10 @@ fn server_and_up_take_no_client_flags() {
                 "drover {sub} --help lists {flag}:\n{help}"
             );
         }
-        // After the subcommand: not a flag of it at all.
+        // After the subcommand: refused by name, not ignored.
         fails_with(
             &run(home.path(), &[sub, "--token", "x"]),
-            "unexpected argument '--token'",
+            &format!("--token is a client flag: drover {sub} does not use it"),
         );
         // Before it: refused by name instead of ignored.
         fails_with(
@@ -190,10 +190,12 @@ fn server_and_up_take_no_client_flags() {
     // `up` saves a profile, so it takes --profile; `server` does not.
     let help = stdout(&run(home.path(), &["up", "--help"]));
     assert!(help.contains("--profile <NAME>"), "{help}");
-    fails_with(
-        &run(home.path(), &["--profile", "x", "server"]),
-        "--profile is a client flag: drover server does not use it",
-    );
+    for args in [&["--profile", "x", "server"], &["server", "--profile", "x"]] {
+        fails_with(
+            &run(home.path(), args),
+            "--profile is a client flag: drover server does not use it",
+        );
+    }
     // The client commands list them, with their variables.
     let help = stdout(&run(home.path(), &["agents", "list", "--help"]));
     for want in [
