@@ -130,10 +130,12 @@ struct Client<C: clap::Subcommand> {
 /// A client command with arguments of its own, with the client flags.
 #[derive(Debug, clap::Args)]
 struct ClientWith<A: clap::Args> {
-    #[command(flatten)]
-    client: ClientArgs,
+    // The command's own arguments first: the client flags' help heading
+    // would otherwise carry over to them.
     #[command(flatten)]
     args: A,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 /// Client flags given after `drover server` or `drover up`: parsed only
@@ -405,6 +407,42 @@ mod tests {
             "without a description (add a /// doc comment):\n  {}",
             found.join("\n  ")
         );
+    }
+
+    /// Only the client flags sit under the "Client options" heading (a
+    /// heading carries over to the arguments flattened after it).
+    #[test]
+    fn only_client_flags_are_headed_client_options() {
+        fn walk(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            let client = [
+                "server",
+                "token",
+                "ca_file",
+                "ca_fingerprint",
+                "profile",
+                "root_server",
+                "root_token",
+                "root_ca_file",
+                "root_ca_fingerprint",
+                "root_profile",
+            ];
+            for arg in command.get_arguments() {
+                let headed = arg
+                    .get_help_heading()
+                    .is_some_and(|h| h.starts_with("Client options"));
+                if headed && !client.contains(&arg.get_id().as_str()) {
+                    found.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut command = command();
+        command.build();
+        let mut found = Vec::new();
+        walk(&command, "drover", &mut found);
+        assert!(found.is_empty(), "under Client options: {found:?}");
     }
 
     #[test]
