@@ -31,6 +31,7 @@ pub struct JobFailed {
 pub enum ActionsCommand {
     /// Create or replace the actions of a YAML catalog file.
     Apply {
+        /// The catalog file (YAML): actions and sandbox profiles.
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -289,6 +290,7 @@ pub enum JobsCommand {
         /// Only jobs in this state (queued, running, succeeded, failed, …).
         #[arg(long)]
         state: Option<String>,
+        /// Show at most this many jobs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -296,18 +298,22 @@ pub enum JobsCommand {
     },
     /// Show a job with every attempt, and why it waits if it does.
     Show {
+        /// Job id or a unique prefix of it.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Print a job's output; --follow streams it until the job ends.
     Logs {
+        /// Job id or a unique prefix of it.
         id: String,
+        /// Keep printing new output until the job ends.
         #[arg(long)]
         follow: bool,
     },
     /// Cancel a job.
     Cancel {
+        /// Job id or a unique prefix of it.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,

@@ -194,7 +194,7 @@ struct ListQuery {
     all: bool,
 }
 
-fn view(t: TokenListing, now: chrono::DateTime<Utc>) -> TokenView {
+pub(crate) fn view(t: TokenListing, now: chrono::DateTime<Utc>) -> TokenView {
     let state = if t.revoked_at.is_some() {
         "revoked"
     } else if t.used_at.is_some() {

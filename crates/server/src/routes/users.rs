@@ -8,13 +8,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
+use drover_proto::access::{TokenView, Whoami};
 use drover_proto::api::{LoginRequest, LoginResponse};
 use drover_proto::{ErrorBody, ErrorCode};
 use drover_store::NewUserToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{hash_token, new_token, TokenPrefix};
+use crate::auth::{hash_token, new_token, TokenPrefix, UserAuth};
 use crate::connections::Peer;
 use crate::error::{ApiError, ApiJson};
 use crate::routes::audit::Audit;
@@ -24,7 +25,58 @@ use crate::throttle::{Lockout, Refused};
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(whoami))
         .layer(DefaultBodyLimit::max(MAX_LOGIN_BODY))
+}
+
+/// The token presented, as a token listing shows it.
+async fn presented(state: &AppState, by: &UserAuth) -> Result<TokenView, ApiError> {
+    let found = state
+        .store
+        .token_listing(&by.token_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized(ErrorCode::Unauthorized, "unknown token: log in again")
+        })?;
+    Ok(crate::routes::tokens::view(found, Utc::now()))
+}
+
+/// Who the presented token acts as: the user, the role requests act with,
+/// the user's scope, and the token itself (kind, scope, expiry).
+#[utoipa::path(
+    get, path = "/api/v1/auth/whoami", tag = "auth",
+    security(("user" = [])),
+    responses((status = 200, body = Whoami), (status = 401, body = ErrorBody, description = "No valid user token"))
+)]
+async fn whoami(State(state): State<AppState>, by: UserAuth) -> Result<Json<Whoami>, ApiError> {
+    let token = presented(&state, &by).await?;
+    let user = state
+        .store
+        .user_by_username(&by.username)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized(ErrorCode::Unauthorized, "unknown user: log in again")
+        })?;
+    Ok(Json(Whoami {
+        username: by.username,
+        role: by.role,
+        scope: (!user.scope.is_everywhere()).then_some(user.scope),
+        token,
+    }))
+}
+
+/// Log out: revoke the presented token (a session from a login, or an
+/// API token) from its next request on. Returns it as revoked.
+#[utoipa::path(
+    post, path = "/api/v1/auth/logout", tag = "auth",
+    security(("user" = [])),
+    responses((status = 200, body = TokenView), (status = 401, body = ErrorBody, description = "No valid user token"))
+)]
+async fn logout(State(state): State<AppState>, by: UserAuth) -> Result<Json<TokenView>, ApiError> {
+    state.store.revoke_token(&by.token_id, Utc::now()).await?;
+    tracing::info!(user = %by.username, token = %by.token_id, "logged out");
+    presented(&state, &by).await.map(Json)
 }
 
 /// Logs and audits the start of a lockout (once per lockout, not per
