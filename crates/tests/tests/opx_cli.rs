@@ -232,7 +232,7 @@ fn the_arguments_the_issue_named_have_descriptions() {
         (
             &["audit", "list", "--help"],
             &[
-                "Only entries by this user",
+                "Only entries of this user",
                 "Show at most this many entries",
             ],
         ),
