@@ -1,6 +1,7 @@
 //! `drover`: the server (`drover server`), the all-in-one local mode
 //! (`drover up`) and the operator CLI. Parses arguments, then hands off.
 
+mod admin;
 mod approvals;
 mod audit;
 mod client;
@@ -72,6 +73,9 @@ enum Command {
     Server(ServerArgs),
     /// Run a server on SQLite plus one local agent: a whole Drover in one command.
     Up(serve::UpArgs),
+    /// Offline maintenance of a server's store (reset-password).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Log in with a password and save the session in the profile.
     Login(ops::LoginArgs),
     /// Create, list and revoke tokens.
@@ -185,6 +189,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => serve::server(args).await,
         Command::Up(args) => serve::up(args, &target).await,
+        Command::Admin(cmd) => admin::admin(cmd).await,
         Command::Login(args) => ops::login(&target, args).await,
         Command::Token(cmd) => ops::token(&target, cmd).await,
         Command::Users(cmd) => users::users(&target, cmd).await,
