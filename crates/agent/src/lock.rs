@@ -73,9 +73,12 @@ impl Lock {
             }
             Err(e) => return Err(io(e.into())),
         }
-        file.set_len(0).map_err(io)?;
-        file.rewind().map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        // Information only: a full disk must not stop an agent whose lock
+        // is taken.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
         Ok(Lock {
             _file: file,
             path: path.to_owned(),

@@ -276,6 +276,24 @@ mod tests {
     }
 
     #[test]
+    fn a_locked_state_dir_is_refused_naming_the_dir_and_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let held = s.lock().unwrap();
+        let err = s.lock().unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "another drover-agent (pid {}) is using the state dir {}: ",
+                std::process::id(),
+                dir.path().display()
+            )),
+            "{err}"
+        );
+        drop(held);
+        assert!(s.lock().is_ok());
+    }
+
+    #[test]
     fn corrupt_state_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDir::open(dir.path()).unwrap();

@@ -161,6 +161,7 @@ async fn finish(
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let config = ServerConfig::load(&args)?;
     init_logging(&config);
+    config.refuse_listen()?;
     let listener = bind(config.listen).await?;
     let _data_dir = hold_data_dir(&config.data_dir)?;
     let server = Server::open(config).await?;
@@ -178,6 +179,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
 pub async fn up(args: UpArgs, target: &Target) -> anyhow::Result<()> {
     let mut config = ServerConfig::load(&args.server)?;
     init_logging(&config);
+    config.refuse_listen()?;
     let listener = bind(config.listen).await?;
     let data_dir = config.data_dir.clone();
     let _data_dir = hold_data_dir(&data_dir)?;

@@ -66,7 +66,9 @@ async fn reset_in(
     now: DateTime<Utc>,
 ) -> Result<(u64, bool), Error> {
     let Some(user) = store.user_by_username(username).await? else {
-        return Err(Error::Offline(format!("no user '{username}' in {database}")));
+        return Err(Error::Offline(format!(
+            "no user '{username}' in {database}"
+        )));
     };
     let hash = {
         let password = password.to_owned();
