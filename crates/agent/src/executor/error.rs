@@ -325,6 +325,28 @@ mod tests {
                 "cannot stop the task: its process (pid 42) is not visible from the agent (is the agent in another pid namespace than the Docker engine?)",
             ),
             (
+                Error::ImageMissing { image: "app:1".into() }.to_string(),
+                "image 'app:1' is not present on this agent's Docker engine and the sandbox's pull policy is never; load it into this engine (`docker load -i FILE` or `docker import`) or build it there (`docker build -t app:1 .`), or set `pull: missing` in the sandbox profile to pull it from its registry",
+            ),
+            (
+                Error::Pull {
+                    image: "app:1".into(),
+                    source: docker::Error::Engine { status: 500, message: "lookup registry: no such host".into() },
+                    present: false,
+                }
+                .to_string(),
+                "image 'app:1' is not present on this agent's Docker engine and could not be pulled (lookup registry: no such host); load it into this engine (`docker load -i FILE` or `docker import`) or build it there (`docker build -t app:1 .`), and set `pull: never` in the sandbox profile so that no registry is tried",
+            ),
+            (
+                Error::Pull {
+                    image: "app:1".into(),
+                    source: docker::Error::Engine { status: 500, message: "lookup registry: no such host".into() },
+                    present: true,
+                }
+                .to_string(),
+                "pulling image 'app:1' failed (lookup registry: no such host) and the sandbox's pull policy is always; set `pull: missing` in the sandbox profile to use the copy this engine has",
+            ),
+            (
                 Error::ExecNotVisible { pid: None }.to_string(),
                 "cannot stop the task: its process is not visible from the agent (is the agent in another pid namespace than the Docker engine?)",
             ),
