@@ -80,8 +80,8 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Creates the data dir and takes its lock, shared with the other servers
-/// on it, held while the server runs: `drover admin reset-password` waits
-/// for none of them to hold it.
+/// on it, for as long as the server runs: `drover admin reset-password`
+/// refuses to change the store while any server holds it.
 fn hold_data_dir(data_dir: &Path) -> anyhow::Result<Lock> {
     drover_server::private::dir(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
