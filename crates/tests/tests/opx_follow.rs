@@ -167,11 +167,11 @@ async fn fanned_out_follow_names_agents_and_the_failure() {
         let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0].id.clone();
         let logs = ndjson(&cluster.cli_ok(&["jobs", "logs", &id, "-o", "json"]).into_bytes());
         assert!(logs.iter().all(|e| e["event"] == "output"), "{logs:?}");
-        assert_eq!(logs.len(), 5, "{logs:?}");
+        assert_eq!(logs.len(), 4, "{logs:?}");
         let out = cluster.cli(&["jobs", "logs", &id, "--follow", "-o", "json"]);
         let followed = ndjson(&out.stdout);
         assert_eq!(followed.last().unwrap()["event"], "end");
-        assert_eq!(events(&followed, "output").len(), 5);
+        assert_eq!(events(&followed, "output").len(), 4);
     }
 }
 
