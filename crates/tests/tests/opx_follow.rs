@@ -115,7 +115,9 @@ async fn fanned_out_follow_names_agents_and_the_failure() {
         assert!(stderr.contains("AGENT"), "{stderr}");
         assert_eq!(row(&good)[2..4], ["succeeded", "0"], "{stderr}");
         assert_eq!(row(&bad)[2..4], ["failed", "3"], "{stderr}");
-        let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0].id.clone();
+        let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0]
+            .id
+            .clone();
         assert!(
             stderr.contains(&format!(
                 "error: job {id} ended failed on 1 of 2 agents: agent {} failed (exit code 3)",
@@ -164,8 +166,14 @@ async fn fanned_out_follow_names_agents_and_the_failure() {
         assert_eq!(summary(&bad)["exit_code"], 3);
 
         // `jobs logs` as events too, following or not.
-        let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0].id.clone();
-        let logs = ndjson(&cluster.cli_ok(&["jobs", "logs", &id, "-o", "json"]).into_bytes());
+        let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0]
+            .id
+            .clone();
+        let logs = ndjson(
+            &cluster
+                .cli_ok(&["jobs", "logs", &id, "-o", "json"])
+                .into_bytes(),
+        );
         assert!(logs.iter().all(|e| e["event"] == "output"), "{logs:?}");
         assert_eq!(logs.len(), 4, "{logs:?}");
         let out = cluster.cli(&["jobs", "logs", &id, "--follow", "-o", "json"]);
@@ -182,7 +190,14 @@ async fn fanned_out_follow_names_agents_and_the_failure() {
 async fn single_agent_follow_json_is_only_events() {
     let (cluster, good, _bad) = cluster_with_two_agents(Backend::Sqlite).await;
     let out = cluster.cli(&[
-        "run", "probe", "--target", &good.id, "--param", "marker=nowhere", "--follow", "-o",
+        "run",
+        "probe",
+        "--target",
+        &good.id,
+        "--param",
+        "marker=nowhere",
+        "--follow",
+        "-o",
         "json",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -198,7 +213,13 @@ async fn single_agent_follow_json_is_only_events() {
     assert_eq!(all.last().unwrap()["state"], "succeeded");
 
     let out = cluster.cli(&[
-        "run", "probe", "--target", &good.id, "--param", "marker=nowhere", "--follow",
+        "run",
+        "probe",
+        "--target",
+        &good.id,
+        "--param",
+        "marker=nowhere",
+        "--follow",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "start\nfine\n");
@@ -236,7 +257,10 @@ async fn workflow_follow_json_and_failed_run() {
         .iter()
         .any(|e| e["task"] == "build" && e["state"] == "succeeded"));
     let end = all.last().unwrap();
-    assert_eq!((&end["event"], &end["state"]), (&"end".into(), &"succeeded".into()));
+    assert_eq!(
+        (&end["event"], &end["state"]),
+        (&"end".into(), &"succeeded".into())
+    );
     assert_eq!(end["tasks"].as_array().unwrap().len(), 4);
 
     // A run whose required task fails: the error says run, and which task.
@@ -248,7 +272,13 @@ async fn workflow_follow_json_and_failed_run() {
     );
     let file = cluster.dir.path().join("breaks.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let out = cluster.cli(&["workflow", "submit", "-f", file.to_str().unwrap(), "--follow"]);
+    let out = cluster.cli(&[
+        "workflow",
+        "submit",
+        "-f",
+        file.to_str().unwrap(),
+        "--follow",
+    ]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     let run = cluster.cli_json::<Vec<Value>>(&["workflow", "list"])[0]["id"]
@@ -256,7 +286,9 @@ async fn workflow_follow_json_and_failed_run() {
         .unwrap()
         .to_owned();
     assert!(
-        stderr.contains(&format!("error: run {run} ended failed: task check failed (")),
+        stderr.contains(&format!(
+            "error: run {run} ended failed: task check failed ("
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("exit code 3"), "{stderr}");
@@ -348,7 +380,9 @@ async fn interrupts_and_cancels_say_what_happens() {
     let follow = ["run", "ticker", "--target", &good.id, "--follow"];
     let child = start_following(&cluster, &follow, "tick");
     let (code, stderr) = interrupt(child).await;
-    let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0].id.clone();
+    let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0]
+        .id
+        .clone();
     assert_eq!(code, Some(130), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -393,7 +427,9 @@ async fn interrupts_and_cancels_say_what_happens() {
     args.extend(["--cancel-on-interrupt", "-o", "json"]);
     let child = start_following(&cluster, &args, "\"line\":\"tick\"");
     let (code, stderr) = interrupt(child).await;
-    let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0].id.clone();
+    let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0]
+        .id
+        .clone();
     assert_eq!(code, Some(130), "{stderr}");
     assert!(
         stderr.contains(&format!("cancel requested for job {id}")),
@@ -414,7 +450,13 @@ async fn interrupts_and_cancels_say_what_happens() {
     .unwrap();
     let child = start_following(
         &cluster,
-        &["workflow", "submit", "-f", file.to_str().unwrap(), "--follow"],
+        &[
+            "workflow",
+            "submit",
+            "-f",
+            file.to_str().unwrap(),
+            "--follow",
+        ],
         "[t] tick",
     );
     let (code, stderr) = interrupt(child).await;

@@ -102,11 +102,7 @@ fn short_ids(ids: &[String]) -> Vec<String> {
     ids.iter()
         .map(|id| {
             let mut len = 13.min(id.len());
-            while len < id.len()
-                && ids
-                    .iter()
-                    .any(|o| o != id && o.get(..len) == id.get(..len))
-            {
+            while len < id.len() && ids.iter().any(|o| o != id && o.get(..len) == id.get(..len)) {
                 len += 1;
             }
             id.get(..len).unwrap_or(id).to_owned()
@@ -356,13 +352,29 @@ pub async fn follow_job(
             }
             let agent = agent_of(&chunk.attempt_id);
             for line in lines.push(&chunk.attempt_id, chunk.stream, &chunk.data) {
-                print_line(id, &chunk.attempt_id, &agent, chunk.stream, &line, names, json)?;
+                print_line(
+                    id,
+                    &chunk.attempt_id,
+                    &agent,
+                    chunk.stream,
+                    &line,
+                    names,
+                    json,
+                )?;
             }
         }
         after = page.next;
         if page.complete {
             for ((attempt, stream), line) in lines.rest() {
-                print_line(id, &attempt, &agent_of(&attempt), stream, &line, names, json)?;
+                print_line(
+                    id,
+                    &attempt,
+                    &agent_of(&attempt),
+                    stream,
+                    &line,
+                    names,
+                    json,
+                )?;
             }
             let job: Job = api.get(&format!("/jobs/{id}")).await?;
             if json {
@@ -396,7 +408,15 @@ pub async fn print_logs_json(api: &Api, job: &Job) -> anyhow::Result<()> {
         for c in &page.chunks {
             for line in lines.push(&c.attempt_id, c.stream, &c.data) {
                 let agent = agent_of(&c.attempt_id);
-                print_line(&job.id, &c.attempt_id, &agent, c.stream, &line, &names, true)?;
+                print_line(
+                    &job.id,
+                    &c.attempt_id,
+                    &agent,
+                    c.stream,
+                    &line,
+                    &names,
+                    true,
+                )?;
             }
         }
         if page.chunks.is_empty() {
@@ -405,7 +425,15 @@ pub async fn print_logs_json(api: &Api, job: &Job) -> anyhow::Result<()> {
         after = page.next;
     }
     for ((attempt, stream), line) in lines.rest() {
-        print_line(&job.id, &attempt, &agent_of(&attempt), stream, &line, &names, true)?;
+        print_line(
+            &job.id,
+            &attempt,
+            &agent_of(&attempt),
+            stream,
+            &line,
+            &names,
+            true,
+        )?;
     }
     Ok(())
 }
@@ -572,6 +600,9 @@ mod tests {
         );
     }
 
+    /// The agents of a job, their host names, the labels they get.
+    type Case<'a> = (Vec<&'a String>, HashMap<String, String>, Vec<&'a str>);
+
     #[test]
     fn agents_are_named_by_distinct_hosts_else_short_ids() {
         let a = "0192aaaa-1111-7000-8000-000000000001".to_owned();
@@ -584,7 +615,7 @@ mod tests {
                 .collect::<HashMap<_, _>>()
         };
         // (agents, host names, labels)
-        let cases: Vec<(Vec<&String>, HashMap<String, String>, Vec<&str>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 vec![&a, &c],
                 hosts(&[(&a, "web-1"), (&c, "web-2")]),

@@ -565,7 +565,14 @@ mod tests {
                 "agent a1 is offline (last seen 1); agent b2 is offline (last seen 2)".to_owned(),
             ),
             (
-                vec![("p", ""), ("q", ""), ("p", ""), ("r", ""), ("s", ""), ("t", "")],
+                vec![
+                    ("p", ""),
+                    ("q", ""),
+                    ("p", ""),
+                    ("r", ""),
+                    ("s", ""),
+                    ("t", ""),
+                ],
                 "p (2 agents); q; r; and 2 more (see the attempts)".to_owned(),
             ),
         ];
