@@ -5,8 +5,8 @@
 //! Text for people: output as the job writes it when one agent runs it;
 //! each line prefixed with its agent (`[web-1] …`) when several do; the
 //! summary on stderr. `-o json` prints events for scripts instead, one JSON
-//! object per line on stdout and nothing else there (see
-//! docs/CLI-EVENTS.md): `job`, `state`, `output`, `end`, `interrupted`.
+//! object per line on stdout and nothing else there (README, "Following
+//! work"): `job`, `state`, `output`, `end`, `interrupted`.
 
 use std::collections::HashMap;
 use std::io::Write;
