@@ -543,7 +543,21 @@ pub async fn exit_interrupted(api: &Api, what: Interrupted<'_>, output: Output) 
         Some(path) => {
             let body = json!({});
             let asked = api.post::<_, serde_json::Value>(path, &body);
-            match tokio::time::timeout(Duration::from_secs(10), asked).await {
+            // A second Ctrl-C gives up waiting for the server.
+            let answer = tokio::select! {
+                a = tokio::time::timeout(Duration::from_secs(10), asked) => a,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!(
+                        "interrupted again: the cancel of {kind} {id} may not have reached the server; it may go on: {cancel_command}"
+                    );
+                    if output == Output::Json {
+                        let _ = output::event(&json!({"event": "interrupted", kind: id, "cancel_requested": false}));
+                    }
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(EXIT_INTERRUPTED)
+                }
+            };
+            match answer {
                 Ok(Ok(_)) => {
                     eprintln!("interrupted: cancel requested for {kind} {id}");
                     true
