@@ -274,11 +274,16 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
                 }
             }
             if result.state != RunState::Succeeded && result.state.is_final() {
+                let detail = result
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
                 return Err(JobFailed {
                     kind: "run",
                     id: result.id,
                     state: result.state.as_str(),
-                    detail: String::new(),
+                    detail,
                 }
                 .into());
             }

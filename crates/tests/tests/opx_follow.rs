@@ -265,7 +265,7 @@ async fn workflow_follow_json_and_failed_run() {
 
     // A run whose required task fails: the error says run, and which task.
     let yaml = format!(
-        "name: breaks\ntasks:\n  - {{id: check, action: probe, target: '{}', params: {{marker: '{}'}}}}\n  - {{id: after, action: probe, needs: [check], target: '{}', params: {{marker: x}}}}\n",
+        "name: breaks\ntasks:\n  - {{id: check, action: probe, target: '{}', params: {{marker: '{}'}}}}\n  - {{id: after, action: probe, needs: [check], target: '{}', params: {{marker: no-such-marker}}}}\n",
         bad.id,
         marker(&bad),
         bad.id
@@ -308,7 +308,7 @@ async fn a_fleet_stop_is_one_reason_not_one_per_attempt() {
     for backend in BACKENDS {
         let (cluster, _good, _bad) = cluster_with_two_agents(backend).await;
         cluster.cli_ok(&["fleet", "stop", "--reason", "drill"]);
-        let id = cluster.submit("probe", "role=web", &["--param", "marker=x"]);
+        let id = cluster.submit("probe", "role=web", &["--param", "marker=no-such-marker"]);
         let job = cluster.job(&id);
         assert_eq!(job.attempts.len(), 2);
         let reason = job.reason.unwrap_or_default();

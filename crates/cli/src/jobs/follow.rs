@@ -216,8 +216,12 @@ fn print_summary(job: &Job, names: &Names) {
         .iter()
         .map(|a| {
             vec![
-                names.label(&a.agent_id),
                 short_id(&a.agent_id).to_owned(),
+                names
+                    .hostname(&a.agent_id)
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or("-")
+                    .to_owned(),
                 a.state.as_str().to_owned(),
                 a.exit_code
                     .map(|c| c.to_string())
@@ -228,7 +232,7 @@ fn print_summary(job: &Job, names: &Names) {
         })
         .collect();
     let table = output::format_table(
-        &["AGENT", "ID", "STATE", "EXIT", "ATTEMPTS", "REASON"],
+        &["AGENT", "HOST", "STATE", "EXIT", "ATTEMPTS", "REASON"],
         &rows,
     );
     let mut err = std::io::stderr().lock();
