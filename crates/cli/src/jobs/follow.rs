@@ -23,6 +23,10 @@ use crate::output::{self, Output};
 /// reports it).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
+/// Up to this many agents, their host names are asked one by one; more,
+/// and the whole list is read once.
+const FETCH_ONE_BY_ONE: usize = 8;
+
 /// How the agents of a job are named in prefixes and summaries.
 #[derive(Debug, Default)]
 pub struct Names {
@@ -37,13 +41,23 @@ impl Names {
     /// Asks the server for the host name of each agent of the job (a user
     /// who may not read agents gets short ids).
     pub async fn fetch(api: &Api, job: &Job) -> Names {
+        let ids = agent_ids(job);
         let mut hostname = HashMap::new();
-        for id in agent_ids(job) {
-            if let Ok(agent) = api.get::<Agent>(&format!("/agents/{id}")).await {
-                hostname.insert(id, agent.hostname);
+        if ids.len() <= FETCH_ONE_BY_ONE {
+            for id in &ids {
+                if let Ok(agent) = api.get::<Agent>(&format!("/agents/{id}")).await {
+                    hostname.insert(id.clone(), agent.hostname);
+                }
             }
+        } else if let Ok(all) = api.get::<Vec<Agent>>("/agents").await {
+            let wanted: std::collections::HashSet<&String> = ids.iter().collect();
+            hostname.extend(
+                all.into_iter()
+                    .filter(|a| wanted.contains(&a.id))
+                    .map(|a| (a.id, a.hostname)),
+            );
         }
-        Names::new(&agent_ids(job), hostname)
+        Names::new(&ids, hostname)
     }
 
     fn new(agents: &[String], hostname: HashMap<String, String>) -> Names {
