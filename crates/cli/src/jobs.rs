@@ -473,9 +473,10 @@ pub async fn jobs(target: &Target, cmd: JobsCommand) -> anyhow::Result<()> {
                     follow::exit_interrupted(&api, what, output).await
                 };
                 follow::print_end(&job, &names, output)?;
-            } else if output == Output::Json {
-                let job: Job = api.get(&job_path(&id)?).await?;
-                follow::print_logs_json(&api, &job).await?;
+            } else if let Some(job) = Some(api.get::<Job>(&job_path(&id)?).await?)
+                .filter(|j| output == Output::Json || follow::several_agents(j))
+            {
+                follow::print_logs(&api, &job, output).await?;
             } else {
                 let mut after = 0;
                 loop {

@@ -165,10 +165,22 @@ async fn fanned_out_follow_names_agents_and_the_failure() {
         assert_eq!(summary(&bad)["state"], "failed");
         assert_eq!(summary(&bad)["exit_code"], 3);
 
-        // `jobs logs` as events too, following or not.
+        // `jobs logs` names the agents too, and gives events with -o json,
+        // following or not.
         let id = cluster.cli_json::<Vec<Job>>(&["jobs", "list"])[0]
             .id
             .clone();
+        let logs = cluster.cli(&["jobs", "logs", &id]);
+        assert!(
+            text(&logs.stdout).contains(&format!("[{}] fine\n", short(&good))),
+            "{}",
+            text(&logs.stdout)
+        );
+        assert!(
+            text(&logs.stderr).contains(&format!("[{}] broken\n", short(&bad))),
+            "{}",
+            text(&logs.stderr)
+        );
         let logs = ndjson(
             &cluster
                 .cli_ok(&["jobs", "logs", &id, "-o", "json"])

@@ -407,8 +407,16 @@ pub async fn follow_job(
     }
 }
 
-/// `jobs logs ID -o json`: the output stored so far, as `output` events.
-pub async fn print_logs_json(api: &Api, job: &Job) -> anyhow::Result<()> {
+/// Whether a job runs on more than one agent (its lines then name theirs).
+pub fn several_agents(job: &Job) -> bool {
+    agent_ids(job).len() > 1
+}
+
+/// `jobs logs ID` of a job on several agents, or with `-o json`: the
+/// output stored so far, each line prefixed with its agent, or as `output`
+/// events.
+pub async fn print_logs(api: &Api, job: &Job, output: Output) -> anyhow::Result<()> {
+    let json = output == Output::Json;
     let names = Names::fetch(api, job).await;
     let mut lines = Lines::default();
     let agent_of = |attempt: &str| {
@@ -433,7 +441,7 @@ pub async fn print_logs_json(api: &Api, job: &Job) -> anyhow::Result<()> {
                     c.stream,
                     &line,
                     &names,
-                    true,
+                    json,
                 )?;
             }
         }
@@ -450,7 +458,7 @@ pub async fn print_logs_json(api: &Api, job: &Job) -> anyhow::Result<()> {
             stream,
             &line,
             &names,
-            true,
+            json,
         )?;
     }
     Ok(())
