@@ -231,10 +231,7 @@ fn the_arguments_the_issue_named_have_descriptions() {
         ),
         (
             &["audit", "list", "--help"],
-            &[
-                "Only entries of this user",
-                "At most this many entries",
-            ],
+            &["Only entries of this user", "At most this many entries"],
         ),
         (&["webhooks", "add", "--help"], &["The URL to POST to"]),
         (
