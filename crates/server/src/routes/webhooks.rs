@@ -101,7 +101,7 @@ async fn list_webhooks(
 /// Remove a global webhook; queued deliveries are still sent.
 #[utoipa::path(
     delete, path = "/api/v1/webhooks/{id}", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id")),
+    params(("id" = String, Path, description = "Webhook id or a unique prefix of it")),
     security(("user" = [])),
     responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 204), (status = 404, body = ErrorBody))
 )]
@@ -110,6 +110,7 @@ async fn delete_webhook(
     Admin(_user): Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
+    let id = state.store.resolve_webhook_id(&id).await?;
     if state.store.delete_webhook(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
