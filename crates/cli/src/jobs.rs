@@ -180,7 +180,10 @@ pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()>
 pub struct RunArgs {
     /// The action to run (see drover actions list).
     action: String,
-    /// Agent id, key=value[,key=value], group:NAME, or * for every agent.
+    /// Which agents: an agent id, * for every agent, or terms joined by
+    /// commas, all of which must hold: role=web, os=Debian*, env!=prod,
+    /// 'role in (web,api)', group:NAME, … (docs/SELECTORS.md; preview with
+    /// drover agents list --target).
     #[arg(long)]
     target: String,
     /// A parameter (repeatable): --param message='hello'.
