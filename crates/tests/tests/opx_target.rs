@@ -172,6 +172,36 @@ async fn agents_list_target_shows_what_run_reaches() {
             stderr(&out)
         );
 
+        // Workflow targets use the same grammar, and are checked at submission.
+        let sel = "role in (api, web), !env=prod";
+        let path = cluster.dir.path().join("targeted.yaml");
+        std::fs::write(
+            &path,
+            format!("name: targeted\ntasks:\n  - id: a\n    action: echo\n    params: {{message: hi}}\n    target: \"{sel}\"\n"),
+        )
+        .unwrap();
+        cluster.cli_ok(&["workflow", "submit", "-f", path.to_str().unwrap()]);
+        let job = wait_for("the task's job", Duration::from_secs(30), || {
+            let jobs: Vec<drover_proto::jobs::Job> = cluster.cli_json(&["jobs", "list"]);
+            async move { jobs.into_iter().find(|j| j.target == sel) }
+        })
+        .await;
+        let job = cluster.wait_job(&job.id, Duration::from_secs(30)).await;
+        let agents: BTreeSet<String> = job.attempts.into_iter().map(|a| a.agent_id).collect();
+        assert_eq!(agents, set(&[a]), "{backend}");
+        std::fs::write(
+            &path,
+            "name: mistargeted\ntasks:\n  - {id: a, action: echo, params: {message: hi}, target: 'role in web'}\n",
+        )
+        .unwrap();
+        let out = cluster.cli(&["workflow", "submit", "-f", path.to_str().unwrap()]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("target: target 'role in web': column 9: expected '('"),
+            "{}",
+            stderr(&out)
+        );
+
         // Scopes use the same grammar: a token scoped to a selector
         // reaches the agents it selects and no other.
         let token = cluster
