@@ -284,6 +284,14 @@ async fn group_is_set_with_set_group_and_facts_are_reserved() {
             "{}",
             stderr(&out)
         );
+        let out = cluster.cli(&["token", "create", "--label", "group=web"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out)
+                .contains("'group' is not a label: give the enrolled agent its group with --group"),
+            "{}",
+            stderr(&out)
+        );
         let out = cluster.cli(&["token", "create", "--label", "arch=z80"]);
         assert!(!out.status.success());
         assert!(
