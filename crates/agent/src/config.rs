@@ -298,8 +298,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// `FILE: line L, column C: message`.
+    #[error(transparent)]
+    Parse(drover_proto::yaml::YamlError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -349,10 +350,7 @@ fn read_file(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    drover_proto::yaml::from_str(&text, &path.display().to_string()).map_err(ConfigError::Parse)
 }
 
 impl AgentConfig {

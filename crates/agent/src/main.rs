@@ -41,12 +41,15 @@ enum Command {
     /// Run the agent (enrolling first when --token is given and the state
     /// dir holds no identity yet).
     Run {
+        /// A bootstrap token to enroll with first, when the state dir holds
+        /// no identity yet (ignored once enrolled).
         #[arg(long, env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
     /// Show the agent's identity and last contact from local state, without
     /// asking the server.
     Status {
+        /// Output format: text for people, json for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -275,5 +278,42 @@ mod tests {
             let got = ["a debug line", "an info line", "a hyper line"].map(|l| text.contains(l));
             assert_eq!(got, want, "{level}: {text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every argument and subcommand of `drover-agent` has a description
+    /// (drover's own test walks the `drover` tree the same way).
+    #[test]
+    fn every_argument_and_subcommand_has_help() {
+        fn undocumented(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
+                    found.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && !sub.is_hide_set() {
+                    found.push(name.clone());
+                }
+                undocumented(sub, &name, found);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut found = Vec::new();
+        undocumented(&command, "drover-agent", &mut found);
+        assert!(
+            found.is_empty(),
+            "without a description:\n  {}",
+            found.join("\n  ")
+        );
     }
 }

@@ -46,19 +46,24 @@ pub enum ApprovalsCommand {
     },
     /// One request with exactly what will run.
     Show {
+        /// Approval request id (see drover approvals list).
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Approve a request (never your own).
     Approve {
+        /// Approval request id (see drover approvals list).
         id: String,
+        /// Why: recorded with the approval in the audit log.
         #[arg(long)]
         reason: Option<String>,
     },
     /// Reject a request; its job or run is cancelled.
     Reject {
+        /// Approval request id (see drover approvals list).
         id: String,
+        /// Why (required): recorded, and shown to whoever asked.
         #[arg(long)]
         reason: String,
     },
@@ -70,15 +75,21 @@ pub enum ApprovalsCommand {
     /// Protect actions, sandboxes or workflows (a name glob) or agents (a
     /// target selector): work touching them waits for approval.
     Protect {
+        /// What the rule protects.
         #[arg(value_enum)]
         kind: KindArg,
+        /// A name glob (actions, sandboxes, workflows) or a target
+        /// selector (agents), e.g. 'deploy-*' or role=db.
         pattern: String,
         /// Distinct people who must approve [default: 1].
         #[arg(long)]
         approvers: Option<u32>,
     },
     /// Remove a protection rule by id.
-    Unprotect { id: String },
+    Unprotect {
+        /// Rule id (see drover approvals rules).
+        id: String,
+    },
 }
 
 fn print(a: &Approval) {

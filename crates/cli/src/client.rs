@@ -59,13 +59,26 @@ impl Api {
         drover_agent::tls::apply(builder, server, pin).map_err(|e| anyhow!(e))
     }
 
-    fn require_token(&self) -> anyhow::Result<&str> {
-        self.token.as_deref().ok_or_else(|| {
-            anyhow!(
-                "not logged in to {}: run drover login (or set DROVER_TOKEN)",
-                self.server
-            )
-        })
+    /// The token to present. Without one, the server is tried first: an
+    /// operator told to log in to a server that is not running would chase
+    /// the wrong problem.
+    async fn require_token(&self) -> anyhow::Result<&str> {
+        if let Some(token) = self.token.as_deref() {
+            return Ok(token);
+        }
+        let probe = self
+            .http
+            .get(format!("{}/healthz", self.server))
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await;
+        if let Err(e) = probe {
+            return Err(self.reach_error(e));
+        }
+        Err(anyhow!(
+            "not logged in to {}: run drover login (or set DROVER_TOKEN)",
+            self.server
+        ))
     }
 
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -78,7 +91,7 @@ impl Api {
         let url = format!("{}{API_PREFIX}{path}", self.server);
         let mut req = self.http.request(method, &url);
         if authenticated {
-            req = req.bearer_auth(self.require_token()?);
+            req = req.bearer_auth(self.require_token().await?);
         }
         if let Some(b) = body {
             req = req.json(b);
@@ -108,7 +121,7 @@ impl Api {
         let resp = self
             .http
             .delete(&url)
-            .bearer_auth(self.require_token()?)
+            .bearer_auth(self.require_token().await?)
             .send()
             .await
             .map_err(|e| self.reach_error(e))?;
@@ -126,7 +139,7 @@ impl Api {
         let client = Self::builder(&self.server, self.pin.as_ref())?
             .build()
             .context("building the HTTP client")?;
-        let mut req = client.get(&url).bearer_auth(self.require_token()?);
+        let mut req = client.get(&url).bearer_auth(self.require_token().await?);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
@@ -139,9 +152,11 @@ impl Api {
     fn reach_error(&self, e: reqwest::Error) -> anyhow::Error {
         match drover_agent::tls::untrusted(&e) {
             Some(why) => anyhow!("{why} (server {})", self.server),
-            None => {
-                anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.server))
-            }
+            None => anyhow!(
+                "cannot reach the server at {}: {}",
+                self.server,
+                unreachable_why(&e)
+            ),
         }
     }
 
@@ -154,7 +169,7 @@ impl Api {
             return anyhow!("{why} (server {})", self.server);
         }
         if e.is_connect() || e.is_timeout() {
-            anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.server))
+            self.reach_error(e)
         } else {
             anyhow::Error::new(e).context(format!(
                 "the server at {} closed the connection while the request was sent \
@@ -191,6 +206,72 @@ impl Api {
     }
 }
 
+/// Why a connection failed, in the operator's words: the innermost cause
+/// (`connection refused`), with a hint where there is an obvious one.
+fn unreachable_why(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "no answer in time (is the address right, and the port open?)".to_owned();
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut innermost = e.to_string();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return "connection refused (is `drover server` running?)".to_owned()
+                }
+                std::io::ErrorKind::TimedOut => {
+                    return "no answer in time (is the address right, and the port open?)"
+                        .to_owned()
+                }
+                _ => {}
+            }
+        }
+        innermost = s.to_string();
+        source = s.source();
+    }
+    let lower = innermost.to_lowercase();
+    if lower.contains("dns") || lower.contains("name or service not known") {
+        format!("cannot resolve its host name ({innermost})")
+    } else {
+        innermost
+    }
+}
+
+/// The server URL as given by a flag or variable: `http[s]://HOST[:PORT]`
+/// as it is, `HOST:PORT` as `http://HOST:PORT`; anything else is refused
+/// with the value named (not left to the HTTP client's words).
+pub fn server_url(given: &str) -> anyhow::Result<String> {
+    let given = given.trim();
+    let bad = || {
+        anyhow!(
+            "'{given}' is not a server URL: give http://HOST:PORT, https://HOST:PORT or HOST:PORT"
+        )
+    };
+    let scheme_less = !given.contains("://");
+    // Without a scheme, only HOST or HOST:PORT: no path, no empty port.
+    if given.chars().any(char::is_whitespace)
+        || (scheme_less && (given.contains('/') || given.ends_with(':')))
+    {
+        return Err(bad());
+    }
+    let with_scheme = if scheme_less {
+        format!("http://{given}")
+    } else {
+        given.to_owned()
+    };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|_| bad())?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none_or(str::is_empty)
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+    {
+        return Err(bad());
+    }
+    Ok(with_scheme.trim_end_matches('/').to_owned())
+}
+
 /// A name or id as one path segment: letters, digits and `-_.@` (what ids
 /// and user names are made of) as they are, anything else percent-encoded,
 /// so a value can never change the path. Empty or only dots (`..` would
@@ -214,6 +295,41 @@ pub fn segment(s: &str) -> anyhow::Result<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_urls_take_a_scheme_or_default_to_http() {
+        let cases = [
+            ("http://127.0.0.1:7070", Some("http://127.0.0.1:7070")),
+            (
+                "https://drover.example:7070/",
+                Some("https://drover.example:7070"),
+            ),
+            ("127.0.0.1:7070", Some("http://127.0.0.1:7070")),
+            ("localhost:7070", Some("http://localhost:7070")),
+            ("[::1]:7070", Some("http://[::1]:7070")),
+            (" drover.example ", Some("http://drover.example")),
+            ("ftp://drover.example", None),
+            ("http://", None),
+            ("not a url", None),
+            ("", None),
+            ("http://h:7070/?x=1", None),
+            ("127.0.0.1:notaport", None),
+            ("htp:/x y", None),
+            ("drover.example:", None),
+            ("drover.example/api", None),
+            (
+                "https://drover.example/drover",
+                Some("https://drover.example/drover"),
+            ),
+        ];
+        for (given, want) in cases {
+            match (server_url(given), want) {
+                (Ok(got), Some(want)) => assert_eq!(got, want, "{given:?}"),
+                (Err(e), None) => assert!(e.to_string().contains(given.trim()), "{e}"),
+                (got, want) => panic!("{given:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 
     #[test]
     fn segments_never_change_the_path() {

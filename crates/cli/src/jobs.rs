@@ -31,6 +31,7 @@ pub struct JobFailed {
 pub enum ActionsCommand {
     /// Create or replace the actions of a YAML catalog file.
     Apply {
+        /// The catalog file (YAML): actions and sandbox profiles.
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -96,8 +97,8 @@ pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()>
         ActionsCommand::Apply { file, output } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let catalog: ActionCatalog = serde_saphyr::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let catalog: ActionCatalog =
+                drover_proto::yaml::from_str(&text, &file.display().to_string())?;
             let resp: ApplyActionsResponse = api.post("/actions", &catalog).await?;
             match output {
                 Output::Json => output::json(&resp)?,
@@ -353,6 +354,7 @@ pub enum JobsCommand {
         /// Only jobs in this state (queued, running, succeeded, failed, …).
         #[arg(long)]
         state: Option<String>,
+        /// Show at most this many jobs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -360,18 +362,22 @@ pub enum JobsCommand {
     },
     /// Show a job with every attempt, and why it waits if it does.
     Show {
+        /// Job id or a unique prefix of it.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Print a job's output; --follow streams it until the job ends.
     Logs {
+        /// Job id or a unique prefix of it.
         id: String,
+        /// Keep printing new output until the job ends.
         #[arg(long)]
         follow: bool,
     },
     /// Cancel a job.
     Cancel {
+        /// Job id or a unique prefix of it.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -607,14 +613,21 @@ pub async fn jobs(target: &Target, cmd: JobsCommand) -> anyhow::Result<()> {
 pub enum AuditCommand {
     /// List audit entries, newest first.
     List {
-        #[arg(long)]
+        /// Only entries of this user (the name a login tried, for logins).
+        #[arg(long, value_name = "USER")]
         actor: Option<String>,
-        /// Only actions containing this text, e.g. jobs or revoke.
-        #[arg(long)]
+        /// Only entries whose action or request contains this text, e.g.
+        /// job.cancel, revoke or /api/v1/jobs.
+        #[arg(long, value_name = "TEXT")]
         action: Option<String>,
+        /// Only entries on this target or targets starting with it, e.g.
+        /// job:01J8 (an id prefix), agent: or user:alice.
+        #[arg(long, value_name = "KIND:ID")]
+        target: Option<String>,
         /// Only entries at or after this time (RFC 3339), or this long ago (e.g. 1h).
         #[arg(long)]
         since: Option<String>,
+        /// At most this many entries, newest first (at most 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -668,14 +681,15 @@ pub(crate) fn q(v: &str) -> String {
 }
 
 pub async fn audit(target: &Target, cmd: AuditCommand) -> anyhow::Result<()> {
-    let (actor, action, since, limit, output) = match cmd {
+    let (actor, action, audit_target, since, limit, output) = match cmd {
         AuditCommand::List {
             actor,
             action,
+            target,
             since,
             limit,
             output,
-        } => (actor, action, since, limit, output),
+        } => (actor, action, target, since, limit, output),
         AuditCommand::Verify { output } => return crate::audit::verify(target, output).await,
         AuditCommand::Export { since, format, out } => {
             let since = since.as_deref().map(parse_since).transpose()?;
@@ -690,6 +704,9 @@ pub async fn audit(target: &Target, cmd: AuditCommand) -> anyhow::Result<()> {
     if let Some(a) = action {
         path.push_str(&format!("&action={}", q(&a)));
     }
+    if let Some(t) = audit_target {
+        path.push_str(&format!("&target={}", q(&t)));
+    }
     if let Some(s) = since {
         let at = parse_since(&s)?;
         path.push_str(&format!("&since={}", q(&at.to_rfc3339())));
@@ -701,16 +718,25 @@ pub async fn audit(target: &Target, cmd: AuditCommand) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = entries
                 .iter()
                 .map(|e| {
+                    let detail: Vec<String> =
+                        e.detail.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     vec![
                         e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
                         e.actor.clone(),
+                        e.source.clone().unwrap_or_else(|| "-".to_owned()),
                         e.action.clone(),
                         e.target.clone(),
                         format!("{} {}", e.status, e.outcome),
+                        detail.join(" "),
                     ]
                 })
                 .collect();
-            output::table(&["AT", "ACTOR", "ACTION", "TARGET", "OUTCOME"], &rows);
+            output::table(
+                &[
+                    "AT", "ACTOR", "FROM", "ACTION", "TARGET", "OUTCOME", "DETAIL",
+                ],
+                &rows,
+            );
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 mod approvals;
 mod audit;
 mod client;
+mod docs;
 mod jobs;
 mod logtext;
 mod ops;
@@ -16,7 +17,7 @@ mod workflow;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use drover_server::ServerArgs;
 
 #[derive(Parser)]
@@ -26,7 +27,47 @@ use drover_server::ServerArgs;
     about = "Run work on a fleet of machines and watch it happen"
 )]
 struct Cli {
-    /// Server URL [default: the profile's, else http://127.0.0.1:7070].
+    #[command(flatten)]
+    client: RootClientArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The client flags given before the subcommand (`drover --server URL
+/// agents list`): command line only, so that `drover server` and `drover
+/// up` can refuse them; their variables belong to the client commands.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Client options (also after the subcommand)")]
+struct RootClientArgs {
+    /// Server URL (http[s]://HOST:PORT; HOST:PORT means http) [default: the
+    /// profile's, else http://127.0.0.1:7070].
+    #[arg(long = "server", id = "root_server", value_name = "URL")]
+    server: Option<String>,
+    /// API or session token [default: the profile's].
+    #[arg(long = "token", id = "root_token", value_name = "TOKEN")]
+    token: Option<String>,
+    /// Trust only a server whose certificate this CA (PEM) signed.
+    #[arg(long = "ca-file", id = "root_ca_file", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Trust only the server certificate with this fingerprint (sha256:HEX).
+    #[arg(
+        long = "ca-fingerprint",
+        id = "root_ca_fingerprint",
+        value_name = "SHA256"
+    )]
+    ca_fingerprint: Option<String>,
+    /// Saved profile to use [default: default].
+    #[arg(long = "profile", id = "root_profile", value_name = "NAME")]
+    profile: Option<String>,
+}
+
+/// How a client command reaches its server: these flags (before or after
+/// the subcommand), else their variables, else the saved profile.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Client options")]
+struct ClientArgs {
+    /// Server URL (http[s]://HOST:PORT; HOST:PORT means http) [default: the
+    /// profile's, else http://127.0.0.1:7070].
     #[arg(long, env = "DROVER_SERVER", global = true, value_name = "URL")]
     server: Option<String>,
     /// API or session token [default: the profile's].
@@ -53,67 +94,152 @@ struct Cli {
         value_name = "SHA256"
     )]
     ca_fingerprint: Option<String>,
-    /// Saved profile to use.
-    #[arg(
-        long,
-        env = "DROVER_PROFILE",
-        global = true,
-        default_value = "default",
-        value_name = "NAME"
-    )]
-    profile: String,
+    /// Saved profile to use (see ~/.config/drover/cli.toml) [default:
+    /// default].
+    #[arg(long, env = "DROVER_PROFILE", global = true, value_name = "NAME")]
+    profile: Option<String>,
+}
+
+impl ClientArgs {
+    /// The target of a client command: flags given before the subcommand
+    /// win, then those after it or their variables.
+    fn target(self, root: &RootClientArgs) -> ops::Target {
+        let given = root.profile.clone().or(self.profile);
+        ops::Target {
+            server: root.server.clone().or(self.server),
+            token: root.token.clone().or(self.token),
+            profile: given
+                .clone()
+                .unwrap_or_else(|| ops::DEFAULT_PROFILE.to_owned()),
+            profile_given: given.is_some(),
+            ca_file: root.ca_file.clone().or(self.ca_file),
+            ca_fingerprint: root.ca_fingerprint.clone().or(self.ca_fingerprint),
+        }
+    }
+}
+
+/// A client command made of subcommands, with the client flags.
+#[derive(Debug, clap::Args)]
+struct Client<C: clap::Subcommand> {
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
-    command: Command,
+    command: C,
+}
+
+/// A client command with arguments of its own, with the client flags.
+#[derive(Debug, clap::Args)]
+struct ClientWith<A: clap::Args> {
+    // The command's own arguments first: the client flags' help heading
+    // would otherwise carry over to them.
+    #[command(flatten)]
+    args: A,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Client flags given after `drover server` or `drover up`: parsed only
+/// to be refused by name, and hidden from their help.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct StrayClientFlags {
+    #[arg(long = "server", id = "stray_server", hide = true)]
+    server: Option<String>,
+    #[arg(long = "token", id = "stray_token", hide = true)]
+    token: Option<String>,
+    #[arg(long = "ca-file", id = "stray_ca_file", hide = true)]
+    ca_file: Option<String>,
+    #[arg(long = "ca-fingerprint", id = "stray_ca_fingerprint", hide = true)]
+    ca_fingerprint: Option<String>,
+}
+
+/// `drover server`: the server's flags.
+#[derive(Debug, clap::Args)]
+struct ServerCommand {
+    #[command(flatten)]
+    args: ServerArgs,
+    #[command(flatten)]
+    stray: StrayClientFlags,
+    #[arg(long = "profile", id = "stray_profile", hide = true)]
+    profile: Option<String>,
+}
+
+/// `drover up`: the server's flags, and the profile it saves.
+#[derive(Debug, clap::Args)]
+struct UpCommand {
+    #[command(flatten)]
+    up: serve::UpArgs,
+    /// The CLI profile to save this server in [default: default].
+    #[arg(long, env = "DROVER_PROFILE", value_name = "NAME")]
+    profile: Option<String>,
+    #[command(flatten)]
+    stray: StrayClientFlags,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the control-plane server.
-    Server(ServerArgs),
+    Server(ServerCommand),
     /// Run a server on SQLite plus one local agent: a whole Drover in one command.
-    Up(serve::UpArgs),
+    Up(UpCommand),
     /// Log in with a password and save the session in the profile.
-    Login(ops::LoginArgs),
+    Login(ClientWith<ops::LoginArgs>),
+    /// Log out: end the profile's session on the server and forget its token.
+    Logout(ClientWith<ops::LogoutArgs>),
+    /// Show who the token acts as: server, profile, user, role, scope, token.
+    Whoami(ClientWith<ops::WhoamiArgs>),
     /// Create, list and revoke tokens.
-    #[command(subcommand)]
-    Token(ops::TokenCommand),
+    Token(Client<ops::TokenCommand>),
     /// Work waiting for approval; approve, reject; protection rules.
-    #[command(subcommand)]
-    Approvals(approvals::ApprovalsCommand),
+    Approvals(Client<approvals::ApprovalsCommand>),
     /// Users, their roles and scopes; passwords.
-    #[command(subcommand)]
-    Users(users::UsersCommand),
+    Users(Client<users::UsersCommand>),
     /// Inspect and manage enrolled agents; drain, stop and resume them.
-    #[command(subcommand)]
-    Agents(ops::AgentsCommand),
+    Agents(Client<ops::AgentsCommand>),
     /// Fleet-wide emergency stop and resume.
-    #[command(subcommand)]
-    Fleet(ops::FleetCommand),
+    Fleet(Client<ops::FleetCommand>),
     /// Sandbox profiles (applied with drover actions apply).
-    #[command(subcommand)]
-    Sandboxes(jobs::SandboxesCommand),
+    Sandboxes(Client<jobs::SandboxesCommand>),
     /// Manage the action catalog.
-    #[command(subcommand)]
-    Actions(jobs::ActionsCommand),
+    Actions(Client<jobs::ActionsCommand>),
     /// Run an action on the agents a target names.
-    Run(jobs::RunArgs),
+    Run(ClientWith<jobs::RunArgs>),
     /// Inspect, follow and cancel jobs.
-    #[command(subcommand)]
-    Jobs(jobs::JobsCommand),
+    Jobs(Client<jobs::JobsCommand>),
     /// Durable workflows: submit a definition, follow, cancel, results, artifacts.
-    #[command(subcommand)]
-    Workflow(workflow::WorkflowCommand),
+    Workflow(Client<workflow::WorkflowCommand>),
     /// Webhooks called when runs end, and their delivery log.
-    #[command(subcommand)]
-    Webhooks(workflow::WebhooksCommand),
+    Webhooks(Client<workflow::WebhooksCommand>),
     /// Read the audit log.
-    #[command(subcommand)]
-    Audit(jobs::AuditCommand),
+    Audit(Client<jobs::AuditCommand>),
     /// The secrets vault: set, list, rm, rotate-master-key.
-    #[command(subcommand)]
-    Secrets(secrets::SecretsCommand),
+    Secrets(Client<secrets::SecretsCommand>),
+    /// Print a shell completion script: drover completions bash > /etc/bash_completion.d/drover.
+    Completions(docs::CompletionsArgs),
+    /// Write man pages (drover.1 and one per subcommand) into a directory.
+    Man(docs::ManArgs),
     /// Print the version.
     Version,
+}
+
+/// The help of every `-o/--output` flag, said once here rather than at
+/// each of them.
+const OUTPUT_HELP: &str = "Output format: text for people, json for scripts";
+
+/// The whole command line, as parsed, shown by `--help` and written into
+/// completions and man pages.
+fn command() -> clap::Command {
+    fn describe_output(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.mut_subcommands(describe_output);
+        let undescribed = cmd
+            .get_arguments()
+            .any(|a| a.get_id() == "output" && a.get_help().is_none());
+        if undescribed {
+            cmd.mut_arg("output", |a| a.help(OUTPUT_HELP))
+        } else {
+            cmd
+        }
+    }
+    describe_output(Cli::command())
 }
 
 /// Lets `drover agents list | head` end quietly: with the default SIGPIPE
@@ -148,7 +274,10 @@ fn block_sigpipe_on_this_thread() {
 fn main() -> ExitCode {
     #[cfg(unix)]
     restore_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     #[cfg(unix)]
     builder.on_thread_start(block_sigpipe_on_this_thread);
@@ -175,33 +304,177 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let target = ops::Target {
-        server: cli.server,
-        token: cli.token,
-        profile: cli.profile,
-        ca_file: cli.ca_file,
-        ca_fingerprint: cli.ca_fingerprint,
-    };
+    let root = cli.client;
     match cli.command {
-        Command::Server(args) => serve::server(args).await,
-        Command::Up(args) => serve::up(args, &target).await,
-        Command::Login(args) => ops::login(&target, args).await,
-        Command::Token(cmd) => ops::token(&target, cmd).await,
-        Command::Users(cmd) => users::users(&target, cmd).await,
-        Command::Approvals(cmd) => approvals::approvals(&target, cmd).await,
-        Command::Agents(cmd) => ops::agents(&target, cmd).await,
-        Command::Fleet(cmd) => ops::fleet(&target, cmd).await,
-        Command::Sandboxes(cmd) => jobs::sandboxes(&target, cmd).await,
-        Command::Actions(cmd) => jobs::actions(&target, cmd).await,
-        Command::Run(args) => jobs::run(&target, args).await,
-        Command::Jobs(cmd) => jobs::jobs(&target, cmd).await,
-        Command::Audit(cmd) => jobs::audit(&target, cmd).await,
-        Command::Workflow(cmd) => workflow::workflow(&target, cmd).await,
-        Command::Webhooks(cmd) => workflow::webhooks(&target, cmd).await,
-        Command::Secrets(cmd) => secrets::secrets(&target, cmd).await,
+        Command::Server(cmd) => {
+            let profile = root.profile.is_some() || cmd.profile.is_some();
+            refuse_client_flags("server", &root, &cmd.stray, profile)?;
+            serve::server(cmd.args).await
+        }
+        Command::Up(cmd) => {
+            refuse_client_flags("up", &root, &cmd.stray, false)?;
+            let client = ClientArgs {
+                profile: cmd.profile,
+                ..ClientArgs::default()
+            };
+            serve::up(cmd.up, &client.target(&root)).await
+        }
+        Command::Login(c) => ops::login(&c.client.target(&root), c.args).await,
+        Command::Logout(c) => ops::logout(&c.client.target(&root), c.args).await,
+        Command::Whoami(c) => ops::whoami(&c.client.target(&root), c.args).await,
+        Command::Token(c) => ops::token(&c.client.target(&root), c.command).await,
+        Command::Users(c) => users::users(&c.client.target(&root), c.command).await,
+        Command::Approvals(c) => approvals::approvals(&c.client.target(&root), c.command).await,
+        Command::Agents(c) => ops::agents(&c.client.target(&root), c.command).await,
+        Command::Fleet(c) => ops::fleet(&c.client.target(&root), c.command).await,
+        Command::Sandboxes(c) => jobs::sandboxes(&c.client.target(&root), c.command).await,
+        Command::Actions(c) => jobs::actions(&c.client.target(&root), c.command).await,
+        Command::Run(c) => jobs::run(&c.client.target(&root), c.args).await,
+        Command::Jobs(c) => jobs::jobs(&c.client.target(&root), c.command).await,
+        Command::Audit(c) => jobs::audit(&c.client.target(&root), c.command).await,
+        Command::Workflow(c) => workflow::workflow(&c.client.target(&root), c.command).await,
+        Command::Webhooks(c) => workflow::webhooks(&c.client.target(&root), c.command).await,
+        Command::Secrets(c) => secrets::secrets(&c.client.target(&root), c.command).await,
+        Command::Completions(args) => docs::completions(&mut command(), args),
+        Command::Man(args) => docs::man(command(), args),
         Command::Version => {
             println!("drover {}", env!("CARGO_PKG_VERSION"));
             Ok(())
+        }
+    }
+}
+
+/// `drover server` and `drover up` talk to no server: a client flag given
+/// to them is a mistake to point out, not to ignore (`up` saves a profile,
+/// so it takes `--profile`).
+fn refuse_client_flags(
+    command: &str,
+    root: &RootClientArgs,
+    after: &StrayClientFlags,
+    profile: bool,
+) -> anyhow::Result<()> {
+    let given = [
+        ("--server", root.server.is_some() || after.server.is_some()),
+        ("--token", root.token.is_some() || after.token.is_some()),
+        (
+            "--ca-file",
+            root.ca_file.is_some() || after.ca_file.is_some(),
+        ),
+        (
+            "--ca-fingerprint",
+            root.ca_fingerprint.is_some() || after.ca_fingerprint.is_some(),
+        ),
+        ("--profile", profile),
+    ];
+    if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+        anyhow::bail!(
+            "{flag} is a client flag: drover {command} does not use it (see drover {command} --help)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand and argument of `command`, at every depth, that
+    /// has no help text, as `drover agents show <id>`.
+    fn undocumented(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
+                found.push(format!("{path} {}", arg.get_id()));
+            }
+        }
+        for sub in command.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() && !sub.is_hide_set() {
+                found.push(name.clone());
+            }
+            undocumented(sub, &name, found);
+        }
+    }
+
+    #[test]
+    fn every_argument_and_subcommand_has_help() {
+        let mut command = command();
+        command.build();
+        let mut found = Vec::new();
+        undocumented(&command, "drover", &mut found);
+        assert!(
+            found.is_empty(),
+            "without a description (add a /// doc comment):\n  {}",
+            found.join("\n  ")
+        );
+    }
+
+    /// Only the client flags sit under the "Client options" heading (a
+    /// heading carries over to the arguments flattened after it).
+    #[test]
+    fn only_client_flags_are_headed_client_options() {
+        fn walk(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            let client = [
+                "server",
+                "token",
+                "ca_file",
+                "ca_fingerprint",
+                "profile",
+                "root_server",
+                "root_token",
+                "root_ca_file",
+                "root_ca_fingerprint",
+                "root_profile",
+            ];
+            for arg in command.get_arguments() {
+                let headed = arg
+                    .get_help_heading()
+                    .is_some_and(|h| h.starts_with("Client options"));
+                if headed && !client.contains(&arg.get_id().as_str()) {
+                    found.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut command = command();
+        command.build();
+        let mut found = Vec::new();
+        walk(&command, "drover", &mut found);
+        assert!(found.is_empty(), "under Client options: {found:?}");
+    }
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn server_and_up_show_no_client_flags() {
+        let mut command = command();
+        command.build();
+        for name in ["server", "up"] {
+            let sub = command.find_subcommand(name).map(|s| {
+                s.get_arguments()
+                    .filter(|a| !a.is_hide_set())
+                    .filter_map(|a| a.get_long().map(str::to_owned))
+                    .collect::<Vec<_>>()
+            });
+            let longs = sub.unwrap_or_default();
+            assert!(!longs.is_empty(), "{name} has flags");
+            for client in ["server", "token", "ca-file", "ca-fingerprint"] {
+                assert!(!longs.iter().any(|l| l == client), "{name} --{client}");
+            }
+        }
+        let agents = command
+            .find_subcommand("agents")
+            .and_then(|a| a.find_subcommand("list"));
+        let longs: Vec<&str> = agents
+            .map(|l| l.get_arguments().filter_map(|a| a.get_long()).collect())
+            .unwrap_or_default();
+        for client in ["server", "token", "ca-file", "ca-fingerprint", "profile"] {
+            assert!(longs.contains(&client), "agents list --{client}: {longs:?}");
         }
     }
 }

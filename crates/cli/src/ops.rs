@@ -63,12 +63,18 @@ async fn token_list(target: &Target, all: bool, output: Output) -> anyhow::Resul
 /// The server URL used when neither flag, variable nor profile names one.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
 
+/// The profile used when none is named.
+pub const DEFAULT_PROFILE: &str = "default";
+
 /// Which server and credentials the command uses.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub server: Option<String>,
     pub token: Option<String>,
     pub profile: String,
+    /// Whether the profile was named (flag or variable): a named profile
+    /// must exist, except for the commands that save one.
+    pub profile_given: bool,
     pub ca_file: Option<std::path::PathBuf>,
     pub ca_fingerprint: Option<String>,
 }
@@ -82,15 +88,38 @@ pub struct Trust {
 
 impl Target {
     /// Resolves server, token and pin: flag or variable, else the profile.
-    /// The profile's token and pin are used only with its own server.
+    /// The profile's token and pin are used only with its own server. A
+    /// profile named but not saved is an error.
     pub fn api(&self) -> anyhow::Result<Api> {
-        let file = ProfileFile::load(&profile::path())?;
+        let file = self.profiles()?;
+        if self.profile_given && !file.profiles.contains_key(&self.profile) {
+            // With no profile file at all, `default` is simply empty.
+            let exists = !file.profiles.is_empty() || profile::path().exists();
+            if self.profile != DEFAULT_PROFILE || exists {
+                bail!("{}", unknown_profile(&self.profile, &file));
+            }
+        }
+        self.api_with(&file)
+    }
+
+    /// Like `api`, for the commands that save the profile (`login`): a
+    /// profile not saved yet is fine.
+    pub fn api_for_saving(&self) -> anyhow::Result<Api> {
+        self.api_with(&self.profiles()?)
+    }
+
+    fn profiles(&self) -> anyhow::Result<ProfileFile> {
+        ProfileFile::load(&profile::path())
+    }
+
+    fn api_with(&self, file: &ProfileFile) -> anyhow::Result<Api> {
         let saved = file.profiles.get(&self.profile);
-        let server = self
-            .server
-            .clone()
-            .or_else(|| saved.map(|p| p.server.clone()))
-            .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        let server = match &self.server {
+            Some(s) => crate::client::server_url(s)?,
+            None => saved
+                .map(|p| p.server.clone())
+                .unwrap_or_else(|| DEFAULT_SERVER.to_owned()),
+        };
         let own = saved.filter(|p| same_server(&p.server, &server));
         let token = self
             .token
@@ -112,6 +141,20 @@ impl Target {
     }
 }
 
+/// "no profile named 'x' in PATH (profiles: a, b)".
+fn unknown_profile(name: &str, file: &ProfileFile) -> String {
+    let names: Vec<&str> = file.profiles.keys().map(String::as_str).collect();
+    format!(
+        "no profile named '{name}' in {} ({}); drover login --profile {name} saves one",
+        profile::path().display(),
+        if names.is_empty() {
+            "no profiles saved".to_owned()
+        } else {
+            format!("profiles: {}", names.join(", "))
+        }
+    )
+}
+
 fn same_server(a: &str, b: &str) -> bool {
     a.trim_end_matches('/') == b.trim_end_matches('/')
 }
@@ -127,7 +170,7 @@ pub struct LoginArgs {
 }
 
 pub async fn login(target: &Target, args: LoginArgs) -> anyhow::Result<()> {
-    let api = target.api()?;
+    let api = target.api_for_saving()?;
     let password = if args.password_stdin || !std::io::stdin().is_terminal() {
         let mut line = String::new();
         std::io::stdin()
@@ -175,12 +218,149 @@ pub async fn login(target: &Target, args: LoginArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, clap::Args)]
+pub struct LogoutArgs {
+    /// Forget the token even when the server cannot be told (unreachable,
+    /// or it refuses the token already).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Ends the profile's session: the server revokes the token, then the
+/// profile forgets it (its server and pin stay, for the next login).
+/// Only the profile's own token: one from --token or DROVER_TOKEN is not
+/// the profile's to end (`drover token revoke` does that).
+pub async fn logout(target: &Target, args: LogoutArgs) -> anyhow::Result<()> {
+    let path = profile::path();
+    let mut file = ProfileFile::load(&path)?;
+    let Some(saved) = file.profiles.get(&target.profile).cloned() else {
+        if target.profile_given {
+            bail!("{}", unknown_profile(&target.profile, &file));
+        }
+        eprintln!(
+            "not logged in: no profile '{}' in {}",
+            target.profile,
+            path.display()
+        );
+        return Ok(());
+    };
+    let Some(token) = saved.token.clone() else {
+        eprintln!(
+            "not logged in: profile '{}' holds no token (server {})",
+            target.profile, saved.server
+        );
+        return Ok(());
+    };
+    let api = Api::new(
+        &saved.server,
+        Some(token),
+        Trust {
+            ca_file: saved.ca_file.clone(),
+            ca_fingerprint: saved.ca_fingerprint.clone(),
+        },
+    )?;
+    let ended = match api.post::<(), TokenView>("/auth/logout", &()).await {
+        Ok(t) => format!("{} token {} revoked", t.kind, t.id),
+        Err(e) => {
+            let refused = e
+                .downcast_ref::<crate::client::ApiFailure>()
+                .is_some_and(|f| f.status == 401);
+            if refused {
+                "the server no longer accepted the token".to_owned()
+            } else if args.force {
+                format!("the server was not told ({e:#})")
+            } else {
+                return Err(e.context(
+                    "the session was not ended: the token stays in the profile \
+                     (drover logout --force forgets it anyway)",
+                ));
+            }
+        }
+    };
+    if let Some(p) = file.profiles.get_mut(&target.profile) {
+        p.token = None;
+    }
+    file.save(&path)?;
+    eprintln!(
+        "logged out of {} (profile '{}'): {ended}",
+        saved.server, target.profile
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WhoamiArgs {
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// `drover whoami -o json`: what the server says, and where it was asked.
+#[derive(Debug, serde::Serialize)]
+struct WhoamiView {
+    server: String,
+    profile: String,
+    #[serde(flatten)]
+    whoami: drover_proto::access::Whoami,
+}
+
+pub async fn whoami(target: &Target, args: WhoamiArgs) -> anyhow::Result<()> {
+    let api = target.api()?;
+    let me: drover_proto::access::Whoami = api.get("/auth/whoami").await?;
+    match args.output {
+        Output::Json => output::json(&WhoamiView {
+            server: api.server.clone(),
+            profile: target.profile.clone(),
+            whoami: me,
+        })?,
+        Output::Text => {
+            let row = |k: &str, v: String| output::row(12, k, &v);
+            let everywhere = || "everywhere its role allows".to_owned();
+            row("server", api.server.clone());
+            row("profile", target.profile.clone());
+            row("user", me.username.clone());
+            row("role", me.role.as_str().to_owned());
+            row(
+                "scope",
+                me.scope
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(everywhere),
+            );
+            let t = &me.token;
+            row(
+                "token",
+                format!(
+                    "{} {}{}",
+                    t.kind,
+                    t.id,
+                    t.name
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                ),
+            );
+            if let Some(scope) = &t.scope {
+                row("token scope", scope.to_string());
+            }
+            row(
+                "expires",
+                t.expires_at
+                    .map(|e| e.format("%Y-%m-%d %H:%M UTC").to_string())
+                    .unwrap_or_else(|| "never".to_owned()),
+            );
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum TokenCommand {
     /// Create a one-time bootstrap token for enrolling an agent (default;
     /// admins), or an API token for CI with --kind api (a role and scope
     /// never beyond yours). Prints the token on stdout.
     Create {
+        /// bootstrap: enrolls one agent, once; api: a token for scripts and CI.
         #[arg(long, value_enum, default_value_t = Kind::Bootstrap)]
         kind: Kind,
         /// Lifetime, e.g. 30m, 1h, 7d [bootstrap: default 1h, at most 30d;
@@ -207,13 +387,17 @@ pub enum TokenCommand {
     /// Your tokens (sessions, API tokens, bootstrap tokens you made), or
     /// everyone's with --all (admins). Never the secrets.
     List {
+        /// Everyone's tokens (admins).
         #[arg(long)]
         all: bool,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Revoke a token by id: it stops working on its next request.
-    Revoke { id: String },
+    Revoke {
+        /// Token id (see drover token list).
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -325,9 +509,12 @@ pub enum AgentsCommand {
     },
     /// Set labels (KEY=VALUE) and remove them (--remove KEY).
     Label {
+        /// Agent id or a unique prefix of it.
         id: String,
+        /// Labels to set.
         #[arg(value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// A label to remove (repeatable).
         #[arg(long, value_name = "KEY")]
         remove: Vec<String>,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -335,7 +522,9 @@ pub enum AgentsCommand {
     },
     /// Revoke an agent: its next request is refused and it stops.
     Revoke {
+        /// Agent id or a unique prefix of it.
         id: String,
+        /// Why: recorded with the agent and in the audit log.
         #[arg(long)]
         reason: Option<String>,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -343,7 +532,9 @@ pub enum AgentsCommand {
     },
     /// Give an agent no new work; what it runs finishes.
     Drain {
+        /// Agent id or a unique prefix of it.
         id: String,
+        /// Why: shown with the agent and recorded in the audit log.
         #[arg(long)]
         reason: Option<String>,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -352,10 +543,12 @@ pub enum AgentsCommand {
     /// Stop an agent: no new work, and what it runs is cancelled (SIGTERM,
     /// then SIGKILL after each job's kill grace).
     Stop {
+        /// Agent id or a unique prefix of it.
         id: String,
         /// Kill what runs at once (SIGKILL), without the kill grace.
         #[arg(long)]
         force: bool,
+        /// Why: shown with the agent and recorded in the audit log.
         #[arg(long)]
         reason: Option<String>,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -363,6 +556,7 @@ pub enum AgentsCommand {
     },
     /// Let a drained or stopped agent take work again.
     Resume {
+        /// Agent id or a unique prefix of it.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -397,6 +591,7 @@ pub enum FleetCommand {
         /// Kill every running attempt at once (SIGKILL).
         #[arg(long)]
         force: bool,
+        /// Why: shown in drover fleet status and recorded in the audit log.
         #[arg(long)]
         reason: Option<String>,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]

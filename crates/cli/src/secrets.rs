@@ -16,6 +16,8 @@ use crate::output::{self, Output};
 pub enum SecretsCommand {
     /// Create or replace a secret; its value comes from stdin or a file.
     Set {
+        /// The secret's name: letters, digits and _, not starting with a
+        /// digit; tasks refer to it as ${{ secrets.NAME }}.
         name: String,
         /// Read the value from stdin (one trailing newline is dropped).
         #[arg(
@@ -43,7 +45,10 @@ pub enum SecretsCommand {
         output: Output,
     },
     /// Remove a secret.
-    Rm { name: String },
+    Rm {
+        /// The secret's name.
+        name: String,
+    },
     /// Re-wrap the vault's data keys under the server's current master key
     /// (the first of its master key list); see docs/SECURITY.md.
     RotateMasterKey {

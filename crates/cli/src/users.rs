@@ -61,7 +61,9 @@ pub enum UsersCommand {
     /// Add a user. Without --password-stdin the server makes a password
     /// and it is printed once.
     Add {
+        /// User name: letters, digits, '.', '_', '-' or '@'.
         name: String,
+        /// The user's role.
         #[arg(long, value_enum)]
         role: RoleArg,
         #[command(flatten)]
@@ -79,27 +81,38 @@ pub enum UsersCommand {
     },
     /// One user (yourself without admin).
     Show {
+        /// User name.
         name: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Give a user a role; an operator may be given a scope (none: everywhere).
     Role {
+        /// User name.
         name: String,
+        /// The new role.
         #[arg(value_enum)]
         role: RoleArg,
         #[command(flatten)]
         scope: ScopeArgs,
     },
     /// Disable a user: no login, every token refused from its next request.
-    Disable { name: String },
+    Disable {
+        /// User name.
+        name: String,
+    },
     /// Enable a disabled user.
-    Enable { name: String },
+    Enable {
+        /// User name.
+        name: String,
+    },
     /// Set a password: your own (you are asked for the current one), or
     /// anyone's as an admin. Without a new password on standard input
     /// (--password-stdin) the server makes one and it is printed once.
     Passwd {
+        /// User name (yours to change your own password).
         name: String,
+        /// Read the new password from standard input.
         #[arg(long)]
         password_stdin: bool,
     },

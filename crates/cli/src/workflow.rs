@@ -20,6 +20,7 @@ use crate::output::{self, Output};
 pub enum WorkflowCommand {
     /// Start a run of a workflow definition (YAML or JSON).
     Submit {
+        /// The workflow definition (YAML or JSON).
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
         /// An input of the run, NAME=VALUE (repeatable).
@@ -36,6 +37,7 @@ pub enum WorkflowCommand {
         /// Only runs in this state (running, succeeded, failed, cancelled, timed_out).
         #[arg(long)]
         state: Option<String>,
+        /// Show at most this many runs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -49,9 +51,13 @@ pub enum WorkflowCommand {
         output: Output,
     },
     /// Follow a run's events until it ends (exit 4 unless it succeeds).
-    Follow { id: String },
+    Follow {
+        /// Run id or unique prefix.
+        id: String,
+    },
     /// Stop a run: running tasks are cancelled, waiting ones skipped.
     Cancel {
+        /// Run id or unique prefix.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -59,18 +65,21 @@ pub enum WorkflowCommand {
     /// Remove the workspace an ended run kept (keep_workspace), or whose
     /// removal failed.
     Cleanup {
+        /// Run id or unique prefix.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// A run's outcome and the outputs of its tasks.
     Result {
+        /// Run id or unique prefix.
         id: String,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// The files a run's tasks collected; --download fetches them.
     Artifacts {
+        /// Run id or unique prefix.
         id: String,
         /// Save every artifact under DIR/TASK/PATH, checking its sha256.
         #[arg(long, value_name = "DIR")]
@@ -84,6 +93,7 @@ pub enum WorkflowCommand {
 pub enum WebhooksCommand {
     /// Add a webhook POSTed for every run that ends.
     Add {
+        /// The URL to POST to (http or https).
         #[arg(long)]
         url: String,
         /// Key of the HMAC-SHA256 signature (x-drover-signature), 16+ bytes.
@@ -101,12 +111,16 @@ pub enum WebhooksCommand {
         output: Output,
     },
     /// Remove a global webhook.
-    Rm { id: String },
+    Rm {
+        /// Webhook id (see drover webhooks list).
+        id: String,
+    },
     /// Deliveries with every attempt, newest first.
     Deliveries {
         /// Only those of this run.
         #[arg(long)]
         run: Option<String>,
+        /// Show at most this many deliveries.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]

@@ -204,6 +204,21 @@ pub struct TokenView {
     pub state: String,
 }
 
+/// Who the presented token acts as (`GET /api/v1/auth/whoami`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Whoami {
+    pub username: String,
+    /// The role requests act with: the token's, capped by the user's.
+    pub role: Role,
+    /// The user's own scope; none: everywhere the role allows. The
+    /// token's own scope, on top, is in `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// The token presented.
+    pub token: TokenView,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -49,6 +49,16 @@ pub struct AuditExportRow {
     pub target: String,
     pub status: i64,
     pub outcome: String,
+    /// The call behind the row; absent on rows hashed with version 1 of
+    /// the encoding, present (maybe empty) on version 2 rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The caller's address (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The details as stored: a JSON object's text (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// The hash of the row before (64 zeros for the first row).
     pub prev_hash: Option<String>,
     pub hash: Option<String>,

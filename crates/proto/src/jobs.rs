@@ -589,15 +589,31 @@ pub struct ResultAck {
 pub struct AuditEntry {
     pub id: i64,
     pub at: DateTime<Utc>,
-    /// The user (or "anonymous").
+    /// The user (the name tried, for a login), or `anonymous`,
+    /// `unauthenticated`, `bootstrap-token`.
     pub actor: String,
-    /// e.g. "POST /api/v1/jobs".
+    /// What was done, `KIND.VERB`: `job.create`, `job.cancel`,
+    /// `agent.revoke`, `user.login` … (older entries: the request, e.g.
+    /// "POST /api/v1/jobs").
     pub action: String,
-    /// What it acted on, e.g. the path with ids.
+    /// What it was done to, `KIND:ID`: `job:01J…`, `agent:01J…`,
+    /// `user:alice` (older entries: the path).
     pub target: String,
     /// HTTP status of the answer.
     pub status: u16,
+    /// `ok`, `refused` (4xx) or `error` (5xx).
     pub outcome: String,
+    /// The call behind it, e.g. `POST /api/v1/jobs/{id}/cancel` (empty
+    /// for one made outside the API, e.g. `drover admin reset-password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The caller's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Details: the reason given, the action and selector of a job, the
+    /// role given …
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub detail: BTreeMap<String, String>,
 }
 
 impl RetryPolicy {

@@ -22,6 +22,7 @@ pub mod secrets;
 pub mod signing;
 pub mod unique;
 pub mod workflows;
+pub mod yaml;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 

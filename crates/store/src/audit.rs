@@ -15,6 +15,16 @@
 //! /api/v1/jobs, status 201, outcome ok` after the genesis hashes
 //! `15:drover-audit-v1,1:1,13:1700000000000,5:admin,17:POST /api/v1/jobs,12:/api/v1/jobs,3:201,2:ok,64:000…000,`.
 //!
+//! Rows written since entries say what was done to what (they have a
+//! `request`, the HTTP call behind them) use version 2, which adds the
+//! request, the caller's address (`source`) and the details (`detail`, a
+//! JSON object as stored; an absent one is the empty text) after the
+//! outcome:
+//!
+//! ```text
+//! "drover-audit-v2", id, at, actor, action, target, status, outcome, request, source, detail, prev_hash
+//! ```
+//!
 //! Key design decision: appending bumps the one-row `audit_head` first
 //! (`UPDATE … RETURNING`), which hands out the row's id and the previous
 //! hash and locks the head until the transaction ends. Appenders are thus
@@ -55,12 +65,29 @@ pub struct ChainRow {
     pub target: String,
     pub status: i64,
     pub outcome: String,
+    /// The call behind the entry, e.g. `POST /api/v1/jobs/{id}/cancel`
+    /// (empty for one made outside the API); `None` on rows written
+    /// before version 2 of the encoding.
+    pub request: Option<String>,
+    /// The caller's address.
+    pub source: Option<String>,
+    /// Details (reason, action, selector …) as a JSON object.
+    pub detail: Option<String>,
     /// `None` only for a row written outside the chain.
     pub prev_hash: Option<String>,
     pub hash: Option<String>,
 }
 
-const CHAIN_COLUMNS: &str = "id, at, actor, action, target, status, outcome, prev_hash, hash";
+const CHAIN_COLUMNS: &str =
+    "id, at, actor, action, target, status, outcome, request, source, detail, prev_hash, hash";
+
+/// The fields version 2 of the encoding adds.
+#[derive(Debug, Clone, Copy)]
+pub struct V2<'a> {
+    pub request: &'a str,
+    pub source: &'a str,
+    pub detail: &'a str,
+}
 
 /// The hash of one row's fields and the hash before it (see the module
 /// documentation for the encoding).
@@ -73,6 +100,7 @@ pub fn row_hash(
     target: &str,
     status: i64,
     outcome: &str,
+    v2: Option<V2<'_>>,
     prev_hash: &str,
 ) -> String {
     let mut h = Sha256::new();
@@ -82,7 +110,11 @@ pub fn row_hash(
         h.update(bytes);
         h.update(b",");
     };
-    field(b"drover-audit-v1");
+    field(if v2.is_some() {
+        b"drover-audit-v2"
+    } else {
+        b"drover-audit-v1"
+    });
     field(id.to_string().as_bytes());
     field(at.to_string().as_bytes());
     field(actor.as_bytes());
@@ -90,6 +122,11 @@ pub fn row_hash(
     field(target.as_bytes());
     field(status.to_string().as_bytes());
     field(outcome.as_bytes());
+    if let Some(v2) = v2 {
+        field(v2.request.as_bytes());
+        field(v2.source.as_bytes());
+        field(v2.detail.as_bytes());
+    }
     field(prev_hash.as_bytes());
     hex::encode(h.finalize())
 }
@@ -97,6 +134,11 @@ pub fn row_hash(
 impl ChainRow {
     /// The hash this row's fields and its `prev_hash` call for.
     pub fn expected_hash(&self) -> String {
+        self.hash_after(self.prev_hash.as_deref().unwrap_or(""))
+    }
+
+    /// The hash of this row's fields after `prev_hash`.
+    fn hash_after(&self, prev_hash: &str) -> String {
         row_hash(
             self.id,
             self.at,
@@ -105,8 +147,18 @@ impl ChainRow {
             &self.target,
             self.status,
             &self.outcome,
-            self.prev_hash.as_deref().unwrap_or(""),
+            self.v2(),
+            prev_hash,
         )
+    }
+
+    /// The version 2 fields, for a row that has them.
+    pub fn v2(&self) -> Option<V2<'_>> {
+        self.request.as_deref().map(|request| V2 {
+            request,
+            source: self.source.as_deref().unwrap_or(""),
+            detail: self.detail.as_deref().unwrap_or(""),
+        })
     }
 }
 
@@ -297,6 +349,11 @@ impl Tx {
         .fetch_one(&mut *c)
         .await)?;
         let status = i64::from(entry.status);
+        let v2 = V2 {
+            request: entry.request,
+            source: entry.source,
+            detail: entry.detail,
+        };
         let hash = row_hash(
             id,
             at,
@@ -305,16 +362,17 @@ impl Tx {
             entry.target,
             status,
             entry.outcome,
+            Some(v2),
             &prev,
         );
         // PostgreSQL: one round trip for the row and the head; SQLite runs
         // in process, two statements cost nothing more.
-        let insert =
-            "INSERT INTO audit (id, at, actor, action, target, status, outcome, prev_hash, hash) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        let insert = "INSERT INTO audit (id, at, actor, action, target, status, outcome, \
+                      request, source, detail, prev_hash, hash) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
         let sql = match self.backend() {
             Backend::Postgres => {
-                format!("WITH row AS ({insert}) UPDATE audit_head SET hash = $9 WHERE id = 1")
+                format!("WITH row AS ({insert}) UPDATE audit_head SET hash = $12 WHERE id = 1")
             }
             Backend::Sqlite => insert.to_owned(),
         };
@@ -326,6 +384,9 @@ impl Tx {
             .bind(entry.target)
             .bind(status)
             .bind(entry.outcome)
+            .bind(entry.request)
+            .bind(entry.source)
+            .bind(entry.detail)
             .bind(&prev)
             .bind(&hash)
             .execute(&mut *c)
@@ -369,16 +430,7 @@ impl Store {
                 break;
             }
             for row in page {
-                let hash = row_hash(
-                    row.id,
-                    row.at,
-                    &row.actor,
-                    &row.action,
-                    &row.target,
-                    row.status,
-                    &row.outcome,
-                    &prev,
-                );
+                let hash = row.hash_after(&prev);
                 on_tx!(&mut tx, c => sqlx::query(
                     "UPDATE audit SET prev_hash = $1, hash = $2 WHERE id = $3",
                 )
@@ -508,6 +560,10 @@ mod tests {
                     target: "/api/v1/jobs".into(),
                     status: 201,
                     outcome: "ok".into(),
+                    // Rows of both encodings in one chain.
+                    request: (id % 2 == 0).then(|| "POST /api/v1/jobs".into()),
+                    source: (id % 2 == 0).then(|| "127.0.0.1".into()),
+                    detail: None,
                     prev_hash: Some(prev.clone()),
                     hash: None,
                 };
@@ -546,6 +602,29 @@ mod tests {
                 "/api/v1/jobs",
                 201,
                 "ok",
+                None,
+                GENESIS
+            ),
+            hex::encode(expected.finalize())
+        );
+        let mut expected = Sha256::new();
+        expected.update(format!(
+            "15:drover-audit-v2,1:1,13:1700000000000,5:admin,10:job.create,9:job:01ABC,3:201,2:ok,17:POST /api/v1/jobs,9:127.0.0.1,17:{{\"action\":\"echo\"}},64:{GENESIS},"
+        ));
+        assert_eq!(
+            row_hash(
+                1,
+                1_700_000_000_000,
+                "admin",
+                "job.create",
+                "job:01ABC",
+                201,
+                "ok",
+                Some(V2 {
+                    request: "POST /api/v1/jobs",
+                    source: "127.0.0.1",
+                    detail: r#"{"action":"echo"}"#,
+                }),
                 GENESIS
             ),
             hex::encode(expected.finalize())
@@ -553,8 +632,8 @@ mod tests {
         // Lengths keep fields apart: moving a character across a border
         // changes the hash.
         assert_ne!(
-            row_hash(1, 1, "ab", "c", "", 1, "", GENESIS),
-            row_hash(1, 1, "a", "bc", "", 1, "", GENESIS)
+            row_hash(1, 1, "ab", "c", "", 1, "", None, GENESIS),
+            row_hash(1, 1, "a", "bc", "", 1, "", None, GENESIS)
         );
     }
 
@@ -662,10 +741,12 @@ mod tests {
         fn entry(actor: &str) -> AuditEntry<'_> {
             AuditEntry {
                 actor,
-                action: "POST /test",
+                action: "test.create",
                 target: "t",
                 status: 200,
                 outcome: "ok",
+                request: "POST /test",
+                ..AuditEntry::default()
             }
         }
 

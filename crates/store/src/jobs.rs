@@ -363,14 +363,19 @@ pub struct AuditRecord {
     pub target: String,
     pub status: i64,
     pub outcome: String,
+    pub request: Option<String>,
+    pub source: Option<String>,
+    pub detail: Option<String>,
 }
 
 /// Filters of `list_audit`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
     pub actor: Option<String>,
-    /// Substring of the action, e.g. "jobs".
+    /// Substring of the action or of the request, e.g. "job" or "jobs".
     pub action: Option<String>,
+    /// The target or its start, e.g. `job:01J` or `agent:`.
+    pub target: Option<String>,
     pub since: Option<DateTime<Utc>>,
     pub limit: i64,
 }
@@ -1418,14 +1423,21 @@ impl Tx {
     }
 }
 
-/// One audit entry to append.
-#[derive(Debug, Clone, Copy)]
+/// One audit entry to append: who (`actor`, from `source`) did what
+/// (`action`, e.g. `job.cancel`) to what (`target`, e.g. `job:ID`), with
+/// which details (`detail`, a JSON object: reason, action, selector …),
+/// through which call (`request`, e.g. `POST /api/v1/jobs/{id}/cancel`;
+/// empty outside the API), and how it ended.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct AuditEntry<'a> {
     pub actor: &'a str,
     pub action: &'a str,
     pub target: &'a str,
     pub status: u16,
     pub outcome: &'a str,
+    pub request: &'a str,
+    pub source: &'a str,
+    pub detail: &'a str,
 }
 
 impl Store {
@@ -1497,41 +1509,39 @@ impl Store {
     }
 
     /// Appends to the audit log.
-    pub async fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        target: &str,
-        status: u16,
-        outcome: &str,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
+    pub async fn audit(&self, entry: &AuditEntry<'_>, now: DateTime<Utc>) -> Result<()> {
         let mut tx = self.begin().await?;
-        tx.audit(
-            &AuditEntry {
-                actor,
-                action,
-                target,
-                status,
-                outcome,
-            },
-            now,
-        )
-        .await?;
+        tx.audit(entry, now).await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Audit entries, newest first.
     pub async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>> {
-        let sql = "SELECT id, at, actor, action, target, status, outcome FROM audit \
-                   WHERE ($1 IS NULL OR actor = $1) AND ($2 IS NULL OR action LIKE $2) AND ($3 IS NULL OR at >= $3) \
-                   ORDER BY id DESC LIMIT $4";
-        let action = f.action.as_ref().map(|a| format!("%{a}%"));
+        let sql = "SELECT id, at, actor, action, target, status, outcome, request, source, detail \
+                   FROM audit WHERE ($1 IS NULL OR actor = $1) \
+                   AND ($2 IS NULL OR LOWER(action) LIKE $2 OR LOWER(request) LIKE $2) AND ($3 IS NULL OR at >= $3) \
+                   AND ($4 IS NULL OR target LIKE $4 ESCAPE '\\') \
+                   ORDER BY id DESC LIMIT $5";
+        // Case-insensitive on both engines (SQLite's LIKE is, PostgreSQL's
+        // is not).
+        let action = f.action.as_ref().map(|a| format!("%{}%", a.to_lowercase()));
+        // `job:01J` matches `job:01J…`: a target given with an id prefix.
+        let target = f.target.as_ref().map(|t| {
+            let escaped: String = t
+                .chars()
+                .flat_map(|c| match c {
+                    '%' | '_' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            format!("{escaped}%")
+        });
         Ok(on_pool!(self, p => sqlx::query_as(sql)
             .bind(&f.actor)
             .bind(&action)
             .bind(f.since.map(to_ms))
+            .bind(&target)
             .bind(f.limit)
             .fetch_all(p)
             .await)?)

@@ -993,22 +993,31 @@ mod jobs {
 
             store
                 .audit(
-                    "admin",
-                    "POST /api/v1/jobs",
-                    "/api/v1/jobs",
-                    201,
-                    "ok",
+                    &AuditEntry {
+                        actor: "admin",
+                        action: "job.create",
+                        target: "job:01ABC",
+                        status: 201,
+                        outcome: "ok",
+                        request: "POST /api/v1/jobs",
+                        source: "127.0.0.1",
+                        detail: r#"{"action":"echo"}"#,
+                    },
                     Utc::now(),
                 )
                 .await
                 .unwrap();
             store
                 .audit(
-                    "bob",
-                    "POST /api/v1/tokens",
-                    "/api/v1/tokens",
-                    403,
-                    "refused",
+                    &AuditEntry {
+                        actor: "bob",
+                        action: "token.create",
+                        target: "token",
+                        status: 403,
+                        outcome: "refused",
+                        request: "POST /api/v1/tokens",
+                        ..AuditEntry::default()
+                    },
                     Utc::now(),
                 )
                 .await
@@ -1031,6 +1040,36 @@ mod jobs {
                 .await
                 .unwrap();
             assert_eq!(jobs.len(), 1);
+            assert_eq!(jobs[0].source.as_deref(), Some("127.0.0.1"));
+            assert_eq!(jobs[0].detail.as_deref(), Some(r#"{"action":"echo"}"#));
+            // The action's name matches as well as the request.
+            let by_name = store
+                .list_audit(&AuditFilter {
+                    action: Some("job.create".into()),
+                    limit: 10,
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(by_name.len(), 1);
+            // A target by an id prefix; LIKE's wildcards in it are text.
+            for (target, want) in [
+                ("job:01A", 1),
+                ("job:", 1),
+                ("token", 1),
+                ("job:%", 0),
+                ("job_", 0),
+            ] {
+                let found = store
+                    .list_audit(&AuditFilter {
+                        target: Some(target.into()),
+                        limit: 10,
+                        ..AuditFilter::default()
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(found.len(), want, "{target}");
+            }
             let bob = store
                 .list_audit(&AuditFilter {
                     actor: Some("bob".into()),
@@ -2138,10 +2177,12 @@ mod tx {
     fn entry(actor: &str) -> AuditEntry<'_> {
         AuditEntry {
             actor,
-            action: "POST /test",
+            action: "test.create",
             target: "t",
             status: 200,
             outcome: "ok",
+            request: "POST /test",
+            ..AuditEntry::default()
         }
     }
 

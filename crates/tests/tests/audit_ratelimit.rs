@@ -97,25 +97,57 @@ fn recompute(row: &Value) -> String {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
+        Value::Null => String::new(),
         other => panic!("unexpected field {other}"),
     };
-    let mut fields = vec!["drover-audit-v1".to_owned()];
-    for key in [
-        "id",
-        "at_ms",
-        "actor",
-        "action",
-        "target",
-        "status",
-        "outcome",
-        "prev_hash",
-    ] {
-        fields.push(text(&row[key]));
+    // Version 2 rows (with a request) hash the request, source and
+    // details after the outcome.
+    let v2 = row.get("request").is_some_and(|r| !r.is_null());
+    let mut keys = vec![
+        "id", "at_ms", "actor", "action", "target", "status", "outcome",
+    ];
+    if v2 {
+        keys.extend(["request", "source", "detail"]);
+    }
+    keys.push("prev_hash");
+    let mut fields = vec![if v2 {
+        "drover-audit-v2"
+    } else {
+        "drover-audit-v1"
+    }
+    .to_owned()];
+    for key in keys {
+        fields.push(text(row.get(key).unwrap_or(&Value::Null)));
     }
     for f in fields {
         h.update(format!("{}:{f},", f.len()));
     }
     hex::encode(h.finalize())
+}
+
+/// The statement that puts an exported row back as it was.
+fn insert_row(r: &Value) -> String {
+    let s = |k: &str| match r.get(k) {
+        Some(Value::String(v)) => format!("'{}'", v.replace('\'', "''")),
+        _ => "NULL".to_owned(),
+    };
+    let n = |k: &str| r[k].as_i64().unwrap();
+    format!(
+        "INSERT INTO audit (id, at, actor, action, target, status, outcome, request, source, detail, prev_hash, hash) \
+         VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+        n("id"),
+        n("at_ms"),
+        s("actor"),
+        s("action"),
+        s("target"),
+        n("status"),
+        s("outcome"),
+        s("request"),
+        s("source"),
+        s("detail"),
+        s("prev_hash"),
+        s("hash")
+    )
 }
 
 fn export(cluster: &Cluster, extra: &[&str]) -> Vec<Value> {
@@ -242,46 +274,14 @@ async fn verify_names_edited_deleted_and_inserted_rows() {
         tamper(&cluster, "DELETE FROM audit WHERE id = 5");
         assert_broken(&cluster, "a row between 4 and 6 was deleted");
         assert_eq!(verify_api(&cluster).await["broken"]["kind"], "deleted");
-        let r = &all[4];
-        let s = |k: &str| r[k].as_str().unwrap().replace('\'', "''");
-        let n = |k: &str| r[k].as_i64().unwrap();
-        tamper(
-            &cluster,
-            &format!(
-                "INSERT INTO audit (id, at, actor, action, target, status, outcome, prev_hash, hash) \
-                 VALUES ({}, {}, '{}', '{}', '{}', {}, '{}', '{}', '{}')",
-                n("id"),
-                n("at_ms"),
-                s("actor"),
-                s("action"),
-                s("target"),
-                n("status"),
-                s("outcome"),
-                s("prev_hash"),
-                s("hash")
-            ),
-        );
+        tamper(&cluster, &insert_row(&all[4]));
         assert_ok(&cluster, rows);
 
         // The first row deleted.
         let first = &all[0];
         tamper(&cluster, "DELETE FROM audit WHERE id = 1");
         assert_broken(&cluster, "a row before 2 was deleted");
-        tamper(
-            &cluster,
-            &format!(
-                "INSERT INTO audit (id, at, actor, action, target, status, outcome, prev_hash, hash) \
-                 VALUES (1, {}, '{}', '{}', '{}', {}, '{}', '{}', '{}')",
-                first["at_ms"].as_i64().unwrap(),
-                first["actor"].as_str().unwrap(),
-                first["action"].as_str().unwrap(),
-                first["target"].as_str().unwrap(),
-                first["status"].as_i64().unwrap(),
-                first["outcome"].as_str().unwrap(),
-                first["prev_hash"].as_str().unwrap(),
-                first["hash"].as_str().unwrap()
-            ),
-        );
+        tamper(&cluster, &insert_row(first));
         assert_ok(&cluster, rows);
 
         // Inserted: a forged row after the last one, linked and hashed
@@ -292,14 +292,8 @@ async fn verify_names_edited_deleted_and_inserted_rows() {
         forged["actor"] = json!("mallory");
         forged["prev_hash"] = json!(prev);
         let hash = recompute(&forged);
-        tamper(
-            &cluster,
-            &format!(
-                "INSERT INTO audit (id, at, actor, action, target, status, outcome, prev_hash, hash) \
-                 VALUES ({forged_id}, {}, 'mallory', 'POST /api/v1/tokens', '/api/v1/tokens', 201, 'ok', '{prev}', '{hash}')",
-                forged["at_ms"].as_i64().unwrap()
-            ),
-        );
+        forged["hash"] = json!(hash);
+        tamper(&cluster, &insert_row(&forged));
         assert_broken(&cluster, &format!("row {forged_id} was inserted"));
         assert_eq!(verify_api(&cluster).await["broken"]["kind"], "inserted");
         // The head moved as well: the row is now the chain's last, and the
@@ -365,22 +359,41 @@ async fn concurrent_writers_keep_one_chain() {
         cluster.cli_ok(&["fleet", "stop", "--reason", "drill"]);
         cluster.cli_ok(&["fleet", "resume"]);
         cluster.cli_ok(&["agents", "revoke", &agent.id, "--reason", "lost laptop"]);
-        for (action, target) in [
-            ("POST /api/v1/fleet/stop", "/api/v1/fleet/stop".to_owned()),
+        for (action, target, request, reason) in [
             (
-                "POST /api/v1/fleet/resume",
-                "/api/v1/fleet/resume".to_owned(),
+                "fleet.stop",
+                "fleet".to_owned(),
+                "POST /api/v1/fleet/stop",
+                Some("drill"),
             ),
             (
+                "fleet.resume",
+                "fleet".to_owned(),
+                "POST /api/v1/fleet/resume",
+                None,
+            ),
+            (
+                "agent.revoke",
+                format!("agent:{}", agent.id),
                 "POST /api/v1/agents/{id}/revoke",
-                format!("/api/v1/agents/{}/revoke", agent.id),
+                Some("lost laptop"),
             ),
         ] {
             let found: Vec<Value> = cluster.cli_json(&["audit", "list", "--action", action]);
             assert_eq!(found.len(), 1, "{backend} {action}: {found:?}");
             assert_eq!(found[0]["actor"], "admin", "{backend}: {found:?}");
             assert_eq!(found[0]["target"], target.as_str(), "{backend}: {found:?}");
+            assert_eq!(found[0]["request"], request, "{backend}: {found:?}");
+            assert_eq!(found[0]["source"], "127.0.0.1", "{backend}: {found:?}");
             assert_eq!(found[0]["outcome"], "ok", "{backend}: {found:?}");
+            assert_eq!(
+                found[0]["detail"]["reason"].as_str(),
+                reason,
+                "{backend}: {found:?}"
+            );
+            // The request's words still find it.
+            let by_request: Vec<Value> = cluster.cli_json(&["audit", "list", "--action", request]);
+            assert_eq!(by_request.len(), 1, "{backend} {request}: {by_request:?}");
         }
         assert_ok(&cluster, before + n as u64 + 3);
     }

@@ -508,19 +508,19 @@ async fn protected_work_runs_only_after_approval_of_exactly_what_runs() {
         assert!(
             actions
                 .iter()
-                .any(|a| a.starts_with("bob POST /api/v1/approvals/{id}/approve 200")),
+                .any(|a| a.starts_with("bob approval.approve 200")),
             "{actions:?}"
         );
         assert!(
             actions
                 .iter()
-                .any(|a| a.starts_with("bob POST /api/v1/approvals/{id}/reject 200")),
+                .any(|a| a.starts_with("bob approval.reject 200")),
             "{actions:?}"
         );
         assert!(
             actions
                 .iter()
-                .any(|a| a.starts_with("alice POST /api/v1/approvals/{id}/approve 403")),
+                .any(|a| a.starts_with("alice approval.approve 403")),
             "{actions:?}"
         );
         drop(agent);

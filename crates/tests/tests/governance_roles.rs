@@ -42,12 +42,17 @@ enum Rule {
     /// Every user may call it; whether they may act on the object is
     /// decided by owning it (token revocation, checked separately).
     Owner,
+    /// Every user, on the token presented (logging out): called with a
+    /// throwaway session of its own, not the callers' tokens it would end.
+    OwnSession,
 }
 
 /// Every operation of the OpenAPI document and its rule. Keep it complete:
 /// the test fails on a route that is missing here or gone from the API.
 const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/api/v1/auth/login", Rule::Public),
+    ("POST", "/api/v1/auth/logout", Rule::OwnSession),
+    ("GET", "/api/v1/auth/whoami", Rule::Viewer),
     ("POST", "/api/v1/tokens", Rule::Admin), // a bootstrap token (the default kind)
     ("GET", "/api/v1/tokens", Rule::Viewer),
     ("POST", "/api/v1/tokens/{id}/revoke", Rule::Owner),
@@ -282,6 +287,18 @@ async fn every_route_has_a_rule_and_every_role_gets_its_status() {
             },
         ];
         for (method, path, rule) in RULES {
+            if *rule == Rule::OwnSession {
+                // Ending a session: nobody is refused, a viewer's own
+                // session ends and is refused from then on.
+                let (status, _) = call(&cluster, method, path, None, None).await;
+                assert_eq!(status, 401, "{method} {path} as nobody");
+                let own = login(&cluster, "vera", "vera-password-long").await;
+                let (status, answer) = call(&cluster, method, path, Some(&own), None).await;
+                assert_eq!(status, 200, "{method} {path} as viewer: {answer}");
+                let (status, _) = call(&cluster, method, path, Some(&own), None).await;
+                assert_eq!(status, 401, "{method} {path} twice");
+                continue;
+            }
             let url = concrete(path);
             // An empty object for operations that take a body: enough to
             // reach the role check, never a valid change.
@@ -299,7 +316,7 @@ async fn every_route_has_a_rule_and_every_role_gets_its_status() {
                     (Rule::Public, _) => true,
                     (_, None) => false,
                     (Rule::Agent, Some(_)) => false,
-                    (Rule::Viewer | Rule::Owner, Some(_)) => true,
+                    (Rule::Viewer | Rule::Owner | Rule::OwnSession, Some(_)) => true,
                     (Rule::Operator, Some(r)) => r >= 1,
                     (Rule::Admin | Rule::SelfOrAdmin, Some(r)) => r >= 2,
                 };

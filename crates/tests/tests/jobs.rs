@@ -692,13 +692,17 @@ async fn audit_log_and_job_metrics() {
     assert_eq!(entries[0]["outcome"], json!("refused"));
     assert_eq!(entries[0]["status"], json!(422));
     assert_eq!(entries[1]["actor"], json!("admin"));
-    assert_eq!(entries[1]["action"], json!("POST /api/v1/jobs"));
-    for action in [
-        "POST /api/v1/actions",
-        "POST /api/v1/tokens",
-        "POST /api/v1/agent/enroll",
-        "POST /api/v1/auth/login",
-    ] {
+    // What was done to what (issue 14, point 9), and the call behind it.
+    assert_eq!(entries[1]["action"], json!("job.create"));
+    assert_eq!(entries[1]["request"], json!("POST /api/v1/jobs"));
+    assert!(
+        entries[1]["target"].as_str().unwrap().starts_with("job:"),
+        "{entries:#?}"
+    );
+    assert_eq!(entries[1]["detail"]["action"], json!("echo"));
+    assert_eq!(entries[1]["detail"]["selector"], json!(agent.id));
+    assert_eq!(entries[0]["detail"]["action"], json!("nope"));
+    for action in ["action.apply", "token.create", "agent.enroll", "user.login"] {
         assert!(
             all.iter().any(|e| e["action"] == json!(action)),
             "{action} missing: {all:#?}"

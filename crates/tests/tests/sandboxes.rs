@@ -983,7 +983,9 @@ async fn drain_stop_and_resume_an_agent() {
     );
     let audit = cluster.cli_ok(&["audit", "list", "--action", "agents"]);
     assert!(
-        audit.contains("/stop") && audit.contains("/drain") && audit.contains("/resume"),
+        audit.contains("agent.stop")
+            && audit.contains("agent.drain")
+            && audit.contains("agent.resume"),
         "{audit}"
     );
 }
@@ -1051,8 +1053,8 @@ async fn fleet_emergency_stop_and_resume() {
             "{backend}"
         );
         let audit = cluster.cli_ok(&["audit", "list", "--action", "fleet"]);
-        assert!(audit.contains("POST /api/v1/fleet/stop"), "{audit}");
-        assert!(audit.contains("POST /api/v1/fleet/resume"), "{audit}");
+        assert!(audit.contains("fleet.stop"), "{audit}");
+        assert!(audit.contains("fleet.resume"), "{audit}");
     }
 }
 

@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 use crate::access::{check_scope, Admin};
 use crate::auth::{hash_password, new_password, verify_password, UserAuth};
 use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -134,8 +135,11 @@ fn last_admin(name: &str) -> ApiError {
 async fn create_user(
     State(state): State<AppState>,
     Admin(by): Admin,
+    audit: Audit,
     ApiJson(req): ApiJson<CreateUserRequest>,
 ) -> Result<(StatusCode, Json<CreatedUser>), ApiError> {
+    audit.target(format!("user:{}", req.username));
+    audit.note("role", req.role.as_str());
     check_username(&req.username)?;
     let scope = role_scope(req.role, req.scope)?;
     let (hash, shown) = password_hash(req.password).await?;
@@ -209,9 +213,11 @@ async fn show_user(
 async fn set_role(
     State(state): State<AppState>,
     Admin(by): Admin,
+    audit: Audit,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<SetRoleRequest>,
 ) -> Result<Json<UserView>, ApiError> {
+    audit.note("role", req.role.as_str());
     let scope = role_scope(req.role, req.scope)?;
     let user = load(&state, &name).await?;
     match state

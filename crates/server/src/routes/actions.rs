@@ -24,6 +24,7 @@ use crate::access::Admin;
 use crate::auth::UserAuth;
 use crate::catalog::{noop_spec, spec_hash, validate_spec, NOOP};
 use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -162,6 +163,7 @@ pub async fn find(state: &AppState, name: &str) -> Result<Option<(ActionSpec, St
 async fn apply_actions(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiJson(catalog): ApiJson<ActionCatalog>,
 ) -> Result<Json<ApplyActionsResponse>, ApiError> {
     let mut profiles = std::collections::HashSet::new();
@@ -239,6 +241,10 @@ async fn apply_actions(
             Upsert::Unchanged => resp.unchanged.push(name),
         }
     }
+    audit.note("created", resp.created.join(","));
+    audit.note("updated", resp.updated.join(","));
+    audit.note("sandboxes_created", resp.sandboxes.created.join(","));
+    audit.note("sandboxes_updated", resp.sandboxes.updated.join(","));
     Ok(Json(resp))
 }
 

@@ -16,6 +16,7 @@ use crate::auth::{
     explain_agent_refusal, hash_token, issue_agent_token, new_token, AgentToken, TokenPrefix,
 };
 use crate::error::{ApiError, ApiJson};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -49,8 +50,10 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 )]
 async fn enroll(
     State(state): State<AppState>,
+    audit: Audit,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
+    audit.note("hostname", &req.hostname);
     check_text("hostname", &req.hostname, 253)?;
     check_text("agent_version", &req.agent_version, 64)?;
     let now = Utc::now();
@@ -107,6 +110,7 @@ async fn enroll(
         now,
         access_expires_at,
     )?;
+    audit.target(format!("agent:{}", agent.id));
     tracing::info!(agent = %agent.id, hostname = %agent.hostname, labels = ?agent.labels, "agent enrolled");
     Ok(Json(EnrollResponse {
         agent_id: agent.id,

@@ -22,6 +22,7 @@ use utoipa_axum::routes;
 use crate::access::{Admin, Operator};
 use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -163,6 +164,7 @@ async fn show_agent(
 async fn label_agent(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<LabelAgentRequest>,
 ) -> Result<Json<Agent>, ApiError> {
@@ -177,6 +179,10 @@ async fn label_agent(
         }
     }
     let mut a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
+    let set: Vec<String> = req.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    audit.note("set", set.join(","));
+    audit.note("remove", req.remove.join(","));
     for k in &req.remove {
         a.labels.remove(k);
     }
@@ -198,6 +204,7 @@ async fn label_agent(
 async fn set_group(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<SetGroupRequest>,
 ) -> Result<Json<Agent>, ApiError> {
@@ -205,6 +212,8 @@ async fn set_group(
         check_group(g).map_err(|e| ApiError::invalid(e.to_string()))?;
     }
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
+    audit.note("group", req.group.as_deref().unwrap_or("-"));
     state
         .store
         .set_agent_group(&a.id, req.group.as_deref())
@@ -231,9 +240,11 @@ async fn set_group(
 async fn remove_agent(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     if a.revoked_at.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -262,6 +273,7 @@ async fn remove_agent(
 async fn revoke_agent(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<RevokeAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
@@ -272,6 +284,8 @@ async fn revoke_agent(
         return Err(ApiError::invalid("reason must be at most 500 bytes"));
     }
     let id = state.store.resolve_agent_id(&id).await?;
+    audit.target(format!("agent:{id}"));
+    audit.note("reason", &reason);
     state.store.revoke_agent(&id, &reason, Utc::now()).await?;
     // Its unfinished attempts can never run now: end them, with the reason.
     state
@@ -306,12 +320,15 @@ fn dispatch_reason(verb: &str, by: &str, reason: Option<&str>) -> String {
 async fn drain_agent(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<DrainAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     super::fleet::check_reason(req.reason.as_deref())?;
+    audit.note("reason", req.reason.as_deref().unwrap_or_default());
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     if a.dispatch == DispatchState::Stopped {
         return Err(ApiError::new(
@@ -340,9 +357,11 @@ async fn drain_agent(
 async fn resume_agent(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Agent>, ApiError> {
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     state
         .store
@@ -366,12 +385,18 @@ async fn resume_agent(
 async fn stop_agent(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     super::fleet::check_reason(req.reason.as_deref())?;
+    audit.note("reason", req.reason.as_deref().unwrap_or_default());
+    if req.force {
+        audit.note("force", "true");
+    }
     let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     let verb = if req.force {
         "stopped (forced)"

@@ -19,6 +19,7 @@ use utoipa_axum::routes;
 use crate::access::{Admin, Operator};
 use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::routes::audit::Audit;
 use crate::selector::Selector;
 use crate::state::AppState;
 
@@ -181,13 +182,16 @@ fn conflict(m: String) -> ApiError {
 async fn approve(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<DecideRequest>>,
 ) -> Result<Json<Approval>, ApiError> {
     if let Some(ApiJson(r)) = &req {
         check_reason(r.reason.as_deref())?;
+        audit.note("reason", r.reason.as_deref().unwrap_or_default());
     }
     let a = load(&state, &id).await?;
+    note_approval(&audit, &a);
     match state.store.approve(&a.id, &user.username, Utc::now()).await? {
         Vote::Granted => {
             tracing::info!(approval = %a.id, by = %user.username, "approval granted")
@@ -224,6 +228,18 @@ async fn approve(
     Ok(Json(load(&state, &a.id).await?))
 }
 
+/// Names the request decided and the work it holds in the audit entry.
+fn note_approval(audit: &Audit, a: &Approval) {
+    audit.target(format!("approval:{}", a.id));
+    if let Some(job) = &a.job_id {
+        audit.note("job", job);
+    }
+    if let Some(run) = &a.run_id {
+        audit.note("run", run);
+    }
+    audit.note("spec_hash", &a.spec_hash);
+}
+
 fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
     if let Some(r) = reason {
         if r.len() > MAX_REASON_BYTES {
@@ -249,6 +265,7 @@ fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
 async fn reject(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<DecideRequest>,
 ) -> Result<Json<Approval>, ApiError> {
@@ -259,7 +276,9 @@ async fn reject(
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .ok_or_else(|| ApiError::invalid("reason: a rejection needs a reason"))?;
+    audit.note("reason", reason);
     let a = load(&state, &id).await?;
+    note_approval(&audit, &a);
     if let Some(s) = state
         .store
         .reject(&a.id, &user.username, reason, Utc::now())
@@ -300,6 +319,7 @@ async fn list_protections(
 async fn protect(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiJson(req): ApiJson<ProtectRequest>,
 ) -> Result<(StatusCode, Json<Vec<Protection>>), ApiError> {
     let approvers = req.approvers.unwrap_or(1);
@@ -331,6 +351,9 @@ async fn protect(
         .store
         .protect(req.kind, pattern, approvers, &user.username, Utc::now())
         .await?;
+    audit.note("kind", req.kind.as_str());
+    audit.note("pattern", pattern);
+    audit.note("approvers", approvers.to_string());
     tracing::info!(by = %user.username, kind = req.kind.as_str(), %pattern, approvers, "protection set");
     Ok((
         StatusCode::CREATED,

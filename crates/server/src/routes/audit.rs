@@ -4,9 +4,11 @@
 //! `drover audit verify` and exported by `drover audit export`. The rows
 //! form a hash chain (`drover_store::audit`).
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
@@ -126,6 +128,9 @@ async fn export_audit(
                     target: r.target.clone(),
                     status: r.status,
                     outcome: r.outcome.clone(),
+                    request: r.request.clone(),
+                    source: r.source.clone(),
+                    detail: r.detail.clone(),
                     prev_hash: r.prev_hash.clone(),
                     hash: r.hash.clone(),
                 };
@@ -164,8 +169,12 @@ const EXPORT_PAGE: i64 = 1000;
 struct AuditQuery {
     /// Only calls by this user.
     actor: Option<String>,
-    /// Only calls whose action contains this text, e.g. "jobs".
+    /// Only calls whose action or request contains this text, e.g.
+    /// "job.cancel" or "jobs".
     action: Option<String>,
+    /// Only calls on this target or targets starting with it, e.g.
+    /// "job:01J" or "agent:".
+    target: Option<String>,
     /// Only calls at or after this time (RFC 3339).
     since: Option<DateTime<Utc>>,
     /// At most this many, newest first [default 100, at most 1000].
@@ -189,6 +198,7 @@ async fn list_audit(
         .list_audit(&AuditFilter {
             actor: q.actor,
             action: q.action,
+            target: q.target,
             since: q.since,
             limit: q.limit.unwrap_or(100).clamp(1, 1000),
         })
@@ -203,6 +213,14 @@ async fn list_audit(
                 target: r.target,
                 status: r.status as u16,
                 outcome: r.outcome,
+                request: r.request,
+                source: r.source.filter(|s| !s.is_empty()),
+                detail: r
+                    .detail
+                    .as_deref()
+                    .filter(|d| !d.is_empty())
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or_default(),
             })
             .collect(),
     ))
@@ -221,28 +239,135 @@ fn audited(method: &Method, path: &str) -> bool {
     !path.starts_with("/api/v1/agent/") || path == "/api/v1/agent/enroll"
 }
 
+/// What an API call does, in the audit's words: the action
+/// (`KIND.VERB`) and its target (`KIND:ID`, or the kind alone when the
+/// call names no object), from the route and the path. Handlers that
+/// create an object name it afterwards (`Audit::target`).
+fn describe(method: &Method, route: &str, path: &str) -> (String, String) {
+    let route: Vec<&str> = route
+        .trim_start_matches("/api/v1/")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let values: Vec<&str> = path
+        .trim_start_matches("/api/v1/")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let segments: Vec<(&str, Option<&str>)> = route
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if r.starts_with('{') {
+                (*r, Some(values.get(i).copied().unwrap_or("")))
+            } else {
+                (*r, None)
+            }
+        })
+        .collect();
+    // Calls whose words read better than the generic ones.
+    match (method.as_str(), route.join("/").as_str()) {
+        ("POST", "actions") => return ("action.apply".into(), "catalog".into()),
+        ("PATCH", "agents/{id}/labels") => {
+            let id = values.get(1).copied().unwrap_or("");
+            return (
+                "agent.label".into(),
+                format!("agent:{}", percent_decode(id)),
+            );
+        }
+        _ => {}
+    }
+    let (kind, rest): (&str, &[(&str, Option<&str>)]) = match segments.as_slice() {
+        [("workflows", None), ("runs", None), rest @ ..] => ("run", rest),
+        [("workflows", None), rest @ ..] => ("workflow", rest),
+        [("auth", None), rest @ ..] => ("user", rest),
+        [(first, None), rest @ ..] => (singular(first), rest),
+        _ => ("api", &[][..]),
+    };
+    let id = rest.iter().find_map(|(_, v)| *v);
+    let verbs: Vec<&str> = rest
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(s, _)| *s)
+        .collect();
+    let verb = if verbs.is_empty() {
+        match *method {
+            Method::POST => "create".to_owned(),
+            Method::PUT => "set".to_owned(),
+            Method::PATCH => "update".to_owned(),
+            Method::DELETE => "delete".to_owned(),
+            _ => method.as_str().to_ascii_lowercase(),
+        }
+    } else {
+        verbs.join("-")
+    };
+    let target = match id {
+        Some(id) => format!("{kind}:{}", percent_decode(id)),
+        None => kind.to_owned(),
+    };
+    (format!("{kind}.{verb}"), target)
+}
+
+/// `jobs` → `job`, `sandboxes` → `sandbox`, `fleet` → `fleet`.
+fn singular(plural: &str) -> &str {
+    if let Some(s) = plural.strip_suffix("xes") {
+        &plural[..s.len() + 1]
+    } else if let Some(s) = plural.strip_suffix('s') {
+        s
+    } else {
+        plural
+    }
+}
+
+/// A path segment as the user wrote it (`%20` back to a space).
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// What the audit knows of a call while it runs, shared between the
 /// `record` middleware and the handler: the user (filled in by the
-/// `UserAuth` extractor, so the middleware looks no token up), and whether
+/// `UserAuth` extractor, so the middleware looks no token up), what the
+/// call does to what and its details (the handler adds them), and whether
 /// the handler already wrote the entry in its own transaction.
 #[derive(Debug, Default)]
 struct Call {
     action: String,
     target: String,
+    /// `METHOD /route`.
+    request: String,
+    /// The caller's address.
+    source: String,
+    detail: BTreeMap<String, String>,
     actor: Option<String>,
     /// The status of the entry the handler wrote with its change.
     written: Option<StatusCode>,
 }
 
-/// The audit entry of the current call, for handlers that write it in the
-/// transaction of the change itself (one commit instead of two). Outside
-/// an audited call (or in tests without the middleware) it does nothing.
+impl Call {
+    fn detail_text(&self) -> String {
+        if self.detail.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&self.detail).unwrap_or_default()
+        }
+    }
+}
+
+/// The audit entry of the current call, for handlers that name what they
+/// created, add details, or write the entry in the transaction of the
+/// change itself (one commit instead of two). Outside an audited call (or
+/// in tests without the middleware) it does nothing.
 #[derive(Debug, Clone, Default)]
 pub struct Audit(Option<Arc<Mutex<Call>>>);
 
 fn lock(call: &Mutex<Call>) -> std::sync::MutexGuard<'_, Call> {
     call.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Longest detail value kept (a reason, a selector): longer ones are cut.
+const MAX_DETAIL_CHARS: usize = 512;
 
 impl Audit {
     /// Notes who is calling (the `UserAuth` extractor does this).
@@ -252,18 +377,52 @@ impl Audit {
         }
     }
 
+    /// Names the caller when no token does: the user name a login tried.
+    pub fn actor(&self, username: &str) {
+        if let Some(call) = &self.0 {
+            lock(call).actor = Some(username.to_owned());
+        }
+    }
+
+    /// Names what the call acted on, `KIND:ID` (what it created, or the
+    /// full id an id prefix resolved to).
+    pub fn target(&self, target: impl Into<String>) {
+        if let Some(call) = &self.0 {
+            lock(call).target = target.into();
+        }
+    }
+
+    /// Adds a detail (a reason, an action, a selector); empty values are
+    /// left out, long ones cut.
+    pub fn note(&self, key: &str, value: impl AsRef<str>) {
+        let value = value.as_ref();
+        if value.is_empty() {
+            return;
+        }
+        if let Some(call) = &self.0 {
+            let value = match value.char_indices().nth(MAX_DETAIL_CHARS) {
+                Some((cut, _)) => format!("{}…", &value[..cut]),
+                None => value.to_owned(),
+            };
+            lock(call).detail.insert(key.to_owned(), value);
+        }
+    }
+
     /// Appends the call's entry, ending with `status`, to `tx`; when the
     /// handler then answers `status`, the middleware writes none.
     pub async fn write(&self, tx: &mut Tx, status: StatusCode) -> Result<(), StoreError> {
         let Some(call) = &self.0 else {
             return Ok(());
         };
-        let (actor, action, target) = {
+        let (actor, action, target, request, source, detail) = {
             let c = lock(call);
             (
                 c.actor.clone().unwrap_or_else(|| "anonymous".to_owned()),
                 c.action.clone(),
                 c.target.clone(),
+                c.request.clone(),
+                c.source.clone(),
+                c.detail_text(),
             )
         };
         tx.audit(
@@ -273,6 +432,9 @@ impl Audit {
                 target: &target,
                 status: status.as_u16(),
                 outcome: outcome(status),
+                request: &request,
+                source: &source,
+                detail: &detail,
             },
             Utc::now(),
         )
@@ -341,17 +503,25 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| hash_token(t.trim()));
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let (action, target) = describe(&method, &route, &path);
     let call = Arc::new(Mutex::new(Call {
-        action: format!("{method} {route}"),
-        target: path.clone(),
+        action,
+        target,
+        request: format!("{method} {route}"),
+        source,
         ..Call::default()
     }));
     req.extensions_mut().insert(Audit(Some(call.clone())));
     let response = next.run(req).await;
     let status = response.status();
-    let (known, written, action) = {
+    let (known, written) = {
         let c = lock(&call);
-        (c.actor.clone(), c.written, c.action.clone())
+        (c.actor.clone(), c.written)
     };
     if written == Some(status) {
         return response;
@@ -367,19 +537,30 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         (None, None) if path == "/api/v1/agent/enroll" => "bootstrap-token".to_owned(),
         (None, None) => "anonymous".to_owned(),
     };
-    if let Err(e) = state
-        .store
-        .audit(
-            &actor,
-            &action,
-            &path,
-            status.as_u16(),
-            outcome(status),
-            Utc::now(),
+    // Taken out of the lock, which is not held across the write.
+    let (action, target, request, source, detail) = {
+        let c = lock(&call);
+        (
+            c.action.clone(),
+            c.target.clone(),
+            c.request.clone(),
+            c.source.clone(),
+            c.detail_text(),
         )
-        .await
-    {
-        tracing::error!(error = %e, %action, %path, "could not write the audit log");
+    };
+    let entry = NewEntry {
+        actor: &actor,
+        action: &action,
+        target: &target,
+        status: status.as_u16(),
+        outcome: outcome(status),
+        request: &request,
+        source: &source,
+        detail: &detail,
+    };
+    let result = state.store.audit(&entry, Utc::now()).await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, %action, %target, "could not write the audit log");
     }
     response
 }
@@ -387,6 +568,145 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_are_named_by_what_they_do_to_what() {
+        let cases = [
+            (
+                Method::POST,
+                "/api/v1/jobs",
+                "/api/v1/jobs",
+                "job.create",
+                "job",
+            ),
+            (
+                Method::POST,
+                "/api/v1/jobs/{id}/cancel",
+                "/api/v1/jobs/01J8/cancel",
+                "job.cancel",
+                "job:01J8",
+            ),
+            (
+                Method::POST,
+                "/api/v1/workflows/runs",
+                "/api/v1/workflows/runs",
+                "run.create",
+                "run",
+            ),
+            (
+                Method::POST,
+                "/api/v1/workflows/runs/{id}/cancel",
+                "/api/v1/workflows/runs/r1/cancel",
+                "run.cancel",
+                "run:r1",
+            ),
+            (
+                Method::POST,
+                "/api/v1/workflows/runs/{id}/workspace/remove",
+                "/api/v1/workflows/runs/r1/workspace/remove",
+                "run.workspace-remove",
+                "run:r1",
+            ),
+            (
+                Method::POST,
+                "/api/v1/auth/login",
+                "/api/v1/auth/login",
+                "user.login",
+                "user",
+            ),
+            (
+                Method::POST,
+                "/api/v1/agent/enroll",
+                "/api/v1/agent/enroll",
+                "agent.enroll",
+                "agent",
+            ),
+            (
+                Method::POST,
+                "/api/v1/agents/{id}/revoke",
+                "/api/v1/agents/a1/revoke",
+                "agent.revoke",
+                "agent:a1",
+            ),
+            (
+                Method::PATCH,
+                "/api/v1/agents/{id}/labels",
+                "/api/v1/agents/a1/labels",
+                "agent.label",
+                "agent:a1",
+            ),
+            (
+                Method::POST,
+                "/api/v1/fleet/stop",
+                "/api/v1/fleet/stop",
+                "fleet.stop",
+                "fleet",
+            ),
+            (
+                Method::POST,
+                "/api/v1/actions",
+                "/api/v1/actions",
+                "action.apply",
+                "catalog",
+            ),
+            (
+                Method::POST,
+                "/api/v1/approvals/{id}/approve",
+                "/api/v1/approvals/p1/approve",
+                "approval.approve",
+                "approval:p1",
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/protections/{id}",
+                "/api/v1/protections/7",
+                "protection.delete",
+                "protection:7",
+            ),
+            (
+                Method::PUT,
+                "/api/v1/secrets/{name}",
+                "/api/v1/secrets/db%20pass",
+                "secret.set",
+                "secret:db pass",
+            ),
+            (
+                Method::POST,
+                "/api/v1/secrets/rotate-master-key",
+                "/api/v1/secrets/rotate-master-key",
+                "secret.rotate-master-key",
+                "secret",
+            ),
+            (
+                Method::PUT,
+                "/api/v1/users/{name}/role",
+                "/api/v1/users/bob/role",
+                "user.role",
+                "user:bob",
+            ),
+            (
+                Method::POST,
+                "/api/v1/sandboxes",
+                "/api/v1/sandboxes",
+                "sandbox.create",
+                "sandbox",
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/webhooks/{id}",
+                "/api/v1/webhooks/w1",
+                "webhook.delete",
+                "webhook:w1",
+            ),
+        ];
+        for (method, route, path, action, target) in cases {
+            assert_eq!(
+                describe(&method, route, path),
+                (action.to_owned(), target.to_owned()),
+                "{method} {route}"
+            );
+        }
+    }
 
     #[test]
     fn audits_people_not_agent_chatter() {

@@ -80,10 +80,15 @@ async fn fleet_status(
 async fn stop_fleet(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: crate::routes::audit::Audit,
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
     check_reason(req.reason.as_deref())?;
+    audit.note("reason", req.reason.as_deref().unwrap_or_default());
+    if req.force {
+        audit.note("force", "true");
+    }
     let how = if req.force {
         "forced emergency stop"
     } else {
@@ -98,6 +103,7 @@ async fn stop_fleet(
         .stop_fleet(&user.username, req.force, &reason, Utc::now())
         .await?;
     let agents = stopped.agents();
+    audit.note("cancelled", stopped.attempts.len().to_string());
     tracing::warn!(by = %user.username, force = req.force, attempts = stopped.attempts.len(), agents = agents.len(), %reason, "fleet stopped");
     Ok(Json(StopResponse {
         cancelled: stopped.attempts.len() as u64,

@@ -51,6 +51,9 @@ async fn submit_job(
     audit: Audit,
     ApiJson(req): ApiJson<SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
+    // Noted first: a refused job's entry says what was asked for too.
+    audit.note("action", &req.action);
+    audit.note("selector", &req.target);
     if let Some(t) = req.timeout_secs {
         if t == 0 || Duration::from_secs(t) > domain::MAX_TIMEOUT {
             return Err(ApiError::invalid(format!(
@@ -86,6 +89,11 @@ async fn submit_job(
     new_job.approval = approval.as_ref();
     // The job and its audit entry in one commit.
     let id = drover_store::new_id();
+    audit.target(format!("job:{id}"));
+    audit.note("agents", job.agents.len().to_string());
+    if request.is_some() {
+        audit.note("approval", "required");
+    }
     let mut tx = state.store.begin().await?;
     tx.insert_job(&id, &new_job, None, None, Utc::now()).await?;
     audit.write(&mut tx, StatusCode::CREATED).await?;
@@ -263,9 +271,11 @@ async fn job_logs(
 async fn cancel_job(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Job>, ApiError> {
     let id = state.store.resolve_job_id(&id).await?;
+    audit.target(format!("job:{id}"));
     if !user.limits.is_everywhere() {
         let job = load_job(&state, &id).await?;
         let agents: Vec<String> = job.attempts.iter().map(|a| a.agent_id.clone()).collect();

@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 
 use crate::auth::{hash_token, new_token, TokenPrefix, UserAuth};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -49,9 +50,15 @@ pub const MAX_API_TTL_SECS: u64 = 365 * 24 * 3600;
 async fn create_token(
     State(state): State<AppState>,
     user: UserAuth,
+    audit: Audit,
     ApiJson(req): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    audit.note("kind", format!("{:?}", req.kind).to_lowercase());
+    if let Some(role) = req.role {
+        audit.note("role", role.as_str());
+    }
     let created = create(&state, &user, &req).await?;
+    audit.target(format!("token:{}", created.id));
     tracing::info!(by = %user.username, kind = ?created.kind, id = %created.id, "token created");
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -192,7 +199,7 @@ struct ListQuery {
     all: bool,
 }
 
-fn view(t: TokenListing, now: chrono::DateTime<Utc>) -> TokenView {
+pub(crate) fn view(t: TokenListing, now: chrono::DateTime<Utc>) -> TokenView {
     let state = if t.revoked_at.is_some() {
         "revoked"
     } else if t.used_at.is_some() {
@@ -250,6 +257,7 @@ async fn list_tokens(
 async fn revoke_token(
     State(state): State<AppState>,
     user: UserAuth,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<TokenView>, ApiError> {
     let found = state
@@ -257,6 +265,7 @@ async fn revoke_token(
         .token_listing(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("token '{id}' not found")))?;
+    audit.note("owner", &found.username);
     if found.user_id != user.user_id {
         user.require_admin()?;
     }

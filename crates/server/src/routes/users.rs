@@ -8,13 +8,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
+use drover_proto::access::{TokenView, Whoami};
 use drover_proto::api::{LoginRequest, LoginResponse};
 use drover_proto::{ErrorBody, ErrorCode};
 use drover_store::NewUserToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{hash_token, new_token, TokenPrefix};
+use crate::auth::{hash_token, new_token, TokenPrefix, UserAuth};
 use crate::connections::Peer;
 use crate::error::{ApiError, ApiJson};
 use crate::routes::audit::Audit;
@@ -24,29 +25,83 @@ use crate::throttle::{Lockout, Refused};
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(whoami))
         .layer(DefaultBodyLimit::max(MAX_LOGIN_BODY))
+}
+
+/// The token presented, as a token listing shows it.
+async fn presented(state: &AppState, by: &UserAuth) -> Result<TokenView, ApiError> {
+    let found = state
+        .store
+        .token_listing(&by.token_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized(ErrorCode::Unauthorized, "unknown token: log in again")
+        })?;
+    Ok(crate::routes::tokens::view(found, Utc::now()))
+}
+
+/// Who the presented token acts as: the user, the role requests act with,
+/// the user's scope, and the token itself (kind, scope, expiry).
+#[utoipa::path(
+    get, path = "/api/v1/auth/whoami", tag = "auth",
+    security(("user" = [])),
+    responses((status = 200, body = Whoami), (status = 401, body = ErrorBody, description = "No valid user token"))
+)]
+async fn whoami(State(state): State<AppState>, by: UserAuth) -> Result<Json<Whoami>, ApiError> {
+    let token = presented(&state, &by).await?;
+    let user = state
+        .store
+        .user_by_username(&by.username)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized(ErrorCode::Unauthorized, "unknown user: log in again")
+        })?;
+    Ok(Json(Whoami {
+        username: by.username,
+        role: by.role,
+        scope: (!user.scope.is_everywhere()).then_some(user.scope),
+        token,
+    }))
+}
+
+/// Log out: revoke the presented token (a session from a login, or an
+/// API token) from its next request on. Returns it as revoked.
+#[utoipa::path(
+    post, path = "/api/v1/auth/logout", tag = "auth",
+    security(("user" = [])),
+    responses((status = 200, body = TokenView), (status = 401, body = ErrorBody, description = "No valid user token"))
+)]
+async fn logout(State(state): State<AppState>, by: UserAuth) -> Result<Json<TokenView>, ApiError> {
+    state.store.revoke_token(&by.token_id, Utc::now()).await?;
+    tracing::info!(user = %by.username, token = %by.token_id, "logged out");
+    presented(&state, &by).await.map(Json)
 }
 
 /// Logs and audits the start of a lockout (once per lockout, not per
 /// refused attempt).
 async fn record_lockout(state: &AppState, username: &str, lockout: &Lockout) {
     let lasts = humantime::format_duration(state.config.login.lockout);
-    let (actor, target) = match lockout {
-        Lockout::Account(name) => (name.clone(), format!("account {name:?} locked for {lasts}")),
-        Lockout::Address(ip) => (
-            format!("{username:?}"),
-            format!("address {ip} locked for {lasts}"),
-        ),
+    let (action, target, source) = match lockout {
+        Lockout::Account(name) => ("user.lockout", format!("user:{name}"), String::new()),
+        Lockout::Address(ip) => ("address.lockout", format!("address:{ip}"), ip.to_string()),
     };
+    let detail = serde_json::json!({ "for": lasts.to_string() }).to_string();
     tracing::warn!(%target, "login lockout after failed logins");
     if let Err(e) = state
         .store
         .audit(
-            &actor,
-            "LOCKOUT /api/v1/auth/login",
-            &target,
-            StatusCode::TOO_MANY_REQUESTS.as_u16(),
-            "refused",
+            &drover_store::jobs::AuditEntry {
+                actor: username,
+                action,
+                target: &target,
+                status: StatusCode::TOO_MANY_REQUESTS.as_u16(),
+                outcome: "refused",
+                request: "POST /api/v1/auth/login",
+                source: &source,
+                detail: &detail,
+            },
             Utc::now(),
         )
         .await
@@ -163,6 +218,9 @@ async fn login(
         );
     }
     let address = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+    // The entry names the user tried, whether the login works or not.
+    audit.actor(&req.username);
+    audit.target(format!("user:{}", req.username));
     let attempt = match state.logins.begin(&req.username, address, Instant::now()) {
         Ok(attempt) => attempt,
         Err(refused) => {

@@ -16,6 +16,7 @@ use crate::access::Admin;
 use crate::auth::UserAuth;
 use crate::egress::redact_url;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::routes::audit::Audit;
 use crate::state::AppState;
 use crate::workflow::def::check_webhook_url;
 
@@ -36,8 +37,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn create_webhook(
     State(state): State<AppState>,
     Admin(user): Admin,
+    audit: Audit,
     ApiJson(req): ApiJson<CreateWebhookRequest>,
 ) -> Result<(StatusCode, Json<Webhook>), ApiError> {
+    audit.note("url", redact_url(&req.url));
     check_webhook_url(&req.url).map_err(ApiError::invalid)?;
     crate::egress::EgressPolicy::new(&state.config.webhook_allow)
         .check_url(&req.url)
@@ -61,6 +64,7 @@ async fn create_webhook(
         .store
         .create_webhook(&req.url, &sealed, &events, &user.username, now)
         .await?;
+    audit.target(format!("webhook:{id}"));
     Ok((
         StatusCode::CREATED,
         Json(Webhook {
@@ -108,9 +112,11 @@ async fn list_webhooks(
 async fn delete_webhook(
     State(state): State<AppState>,
     Admin(_user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = state.store.resolve_webhook_id(&id).await?;
+    audit.target(format!("webhook:{id}"));
     if state.store.delete_webhook(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

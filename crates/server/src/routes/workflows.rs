@@ -31,6 +31,7 @@ use crate::access::Operator;
 use crate::auth::UserAuth;
 use crate::catalog::resolve_params;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::routes::audit::Audit;
 use crate::selector::Selector;
 use crate::state::AppState;
 use crate::workflow::def::{self, Parsed};
@@ -64,6 +65,7 @@ const STREAM_POLL: Duration = Duration::from_secs(1);
 async fn submit_run(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiJson(req): ApiJson<SubmitRunRequest>,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
     let source = req.source.as_deref().unwrap_or("definition");
@@ -149,6 +151,12 @@ async fn submit_run(
             now,
         )
         .await?;
+    audit.target(format!("run:{id}"));
+    audit.note("workflow", &parsed.def.name);
+    audit.note("definition", &hash);
+    if request.is_some() {
+        audit.note("approval", "required");
+    }
     tracing::info!(run = %id, workflow = %parsed.def.name, tasks = task_ids.len(), by = %user.username, "run submitted");
     Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?)))
 }
@@ -460,9 +468,11 @@ async fn show_run(
 async fn cancel_run(
     State(state): State<AppState>,
     Operator(user): Operator,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
+    audit.target(format!("run:{id}"));
     check_run_owner(&state, &user, &id).await?;
     if !state
         .store

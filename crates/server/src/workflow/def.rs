@@ -131,7 +131,7 @@ pub fn parse(text: &str, source: &str) -> Result<Parsed, String> {
             text.len()
         ));
     }
-    let raw: RawDef = serde_saphyr::from_str(text).map_err(|e| format!("{source}: {e}"))?;
+    let raw: RawDef = drover_proto::yaml::from_str(text, source).map_err(|e| e.to_string())?;
     check(raw, source)
 }
 
