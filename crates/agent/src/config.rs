@@ -317,6 +317,15 @@ pub fn default_state_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("drover-agent-state"))
 }
 
+/// Whether human-readable logs on stderr may use ANSI colours: only on a
+/// terminal, and not when `NO_COLOR` is set to anything but empty
+/// (<https://no-color.org>). A log redirected to a file or a journal
+/// stays plain text.
+pub fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// True when the effective user is root (`/proc/self` belongs to it).
 pub fn running_as_root() -> bool {
     #[cfg(unix)]

@@ -393,7 +393,7 @@ impl Jobs {
         tracing::info!(
             attempt = %a.attempt_id,
             outcome = ?result.outcome,
-            exit_code = ?result.exit_code,
+            exit_code = result.exit_code,
             duration_ms = result.duration_ms,
             "attempt ended"
         );

@@ -35,6 +35,7 @@ mod docker_tests;
 pub mod executor;
 pub mod inventory;
 mod jobs;
+pub mod lock;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;

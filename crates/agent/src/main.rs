@@ -75,7 +75,9 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = drover_agent::config::log_filter(&config.log_level);
-    let lines = tracing_subscriber::fmt::layer().with_writer(writer);
+    let lines = tracing_subscriber::fmt::layer()
+        .with_ansi(drover_agent::config::log_colours())
+        .with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
         LogFormat::Json => Box::new(registry.with(lines.json())),
@@ -125,6 +127,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll { token, force } => {
             init_logging(&config);
             let dir = StateDir::open(&config.state_dir)?;
+            let _lock = dir.lock()?;
             let creds =
                 drover_agent::enroll(&dir, &enroll_options(&config, &token, force)?).await?;
             println!("{}", creds.agent_id);
@@ -139,6 +142,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { token } => {
             init_logging(&config);
             let dir = StateDir::open(&config.state_dir)?;
+            // Held until the agent stops.
+            let _lock = dir.lock()?;
             if let (Some(token), None) = (token, dir.credentials()?) {
                 drover_agent::enroll(&dir, &enroll_options(&config, &token, false)?).await?;
             }

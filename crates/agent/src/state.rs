@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 const CREDENTIALS: &str = "credentials.json";
 const STATE: &str = "state.json";
 const ASSIGNMENT_KEY: &str = "assignment-key.json";
+/// Locked (flock) by the process that runs or enrolls the agent.
+const LOCK: &str = "agent.lock";
 
 /// Errors reading or writing the state dir.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,20 @@ pub enum StateError {
     },
     #[error("{path} is corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "another drover-agent{} is using the state dir {}: two agents with one identity trip the \
+         server's refresh-token reuse detection and both lose it; stop the other one, or give \
+         this one a state dir of its own (--state-dir)",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        dir.display()
+    )]
+    InUse { dir: PathBuf, pid: Option<u32> },
+}
+
+/// The state dir, held by this process alone until dropped.
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: crate::lock::Lock,
 }
 
 /// The agent's identity and current credentials.
@@ -101,6 +117,22 @@ impl StateDir {
             )?;
         }
         Ok(())
+    }
+
+    /// Takes the state dir for this process alone (an advisory lock on
+    /// `agent.lock`), for as long as the guard lives: an agent runs or
+    /// enrolls with it, so that a second one on the same identity is
+    /// refused instead of making the server revoke it.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        use crate::lock::{Lock, LockError, Mode};
+        match Lock::try_take(&self.root.join(LOCK), Mode::Exclusive) {
+            Ok(lock) => Ok(StateLock { _lock: lock }),
+            Err(LockError::Held { pid, .. }) => Err(StateError::InUse {
+                dir: self.root.clone(),
+                pid,
+            }),
+            Err(LockError::Io { path, source }) => Err(StateError::Io { path, source }),
+        }
     }
 
     /// Opens the directory only if it exists (for `status`).
@@ -241,6 +273,24 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(CREDENTIALS)]);
+    }
+
+    #[test]
+    fn a_locked_state_dir_is_refused_naming_the_dir_and_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let held = s.lock().unwrap();
+        let err = s.lock().unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "another drover-agent (pid {}) is using the state dir {}: ",
+                std::process::id(),
+                dir.path().display()
+            )),
+            "{err}"
+        );
+        drop(held);
+        assert!(s.lock().is_ok());
     }
 
     #[test]

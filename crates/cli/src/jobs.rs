@@ -1,7 +1,6 @@
 //! `drover actions`, `drover run`, `drover jobs` and `drover audit`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -15,13 +14,18 @@ use crate::client::Api;
 use crate::ops::Target;
 use crate::output::{self, Output};
 
+pub mod follow;
+
 /// Exit status of `drover run --wait/--follow` when the job did not succeed.
 pub const EXIT_JOB_FAILED: u8 = 4;
 
-/// The job ended but not in success; main turns this into exit status 4.
+/// The job (or workflow run) ended but not in success; main turns this
+/// into exit status 4.
 #[derive(Debug, thiserror::Error)]
-#[error("job {id} ended {state}{detail}")]
+#[error("{kind} {id} ended {state}{detail}")]
 pub struct JobFailed {
+    /// `job` or `run`.
+    pub kind: &'static str,
     pub id: String,
     pub state: &'static str,
     pub detail: String,
@@ -203,9 +207,15 @@ pub struct RunArgs {
     /// Wait for the job to end; exit 4 unless it succeeded.
     #[arg(long, conflicts_with = "follow")]
     wait: bool,
-    /// Stream the output live, then exit like --wait.
+    /// Stream the output live, then exit like --wait. With several agents,
+    /// each line is prefixed with its agent and a per-agent summary ends
+    /// it; with -o json, every line of stdout is one JSON event.
     #[arg(long)]
     follow: bool,
+    /// With --follow: on Ctrl-C, cancel the job before exiting (without
+    /// it, the job goes on and the command says how to cancel it).
+    #[arg(long, requires = "follow")]
+    cancel_on_interrupt: bool,
     #[arg(long, short, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -254,12 +264,29 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("job {} on {} agent(s)", job.id, job.attempts.len());
-    let job = if args.follow {
-        follow_logs(&api, &job.id).await?
-    } else {
-        wait_job(&api, &job.id).await?
+    if !args.follow {
+        let job = wait_job(&api, &job.id).await?;
+        if args.output == Output::Json {
+            output::json(&job)?;
+        } else {
+            eprintln!("job {} {}", job.id, job.state.as_str());
+        }
+        return finish(job, &follow::Names::default());
+    }
+    let mut names = follow::Names::default();
+    let followed = follow::follow_job(&api, &job.id, args.output, &mut names);
+    let Some(ended) = follow::until_interrupted(followed).await? else {
+        let cancel_path = format!("/jobs/{}/cancel", job.id);
+        let what = follow::Interrupted {
+            kind: "job",
+            id: &job.id,
+            cancel_command: &format!("drover jobs cancel {}", job.id),
+            cancel_path: args.cancel_on_interrupt.then_some(cancel_path.as_str()),
+        };
+        follow::exit_interrupted(&api, what, args.output).await
     };
-    finish(job, args.output)
+    follow::print_end(&ended, &names, args.output)?;
+    finish(ended, &names)
 }
 
 /// Waits for a job to end, with long-polls.
@@ -272,74 +299,15 @@ async fn wait_job(api: &Api, id: &str) -> anyhow::Result<Job> {
     }
 }
 
-/// Prints a job's output as it arrives (stdout to stdout, stderr to stderr)
-/// until the job ends; returns the final job.
-async fn follow_logs(api: &Api, id: &str) -> anyhow::Result<Job> {
-    let mut after = 0;
-    loop {
-        let page: LogPage = api
-            .get(&format!("/jobs/{id}/logs?after={after}&wait_ms=25000"))
-            .await?;
-        for chunk in &page.chunks {
-            match chunk.stream {
-                Stream::Stdout => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(chunk.data.as_bytes())?;
-                    out.flush()?;
-                }
-                Stream::Stderr => {
-                    let mut err = std::io::stderr().lock();
-                    err.write_all(chunk.data.as_bytes())?;
-                    err.flush()?;
-                }
-            }
-        }
-        after = page.next;
-        if page.complete {
-            return api.get(&format!("/jobs/{id}")).await;
-        }
-    }
-}
-
-/// Prints the outcome; a job that did not succeed is an error (exit 4).
-fn finish(job: Job, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => output::json(&job)?,
-        Output::Text => eprintln!("job {} {}", job.id, job.state.as_str()),
-    }
+/// A job that did not succeed is an error (exit 4) that says how it ended
+/// (on which agents, when several ran it).
+fn finish(job: Job, names: &follow::Names) -> anyhow::Result<()> {
     if job.state == JobState::Succeeded {
         return Ok(());
     }
-    let detail = job
-        .attempts
-        .iter()
-        .rev()
-        .find(|a| a.state == job.state)
-        .map(|a| {
-            let mut parts = Vec::new();
-            if let Some(c) = a.exit_code {
-                parts.push(format!("exit code {c}"));
-            }
-            if let Some(s) = a.signal {
-                parts.push(format!("signal {s}"));
-            }
-            if let Some(l) = a.limit_exceeded {
-                parts.push(format!("limit exceeded: {}", l.as_str()));
-            }
-            if let Some(e) = &a.error {
-                parts.push(e.clone());
-            }
-            if let Some(l) = &a.late_result {
-                parts.push(late_note(l));
-            }
-            if parts.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", parts.join(", "))
-            }
-        })
-        .unwrap_or_default();
+    let detail = follow::failure_detail(&job, names);
     Err(JobFailed {
+        kind: "job",
         id: job.id,
         state: job.state.as_str(),
         detail,
@@ -374,11 +342,18 @@ pub enum JobsCommand {
         /// Keep printing new output until the job ends.
         #[arg(long)]
         follow: bool,
+        /// json: one JSON event per line (output lines; with --follow also
+        /// state changes and the end).
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
-    /// Cancel a job.
+    /// Cancel a job that has not ended (an ended one is an error).
     Cancel {
         /// Job id or a unique prefix of it.
         id: String,
+        /// Wait for the job to end and print its final state.
+        #[arg(long)]
+        wait: bool,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -566,11 +541,25 @@ pub async fn jobs(target: &Target, cmd: JobsCommand) -> anyhow::Result<()> {
                 Output::Text => print_job(&job),
             }
         }
-        JobsCommand::Logs { id, follow } => {
+        JobsCommand::Logs { id, follow, output } => {
             job_path(&id)?;
             if follow {
-                let job = follow_logs(&api, &id).await?;
-                eprintln!("job {} {}", job.id, job.state.as_str());
+                let mut names = follow::Names::default();
+                let followed = follow::follow_job(&api, &id, output, &mut names);
+                let Some(job) = follow::until_interrupted(followed).await? else {
+                    let what = follow::Interrupted {
+                        kind: "job",
+                        id: &id,
+                        cancel_command: &format!("drover jobs cancel {id}"),
+                        cancel_path: None,
+                    };
+                    follow::exit_interrupted(&api, what, output).await
+                };
+                follow::print_end(&job, &names, output)?;
+            } else if let Some(job) = Some(api.get::<Job>(&job_path(&id)?).await?)
+                .filter(|j| output == Output::Json || follow::several_agents(j))
+            {
+                follow::print_logs(&api, &job, output).await?;
             } else {
                 let mut after = 0;
                 loop {
@@ -590,19 +579,21 @@ pub async fn jobs(target: &Target, cmd: JobsCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        JobsCommand::Cancel { id, output } => {
-            let job: Job = api
+        JobsCommand::Cancel { id, wait, output } => {
+            // The server refuses (409) to cancel a job that has ended.
+            let mut job: Job = api
                 .post(
                     &format!("{}/cancel", job_path(&id)?),
                     &serde_json::json!({}),
                 )
                 .await?;
+            if wait {
+                job = wait_job(&api, &job.id).await?;
+            }
             match output {
                 Output::Json => output::json(&job)?,
-                Output::Text => {
-                    println!("{}", job.id);
-                    eprintln!("job {} is {}", job.id, job.state.as_str());
-                }
+                Output::Text if wait => println!("job {} {}", job.id, job.state.as_str()),
+                Output::Text => println!("cancel requested for job {}", job.id),
             }
         }
     }

@@ -1,6 +1,7 @@
 //! `drover`: the server (`drover server`), the all-in-one local mode
 //! (`drover up`) and the operator CLI. Parses arguments, then hands off.
 
+mod admin;
 mod approvals;
 mod audit;
 mod client;
@@ -181,6 +182,9 @@ enum Command {
     Server(ServerCommand),
     /// Run a server on SQLite plus one local agent: a whole Drover in one command.
     Up(UpCommand),
+    /// Offline maintenance of a server's store (reset-password).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Log in with a password and save the session in the profile.
     Login(ClientWith<ops::LoginArgs>),
     /// Log out: end the profile's session on the server and forget its token.
@@ -318,6 +322,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 ..ClientArgs::default()
             };
             serve::up(cmd.up, &client.target(&root)).await
+        }
+        Command::Admin(cmd) => {
+            refuse_client_flags(
+                "admin",
+                &root,
+                &StrayClientFlags::default(),
+                root.profile.is_some(),
+            )?;
+            admin::admin(cmd).await
         }
         Command::Login(c) => ops::login(&c.client.target(&root), c.args).await,
         Command::Logout(c) => ops::logout(&c.client.target(&root), c.args).await,

@@ -41,9 +41,25 @@ pub fn row(width: usize, key: &str, value: &str) {
     println!("{:<width$} {}", format!("{key}:"), clean(value));
 }
 
+/// Prints one event of a follow (`--follow -o json`) as one line of JSON
+/// (NDJSON), flushed at once so that a reader sees it as it happens.
+pub fn event(value: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
 /// Prints rows under headers, each column as wide as its widest cell
 /// (cells cleaned of control characters).
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    print!("{}", format_table(headers, rows));
+}
+
+/// [`table`] as text, for a table that goes elsewhere than stdout.
+pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| clean(c)).collect())
@@ -55,7 +71,8 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut text = String::new();
+    let mut line = |cells: Vec<String>| {
         let mut out = String::new();
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
@@ -64,12 +81,14 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        text.push_str(out.trim_end());
+        text.push('\n');
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row.clone());
     }
+    text
 }
 
 /// "12s ago", "3m ago", "2h ago", "4d ago" or "never".

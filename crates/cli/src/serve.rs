@@ -2,9 +2,11 @@
 //! local agent) and stop cleanly on SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use drover_agent::lock::{Lock, LockError, Mode};
 use drover_agent::state::StateDir;
 use drover_agent::{AgentConfig, EnrollOptions};
 use drover_proto::api::{CreateTokenRequest, TokenKind};
@@ -16,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::ops::Target;
 use crate::profile::{self, Profile, ProfileFile};
 
+/// The lock file in the data dir: shared by the servers on it, taken
+/// alone by `drover admin`.
+pub const DATA_DIR_LOCK: &str = "server.lock";
+
 /// How long in-flight work may take to finish after a stop signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -26,10 +32,10 @@ fn init_logging(config: &ServerConfig) {
     match config.log_format {
         LogFormat::Json => builder.with_writer(std::io::stderr).json().init(),
         LogFormat::Human => {
-            // Colours only on a terminal; every control character a client
-            // slipped into a logged value is escaped (one event, one line).
-            use std::io::IsTerminal;
-            let ansi = std::io::stderr().is_terminal();
+            // Colours only on a terminal and without NO_COLOR; every
+            // control character a client slipped into a logged value is
+            // escaped (one event, one line).
+            let ansi = drover_agent::config::log_colours();
             builder
                 .with_ansi(ansi)
                 .with_writer(crate::logtext::Escaping { ansi })
@@ -61,10 +67,34 @@ fn announce_admin(init: &AdminInit) {
     }
 }
 
+/// Binds the server's address. Done before anything is created or
+/// changed: a server that cannot listen leaves the data dir as it was.
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on {addr} (is another server running? choose one with --listen)")
+    TcpListener::bind(addr).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot listen on {addr}: the address is already in use (is another server running? \
+             choose another address with --listen)"
+        ),
+        _ => anyhow::anyhow!("cannot listen on {addr}: {e}"),
     })
+}
+
+/// Creates the data dir and takes its lock, shared with the other servers
+/// on it, for as long as the server runs: `drover admin reset-password`
+/// refuses to change the store while any server holds it.
+fn hold_data_dir(data_dir: &Path) -> anyhow::Result<Lock> {
+    drover_server::private::dir(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join(DATA_DIR_LOCK);
+    match Lock::try_take(&path, Mode::Shared) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Held { pid, .. }) => Err(anyhow::anyhow!(
+            "the data dir {} is held by `drover admin`{}: start the server when it has finished",
+            data_dir.display(),
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The URL a local client uses to reach a listener.
@@ -131,12 +161,14 @@ async fn finish(
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let config = ServerConfig::load(&args)?;
     init_logging(&config);
+    config.refuse_listen()?;
+    let listener = bind(config.listen).await?;
+    let _data_dir = hold_data_dir(&config.data_dir)?;
     let server = Server::open(config).await?;
     announce_admin(&server.ensure_admin().await?);
     if let Some(fingerprint) = server.tls_fingerprint() {
         eprintln!("  Serving HTTPS; certificate fingerprint {fingerprint}");
     }
-    let listener = bind(server.config().listen).await?;
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     let task = tokio::spawn(server.serve(listener, shutdown.clone()));
@@ -147,17 +179,17 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
 pub async fn up(args: UpArgs, target: &Target) -> anyhow::Result<()> {
     let mut config = ServerConfig::load(&args.server)?;
     init_logging(&config);
+    config.refuse_listen()?;
+    let listener = bind(config.listen).await?;
     let data_dir = config.data_dir.clone();
+    let _data_dir = hold_data_dir(&data_dir)?;
     if args.tls && config.tls.is_none() {
-        drover_server::private::dir(&data_dir)
-            .with_context(|| format!("creating {}", data_dir.display()))?;
         let (cert, key) =
             drover_server::tls::self_signed(&data_dir, &self_signed_names(config.listen))?;
         config.tls = Some(drover_server::config::TlsFiles { cert, key });
     }
     let server = Server::open(config).await?;
     let admin = server.ensure_admin().await?;
-    let listener = bind(server.config().listen).await?;
     let fingerprint = server.tls_fingerprint().map(str::to_owned);
     let url = local_url(listener.local_addr()?, fingerprint.is_some());
     // The local agent and the CLI profile trust exactly this certificate.
@@ -175,6 +207,8 @@ pub async fn up(args: UpArgs, target: &Target) -> anyhow::Result<()> {
     // reuses it instead of enrolling another agent.
     let agent_dir = data_dir.join("agent");
     let dir = StateDir::open(&agent_dir)?;
+    // Held until `up` stops: no other agent may use this identity.
+    let _agent_dir = dir.lock()?;
     // Tasks run as another user (a sandbox profile's `user`) reach their
     // working dirs below the agent's state dir, so the data dir lets
     // others pass (0711) without listing it; its files stay 0600.
@@ -267,10 +301,16 @@ pub async fn up(args: UpArgs, target: &Target) -> anyhow::Result<()> {
         AdminInit::CreatedWithGeneratedPassword(_) | AdminInit::CreatedWithGivenPassword => {
             announce_admin(&admin)
         }
-        AdminInit::Existing => eprintln!(
-            "  Log in as '{ADMIN_USER}' with the password shown at the first start (data in {}).",
-            data_dir.display()
-        ),
+        AdminInit::Existing => {
+            eprintln!(
+                "  Log in as '{ADMIN_USER}' with the password shown at the first start (data in {}).",
+                data_dir.display()
+            );
+            eprintln!(
+                "  Lost it? Stop Drover and run: drover admin reset-password --data-dir {}",
+                data_dir.display()
+            );
+        }
     }
     eprintln!("  Local agent: {agent_id}");
     eprintln!(

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use drover_proto::workflows::{
-    Artifact, CreateWebhookRequest, Run, RunEvent, RunResult, RunState, SubmitRunRequest, Webhook,
-    WebhookDelivery, WebhookEvent, SHA256_HEADER,
+    Artifact, CreateWebhookRequest, Run, RunEvent, RunResult, RunState, SubmitRunRequest,
+    TaskState, Webhook, WebhookDelivery, WebhookEvent, SHA256_HEADER,
 };
 
 use crate::client::Api;
-use crate::jobs::JobFailed;
+use crate::jobs::{follow, JobFailed};
 use crate::ops::Target;
 use crate::output::{self, Output};
 
@@ -27,8 +27,13 @@ pub enum WorkflowCommand {
         #[arg(long = "input", short = 'i', value_name = "NAME=VALUE")]
         inputs: Vec<String>,
         /// Show task states and output live; exit 4 unless the run succeeds.
+        /// With -o json, every line of stdout is one JSON event.
         #[arg(long)]
         follow: bool,
+        /// With --follow: on Ctrl-C, cancel the run before exiting (without
+        /// it, the run goes on and the command says how to cancel it).
+        #[arg(long, requires = "follow")]
+        cancel_on_interrupt: bool,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -54,11 +59,17 @@ pub enum WorkflowCommand {
     Follow {
         /// Run id or unique prefix.
         id: String,
+        /// json: one JSON event per line.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Stop a run: running tasks are cancelled, waiting ones skipped.
     Cancel {
         /// Run id or unique prefix.
         id: String,
+        /// Wait for the run to end and print its final state.
+        #[arg(long)]
+        wait: bool,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -155,6 +166,7 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
             file,
             inputs,
             follow,
+            cancel_on_interrupt,
             output,
         } => {
             let text = std::fs::read_to_string(&file)
@@ -167,7 +179,14 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
             let run: Run = api.post("/workflows/runs", &req).await?;
             if follow {
                 eprintln!("run {} of {} started", run.id, run.workflow);
-                return follow_run(&api, &run.id).await;
+                if output == Output::Json {
+                    output::event(&serde_json::json!({
+                        "event": "submitted",
+                        "run": run.id,
+                        "workflow": run.workflow,
+                    }))?;
+                }
+                return follow_run(&api, &run.id, output, cancel_on_interrupt).await;
             }
             match output {
                 Output::Json => output::json(&run)?,
@@ -217,14 +236,20 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
                 Output::Text => print_run(&run),
             }
         }
-        WorkflowCommand::Follow { id } => {
+        WorkflowCommand::Follow { id, output } => {
             let run: Run = api.get(&run_path(&id)?).await?;
-            return follow_run(&api, &run.id).await;
+            return follow_run(&api, &run.id, output, false).await;
         }
-        WorkflowCommand::Cancel { id, output } => {
-            let run: Run = api.post(&format!("{}/cancel", run_path(&id)?), &()).await?;
+        WorkflowCommand::Cancel { id, wait, output } => {
+            // The server refuses (409) to cancel a run that has ended.
+            let mut run: Run = api.post(&format!("{}/cancel", run_path(&id)?), &()).await?;
+            while wait && !run.state.is_final() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                run = api.get(&run_path(&run.id)?).await?;
+            }
             match output {
                 Output::Json => output::json(&run)?,
+                Output::Text if wait => println!("run {} {}", run.id, run.state.as_str()),
                 Output::Text => println!("cancel requested for run {}", run.id),
             }
         }
@@ -261,10 +286,16 @@ pub async fn workflow(target: &Target, cmd: WorkflowCommand) -> anyhow::Result<(
                 }
             }
             if result.state != RunState::Succeeded && result.state.is_final() {
+                let detail = result
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
                 return Err(JobFailed {
+                    kind: "run",
                     id: result.id,
                     state: result.state.as_str(),
-                    detail: String::new(),
+                    detail,
                 }
                 .into());
             }
@@ -455,8 +486,87 @@ fn print_run(run: &Run) {
 }
 
 /// Prints a run's events as they come, reconnecting with the last event
-/// id when the stream breaks, until the run ends; then its task table.
-pub async fn follow_run(api: &Api, run_id: &str) -> anyhow::Result<()> {
+/// id when the stream breaks, until the run ends; then its task table
+/// (with `-o json`: one JSON event per line, the last an `end` event).
+/// Ctrl-C leaves the run going (or cancels it, `cancel_on_interrupt`).
+pub async fn follow_run(
+    api: &Api,
+    run_id: &str,
+    output: Output,
+    cancel_on_interrupt: bool,
+) -> anyhow::Result<()> {
+    let followed = follow_events(api, run_id, output);
+    if follow::until_interrupted(followed).await?.is_none() {
+        let cancel_path = format!("{}/cancel", run_path(run_id)?);
+        let what = follow::Interrupted {
+            kind: "run",
+            id: run_id,
+            cancel_command: &format!("drover workflow cancel {run_id}"),
+            cancel_path: cancel_on_interrupt.then_some(cancel_path.as_str()),
+        };
+        follow::exit_interrupted(api, what, output).await
+    }
+    let run: Run = api.get(&run_path(run_id)?).await?;
+    match output {
+        Output::Json => output::event(&serde_json::json!({
+            "event": "end",
+            "run": run.id,
+            "state": run.state.as_str(),
+            "reason": run.reason,
+            "tasks": run.tasks.iter().map(|t| serde_json::json!({
+                "task": t.id,
+                "state": t.state.as_str(),
+                "job": t.job_id,
+                "reason": t.reason,
+            })).collect::<Vec<_>>(),
+        }))?,
+        Output::Text => {
+            println!();
+            print_run(&run);
+        }
+    }
+    if run.state != RunState::Succeeded {
+        let detail = run_failure_detail(&run);
+        return Err(JobFailed {
+            kind: "run",
+            id: run.id,
+            state: run.state.as_str(),
+            detail,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// What the error of a run that did not succeed says after its state: the
+/// required tasks that failed (and how), else the run's reason.
+fn run_failure_detail(run: &Run) -> String {
+    let failed: Vec<String> = run
+        .tasks
+        .iter()
+        .filter(|t| {
+            !t.optional
+                && matches!(
+                    t.state,
+                    TaskState::Failed | TaskState::TimedOut | TaskState::Cancelled
+                )
+        })
+        .map(|t| match &t.reason {
+            Some(r) => format!("task {} {} ({r})", t.id, t.state.as_str()),
+            None => format!("task {} {}", t.id, t.state.as_str()),
+        })
+        .collect();
+    if !failed.is_empty() {
+        return format!(": {}", failed.join("; "));
+    }
+    run.reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default()
+}
+
+/// The event loop of [`follow_run`]; returns when the run has ended.
+async fn follow_events(api: &Api, run_id: &str, output: Output) -> anyhow::Result<()> {
     let path = format!("{}/events", run_path(run_id)?);
     let mut last: i64 = 0;
     let mut failures = 0u32;
@@ -491,7 +601,10 @@ pub async fn follow_run(api: &Api, run_id: &str) -> anyhow::Result<()> {
                 let block: String = buf.drain(..end + 2).collect();
                 if let Some(ev) = parse_sse(&block) {
                     last = ev.id;
-                    print_event(&ev);
+                    match output {
+                        Output::Json => event_json(&ev)?,
+                        Output::Text => print_event(&ev),
+                    }
                     if ev.ends_run() {
                         ended = ev.state.as_deref().and_then(RunState::parse);
                     }
@@ -510,18 +623,33 @@ pub async fn follow_run(api: &Api, run_id: &str) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
-    let run: Run = api.get(&run_path(run_id)?).await?;
-    println!();
-    print_run(&run);
-    if run.state != RunState::Succeeded {
-        return Err(JobFailed {
-            id: run.id,
-            state: run.state.as_str(),
-            detail: run.reason.map(|r| format!(": {r}")).unwrap_or_default(),
-        }
-        .into());
-    }
     Ok(())
+}
+
+/// One event of a run as JSON lines: a log event gives one `output` event
+/// per line; the others keep their kind (`task`, `run`, `workspace`).
+fn event_json(ev: &RunEvent) -> anyhow::Result<()> {
+    if ev.kind == "log" {
+        for line in ev.message.as_deref().unwrap_or("").lines() {
+            output::event(&serde_json::json!({
+                "event": "output",
+                "run": ev.run_id,
+                "at": ev.at,
+                "task": ev.task,
+                "stream": ev.stream.as_deref().unwrap_or("stdout"),
+                "line": line,
+            }))?;
+        }
+        return Ok(());
+    }
+    output::event(&serde_json::json!({
+        "event": ev.kind,
+        "run": ev.run_id,
+        "at": ev.at,
+        "task": ev.task,
+        "state": ev.state,
+        "message": ev.message,
+    }))
 }
 
 /// One server-sent event block into a `RunEvent` (comments and keep-alives

@@ -679,15 +679,21 @@ impl ServerConfig {
     /// passwords would cross the network in clear. `allow_plain_http`
     /// opens it (a proxy in front terminates TLS), with a warning.
     pub fn check_listen(&self) -> Result<(), ConfigError> {
-        if self.tls.is_some() || self.listen.ip().is_loopback() {
-            return Ok(());
-        }
-        if self.allow_plain_http {
+        self.refuse_listen()?;
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
             tracing::warn!(
                 listen = %self.listen,
                 "serving plain HTTP on a network address: tokens and passwords cross the \
                  network in clear unless a proxy in front terminates TLS"
             );
+        }
+        Ok(())
+    }
+
+    /// `check_listen` without its warning: whether the address may be
+    /// listened on at all, asked before it is bound.
+    pub fn refuse_listen(&self) -> Result<(), ConfigError> {
+        if self.tls.is_some() || self.listen.ip().is_loopback() || self.allow_plain_http {
             return Ok(());
         }
         Err(ConfigError::Invalid(format!(

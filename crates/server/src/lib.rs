@@ -18,6 +18,7 @@ pub mod egress;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod offline;
 pub mod private;
 pub mod ratelimit;
 pub mod routes;
@@ -81,6 +82,9 @@ pub enum Error {
     Tls(#[from] tls::TlsError),
     #[error("secrets vault: {0}")]
     Vault(#[from] vault::Error),
+    /// An offline change (`offline`) that cannot be made, and why.
+    #[error("{0}")]
+    Offline(String),
 }
 
 /// What happened to the admin user at start.
@@ -209,6 +213,14 @@ impl Server {
     /// Creates the admin user if no user exists yet.
     pub async fn ensure_admin(&self) -> Result<AdminInit, Error> {
         if self.state.store.count_users().await? > 0 {
+            if self.state.config.admin_password.is_some() {
+                tracing::warn!(
+                    "DROVER_ADMIN_PASSWORD is set but was ignored: the admin user exists already, \
+                     and the variable only sets its password at the first start; change a password \
+                     with `drover users passwd NAME`, or with the server stopped: `{}`",
+                    reset_password_command(&self.state.config)
+                );
+            }
             return Ok(AdminInit::Existing);
         }
         let (password, generated) = match &self.state.config.admin_password {
@@ -324,6 +336,20 @@ impl Server {
         tracing::info!("server stopped");
         outcome
     }
+}
+
+/// The `drover admin reset-password` command line for this server's store.
+pub fn reset_password_command(config: &ServerConfig) -> String {
+    let default_db = format!("sqlite://{}", config.data_dir.join("drover.db").display());
+    let mut line = format!(
+        "DROVER_ADMIN_PASSWORD=... drover admin reset-password --data-dir {}",
+        config.data_dir.display()
+    );
+    if config.database_url != default_db {
+        line.push_str(" --database-url ");
+        line.push_str(&drover_store::redact(&config.database_url));
+    }
+    line
 }
 
 /// Background task (PostgreSQL): wakes this replica's waiters for what the

@@ -30,18 +30,26 @@ pub fn file(path: &Path) -> std::io::Result<()> {
 /// The SQLite database of a `sqlite:` URL and its WAL and shared-memory
 /// files: 0600. Other URLs are left alone.
 pub fn sqlite_files(url: &str) -> std::io::Result<()> {
-    let Some(rest) = url.strip_prefix("sqlite:") else {
+    let Some(path) = sqlite_path(url) else {
         return Ok(());
     };
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.clone().into_os_string();
+        name.push(suffix);
+        file(Path::new(&name))?;
+    }
+    Ok(())
+}
+
+/// The file of a `sqlite:` URL; `None` for other URLs and in-memory ones.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
     let path = rest.trim_start_matches("//");
     let path = path.split('?').next().unwrap_or(path);
     if path.is_empty() || path == ":memory:" {
-        return Ok(());
+        return None;
     }
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        file(Path::new(&format!("{path}{suffix}")))?;
-    }
-    Ok(())
+    Some(path.into())
 }
 
 #[cfg(unix)]

@@ -155,10 +155,10 @@ async fn deliver(
             tracing::info!(delivery = %d.id, run = %d.run_id, url = %crate::egress::redact_url(&d.url), attempt = n, "webhook delivered")
         }
         DeliveryOutcome::RetryAt(t) => {
-            tracing::warn!(delivery = %d.id, url = %crate::egress::redact_url(&d.url), attempt = n, error = ?error, retry_at = %t, "webhook failed; will retry")
+            tracing::warn!(delivery = %d.id, url = %crate::egress::redact_url(&d.url), attempt = n, error = error.as_deref(), retry_at = %t, "webhook failed; will retry")
         }
         DeliveryOutcome::GaveUp => {
-            tracing::warn!(delivery = %d.id, url = %crate::egress::redact_url(&d.url), attempt = n, error = ?error, "webhook failed; giving up")
+            tracing::warn!(delivery = %d.id, url = %crate::egress::redact_url(&d.url), attempt = n, error = error.as_deref(), "webhook failed; giving up")
         }
     }
     state.metrics.webhook_attempt(error.is_none());

@@ -232,8 +232,8 @@ fn the_arguments_the_issue_named_have_descriptions() {
         (
             &["audit", "list", "--help"],
             &[
-                "Only entries by this user",
-                "Show at most this many entries",
+                "Only entries of this user",
+                "At most this many entries",
             ],
         ),
         (&["webhooks", "add", "--help"], &["The URL to POST to"]),

@@ -85,7 +85,9 @@ async fn an_agent_pinning_the_ca_enrolls_heartbeats_and_runs_a_job() {
         assert!(out.contains("hello over tls"), "{out}");
 
         // With the pin kept, plain HTTP to the same server is refused, not
-        // tried.
+        // tried. (The agent stops first: a second one on its state dir
+        // would be refused for that.)
+        assert!(agent.stop().await.success());
         let plain = cluster.url.replacen("https://", "http://", 1);
         let out = agent
             .command(&["run"])

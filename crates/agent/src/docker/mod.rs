@@ -142,6 +142,7 @@ pub(crate) async fn ensure_image(
             executor::Error::Pull {
                 image: image.to_owned(),
                 source,
+                present,
             }
             .into()
         })

@@ -198,14 +198,22 @@ pub enum Error {
         image: String,
         source: docker::Error,
     },
+    /// The engine lacks the image and the profile says `pull: never`.
     #[error(
-        "image '{image}' is not on this agent's Docker engine, and the sandbox's pull policy is never"
+        "image '{image}' is not present on this agent's Docker engine and the sandbox's pull \
+         policy is never; load it into this engine (`docker load -i FILE` or `docker import`) or \
+         build it there (`docker build -t {image} .`), or set `pull: missing` in the sandbox \
+         profile to pull it from its registry"
     )]
     ImageMissing { image: String },
-    #[error("pulling image '{image}' failed: {source}")]
+    /// A pull failed: with the image absent, how to provide it; with it
+    /// present (`pull: always`), how to use that copy.
+    #[error("{}", pull_failed(image, source, *present))]
     Pull {
         image: String,
         source: docker::Error,
+        /// Whether the engine has the image already.
+        present: bool,
     },
     #[error("cannot create the container: {0}")]
     CreateContainer(docker::Error),
@@ -230,6 +238,22 @@ pub enum Error {
         pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     ExecNotVisible { pid: Option<i32> },
+}
+
+fn pull_failed(image: &str, source: &docker::Error, present: bool) -> String {
+    if present {
+        format!(
+            "pulling image '{image}' failed ({source}) and the sandbox's pull policy is always; \
+             set `pull: missing` in the sandbox profile to use the copy this engine has"
+        )
+    } else {
+        format!(
+            "image '{image}' is not present on this agent's Docker engine and could not be \
+             pulled ({source}); load it into this engine (`docker load -i FILE` or `docker \
+             import`) or build it there (`docker build -t {image} .`), and set `pull: never` in \
+             the sandbox profile so that no registry is tried"
+        )
+    }
 }
 
 /// Why an attempt did not get to run to its end.
@@ -299,6 +323,28 @@ mod tests {
             (
                 Error::ExecNotVisible { pid: Some(42) }.to_string(),
                 "cannot stop the task: its process (pid 42) is not visible from the agent (is the agent in another pid namespace than the Docker engine?)",
+            ),
+            (
+                Error::ImageMissing { image: "app:1".into() }.to_string(),
+                "image 'app:1' is not present on this agent's Docker engine and the sandbox's pull policy is never; load it into this engine (`docker load -i FILE` or `docker import`) or build it there (`docker build -t app:1 .`), or set `pull: missing` in the sandbox profile to pull it from its registry",
+            ),
+            (
+                Error::Pull {
+                    image: "app:1".into(),
+                    source: docker::Error::Engine { status: 500, message: "lookup registry: no such host".into() },
+                    present: false,
+                }
+                .to_string(),
+                "image 'app:1' is not present on this agent's Docker engine and could not be pulled (lookup registry: no such host); load it into this engine (`docker load -i FILE` or `docker import`) or build it there (`docker build -t app:1 .`), and set `pull: never` in the sandbox profile so that no registry is tried",
+            ),
+            (
+                Error::Pull {
+                    image: "app:1".into(),
+                    source: docker::Error::Engine { status: 500, message: "lookup registry: no such host".into() },
+                    present: true,
+                }
+                .to_string(),
+                "pulling image 'app:1' failed (lookup registry: no such host) and the sandbox's pull policy is always; set `pull: missing` in the sandbox profile to use the copy this engine has",
             ),
             (
                 Error::ExecNotVisible { pid: None }.to_string(),

@@ -61,7 +61,8 @@ fn check_username(name: &str) -> Result<(), ApiError> {
     }
 }
 
-fn check_password(p: &str) -> Result<(), ApiError> {
+/// The password policy of every way to set one (also `crate::offline`).
+pub(crate) fn check_password(p: &str) -> Result<(), ApiError> {
     if p.chars().count() < MIN_PASSWORD_CHARS {
         return Err(ApiError::invalid(format!(
             "password: at least {MIN_PASSWORD_CHARS} characters"

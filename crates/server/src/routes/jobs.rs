@@ -261,12 +261,13 @@ async fn job_logs(
 }
 
 /// Cancel a job: queued attempts end at once; running ones are stopped by
-/// their agents (SIGTERM, then SIGKILL after the kill grace).
+/// their agents (SIGTERM, then SIGKILL after the kill grace). A job that
+/// has ended is a conflict: there is nothing left to cancel.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
     params(("id" = String, Path, description = "Job id or a unique prefix")),
     security(("user" = [])),
-    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the action and agents"), (status = 200, body = Job), (status = 404, body = ErrorBody))
+    responses((status = 403, body = ErrorBody, description = "Needs an operator whose scope holds the action and agents"), (status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, description = "The job has ended (code conflict)", body = ErrorBody))
 )]
 async fn cancel_job(
     State(state): State<AppState>,
@@ -276,12 +277,24 @@ async fn cancel_job(
 ) -> Result<Json<Job>, ApiError> {
     let id = state.store.resolve_job_id(&id).await?;
     audit.target(format!("job:{id}"));
+    let job = load_job(&state, &id).await?;
     if !user.limits.is_everywhere() {
-        let job = load_job(&state, &id).await?;
         let agents: Vec<String> = job.attempts.iter().map(|a| a.agent_id.clone()).collect();
         domain::Jobs::new(&state.store)
             .check_limits(&user.limits, &job.action, &agents)
             .await?;
+    }
+    // A job that ends between this read and the cancel below is let be:
+    // the cancel of an ended job changes nothing.
+    if job.state.is_final() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            drover_proto::ErrorCode::Conflict,
+            format!(
+                "job {id} already ended {}; nothing to cancel",
+                job.state.as_str()
+            ),
+        ));
     }
     let reason = format!("cancelled by {}", user.username);
     let agents = state.store.cancel_job(&id, &reason, Utc::now()).await?;
@@ -357,16 +370,15 @@ fn job_view(
     let reason = if job.state.is_final() {
         None
     } else {
-        let reasons: Vec<String> = attempts
+        let reasons: Vec<(&str, &str)> = attempts
             .iter()
             .filter(|a| !a.state.is_final())
-            .filter_map(|a| a.reason.clone())
-            .take(3)
+            .filter_map(|a| Some((a.reason.as_deref()?, short(&a.agent_id))))
             .collect();
         Some(if reasons.is_empty() {
             "waiting for its attempts".to_owned()
         } else {
-            reasons.join("; ")
+            distinct_reasons(&reasons)
         })
     };
     let params: BTreeMap<String, serde_json::Value> =
@@ -386,6 +398,50 @@ fn job_view(
         sandbox: job.sandbox.name().to_owned(),
         attempts,
     }
+}
+
+/// At most this many distinct waiting reasons in a job's `reason`.
+const MAX_REASONS: usize = 3;
+
+/// The waiting reasons of a job's live attempts, given with the short id
+/// of each attempt's agent, said once per cause in the order first seen: a
+/// cause several agents share (a fleet stop holds every queued attempt)
+/// says how many agents, or which others, it holds too.
+fn distinct_reasons(reasons: &[(&str, &str)]) -> String {
+    // Attempts with the same text once their agent's id is taken out
+    // wait for the same cause.
+    let mut causes: Vec<(String, Vec<(&str, &str)>)> = Vec::new();
+    for &(reason, agent) in reasons {
+        let key = if agent.is_empty() {
+            reason.to_owned()
+        } else {
+            reason.replace(agent, "\u{0}")
+        };
+        match causes.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, list)) => list.push((reason, agent)),
+            None => causes.push((key, vec![(reason, agent)])),
+        }
+    }
+    let more = causes.len().saturating_sub(MAX_REASONS);
+    let mut parts: Vec<String> = causes
+        .iter()
+        .take(MAX_REASONS)
+        .map(|(key, list)| {
+            let (first, _) = list[0];
+            if list.len() == 1 {
+                first.to_owned()
+            } else if !key.contains('\u{0}') {
+                format!("{first} ({} agents)", list.len())
+            } else {
+                let others: Vec<&str> = list[1..].iter().map(|(_, a)| *a).collect();
+                format!("{first} (also agents {})", others.join(", "))
+            }
+        })
+        .collect();
+    if more > 0 {
+        parts.push(format!("and {more} more (see the attempts)"));
+    }
+    parts.join("; ")
 }
 
 fn short(id: &str) -> &str {
@@ -481,5 +537,57 @@ fn attempt_view(a: AttemptRecord, reason: Option<String>) -> Attempt {
         stderr_truncated: a.stderr_truncated,
         limit_exceeded: a.limit_exceeded,
         late_result: a.late_result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_waiting_reason_is_said_once() {
+        let stop = "dispatch is paused fleet-wide since T (drill); drover fleet resume lets it go";
+        let sent = |a: &str| format!("cancel sent to agent {a} (fleet stopped by admin: drill)");
+        let (sa, sb, sc) = (sent("a1"), sent("b2"), sent("c3"));
+        // (reasons of the live attempts with their agents, the job's reason)
+        let cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+            (
+                vec![("running on agent a1", "a1")],
+                "running on agent a1".to_owned(),
+            ),
+            (
+                vec![(stop, "a1"), (stop, "b2"), (stop, "c3")],
+                format!("{stop} (3 agents)"),
+            ),
+            (
+                vec![(&sa, "a1"), (&sb, "b2"), (&sc, "c3")],
+                format!("{sa} (also agents b2, c3)"),
+            ),
+            (
+                vec![("running on agent a1", "a1"), (stop, "b2"), (stop, "c3")],
+                format!("running on agent a1; {stop} (2 agents)"),
+            ),
+            (
+                vec![
+                    ("agent a1 is offline (last seen 1)", "a1"),
+                    ("agent b2 is offline (last seen 2)", "b2"),
+                ],
+                "agent a1 is offline (last seen 1); agent b2 is offline (last seen 2)".to_owned(),
+            ),
+            (
+                vec![
+                    ("p", ""),
+                    ("q", ""),
+                    ("p", ""),
+                    ("r", ""),
+                    ("s", ""),
+                    ("t", ""),
+                ],
+                "p (2 agents); q; r; and 2 more (see the attempts)".to_owned(),
+            ),
+        ];
+        for (reasons, want) in cases {
+            assert_eq!(distinct_reasons(&reasons), want, "{reasons:?}");
+        }
     }
 }
