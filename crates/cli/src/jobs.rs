@@ -46,6 +46,53 @@ pub enum ActionsCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Show one action: its argv, parameters, limits and sandbox.
+    Show {
+        /// The action's name (see drover actions list).
+        name: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Remove an action. Jobs made from it go on (they keep what they
+    /// run); a run not yet ended that uses it keeps it.
+    Rm {
+        /// The action's name.
+        name: String,
+    },
+}
+
+fn print_action(a: &Action) -> anyhow::Result<()> {
+    let row = |k: &str, v: String| output::row(14, k, &v);
+    let spec = &a.spec;
+    row("name", spec.name.clone());
+    if !spec.description.is_empty() {
+        row("description", spec.description.clone());
+    }
+    row("argv", serde_json::to_string(&spec.argv)?);
+    for (name, p) in &spec.params {
+        row(&format!("param {name}"), serde_json::to_string(p)?);
+    }
+    for (k, v) in &spec.env {
+        row(&format!("env {k}"), v.clone());
+    }
+    row(
+        "timeout",
+        humantime::format_duration(spec.timeout).to_string(),
+    );
+    row(
+        "kill grace",
+        humantime::format_duration(spec.kill_grace).to_string(),
+    );
+    row("retries", serde_json::to_string(&spec.retries)?);
+    row(
+        "sandbox",
+        spec.sandbox
+            .clone()
+            .unwrap_or_else(|| drover_proto::sandbox::PROCESS.to_owned()),
+    );
+    row("hash", a.hash.clone());
+    row("updated", a.updated_at.to_rfc3339());
+    Ok(())
 }
 
 pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()> {
@@ -80,6 +127,20 @@ pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()>
                     }
                 }
             }
+        }
+        ActionsCommand::Show { name, output } => {
+            let a: Action = api
+                .get(&format!("/actions/{}", crate::client::segment(&name)?))
+                .await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => print_action(&a)?,
+            }
+        }
+        ActionsCommand::Rm { name } => {
+            api.delete(&format!("/actions/{}", crate::client::segment(&name)?))
+                .await?;
+            println!("removed action {name}");
         }
         ActionsCommand::List { output } => {
             let actions: Vec<Action> = api.get("/actions").await?;
@@ -124,7 +185,10 @@ pub async fn actions(target: &Target, cmd: ActionsCommand) -> anyhow::Result<()>
 pub struct RunArgs {
     /// The action to run (see drover actions list).
     action: String,
-    /// Agent id, key=value[,key=value], group:NAME, or * for every agent.
+    /// Which agents: an agent id, * for every agent, or terms joined by
+    /// commas, all of which must hold: role=web, os=Debian*, env!=prod,
+    /// 'role in (web,api)', group:NAME, … (docs/SELECTORS.md; preview with
+    /// drover agents list --target).
     #[arg(long)]
     target: String,
     /// A parameter (repeatable): --param message='hello'.
@@ -394,11 +458,24 @@ pub enum SandboxesCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Remove a sandbox profile; refused while an action names it.
+    Rm {
+        /// The profile's name.
+        name: String,
+    },
 }
 
 pub async fn sandboxes(target: &Target, cmd: SandboxesCommand) -> anyhow::Result<()> {
     let api = target.api()?;
-    let SandboxesCommand::List { output } = cmd;
+    let output = match cmd {
+        SandboxesCommand::List { output } => output,
+        SandboxesCommand::Rm { name } => {
+            api.delete(&format!("/sandboxes/{}", crate::client::segment(&name)?))
+                .await?;
+            println!("removed sandbox {name}");
+            return Ok(());
+        }
+    };
     let list: Vec<drover_proto::sandbox::SandboxEntry> = api.get("/sandboxes").await?;
     match output {
         Output::Json => output::json(&list)?,

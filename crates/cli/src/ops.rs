@@ -7,8 +7,8 @@ use chrono::Utc;
 use drover_proto::access::TokenView;
 use drover_proto::api::{
     Agent, CreateTokenRequest, CreatedToken, DispatchState, DrainAgentRequest, FleetStatus,
-    LabelAgentRequest, LoginRequest, LoginResponse, RevokeAgentRequest, StopRequest, StopResponse,
-    TokenKind,
+    LabelAgentRequest, LoginRequest, LoginResponse, RevokeAgentRequest, SetGroupRequest,
+    StopRequest, StopResponse, TokenKind,
 };
 use drover_proto::labels::{check_key, parse_pair, Labels};
 use reqwest::Method;
@@ -492,6 +492,11 @@ pub async fn token(target: &Target, cmd: TokenCommand) -> anyhow::Result<()> {
 pub enum AgentsCommand {
     /// List enrolled agents and their health.
     List {
+        /// Only the agents this target selects, exactly as drover run
+        /// --target would: an agent id, *, or terms such as
+        /// 'role in (web,api),!env=prod' (see docs/SELECTORS.md).
+        #[arg(long = "target", value_name = "SELECTOR")]
+        selector: Option<String>,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -556,6 +561,26 @@ pub enum AgentsCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Move an agent to a group (selected with group:NAME), or out of its
+    /// group with --clear.
+    SetGroup {
+        /// Agent id or a unique prefix of it.
+        id: String,
+        /// The group: 1-63 characters from a-z A-Z 0-9 . _ -.
+        #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+        group: Option<String>,
+        /// Take the agent out of its group.
+        #[arg(long)]
+        clear: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Remove a revoked agent: it leaves listings and targets; the jobs it
+    /// ran keep its id in their history.
+    Rm {
+        /// Agent id or a unique prefix of it (the agent must be revoked).
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -612,6 +637,7 @@ fn print_agent(a: &Agent) {
     row(
         "dispatch",
         match &a.dispatch_reason {
+            _ if a.revoked_at.is_some() => dispatch_text(a).to_owned(),
             Some(why) if a.dispatch != DispatchState::Active => {
                 format!("{} ({why})", a.dispatch.as_str())
             }
@@ -703,6 +729,15 @@ fn docker_text(d: Option<&drover_proto::sandbox::DockerStatus>) -> String {
     }
 }
 
+/// Whether an agent takes work: `-` for a revoked one, which never does.
+fn dispatch_text(a: &Agent) -> &'static str {
+    if a.revoked_at.is_some() {
+        "-"
+    } else {
+        a.dispatch.as_str()
+    }
+}
+
 /// `running/capacity` of an agent's last heartbeat.
 fn capacity_text(a: &Agent) -> String {
     match &a.inventory {
@@ -721,8 +756,25 @@ fn agent_path(id: &str) -> anyhow::Result<String> {
 pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
     let api = target.api()?;
     match cmd {
-        AgentsCommand::List { output } => {
-            let agents: Vec<Agent> = api.get("/agents").await?;
+        AgentsCommand::List { selector, output } => {
+            let path = match &selector {
+                Some(sel) => format!("/agents?target={}", crate::client::segment(sel)?),
+                None => "/agents".to_owned(),
+            };
+            let agents: Vec<Agent> = api.get(&path).await?;
+            if let (Some(sel), Output::Text) = (&selector, output) {
+                let paused = agents
+                    .iter()
+                    .filter(|a| a.revoked_at.is_none() && a.dispatch != DispatchState::Active)
+                    .count();
+                match (agents.len(), paused) {
+                    (0, _) => eprintln!("target '{sel}' matches no agent"),
+                    (n, 0) => eprintln!("target '{sel}' matches {n} agent(s)"),
+                    (n, p) => eprintln!(
+                        "target '{sel}' matches {n} agent(s); {p} take(s) no new work (draining or stopped) and would be given none"
+                    ),
+                }
+            }
             match output {
                 Output::Json => output::json(&agents)?,
                 Output::Text => {
@@ -745,7 +797,7 @@ pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
                                     }
                                     None => a.status.as_str().to_owned(),
                                 },
-                                a.dispatch.as_str().to_owned(),
+                                dispatch_text(a).to_owned(),
                                 capacity_text(a),
                                 docker.to_owned(),
                                 output::ago(a.last_seen_at, now),
@@ -858,6 +910,30 @@ pub async fn agents(target: &Target, cmd: AgentsCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        AgentsCommand::SetGroup {
+            id,
+            group,
+            clear: _,
+            output,
+        } => {
+            let a: Agent = api
+                .call(
+                    Method::PUT,
+                    &format!("{}/group", agent_path(&id)?),
+                    Some(&SetGroupRequest { group }),
+                    true,
+                )
+                .await?;
+            match output {
+                Output::Json => output::json(&a)?,
+                Output::Text => println!("{}\t{}", a.id, a.group.as_deref().unwrap_or("-")),
+            }
+        }
+        AgentsCommand::Rm { id } => {
+            let a: Agent = api.get(&agent_path(&id)?).await?;
+            api.delete(&agent_path(&a.id)?).await?;
+            println!("removed agent {}", a.id);
         }
         AgentsCommand::Resume { id, output } => {
             let a: Agent = api

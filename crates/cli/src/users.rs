@@ -36,7 +36,8 @@ impl From<RoleArg> for Role {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScopeArgs {
     /// Operators only: the agents they may reach, as a target selector
-    /// (role=web,env=prod · group:NAME · an agent id).
+    /// (role=web,env=prod · 'role in (web,api),!env=prod' · group:NAME · an
+    /// agent id; docs/SELECTORS.md).
     #[arg(long = "scope-target", value_name = "SELECTOR")]
     target: Option<String>,
     /// Operators only: the actions they may run (repeatable glob, e.g.

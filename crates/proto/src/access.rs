@@ -23,7 +23,8 @@ pub const MAX_SCOPE_ACTIONS: usize = 64;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Scope {
-    /// A target selector (`key=value[,…]`, `group:NAME`, an agent id):
+    /// A target selector (`role=web`, `role in (web,api),!env=prod`,
+    /// `group:NAME`, an agent id; docs/SELECTORS.md):
     /// only agents it names may be reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,

@@ -180,6 +180,27 @@ pub fn is_reported_label(key: &str) -> bool {
     key == "docker" || key.starts_with("runtime.")
 }
 
+/// Facts about an agent that a target selects on besides its labels: what
+/// its heartbeat inventory says (`hostname`, `os`, `os_version`, `kernel`,
+/// `arch`, `cpus`, `agent_version`, `docker`, `runtime.*`) and its `group`.
+/// Their names are reserved: no operator can set a label called so.
+pub const FACT_KEYS: &[&str] = &[
+    "hostname",
+    "os",
+    "os_version",
+    "kernel",
+    "arch",
+    "cpus",
+    "agent_version",
+    "group",
+    "docker",
+];
+
+/// Whether `key` names a fact (see [`FACT_KEYS`]) rather than a label.
+pub fn is_fact_key(key: &str) -> bool {
+    FACT_KEYS.contains(&key) || is_reported_label(key)
+}
+
 /// What an inventory says about the agent as labels a target can select
 /// on: `docker=true|false`, and `runtime.runc=true` (runsc, kata) for each
 /// sandbox runtime its engine offers.

@@ -291,6 +291,15 @@ pub struct LabelAgentRequest {
     pub remove: Vec<String>,
 }
 
+/// `PUT /api/v1/agents/{id}/group`: move an agent to a group, or out of
+/// every group with `null`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetGroupRequest {
+    pub group: Option<String>,
+}
+
 /// `POST /api/v1/agents/{id}/revoke`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

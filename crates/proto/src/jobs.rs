@@ -178,7 +178,8 @@ pub struct AppliedNames {
 #[serde(deny_unknown_fields)]
 pub struct SubmitJobRequest {
     pub action: String,
-    /// An agent id (or unique prefix), `key=value,key2=value2`, `group:NAME`, or `*`.
+    /// An agent id (or unique prefix), `*`, or a selector such as
+    /// `role in (web,api),!env=prod,os=Debian*` (docs/SELECTORS.md).
     pub target: String,
     /// A duplicate key is refused.
     #[serde(default, deserialize_with = "crate::unique::object")]

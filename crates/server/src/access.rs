@@ -222,6 +222,7 @@ mod tests {
             dispatch: drover_proto::api::DispatchState::Active,
             dispatch_reason: None,
             dispatch_force: false,
+            removed_at: None,
         }
     }
 

@@ -365,11 +365,12 @@ impl<'s> Jobs<'s> {
         }
         self.check_secrets(&spec.name, &env, &agents, req.who)
             .await?;
-        let params_json = serde_json::to_string(req.params).map_err(|e| Error::Corrupt {
-            what: "parameters",
-            name: req.action.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let params_json = serde_json::to_string(&typed_params(&spec, req.params, &values))
+            .map_err(|e| Error::Corrupt {
+                what: "parameters",
+                name: req.action.to_owned(),
+                detail: e.to_string(),
+            })?;
         Ok(JobSpec {
             action: spec.name.clone(),
             action_hash: hash,
@@ -386,6 +387,36 @@ impl<'s> Jobs<'s> {
             workspace,
         })
     }
+}
+
+/// The parameters given, as the job records and shows them: each value
+/// checked and typed as its parameter is (`--param count=3` of an integer
+/// parameter is the number 3, not the text "3").
+fn typed_params(
+    spec: &ActionSpec,
+    given: &BTreeMap<String, serde_json::Value>,
+    values: &BTreeMap<String, String>,
+) -> BTreeMap<String, serde_json::Value> {
+    use drover_proto::jobs::ParamSpec;
+    given
+        .iter()
+        .map(|(name, raw)| {
+            let text = values.get(name);
+            let typed = match (spec.params.get(name), text) {
+                (Some(ParamSpec::Integer { .. }), Some(t)) => t
+                    .parse::<i64>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_else(|_| raw.clone()),
+                (Some(ParamSpec::Bool { .. }), Some(t)) => t
+                    .parse::<bool>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_else(|_| raw.clone()),
+                (Some(_), Some(t)) => serde_json::Value::String(t.clone()),
+                _ => raw.clone(),
+            };
+            (name.clone(), typed)
+        })
+        .collect()
 }
 
 /// Looks an action up (the built-in `noop` included), uncached.
@@ -424,7 +455,8 @@ pub async fn find_profile(store: &Store, name: &str) -> Result<Option<Sandbox>, 
 }
 
 /// The agents a target names: the one an id (or unique prefix) names,
-/// revoked or not, or every agent not revoked that a selector matches.
+/// revoked or not (never a removed one), or every agent not revoked that
+/// a selector matches.
 /// An error when there is none.
 pub async fn matching_agents(store: &Store, target: &str) -> Result<Vec<AgentRecord>, Error> {
     let none = || Error::Target(format!("target '{target}' matches no agent"));
@@ -432,6 +464,9 @@ pub async fn matching_agents(store: &Store, target: &str) -> Result<Vec<AgentRec
     if let Selector::Agent(prefix) = &selector {
         // A full id is read at once; only a prefix needs resolving first.
         if let Some(agent) = store.agent(prefix).await? {
+            if agent.removed_at.is_some() {
+                return Err(none());
+            }
             return Ok(vec![agent]);
         }
         let id = store.resolve_agent_id(prefix).await.map_err(|e| match e {

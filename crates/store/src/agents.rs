@@ -30,6 +30,9 @@ pub struct AgentRecord {
     pub dispatch_reason: Option<String>,
     /// A stop that kills at once.
     pub dispatch_force: bool,
+    /// When `drover agents rm` removed it (a revoked agent): the row stays
+    /// for the history of its attempts, hidden from listings and targets.
+    pub removed_at: Option<DateTime<Utc>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -49,12 +52,13 @@ struct AgentRow {
     dispatch: String,
     dispatch_reason: Option<String>,
     dispatch_force: i64,
+    removed_at: Option<i64>,
 }
 
 const AGENT_COLUMNS: &str =
     "id, hostname, labels, grp, agent_version, enrolled_at, last_seen_at, inventory, \
                              session_id, session_ended_reason, revoked_at, revoked_reason, \
-                             dispatch, dispatch_reason, dispatch_force";
+                             dispatch, dispatch_reason, dispatch_force, removed_at";
 
 impl TryFrom<AgentRow> for AgentRecord {
     type Error = Error;
@@ -86,6 +90,7 @@ impl TryFrom<AgentRow> for AgentRecord {
             session_ended_reason: r.session_ended_reason,
             revoked_at: r.revoked_at.map(from_ms),
             revoked_reason: r.revoked_reason,
+            removed_at: r.removed_at.map(from_ms),
         })
     }
 }
@@ -268,6 +273,7 @@ impl Store {
                 dispatch: DispatchState::Active,
                 dispatch_reason: None,
                 dispatch_force: false,
+                removed_at: None,
             })))
         }
     }
@@ -430,16 +436,64 @@ impl Store {
         row.map(AgentRecord::try_from).transpose()
     }
 
-    /// All agents, oldest enrollment first.
+    /// All agents but removed ones, oldest enrollment first.
     pub async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY enrolled_at, id");
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE removed_at IS NULL ORDER BY enrolled_at, id"
+        );
         let rows: Vec<AgentRow> = on_pool!(self, p => sqlx::query_as(&sql).fetch_all(p).await)?;
         rows.into_iter().map(AgentRecord::try_from).collect()
     }
 
-    /// Resolves a full agent id or a unique prefix of one (at least 4 chars).
+    /// Resolves a full agent id or a unique prefix of one (at least 4
+    /// chars); removed agents are not found.
     pub async fn resolve_agent_id(&self, id_or_prefix: &str) -> Result<String> {
-        self.resolve_id("agents", "agent", id_or_prefix).await
+        self.resolve_id_where("agents", "agent", "removed_at IS NULL", id_or_prefix)
+            .await
+    }
+
+    /// Sets or clears an agent's group.
+    pub async fn set_agent_group(&self, id: &str, group: Option<&str>) -> Result<()> {
+        let done = on_write!(self, c => sqlx::query("UPDATE agents SET grp = $1 WHERE id = $2 AND removed_at IS NULL")
+            .bind(group)
+            .bind(id)
+            .execute(&mut *c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Err(Error::NotFound {
+                what: "agent",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes a revoked agent: hidden from listings, id resolution and
+    /// targets from now on, its refresh tokens deleted. The row stays, so
+    /// the attempts it ran keep their agent. False when the agent is not
+    /// revoked (or already removed, or unknown).
+    pub async fn remove_agent(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = on_tx!(&mut tx, c => sqlx::query(
+            "UPDATE agents SET removed_at = $1 WHERE id = $2 AND revoked_at IS NOT NULL AND removed_at IS NULL",
+        )
+        .bind(to_ms(now))
+        .bind(id)
+        .execute(&mut *c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Ok(false);
+        }
+        on_tx!(&mut tx, c => sqlx::query("DELETE FROM agent_refresh_tokens WHERE agent_id = $1")
+            .bind(id)
+            .execute(&mut *c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        tx.changes.agents.insert(id.to_owned());
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Resolves a full id or a unique prefix (at least 4 characters of hex
@@ -450,11 +504,24 @@ impl Store {
         what: &'static str,
         id_or_prefix: &str,
     ) -> Result<String> {
+        self.resolve_id_where(table, what, "TRUE", id_or_prefix)
+            .await
+    }
+
+    /// [`Store::resolve_id`] among the rows for which `filter`, an SQL
+    /// condition fixed in the code, holds.
+    pub(crate) async fn resolve_id_where(
+        &self,
+        table: &'static str,
+        what: &'static str,
+        filter: &'static str,
+        id_or_prefix: &str,
+    ) -> Result<String> {
         let not_found = || Error::NotFound {
             what,
             id: id_or_prefix.to_owned(),
         };
-        let exact = format!("SELECT id FROM {table} WHERE id = $1");
+        let exact = format!("SELECT id FROM {table} WHERE id = $1 AND {filter}");
         let found: Option<String> = on_pool!(self, p => sqlx::query_scalar(&exact).bind(id_or_prefix).fetch_optional(p).await)?;
         if let Some(id) = found {
             return Ok(id);
@@ -467,7 +534,8 @@ impl Store {
             return Err(not_found());
         }
         let pattern = format!("{}%", id_or_prefix.to_ascii_lowercase());
-        let by_prefix = format!("SELECT id FROM {table} WHERE id LIKE $1 ORDER BY id LIMIT 2");
+        let by_prefix =
+            format!("SELECT id FROM {table} WHERE id LIKE $1 AND {filter} ORDER BY id LIMIT 2");
         let ids: Vec<String> =
             on_pool!(self, p => sqlx::query_scalar(&by_prefix).bind(&pattern).fetch_all(p).await)?;
         match ids.as_slice() {
@@ -535,7 +603,7 @@ impl Store {
             COALESCE(SUM(CASE WHEN revoked_at IS NULL AND last_seen_at < $1 AND last_seen_at >= $2 THEN 1 ELSE 0 END), 0), \
             COALESCE(SUM(CASE WHEN revoked_at IS NULL AND (last_seen_at IS NULL OR last_seen_at < $2) THEN 1 ELSE 0 END), 0), \
             COALESCE(SUM(CASE WHEN revoked_at IS NOT NULL THEN 1 ELSE 0 END), 0) \
-            FROM agents";
+            FROM agents WHERE removed_at IS NULL";
         let (online, stale, offline, revoked): (i64, i64, i64, i64) = on_pool!(self, p => sqlx::query_as(sql)
             .bind(to_ms(online_since))
             .bind(to_ms(stale_since))

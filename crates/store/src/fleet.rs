@@ -109,6 +109,12 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)
     }
 
+    /// Deletes a sandbox profile; false when there was none. Jobs keep
+    /// the whole profile they were created with.
+    pub async fn delete_sandbox(&self, name: &str) -> Result<bool> {
+        self.delete_by_name("sandboxes", name).await
+    }
+
     pub async fn sandbox(&self, name: &str) -> Result<Option<SandboxRecord>> {
         let sql = "SELECT name, spec, hash, updated_at FROM sandboxes WHERE name = $1";
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(name).fetch_optional(p).await)?)

@@ -13,7 +13,7 @@ use drover_proto::jobs::{
 use drover_proto::sandbox::{LimitExceeded, Sandbox, WorkspaceSpec};
 
 use crate::tx::on_tx;
-use crate::{from_ms, new_id, on_pool, to_ms, Error, Result, Store, Tx};
+use crate::{from_ms, new_id, on_pool, on_write, to_ms, Error, Result, Store, Tx};
 
 /// An action as stored: the spec as canonical JSON and its hash.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -833,6 +833,24 @@ impl Store {
     pub async fn list_actions(&self) -> Result<Vec<ActionRecord>> {
         let sql = "SELECT name, spec, hash, updated_at FROM actions ORDER BY name";
         Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?)
+    }
+
+    /// Deletes an action; false when there was none. Jobs made from it
+    /// keep what they run (argv, env, sandbox are stored with the job).
+    pub async fn delete_action(&self, name: &str) -> Result<bool> {
+        self.delete_by_name("actions", name).await
+    }
+
+    /// Deletes the row of a catalog table (`actions`, `sandboxes`: a name
+    /// fixed in the code) by name; false when there was none.
+    pub(crate) async fn delete_by_name(&self, table: &'static str, name: &str) -> Result<bool> {
+        let sql = format!("DELETE FROM {table} WHERE name = $1");
+        let n = on_write!(self, c => sqlx::query(&sql)
+            .bind(name)
+            .execute(&mut *c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(n > 0)
     }
 
     pub async fn action(&self, name: &str) -> Result<Option<ActionRecord>> {

@@ -1269,6 +1269,11 @@ impl Store {
             .collect()
     }
 
+    /// Resolves a full webhook id or a unique prefix of one.
+    pub async fn resolve_webhook_id(&self, id_or_prefix: &str) -> Result<String> {
+        self.resolve_id("webhooks", "webhook", id_or_prefix).await
+    }
+
     /// Deletes a global webhook; false when there was none.
     pub async fn delete_webhook(&self, id: &str) -> Result<bool> {
         let mut tx = self.begin().await?;

@@ -1,7 +1,16 @@
-//! The action catalog: apply (create or replace) and list. A catalog file
-//! also carries sandbox profiles (`sandboxes:`), applied with it.
+//! The action catalog: apply (create or replace), list, show and remove.
+//! A catalog file also carries sandbox profiles (`sandboxes:`), applied
+//! with it.
+//!
+//! Removing an action never breaks work already created: a job stores what
+//! it runs (argv, environment, sandbox profile), so its queued and running
+//! attempts and its retries go on. What is refused is removing an action
+//! that a run not yet ended names in a task, as that task would fail when
+//! it starts. Protection rules match action names by glob and stay as they
+//! are.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use drover_proto::jobs::{Action, ActionCatalog, ActionSpec, AppliedNames, ApplyActionsResponse};
@@ -13,13 +22,126 @@ use utoipa_axum::routes;
 
 use crate::access::Admin;
 use crate::auth::UserAuth;
-use crate::catalog::{noop_spec, spec_hash, validate_spec};
-use crate::error::{ApiError, ApiJson};
+use crate::catalog::{noop_spec, spec_hash, validate_spec, NOOP};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(apply_actions, list_actions))
+    OpenApiRouter::new()
+        .routes(routes!(apply_actions, list_actions))
+        .routes(routes!(show_action, delete_action))
+}
+
+/// Ids (up to five) of the runs not yet ended whose definition `uses`.
+pub async fn runs_using(
+    state: &AppState,
+    uses: impl Fn(&drover_proto::workflows::WorkflowDef) -> bool,
+) -> Result<Vec<String>, ApiError> {
+    let mut found = Vec::new();
+    for id in state.store.active_runs().await? {
+        let Some(run) = state.store.run(&id).await? else {
+            continue;
+        };
+        if run.finished_at.is_some() {
+            continue;
+        }
+        let Some(body) = state.store.definition(&run.def_hash).await? else {
+            continue;
+        };
+        let def: drover_proto::workflows::WorkflowDef = serde_json::from_str(&body)
+            .map_err(|e| ApiError::internal("reading a workflow definition", &e))?;
+        if uses(&def) {
+            found.push(id);
+            if found.len() == 5 {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn conflict(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        drover_proto::ErrorCode::Conflict,
+        message,
+    )
+}
+
+/// One action, the built-in `noop` included.
+#[utoipa::path(
+    get, path = "/api/v1/actions/{name}", tag = "actions",
+    params(("name" = String, Path, description = "Action name")),
+    security(("user" = [])),
+    responses((status = 200, body = Action), (status = 404, body = ErrorBody))
+)]
+async fn show_action(
+    State(state): State<AppState>,
+    _user: UserAuth,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Action>, ApiError> {
+    if name == NOOP {
+        let spec = noop_spec();
+        return Ok(Json(Action {
+            hash: spec_hash(&spec),
+            spec,
+            updated_at: chrono::DateTime::<Utc>::UNIX_EPOCH,
+        }));
+    }
+    let rec = state.store.action(&name).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "action '{name}' not found: see drover actions list"
+        ))
+    })?;
+    let spec: ActionSpec =
+        serde_json::from_str(&rec.spec).map_err(|e| ApiError::internal("reading an action", &e))?;
+    Ok(Json(Action {
+        spec,
+        hash: rec.hash,
+        updated_at: drover_store::time_from_ms(rec.updated_at),
+    }))
+}
+
+/// Remove an action. Jobs made from it keep what they run; a run not yet
+/// ended that names it in a task keeps it (409).
+#[utoipa::path(
+    delete, path = "/api/v1/actions/{name}", tag = "actions",
+    params(("name" = String, Path, description = "Action name")),
+    security(("user" = [])),
+    responses(
+        (status = 403, body = ErrorBody, description = "Needs an admin"),
+        (status = 204),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A run not yet ended uses it"),
+        (status = 422, body = ErrorBody, description = "The built-in noop"),
+    )
+)]
+async fn delete_action(
+    State(state): State<AppState>,
+    Admin(user): Admin,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if name == NOOP {
+        return Err(ApiError::invalid(format!(
+            "action '{NOOP}' is built in and cannot be removed"
+        )));
+    }
+    if state.store.action(&name).await?.is_none() {
+        return Err(ApiError::not_found(format!("action '{name}' not found")));
+    }
+    let runs = runs_using(&state, |def| def.tasks.iter().any(|t| t.action == name)).await?;
+    if !runs.is_empty() {
+        return Err(conflict(format!(
+            "action '{name}' is used by run(s) not yet ended: {}; wait for them or cancel them first",
+            runs.join(", ")
+        )));
+    }
+    if !state.store.delete_action(&name).await? {
+        return Err(ApiError::not_found(format!("action '{name}' not found")));
+    }
+    tracing::info!(by = %user.username, action = %name, "action removed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Looks an action up, the built-in `noop` included.

@@ -1,46 +1,63 @@
-//! The fleet as operators see it: list, show, label, revoke, and whether
+//! The fleet as operators see it: list (all, or those a target selects),
+//! show, label, set the group, revoke, remove a revoked one, and whether
 //! an agent takes work: drain (no new work; what runs finishes), stop (no
 //! new work; what runs is cancelled, at once with `force`), resume.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use drover_proto::api::{
     Agent, AgentStatus, DispatchState, DrainAgentRequest, LabelAgentRequest, RevokeAgentRequest,
-    StopRequest, StopResponse,
+    SetGroupRequest, StopRequest, StopResponse,
 };
-use drover_proto::labels::{check_key, check_labels};
+use drover_proto::labels::{check_group, check_key, check_labels};
 use drover_proto::ErrorBody;
 use drover_store::AgentRecord;
+use serde::Deserialize;
+use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::access::{Admin, Operator};
 use crate::auth::UserAuth;
-use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::routes::audit::Audit;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_agents))
-        .routes(routes!(show_agent))
+        .routes(routes!(show_agent, remove_agent))
         .routes(routes!(label_agent))
+        .routes(routes!(set_group))
         .routes(routes!(revoke_agent))
         .routes(routes!(drain_agent))
         .routes(routes!(resume_agent))
         .routes(routes!(stop_agent))
 }
 
-/// Refuses labels an operator may not set: those the agent reports
-/// (`docker`, `runtime.*`), which targets select on as facts.
+/// Refuses labels an operator may not set: the names of facts a target
+/// selects on (`hostname`, `os`, `arch`, `docker`, `runtime.*`, … and
+/// `group`, which has its own command).
 pub fn check_settable(labels: &drover_proto::labels::Labels) -> Result<(), ApiError> {
     for k in labels.keys() {
-        if drover_proto::agent::is_reported_label(k) {
-            return Err(ApiError::invalid(format!(
-                "label '{k}' is reported by the agent itself and cannot be set"
-            )));
-        }
+        check_settable_key(k)?;
+    }
+    Ok(())
+}
+
+fn check_settable_key(k: &str) -> Result<(), ApiError> {
+    if k == "group" {
+        return Err(ApiError::invalid(
+            "'group' is not a label: set an agent's group with drover agents set-group ID GROUP",
+        ));
+    }
+    if drover_proto::agent::is_fact_key(k) {
+        return Err(ApiError::invalid(format!(
+            "label '{k}' is reported by the agent itself and cannot be set (reserved: {}, runtime.*)",
+            drover_proto::agent::FACT_KEYS.join(", ")
+        )));
     }
     Ok(())
 }
@@ -78,18 +95,43 @@ async fn load(state: &AppState, id_or_prefix: &str) -> Result<AgentRecord, ApiEr
         .ok_or_else(|| ApiError::not_found(format!("agent '{id}' not found")))
 }
 
-/// Every enrolled agent, oldest first.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ListAgentsQuery {
+    /// Only the agents this target selects, as a job with the same
+    /// `target` would (docs/SELECTORS.md): an agent id or prefix, `*`, or
+    /// terms like `role in (web,api),!env=prod`. Revoked agents are listed
+    /// only when named by id.
+    target: Option<String>,
+}
+
+/// Every enrolled agent, oldest first; with `target`, those it selects.
 #[utoipa::path(
     get, path = "/api/v1/agents", tag = "agents",
+    params(ListAgentsQuery),
     security(("user" = [])),
-    responses((status = 200, body = [Agent]))
+    responses((status = 200, body = [Agent]), (status = 422, body = ErrorBody, description = "The target does not parse"))
 )]
 async fn list_agents(
     State(state): State<AppState>,
     _user: UserAuth,
+    ApiQuery(q): ApiQuery<ListAgentsQuery>,
 ) -> Result<Json<Vec<Agent>>, ApiError> {
     let now = Utc::now();
-    let agents = state.store.list_agents().await?;
+    let agents = match &q.target {
+        None => state.store.list_agents().await?,
+        Some(t) => {
+            crate::selector::Selector::parse(t)
+                .map_err(|e| ApiError::invalid(format!("target: {e}")))?;
+            match crate::domain::matching_agents(&state.store, t).await {
+                Ok(agents) => agents,
+                // Matching nothing is an answer here, not an error.
+                Err(crate::domain::Error::Target(_)) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
     Ok(Json(
         agents.into_iter().map(|a| to_api(&state, a, now)).collect(),
     ))
@@ -148,6 +190,76 @@ async fn label_agent(
     state.store.set_agent_labels(&a.id, &a.labels).await?;
     tracing::info!(by = %user.username, agent = %a.id, labels = ?a.labels, "agent labels changed");
     Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Move an agent to a group (`group:NAME` in targets), or out of every
+/// group with `null`.
+#[utoipa::path(
+    put, path = "/api/v1/agents/{id}/group", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    request_body = SetGroupRequest,
+    security(("user" = [])),
+    responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 200, body = Agent), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody))
+)]
+async fn set_group(
+    State(state): State<AppState>,
+    Admin(user): Admin,
+    audit: Audit,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<SetGroupRequest>,
+) -> Result<Json<Agent>, ApiError> {
+    if let Some(g) = &req.group {
+        check_group(g).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
+    audit.note("group", req.group.as_deref().unwrap_or("-"));
+    state
+        .store
+        .set_agent_group(&a.id, req.group.as_deref())
+        .await?;
+    tracing::info!(by = %user.username, agent = %a.id, group = ?req.group, "agent group changed");
+    let a = load(&state, &a.id).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Remove a revoked agent: it leaves every listing and target; the
+/// attempts it ran stay in their jobs' history under its id. A live
+/// agent is refused: revoke it first.
+#[utoipa::path(
+    delete, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id or a unique prefix of it")),
+    security(("user" = [])),
+    responses(
+        (status = 403, body = ErrorBody, description = "Needs an admin"),
+        (status = 204),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The agent is not revoked: revoke it first"),
+    )
+)]
+async fn remove_agent(
+    State(state): State<AppState>,
+    Admin(user): Admin,
+    audit: Audit,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let a = load(&state, &id).await?;
+    audit.target(format!("agent:{}", a.id));
+    if a.revoked_at.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            drover_proto::ErrorCode::Conflict,
+            format!(
+                "agent {} is not revoked: revoke it first (drover agents revoke {})",
+                a.id, a.id
+            ),
+        ));
+    }
+    if !state.store.remove_agent(&a.id, Utc::now()).await? {
+        return Err(ApiError::not_found(format!("agent '{}' not found", a.id)));
+    }
+    tracing::info!(by = %user.username, agent = %a.id, "agent removed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Revoke an agent: its next request is refused with 401.

@@ -92,6 +92,11 @@ pub async fn create(
             }
             check_ttl(req.ttl_secs, MAX_BOOTSTRAP_TTL_SECS, "a bootstrap")?;
             check_labels(&req.labels).map_err(|e| ApiError::invalid(e.to_string()))?;
+            if req.labels.contains_key("group") {
+                return Err(ApiError::invalid(
+                    "'group' is not a label: give the enrolled agent its group with --group (the API's `group`)",
+                ));
+            }
             super::agents::check_settable(&req.labels)?;
             if let Some(g) = &req.group {
                 check_group(g).map_err(|e| ApiError::invalid(e.to_string()))?;

@@ -105,15 +105,18 @@ async fn list_webhooks(
 /// Remove a global webhook; queued deliveries are still sent.
 #[utoipa::path(
     delete, path = "/api/v1/webhooks/{id}", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id")),
+    params(("id" = String, Path, description = "Webhook id or a unique prefix of it")),
     security(("user" = [])),
     responses((status = 403, body = ErrorBody, description = "Needs an admin"), (status = 204), (status = 404, body = ErrorBody))
 )]
 async fn delete_webhook(
     State(state): State<AppState>,
     Admin(_user): Admin,
+    audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
+    let id = state.store.resolve_webhook_id(&id).await?;
+    audit.target(format!("webhook:{id}"));
     if state.store.delete_webhook(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
