@@ -29,8 +29,12 @@ fn position(line: Option<u64>, column: Option<u64>) -> String {
 
 /// Parses `text` (named `source` in errors) into a `T`. Duplicate keys,
 /// unknown fields (for types that deny them) and wrong types are errors.
+/// Booleans are YAML 1.2's `true` and `false` only: YAML 1.1's `y`, `no`,
+/// `on` … stay text, so a sandbox named `y` or a label `no` is not read as
+/// a boolean where the type is open (a tagged sandbox profile).
 pub fn from_str<T: DeserializeOwned>(text: &str, source: &str) -> Result<T, YamlError> {
-    serde_saphyr::from_str(text).map_err(|e| error(&e, source))
+    let options = serde_saphyr::options! { strict_booleans: true };
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| error(&e, source))
 }
 
 /// The error `e` of a document named `source`, in the one format.
@@ -103,6 +107,30 @@ mod tests {
                 assert!(!e.contains(leak), "{text:?}: {e}");
             }
         }
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "lowercase")]
+    enum Tagged {
+        Named { name: String, on: bool },
+    }
+
+    #[test]
+    fn only_true_and_false_are_booleans() {
+        // YAML 1.1's `y` stays a name even where the type is open.
+        let t: Tagged = from_str("type: named\nname: y\non: true\n", "f").unwrap();
+        assert_eq!(
+            t,
+            Tagged::Named {
+                name: "y".into(),
+                on: true
+            }
+        );
+        let e = from_str::<Tagged>("type: named\nname: n\non: yes\n", "f").unwrap_err();
+        assert!(
+            e.to_string().contains("string \"yes\", expected a boolean"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -502,7 +502,7 @@ async fn bad_sandbox_input_is_refused() {
         ),
         (
             "sandboxes:\n  - {name: x, type: docker, image: i}\n  - {name: y, type: docker, image: i, privileged: true}\n",
-            &["bad.yaml", "line 3", "privileged"],
+            &["bad.yaml: line 3, column 5", "unknown field `privileged`"],
         ),
         (
             "sandboxes:\n  - {name: process, type: process}\n",
