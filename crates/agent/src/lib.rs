@@ -33,6 +33,7 @@ pub mod docker;
 #[cfg(test)]
 mod docker_tests;
 pub mod executor;
+pub mod help;
 pub mod inventory;
 mod jobs;
 pub mod lock;

@@ -296,25 +296,9 @@ mod help_tests {
     /// (drover's own test walks the `drover` tree the same way).
     #[test]
     fn every_argument_and_subcommand_has_help() {
-        fn undocumented(command: &clap::Command, path: &str, found: &mut Vec<String>) {
-            for arg in command.get_arguments() {
-                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
-                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
-                    found.push(format!("{path} {}", arg.get_id()));
-                }
-            }
-            for sub in command.get_subcommands() {
-                let name = format!("{path} {}", sub.get_name());
-                if sub.get_about().is_none() && !sub.is_hide_set() {
-                    found.push(name.clone());
-                }
-                undocumented(sub, &name, found);
-            }
-        }
         let mut command = Cli::command();
         command.build();
-        let mut found = Vec::new();
-        undocumented(&command, "drover-agent", &mut found);
+        let found = drover_agent::help::undocumented(&command);
         assert!(
             found.is_empty(),
             "without a description:\n  {}",

@@ -391,30 +391,11 @@ fn refuse_client_flags(
 mod tests {
     use super::*;
 
-    /// Every subcommand and argument of `command`, at every depth, that
-    /// has no help text, as `drover agents show <id>`.
-    fn undocumented(command: &clap::Command, path: &str, found: &mut Vec<String>) {
-        for arg in command.get_arguments() {
-            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
-            if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
-                found.push(format!("{path} {}", arg.get_id()));
-            }
-        }
-        for sub in command.get_subcommands() {
-            let name = format!("{path} {}", sub.get_name());
-            if sub.get_about().is_none() && !sub.is_hide_set() {
-                found.push(name.clone());
-            }
-            undocumented(sub, &name, found);
-        }
-    }
-
     #[test]
     fn every_argument_and_subcommand_has_help() {
         let mut command = command();
         command.build();
-        let mut found = Vec::new();
-        undocumented(&command, "drover", &mut found);
+        let found = drover_agent::help::undocumented(&command);
         assert!(
             found.is_empty(),
             "without a description (add a /// doc comment):\n  {}",
