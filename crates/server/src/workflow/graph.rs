@@ -1,0 +1,590 @@
+//! The task graph of a workflow run, laid out here and drawn as SVG, so the
+//! dashboard needs no JavaScript to show it.
+//!
+//! The layout is a deterministic Sugiyama-style layering, left to right:
+//!
+//! 1. every task gets the layer of its longest path from a task that needs
+//!    nothing (petgraph's `toposort` orders them; a cycle is an error);
+//! 2. an edge spanning several layers gets a dummy node in each layer it
+//!    crosses, so edges are routed between the nodes, not through them;
+//! 3. a few barycenter sweeps (down, then up) reduce crossings; ties are
+//!    broken by task id, and the best ordering seen is kept;
+//! 4. each layer is a column of fixed-size slots centered vertically;
+//!    edges are cubic Bézier curves through their dummy points.
+//!
+//! Coordinates are integers, so the same input always gives the same bytes.
+//!
+//! # Live updates
+//!
+//! The rendered SVG is the contract with the page's script, which must not
+//! build HTML. Each task is a `<g id="task-ID" class="task state-STATE"
+//! data-task="ID" data-state="STATE">` holding a `<title>` ("ID: STATE"),
+//! a `<rect>`, a `<text class="glyph">` (the state's icon), a
+//! `<text class="label">` (the id) and a `<text class="state">` (the state
+//! in words). The `<svg>` carries `data-glyphs`, a JSON object from state
+//! (as in `TaskState::as_str`) to glyph. On a run event with
+//! `kind == "task"`, the script finds `task-` + `event.task`, sets
+//! `data-state` and the class, and puts the new glyph, words and title in
+//! place as text: exactly what [`update`] returns for that event.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+
+use drover_proto::workflows::{RunEvent, TaskState, WorkflowDef};
+use maud::{html, Markup, PreEscaped};
+use petgraph::algo::toposort;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+/// Width of a task's box.
+pub const NODE_W: i64 = 184;
+/// Height of a task's box.
+pub const NODE_H: i64 = 44;
+/// Height of the slot a dummy node (an edge passing a layer) takes.
+const DUMMY_H: i64 = 8;
+/// Space between two slots of a layer.
+const ROW_GAP: i64 = 14;
+/// Space between two layers, where the edges bend.
+const LAYER_GAP: i64 = 64;
+/// Space around the drawing.
+const MARGIN: i64 = 16;
+/// Rounds of barycenter sweeps (each one down and one up).
+const SWEEPS: usize = 4;
+/// Longest id drawn in full in a box; longer ones end with "…" (the
+/// `<title>` has the whole id).
+const LABEL_CHARS: usize = 22;
+
+/// Why a set of tasks cannot be drawn. A checked definition never fails;
+/// these guard against a stored definition that was damaged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("task '{0}' appears twice")]
+    Duplicate(String),
+    #[error("task '{task}' needs '{need}', which is not a task of this graph")]
+    UnknownNeed { task: String, need: String },
+    #[error("the tasks form a cycle through '{0}'")]
+    Cycle(String),
+}
+
+/// One task to draw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskNode {
+    pub id: String,
+    /// Tasks that end before this one starts: the edges into it.
+    pub needs: Vec<String>,
+    pub state: TaskState,
+    /// Free text from the definition, shown in the tooltip.
+    pub description: String,
+}
+
+/// A task placed on the drawing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacedNode {
+    pub task: TaskNode,
+    /// Column, from 0 at the left.
+    pub layer: usize,
+    /// Rank within its column, from 0 at the top (dummies included).
+    pub order: usize,
+    /// Top-left corner of its box.
+    pub x: i64,
+    pub y: i64,
+}
+
+/// A `needs` edge, from the needed task to the one that needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacedEdge {
+    pub from: String,
+    pub to: String,
+    /// The SVG path data.
+    pub path: String,
+}
+
+/// A laid-out graph; [`render`] draws it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// Every task, in the order given.
+    pub nodes: Vec<PlacedNode>,
+    pub edges: Vec<PlacedEdge>,
+    /// Number of columns.
+    pub layers: usize,
+    /// Dummy nodes added for edges spanning several layers.
+    pub dummies: usize,
+    /// Edge crossings left after the sweeps.
+    pub crossings: usize,
+    pub width: i64,
+    pub height: i64,
+    index: HashMap<String, usize>,
+}
+
+impl Layout {
+    /// A task by id.
+    pub fn node(&self, id: &str) -> Option<&PlacedNode> {
+        self.index.get(id).map(|&i| &self.nodes[i])
+    }
+}
+
+/// The tasks of a definition (whose `needs` already hold the order a mode
+/// implies, e.g. each task of a `sequential` workflow needs the one
+/// before), with their states; a task missing from `states` is pending.
+pub fn tasks_of(def: &WorkflowDef, states: &BTreeMap<String, TaskState>) -> Vec<TaskNode> {
+    def.tasks
+        .iter()
+        .map(|t| TaskNode {
+            id: t.id.clone(),
+            needs: t.needs.clone(),
+            state: states.get(&t.id).copied().unwrap_or(TaskState::Pending),
+            description: t.description.clone(),
+        })
+        .collect()
+}
+
+/// A node of the layered graph: a task, or a point an edge passes.
+struct LNode {
+    layer: usize,
+    /// Sort key for ties: the task id, or "from\u{1}to" for a dummy.
+    key: String,
+    task: Option<usize>,
+    up: Vec<usize>,
+    down: Vec<usize>,
+}
+
+/// Lays the tasks out. Deterministic: the same tasks give the same layout.
+pub fn layout(tasks: Vec<TaskNode>) -> Result<Layout, Error> {
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(tasks.len());
+    for (i, t) in tasks.iter().enumerate() {
+        if index.insert(t.id.clone(), i).is_some() {
+            return Err(Error::Duplicate(t.id.clone()));
+        }
+    }
+
+    // Edges, once each, in the order the tasks and their needs are given.
+    let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(tasks.len(), tasks.len());
+    let gnodes: Vec<NodeIndex> = (0..tasks.len()).map(|i| graph.add_node(i)).collect();
+    let mut edges: Vec<(usize, usize)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (v, t) in tasks.iter().enumerate() {
+        for need in &t.needs {
+            let Some(&u) = index.get(need) else {
+                return Err(Error::UnknownNeed {
+                    task: t.id.clone(),
+                    need: need.clone(),
+                });
+            };
+            if u == v {
+                return Err(Error::Cycle(t.id.clone()));
+            }
+            if seen.insert((u, v)) {
+                edges.push((u, v));
+                graph.add_edge(gnodes[u], gnodes[v], ());
+            }
+        }
+    }
+
+    // 1. Layers: the longest path from a source.
+    let topo =
+        toposort(&graph, None).map_err(|c| Error::Cycle(tasks[graph[c.node_id()]].id.clone()))?;
+    let mut layer = vec![0usize; tasks.len()];
+    for n in topo {
+        let v = graph[n];
+        for m in graph.neighbors(n) {
+            let w = graph[m];
+            layer[w] = layer[w].max(layer[v] + 1);
+        }
+    }
+    let layers = layer.iter().max().map_or(0, |m| m + 1);
+
+    // 2. The layered graph, with a dummy per layer an edge passes.
+    let mut lnodes: Vec<LNode> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| LNode {
+            layer: layer[i],
+            key: t.id.clone(),
+            task: Some(i),
+            up: Vec::new(),
+            down: Vec::new(),
+        })
+        .collect();
+    let mut chains: Vec<Vec<usize>> = Vec::with_capacity(edges.len());
+    for &(u, v) in &edges {
+        let mut chain = vec![u];
+        for l in layer[u] + 1..layer[v] {
+            lnodes.push(LNode {
+                layer: l,
+                key: format!("{}\u{1}{}", tasks[u].id, tasks[v].id),
+                task: None,
+                up: Vec::new(),
+                down: Vec::new(),
+            });
+            chain.push(lnodes.len() - 1);
+        }
+        chain.push(v);
+        for pair in chain.windows(2) {
+            lnodes[pair[0]].down.push(pair[1]);
+            lnodes[pair[1]].up.push(pair[0]);
+        }
+        chains.push(chain);
+    }
+    let dummies = lnodes.len() - tasks.len();
+
+    // 3. Order within layers: start sorted by key, then barycenter sweeps.
+    let mut order: Vec<Vec<usize>> = vec![Vec::new(); layers];
+    for (i, n) in lnodes.iter().enumerate() {
+        order[n.layer].push(i);
+    }
+    for o in &mut order {
+        o.sort_by(|&a, &b| lnodes[a].key.cmp(&lnodes[b].key));
+    }
+    let mut pos = vec![0usize; lnodes.len()];
+    set_positions(&order, &mut pos);
+    let mut best = order.clone();
+    let mut best_crossings = crossings(&lnodes, &order, &pos);
+    for _ in 0..SWEEPS {
+        if best_crossings == 0 {
+            break;
+        }
+        for l in 1..layers {
+            sort_layer(&lnodes, &mut order[l], &mut pos, true);
+        }
+        for l in (0..layers.saturating_sub(1)).rev() {
+            sort_layer(&lnodes, &mut order[l], &mut pos, false);
+        }
+        let c = crossings(&lnodes, &order, &pos);
+        if c < best_crossings {
+            best_crossings = c;
+            best.clone_from(&order);
+        }
+    }
+    let order = best;
+    set_positions(&order, &mut pos);
+
+    // 4. Coordinates: fixed slots, each column centered.
+    let slot = |n: &LNode| if n.task.is_some() { NODE_H } else { DUMMY_H };
+    let column_h: Vec<i64> = order
+        .iter()
+        .map(|o| {
+            o.iter().map(|&n| slot(&lnodes[n])).sum::<i64>() + ROW_GAP * (o.len() as i64 - 1).max(0)
+        })
+        .collect();
+    let inner_h = column_h.iter().copied().max().unwrap_or(0);
+    let mut top = vec![0i64; lnodes.len()];
+    for (l, o) in order.iter().enumerate() {
+        let mut y = MARGIN + (inner_h - column_h[l]) / 2;
+        for &n in o {
+            top[n] = y;
+            y += slot(&lnodes[n]) + ROW_GAP;
+        }
+    }
+    let column_x = |l: usize| MARGIN + l as i64 * (NODE_W + LAYER_GAP);
+
+    let placed_edges = chains
+        .iter()
+        .map(|chain| {
+            let (u, v) = (chain[0], chain[chain.len() - 1]);
+            let mut from = (column_x(lnodes[u].layer) + NODE_W, top[u] + NODE_H / 2);
+            let mut path = format!("M{} {}", from.0, from.1);
+            for &d in &chain[1..chain.len() - 1] {
+                let (x, y) = (column_x(lnodes[d].layer), top[d] + DUMMY_H / 2);
+                curve(&mut path, from, (x, y));
+                let _ = write!(path, " L{} {}", x + NODE_W, y);
+                from = (x + NODE_W, y);
+            }
+            curve(
+                &mut path,
+                from,
+                (column_x(lnodes[v].layer), top[v] + NODE_H / 2),
+            );
+            PlacedEdge {
+                from: tasks[u].id.clone(),
+                to: tasks[v].id.clone(),
+                path,
+            }
+        })
+        .collect();
+
+    let nodes = tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, task)| PlacedNode {
+            task,
+            layer: layer[i],
+            order: pos[i],
+            x: column_x(layer[i]),
+            y: top[i],
+        })
+        .collect();
+    Ok(Layout {
+        nodes,
+        edges: placed_edges,
+        layers,
+        dummies,
+        crossings: best_crossings,
+        width: 2 * MARGIN + layers as i64 * NODE_W + (layers as i64 - 1).max(0) * LAYER_GAP,
+        height: 2 * MARGIN + inner_h,
+        index,
+    })
+}
+
+/// A cubic Bézier from `a` to `b`, leaving and arriving horizontally.
+fn curve(path: &mut String, a: (i64, i64), b: (i64, i64)) {
+    let mid = (a.0 + b.0) / 2;
+    let _ = write!(path, " C{mid} {}, {mid} {}, {} {}", a.1, b.1, b.0, b.1);
+}
+
+fn set_positions(order: &[Vec<usize>], pos: &mut [usize]) {
+    for o in order {
+        for (i, &n) in o.iter().enumerate() {
+            pos[n] = i;
+        }
+    }
+}
+
+/// Sorts one layer by the mean position of its neighbours in the layer
+/// above (`from_above`) or below; a node without such neighbours keeps its
+/// place; ties go by key.
+fn sort_layer(lnodes: &[LNode], layer: &mut [usize], pos: &mut [usize], from_above: bool) {
+    let mut keyed: Vec<(f64, usize)> = layer
+        .iter()
+        .map(|&n| {
+            let nbs = if from_above {
+                &lnodes[n].up
+            } else {
+                &lnodes[n].down
+            };
+            let b = if nbs.is_empty() {
+                pos[n] as f64
+            } else {
+                nbs.iter().map(|&m| pos[m] as f64).sum::<f64>() / nbs.len() as f64
+            };
+            (b, n)
+        })
+        .collect();
+    keyed.sort_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then_with(|| lnodes[a.1].key.cmp(&lnodes[b.1].key))
+    });
+    for (i, (_, n)) in keyed.into_iter().enumerate() {
+        layer[i] = n;
+        pos[n] = i;
+    }
+}
+
+/// Edge crossings between all adjacent layers, counted as inversions with a
+/// Fenwick tree (Barth, Jünger, Mutzel), so dense layers stay fast.
+fn crossings(lnodes: &[LNode], order: &[Vec<usize>], pos: &[usize]) -> usize {
+    let mut total = 0;
+    for pair in order.windows(2) {
+        let mut ends: Vec<(usize, usize)> = pair[0]
+            .iter()
+            .flat_map(|&u| lnodes[u].down.iter().map(move |&v| (pos[u], pos[v])))
+            .collect();
+        ends.sort_unstable();
+        let mut tree = vec![0usize; pair[1].len() + 1];
+        for (seen, &(_, p)) in ends.iter().enumerate() {
+            // Edges already seen that end below this one cross it.
+            let mut at_or_above = 0;
+            let mut i = p + 1;
+            while i > 0 {
+                at_or_above += tree[i];
+                i &= i - 1;
+            }
+            total += seen - at_or_above;
+            let mut i = p + 1;
+            while i < tree.len() {
+                tree[i] += 1;
+                i += i & i.wrapping_neg();
+            }
+        }
+    }
+    total
+}
+
+/// The icon drawn beside a task, so its state is not told by colour alone.
+pub fn glyph(state: TaskState) -> &'static str {
+    match state {
+        TaskState::Pending | TaskState::Queued => "◷",
+        TaskState::Dispatched => "⇢",
+        TaskState::Running => "⟳",
+        TaskState::Succeeded => "✓",
+        TaskState::Failed => "✗",
+        TaskState::TimedOut => "⌛",
+        TaskState::Cancelled | TaskState::Skipped => "⊘",
+    }
+}
+
+/// The state in words, as drawn under the task id.
+pub fn words(state: TaskState) -> &'static str {
+    match state {
+        TaskState::TimedOut => "timed out",
+        s => s.as_str(),
+    }
+}
+
+/// The `class` of a task's `<g>`.
+pub fn class(state: TaskState) -> String {
+    format!("task state-{}", state.as_str())
+}
+
+/// The `id` of a task's `<g>`. Task ids are letters, digits, `_` and `-`
+/// (see `def::is_name`), so this is a valid element id.
+pub fn element_id(task: &str) -> String {
+    format!("task-{task}")
+}
+
+fn title(task: &TaskNode) -> String {
+    let mut t = format!("{}: {}", task.id, words(task.state));
+    if !task.description.is_empty() {
+        t.push('\n');
+        t.push_str(&task.description);
+    }
+    t
+}
+
+/// Colours by state, for the dashboard's stylesheet (a strict CSP forbids
+/// the inline `<style>` that [`RenderOptions::embed_style`] adds for an SVG
+/// viewed on its own).
+pub const GRAPH_CSS: &str = "\
+.task-graph .edge{fill:none;stroke:#9ca3af;stroke-width:1.5}
+.task-graph .task rect{fill:#fff;stroke:#6b7280;stroke-width:1.5}
+.task-graph .task text{font:13px system-ui,sans-serif;fill:#111827}
+.task-graph .task .state{font-size:11px;fill:#4b5563}
+.task-graph .task .glyph{font-size:18px}
+.task-graph a:focus .task rect,.task-graph a:hover .task rect{stroke-width:3}
+.task-graph .state-pending rect,.task-graph .state-queued rect{fill:#f3f4f6;stroke:#9ca3af}
+.task-graph .state-dispatched rect{fill:#e0f2fe;stroke:#0284c7}
+.task-graph .state-running rect{fill:#dbeafe;stroke:#2563eb}
+.task-graph .state-succeeded rect{fill:#dcfce7;stroke:#16a34a}
+.task-graph .state-failed rect,.task-graph .state-timed_out rect{fill:#fee2e2;stroke:#dc2626}
+.task-graph .state-cancelled rect,.task-graph .state-skipped rect{fill:#f9fafb;stroke:#9ca3af;stroke-dasharray:4 3}
+";
+
+/// How to draw a layout.
+#[derive(Default)]
+pub struct RenderOptions<'a> {
+    /// The workflow's name, in the accessible label.
+    pub name: &'a str,
+    /// The workflow's description, as the SVG's `<desc>`.
+    pub description: &'a str,
+    /// Where a task links to (e.g. its log); no links when absent.
+    pub link: Option<&'a dyn Fn(&str) -> String>,
+    /// Put [`GRAPH_CSS`] in a `<style>` inside the SVG, for a file viewed
+    /// on its own; never in a page under the dashboard's CSP.
+    pub embed_style: bool,
+}
+
+/// Draws a layout as an SVG element, every piece of text escaped.
+pub fn render(layout: &Layout, opts: &RenderOptions<'_>) -> Markup {
+    let glyphs: BTreeMap<&str, &str> = TaskState::ALL
+        .iter()
+        .map(|&s| (s.as_str(), glyph(s)))
+        .collect();
+    let glyphs = serde_json::to_string(&glyphs).unwrap_or_default();
+    let label = format!(
+        "Task graph of workflow {}: {} tasks",
+        opts.name,
+        layout.nodes.len()
+    );
+    // Links inside role="img" would be hidden from screen readers, so a
+    // linked graph is a group of links instead.
+    let role = if opts.link.is_some() { "group" } else { "img" };
+    let view_box = format!("0 0 {} {}", layout.width, layout.height);
+    html! {
+        svg xmlns="http://www.w3.org/2000/svg" class="task-graph" role=(role)
+            aria-label=(label) viewBox=(view_box) width=(layout.width)
+            height=(layout.height) data-glyphs=(glyphs) {
+            @if opts.embed_style {
+                style { (PreEscaped(GRAPH_CSS)) }
+            }
+            @if !opts.description.is_empty() {
+                desc { (opts.description) }
+            }
+            defs {
+                marker id="task-graph-arrow" viewBox="0 0 10 10" refX="10" refY="5"
+                    markerWidth="6" markerHeight="6" orient="auto-start-reverse" {
+                    path d="M0 0 L10 5 L0 10 z" fill="#9ca3af" {}
+                }
+            }
+            g class="edges" aria-hidden="true" {
+                @for e in &layout.edges {
+                    path class="edge" d=(e.path) data-from=(e.from) data-to=(e.to)
+                        fill="none" stroke="#9ca3af" marker-end="url(#task-graph-arrow)" {}
+                }
+            }
+            g class="nodes" {
+                @for n in &layout.nodes {
+                    @if let Some(link) = opts.link {
+                        a href=(link(&n.task.id)) { (node(n)) }
+                    } @else {
+                        (node(n))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn node(n: &PlacedNode) -> Markup {
+    let t = &n.task;
+    let label: String = if t.id.chars().count() > LABEL_CHARS {
+        t.id.chars().take(LABEL_CHARS - 1).chain(['…']).collect()
+    } else {
+        t.id.clone()
+    };
+    html! {
+        g id=(element_id(&t.id)) class=(class(t.state)) data-task=(t.id)
+            data-state=(t.state.as_str()) {
+            title { (title(t)) }
+            rect x=(n.x) y=(n.y) width=(NODE_W) height=(NODE_H) rx="6"
+                fill="#fff" stroke="#6b7280" {}
+            text class="glyph" x=(n.x + 10) y=(n.y + 28) aria-hidden="true" { (glyph(t.state)) }
+            text class="label" x=(n.x + 34) y=(n.y + 19) { (label) }
+            text class="state" x=(n.x + 34) y=(n.y + 35) { (words(t.state)) }
+        }
+    }
+}
+
+/// What changes on the page when a task's state changes: the script sets
+/// these on the element with id `element_id`, as text and attributes only.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeUpdate {
+    /// `task-ID`, the `<g>` to change.
+    pub element_id: String,
+    /// Its new `class`.
+    pub class: String,
+    /// Its new `data-state`.
+    pub state: &'static str,
+    /// The new text of its `.glyph`.
+    pub glyph: &'static str,
+    /// The new text of its `.state`.
+    pub words: &'static str,
+    /// The new text of its `<title>`.
+    pub title: String,
+}
+
+/// Records a task's new state and says what to change on the page; `None`
+/// when the task is not in the graph or already in that state.
+pub fn update(layout: &mut Layout, task: &str, state: TaskState) -> Option<NodeUpdate> {
+    let &i = layout.index.get(task)?;
+    let t = &mut layout.nodes[i].task;
+    if t.state == state {
+        return None;
+    }
+    t.state = state;
+    Some(NodeUpdate {
+        element_id: element_id(&t.id),
+        class: class(state),
+        state: state.as_str(),
+        glyph: glyph(state),
+        words: words(state),
+        title: title(t),
+    })
+}
+
+/// [`update`] for an event of the run's stream; `None` for events that are
+/// not a task changing state.
+pub fn update_from_event(layout: &mut Layout, event: &RunEvent) -> Option<NodeUpdate> {
+    if event.kind != "task" {
+        return None;
+    }
+    let state = TaskState::parse(event.state.as_deref()?)?;
+    update(layout, event.task.as_deref()?, state)
+}
