@@ -478,11 +478,15 @@ pub fn render(layout: &Layout, opts: &RenderOptions<'_>) -> Markup {
         .map(|&s| (s.as_str(), glyph(s)))
         .collect();
     let glyphs = serde_json::to_string(&glyphs).unwrap_or_default();
-    let label = format!(
-        "Task graph of workflow {}: {} tasks",
-        opts.name,
-        layout.nodes.len()
-    );
+    let count = match layout.nodes.len() {
+        1 => "1 task".to_string(),
+        n => format!("{n} tasks"),
+    };
+    let label = if opts.name.is_empty() {
+        format!("Task graph: {count}")
+    } else {
+        format!("Task graph of workflow {}: {count}", opts.name)
+    };
     // Links inside role="img" would be hidden from screen readers, so a
     // linked graph is a group of links instead.
     let role = if opts.link.is_some() { "group" } else { "img" };
@@ -587,4 +591,540 @@ pub fn update_from_event(layout: &mut Layout, event: &RunEvent) -> Option<NodeUp
     }
     let state = TaskState::parse(event.state.as_deref()?)?;
     update(layout, event.task.as_deref()?, state)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use drover_proto::workflows::Mode;
+
+    use super::*;
+    use crate::workflow::def;
+
+    /// Tasks from `(id, needs)`, all pending.
+    fn tasks(spec: &[(&str, &[&str])]) -> Vec<TaskNode> {
+        spec.iter()
+            .map(|(id, needs)| TaskNode {
+                id: (*id).into(),
+                needs: needs.iter().map(|n| (*n).into()).collect(),
+                state: TaskState::Pending,
+                description: String::new(),
+            })
+            .collect()
+    }
+
+    fn layers_of(l: &Layout) -> Vec<(String, usize)> {
+        l.nodes
+            .iter()
+            .map(|n| (n.task.id.clone(), n.layer))
+            .collect()
+    }
+
+    /// Ids per column, top to bottom.
+    fn columns(l: &Layout) -> Vec<Vec<String>> {
+        let mut cols = vec![Vec::new(); l.layers];
+        let mut nodes: Vec<&PlacedNode> = l.nodes.iter().collect();
+        nodes.sort_by_key(|n| (n.layer, n.y));
+        for n in nodes {
+            cols[n.layer].push(n.task.id.clone());
+        }
+        cols
+    }
+
+    fn example(name: &str) -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/");
+        std::fs::read_to_string(format!("{path}{name}")).unwrap()
+    }
+
+    /// A deterministic DAG of `n` tasks: each needs up to three earlier
+    /// ones, picked by a small linear congruential generator.
+    fn random_dag(n: usize) -> Vec<TaskNode> {
+        let mut seed: u64 = 0x5eed;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        (0..n)
+            .map(|i| {
+                let mut needs = Vec::new();
+                if i > 0 {
+                    for _ in 0..next() % 4 {
+                        let need = format!("t{:03}", next() % i);
+                        if !needs.contains(&need) {
+                            needs.push(need);
+                        }
+                    }
+                }
+                TaskNode {
+                    id: format!("t{i:03}"),
+                    needs,
+                    state: TaskState::ALL[i % TaskState::ALL.len()],
+                    description: String::new(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layers_dummies_and_crossings_of_known_graphs() {
+        struct Case {
+            name: &'static str,
+            tasks: Vec<TaskNode>,
+            layers: &'static [(&'static str, usize)],
+            dummies: usize,
+            crossings: usize,
+        }
+        let cases = [
+            Case {
+                name: "one task",
+                tasks: tasks(&[("a", &[])]),
+                layers: &[("a", 0)],
+                dummies: 0,
+                crossings: 0,
+            },
+            Case {
+                name: "diamond",
+                tasks: tasks(&[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["b", "c"])]),
+                layers: &[("a", 0), ("b", 1), ("c", 1), ("d", 2)],
+                dummies: 0,
+                crossings: 0,
+            },
+            Case {
+                name: "two chains",
+                tasks: tasks(&[
+                    ("a1", &[]),
+                    ("a2", &["a1"]),
+                    ("b1", &[]),
+                    ("b2", &["b1"]),
+                    ("b3", &["b2"]),
+                ]),
+                layers: &[("a1", 0), ("a2", 1), ("b1", 0), ("b2", 1), ("b3", 2)],
+                dummies: 0,
+                crossings: 0,
+            },
+            Case {
+                name: "a shortcut past a chain takes a dummy per layer it passes",
+                tasks: tasks(&[("a", &[]), ("b", &["a"]), ("c", &["b"]), ("d", &["c", "a"])]),
+                layers: &[("a", 0), ("b", 1), ("c", 2), ("d", 3)],
+                dummies: 2,
+                crossings: 0,
+            },
+            Case {
+                name: "longest path, not shortest",
+                tasks: tasks(&[("x", &["a", "c"]), ("a", &[]), ("b", &["a"]), ("c", &["b"])]),
+                layers: &[("x", 3), ("a", 0), ("b", 1), ("c", 2)],
+                dummies: 2,
+                crossings: 0,
+            },
+            Case {
+                name: "crossed by id order, uncrossed by the sweeps",
+                tasks: tasks(&[("a", &[]), ("b", &[]), ("y", &["b"]), ("z", &["a"])]),
+                layers: &[("a", 0), ("b", 0), ("y", 1), ("z", 1)],
+                dummies: 0,
+                crossings: 0,
+            },
+            Case {
+                name: "K2,2 cannot be drawn without a crossing",
+                tasks: tasks(&[
+                    ("a", &[]),
+                    ("b", &[]),
+                    ("c", &["a", "b"]),
+                    ("d", &["a", "b"]),
+                ]),
+                layers: &[("a", 0), ("b", 0), ("c", 1), ("d", 1)],
+                dummies: 0,
+                crossings: 1,
+            },
+        ];
+        for case in cases {
+            let l = layout(case.tasks).unwrap();
+            let want: Vec<(String, usize)> = case
+                .layers
+                .iter()
+                .map(|(id, n)| ((*id).into(), *n))
+                .collect();
+            assert_eq!(layers_of(&l), want, "{}", case.name);
+            assert_eq!(l.dummies, case.dummies, "{}: dummies", case.name);
+            assert_eq!(l.crossings, case.crossings, "{}: crossings", case.name);
+            assert_eq!(
+                l.edges.len(),
+                l.nodes.iter().map(|n| n.task.needs.len()).sum::<usize>(),
+                "{}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn the_sweeps_untangle_what_id_order_tangles() {
+        // By id, layer 1 is [p, q, r] but their parents are in reverse.
+        let l = layout(tasks(&[
+            ("a", &[]),
+            ("b", &[]),
+            ("c", &[]),
+            ("p", &["c"]),
+            ("q", &["b"]),
+            ("r", &["a"]),
+        ]))
+        .unwrap();
+        assert_eq!(l.crossings, 0);
+        let cols = columns(&l);
+        let parent = |child: &str| match child {
+            "p" => "c",
+            "q" => "b",
+            _ => "a",
+        };
+        let parents: Vec<&str> = cols[1].iter().map(|c| parent(c)).collect();
+        assert_eq!(
+            parents,
+            cols[0].iter().map(String::as_str).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_wide_fan_out_is_one_centered_column() {
+        let mut spec: Vec<(String, Vec<String>)> = vec![("root".into(), vec![])];
+        for i in 0..50 {
+            spec.push((format!("leaf-{i:02}"), vec!["root".into()]));
+        }
+        spec.push((
+            "join".into(),
+            (0..50).map(|i| format!("leaf-{i:02}")).collect(),
+        ));
+        let tasks: Vec<TaskNode> = spec
+            .into_iter()
+            .map(|(id, needs)| TaskNode {
+                id,
+                needs,
+                state: TaskState::Pending,
+                description: String::new(),
+            })
+            .collect();
+        let l = layout(tasks).unwrap();
+        assert_eq!(l.layers, 3);
+        assert_eq!(l.crossings, 0);
+        let cols = columns(&l);
+        assert_eq!(cols[1].len(), 50);
+        assert_eq!(cols[1][0], "leaf-00");
+        // The root and the join sit in the middle of the column of leaves.
+        let root = l.node("root").unwrap();
+        let join = l.node("join").unwrap();
+        assert_eq!(root.y, join.y);
+        assert_eq!(root.y + NODE_H / 2, l.height / 2);
+        assert_eq!(l.height, 2 * MARGIN + 50 * NODE_H + 49 * ROW_GAP);
+    }
+
+    #[test]
+    fn definitions_give_their_edges_whatever_the_mode() {
+        let diamond = def::parse(&example("diamond.yaml"), "diamond.yaml")
+            .unwrap()
+            .def;
+        let l = layout(tasks_of(&diamond, &BTreeMap::new())).unwrap();
+        assert_eq!(
+            columns(&l),
+            [
+                vec!["build"],
+                vec!["test-integration", "test-unit"],
+                vec!["publish"]
+            ]
+        );
+        assert_eq!(l.crossings, 0);
+        assert!(l.nodes.iter().all(|n| n.task.state == TaskState::Pending));
+
+        // In a sequential workflow each task follows the one before.
+        let ws = def::parse(&example("workspace.yaml"), "workspace.yaml")
+            .unwrap()
+            .def;
+        assert_eq!(ws.mode, Mode::Sequential);
+        let l = layout(tasks_of(&ws, &BTreeMap::new())).unwrap();
+        assert_eq!(
+            columns(&l),
+            [vec!["readme"], vec!["summary"], vec!["check"]]
+        );
+
+        // In a parallel one nothing waits.
+        let par = def::parse(
+            "name: p\nmode: parallel\ndefaults: {target: all}\ntasks:\n  - {id: a, action: x}\n  - {id: b, action: x}\n",
+            "p.yaml",
+        )
+        .unwrap()
+        .def;
+        let l = layout(tasks_of(&par, &BTreeMap::new())).unwrap();
+        assert_eq!(columns(&l), [vec!["a", "b"]]);
+        assert!(l.edges.is_empty());
+    }
+
+    #[test]
+    fn broken_graphs_are_refused() {
+        let cases: [(&[(&str, &[&str])], Error); 4] = [
+            (&[("a", &[]), ("a", &[])], Error::Duplicate("a".into())),
+            (
+                &[("a", &["nope"])],
+                Error::UnknownNeed {
+                    task: "a".into(),
+                    need: "nope".into(),
+                },
+            ),
+            (&[("a", &["a"])], Error::Cycle("a".into())),
+            (&[("a", &["b"]), ("b", &["a"])], Error::Cycle("a".into())),
+        ];
+        for (spec, want) in cases {
+            let got = layout(tasks(spec)).unwrap_err();
+            match (&got, &want) {
+                (Error::Cycle(_), Error::Cycle(_)) => {}
+                _ => assert_eq!(got, want),
+            }
+        }
+    }
+
+    #[test]
+    fn edges_run_from_the_needed_task_to_the_one_that_needs_it() {
+        let l = layout(tasks(&[("a", &[]), ("b", &["a"]), ("c", &["b", "a"])])).unwrap();
+        for e in &l.edges {
+            let (from, to) = (l.node(&e.from).unwrap(), l.node(&e.to).unwrap());
+            let start = format!("M{} {} ", from.x + NODE_W, from.y + NODE_H / 2);
+            let end = format!(", {} {}", to.x, to.y + NODE_H / 2);
+            assert!(e.path.starts_with(&start), "{}", e.path);
+            assert!(e.path.ends_with(&end), "{}", e.path);
+        }
+        // a→c passes layer 1 through a straight segment as wide as a box.
+        let long = l
+            .edges
+            .iter()
+            .find(|e| e.from == "a" && e.to == "c")
+            .unwrap();
+        assert_eq!(long.path.matches(" C").count(), 2);
+        assert_eq!(long.path.matches(" L").count(), 1);
+    }
+
+    #[test]
+    fn two_hundred_tasks_lay_out_without_overlaps() {
+        let l = layout(random_dag(200)).unwrap();
+        assert_eq!(l.nodes.len(), 200);
+        assert!(l.layers > 3);
+        for n in &l.nodes {
+            for m in &n.task.needs {
+                assert!(l.node(m).unwrap().layer < n.layer);
+            }
+            assert!(n.x >= 0 && n.x + NODE_W <= l.width);
+            assert!(n.y >= 0 && n.y + NODE_H <= l.height);
+        }
+        let cols = columns(&l);
+        for col in &cols {
+            for pair in col.windows(2) {
+                let (a, b) = (l.node(&pair[0]).unwrap(), l.node(&pair[1]).unwrap());
+                assert!(a.y + NODE_H < b.y, "{} overlaps {}", a.task.id, b.task.id);
+            }
+        }
+        let svg = render(&l, &RenderOptions::default()).into_string();
+        assert_eq!(svg.matches("<g id=\"task-").count(), 200);
+    }
+
+    #[test]
+    fn the_same_input_draws_the_same_bytes() {
+        let link = |id: &str| format!("/ui/runs/r1/tasks/{id}");
+        let opts = RenderOptions {
+            name: "big",
+            link: Some(&link),
+            ..Default::default()
+        };
+        let one = render(&layout(random_dag(120)).unwrap(), &opts).into_string();
+        let two = render(&layout(random_dag(120)).unwrap(), &opts).into_string();
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn every_label_is_escaped() {
+        let evil = "<script>alert(1)</script>";
+        let mut t = tasks(&[("a", &[]), ("b", &["a"])]);
+        t[0].description = evil.into();
+        let l = layout(t).unwrap();
+        let link = |id: &str| format!("/ui/x?\"><script>{id}");
+        let svg = render(
+            &l,
+            &RenderOptions {
+                name: evil,
+                description: evil,
+                link: Some(&link),
+                embed_style: false,
+            },
+        )
+        .into_string();
+        assert!(!svg.contains("<script"), "{svg}");
+        // Name (aria-label), description (<desc>), a task's description
+        // (<title>) and the link each show as text.
+        assert_eq!(svg.matches("&lt;script&gt;").count(), 5, "{svg}");
+    }
+
+    #[test]
+    fn a_node_says_its_state_in_class_glyph_words_and_title() {
+        let mut t = tasks(&[("build", &[])]);
+        t[0].state = TaskState::TimedOut;
+        let l = layout(t).unwrap();
+        let link = |id: &str| format!("/ui/runs/r1/tasks/{id}/log");
+        let svg = render(
+            &l,
+            &RenderOptions {
+                name: "w",
+                link: Some(&link),
+                ..Default::default()
+            },
+        )
+        .into_string();
+        for want in [
+            r#"<svg xmlns="http://www.w3.org/2000/svg" class="task-graph" role="group" aria-label="Task graph of workflow w: 1 task" viewBox="0 0 216 76""#,
+            r#"<a href="/ui/runs/r1/tasks/build/log"><g id="task-build" class="task state-timed_out" data-task="build" data-state="timed_out"><title>build: timed out</title>"#,
+            r#"<text class="glyph" x="26" y="44" aria-hidden="true">⌛</text>"#,
+            r#"<text class="label" x="50" y="35">build</text><text class="state" x="50" y="51">timed out</text>"#,
+            r#""timed_out":"⌛""#,
+        ] {
+            assert!(
+                svg.contains(&want.replace(
+                    "\"timed_out\":\"⌛\"",
+                    "&quot;timed_out&quot;:&quot;⌛&quot;"
+                )),
+                "{want}\n{svg}"
+            );
+        }
+        assert!(!svg.contains("<style"));
+        // Without links the drawing is one image.
+        let svg = render(
+            &l,
+            &RenderOptions {
+                embed_style: true,
+                ..Default::default()
+            },
+        )
+        .into_string();
+        assert!(svg.contains("role=\"img\""));
+        assert!(!svg.contains("<a "));
+        assert!(svg.contains("<style>.task-graph"));
+
+        // Every state has its own class, and a glyph and words, so colour
+        // is never the only sign.
+        let classes: BTreeSet<String> = TaskState::ALL.iter().map(|&s| class(s)).collect();
+        assert_eq!(classes.len(), TaskState::ALL.len());
+        for s in TaskState::ALL {
+            assert!(!glyph(s).is_empty() && !words(s).is_empty());
+            assert!(
+                GRAPH_CSS.contains(&format!(".state-{} rect", s.as_str())),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_id_is_shortened_in_the_box_but_whole_in_the_title() {
+        let id = "a-very-long-task-identifier-that-goes-on";
+        let l = layout(tasks(&[(id, &[])])).unwrap();
+        let svg = render(&l, &RenderOptions::default()).into_string();
+        assert!(svg.contains(">a-very-long-task-iden…</text>"), "{svg}");
+        assert!(svg.contains(&format!("<title>{id}: pending</title>")));
+    }
+
+    #[test]
+    fn updates_say_what_changes_on_the_page() {
+        let mut l = layout(tasks(&[("build", &[]), ("test", &["build"])])).unwrap();
+        let want = NodeUpdate {
+            element_id: "task-build".into(),
+            class: "task state-running".into(),
+            state: "running",
+            glyph: "⟳",
+            words: "running",
+            title: "build: running".into(),
+        };
+        assert_eq!(
+            update(&mut l, "build", TaskState::Running),
+            Some(want.clone())
+        );
+        assert_eq!(
+            update(&mut l, "build", TaskState::Running),
+            None,
+            "no change"
+        );
+        assert_eq!(
+            update(&mut l, "nope", TaskState::Running),
+            None,
+            "not in the graph"
+        );
+        // The next drawing shows the new state.
+        let svg = render(&l, &RenderOptions::default()).into_string();
+        assert!(svg.contains(r#"<g id="task-build" class="task state-running" data-task="build" data-state="running">"#));
+
+        let event = |kind: &str, task: Option<&str>, state: Option<&str>| RunEvent {
+            id: 1,
+            run_id: "r1".into(),
+            at: chrono::Utc::now(),
+            kind: kind.into(),
+            task: task.map(Into::into),
+            state: state.map(Into::into),
+            message: None,
+            stream: None,
+        };
+        let got = update_from_event(&mut l, &event("task", Some("test"), Some("failed"))).unwrap();
+        assert_eq!(
+            (got.element_id.as_str(), got.class.as_str(), got.glyph),
+            ("task-test", "task state-failed", "✗")
+        );
+        assert_eq!(serde_json::to_value(&got).unwrap()["state"], "failed");
+        for ev in [
+            event("run", None, Some("succeeded")),
+            event("log", Some("test"), None),
+            event("task", Some("test"), Some("bogus")),
+            event("task", None, Some("running")),
+        ] {
+            assert_eq!(update_from_event(&mut l, &ev), None, "{ev:?}");
+        }
+    }
+
+    #[test]
+    fn example_renderings_are_written_for_a_look() {
+        let dir = std::env::temp_dir().join("drover-graph");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, states) in [
+            (
+                "diamond.yaml",
+                vec![
+                    ("build", TaskState::Succeeded),
+                    ("test-unit", TaskState::Running),
+                    ("test-integration", TaskState::Failed),
+                ],
+            ),
+            ("workspace.yaml", vec![("readme", TaskState::Succeeded)]),
+        ] {
+            let d = def::parse(&example(file), file).unwrap().def;
+            let states = states
+                .into_iter()
+                .map(|(t, s)| (t.to_string(), s))
+                .collect();
+            let l = layout(tasks_of(&d, &states)).unwrap();
+            let link = |id: &str| format!("#{id}");
+            let svg = render(
+                &l,
+                &RenderOptions {
+                    name: &d.name,
+                    description: &d.description,
+                    link: Some(&link),
+                    embed_style: true,
+                },
+            )
+            .into_string();
+            let out = dir.join(file.replace(".yaml", ".svg"));
+            std::fs::write(&out, &svg).unwrap();
+            assert!(svg.contains(r#"class="task state-succeeded""#));
+            eprintln!("wrote {}", out.display());
+        }
+        let l = layout(random_dag(100)).unwrap();
+        let svg = render(
+            &l,
+            &RenderOptions {
+                name: "random-100",
+                embed_style: true,
+                ..Default::default()
+            },
+        );
+        std::fs::write(dir.join("random-100.svg"), svg.into_string()).unwrap();
+    }
 }
