@@ -242,11 +242,11 @@ pub fn layout(tasks: Vec<TaskNode>) -> Result<Layout, Error> {
         if best_crossings == 0 {
             break;
         }
-        for l in 1..layers {
-            sort_layer(&lnodes, &mut order[l], &mut pos, true);
+        for layer in order.iter_mut().skip(1) {
+            sort_layer(&lnodes, layer, &mut pos, true);
         }
-        for l in (0..layers.saturating_sub(1)).rev() {
-            sort_layer(&lnodes, &mut order[l], &mut pos, false);
+        for layer in order.iter_mut().rev().skip(1) {
+            sort_layer(&lnodes, layer, &mut pos, false);
         }
         let c = crossings(&lnodes, &order, &pos);
         if c < best_crossings {
@@ -858,7 +858,8 @@ mod tests {
 
     #[test]
     fn broken_graphs_are_refused() {
-        let cases: [(&[(&str, &[&str])], Error); 4] = [
+        type Spec<'a> = &'a [(&'a str, &'a [&'a str])];
+        let cases: [(Spec<'_>, Error); 4] = [
             (&[("a", &[]), ("a", &[])], Error::Duplicate("a".into())),
             (
                 &[("a", &["nope"])],
