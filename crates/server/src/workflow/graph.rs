@@ -769,6 +769,82 @@ mod tests {
     }
 
     #[test]
+    fn crossings_are_counted_exactly() {
+        // Against the pairwise count, on random two-layer graphs.
+        let mut seed: u64 = 7;
+        let mut next = move |m: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % m
+        };
+        for _ in 0..200 {
+            let (top, bottom) = (1 + next(8), 1 + next(8));
+            let mut lnodes: Vec<LNode> = (0..top + bottom)
+                .map(|i| LNode {
+                    layer: usize::from(i >= top),
+                    key: String::new(),
+                    task: Some(i),
+                    up: Vec::new(),
+                    down: Vec::new(),
+                })
+                .collect();
+            let mut edges = BTreeSet::new();
+            for _ in 0..next(20) {
+                edges.insert((next(top), top + next(bottom)));
+            }
+            for &(u, v) in &edges {
+                lnodes[u].down.push(v);
+                lnodes[v].up.push(u);
+            }
+            // Shuffle each layer's order.
+            let mut order = vec![(0..top).collect::<Vec<_>>(), (top..top + bottom).collect()];
+            for o in &mut order {
+                for i in (1..o.len()).rev() {
+                    o.swap(i, next(i + 1));
+                }
+            }
+            let mut pos = vec![0; top + bottom];
+            set_positions(&order, &mut pos);
+            let e: Vec<(usize, usize)> = edges.iter().map(|&(u, v)| (pos[u], pos[v])).collect();
+            let mut want = 0;
+            for (i, a) in e.iter().enumerate() {
+                for b in &e[i + 1..] {
+                    if (a.0 < b.0 && a.1 > b.1) || (a.0 > b.0 && a.1 < b.1) {
+                        want += 1;
+                    }
+                }
+            }
+            assert_eq!(
+                crossings(&lnodes, &order, &pos),
+                want,
+                "{edges:?} {order:?}"
+            );
+        }
+
+        // The benchmark's DAG, 10 layers of 10, each task needing the whole
+        // layer before: every pair of layers is K10,10, whose every drawing
+        // has C(10,2)² crossings.
+        let mut t = Vec::new();
+        for layer in 0..10 {
+            for i in 0..10 {
+                t.push(TaskNode {
+                    id: format!("l{layer}-t{i}"),
+                    needs: if layer == 0 {
+                        vec![]
+                    } else {
+                        (0..10).map(|j| format!("l{}-t{j}", layer - 1)).collect()
+                    },
+                    state: TaskState::Pending,
+                    description: String::new(),
+                });
+            }
+        }
+        let l = layout(t).unwrap();
+        assert_eq!((l.layers, l.dummies, l.crossings), (10, 0, 9 * 45 * 45));
+    }
+
+    #[test]
     fn the_sweeps_untangle_what_id_order_tangles() {
         // By id, layer 1 is [p, q, r] but their parents are in reverse.
         let l = layout(tasks(&[
