@@ -18,14 +18,20 @@
 //!
 //! The rendered SVG is the contract with the page's script, which must not
 //! build HTML. Each task is a `<g id="task-ID" class="task state-STATE"
-//! data-task="ID" data-state="STATE">` holding a `<title>` ("ID: STATE"),
-//! a `<rect>`, a `<text class="glyph">` (the state's icon), a
-//! `<text class="label">` (the id) and a `<text class="state">` (the state
-//! in words). The `<svg>` carries `data-glyphs`, a JSON object from state
-//! (as in `TaskState::as_str`) to glyph. On a run event with
+//! data-task="ID" data-state="STATE">` holding a `<title>` ("ID: WORDS"),
+//! the task's description as `<desc>` when it has one, a `<rect>`, a
+//! `<text class="glyph">` (the state's icon), a `<text class="label">` (the
+//! id) and a `<text class="state">` (the state in words). The `<svg>`
+//! carries `data-glyphs` and `data-words`, JSON objects from each state (as
+//! in `TaskState::as_str`) to its glyph and words. On a run event with
 //! `kind == "task"`, the script finds `task-` + `event.task`, sets
 //! `data-state` and the class, and puts the new glyph, words and title in
-//! place as text: exactly what [`update`] returns for that event.
+//! place as text: exactly what [`update`] returns for that event (a
+//! [`NodeUpdate`] serializes to JSON, should the server rather send it).
+//! With a link function each `<g>` sits in an `<a href>` (e.g. to the
+//! task's log), and the `<svg>` is `role="group"`, since links inside
+//! `role="img"` would be hidden from screen readers; without, it is
+//! `role="img"`. Both have an `aria-label` naming the workflow.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -442,12 +448,7 @@ pub fn element_id(task: &str) -> String {
 }
 
 fn title(task: &TaskNode) -> String {
-    let mut t = format!("{}: {}", task.id, words(task.state));
-    if !task.description.is_empty() {
-        t.push('\n');
-        t.push_str(&task.description);
-    }
-    t
+    format!("{}: {}", task.id, words(task.state))
 }
 
 /// Colours by state, for the dashboard's stylesheet (a strict CSP forbids
@@ -489,6 +490,11 @@ pub fn render(layout: &Layout, opts: &RenderOptions<'_>) -> Markup {
         .map(|&s| (s.as_str(), glyph(s)))
         .collect();
     let glyphs = serde_json::to_string(&glyphs).unwrap_or_default();
+    let words: BTreeMap<&str, &str> = TaskState::ALL
+        .iter()
+        .map(|&s| (s.as_str(), words(s)))
+        .collect();
+    let words = serde_json::to_string(&words).unwrap_or_default();
     let count = match layout.nodes.len() {
         1 => "1 task".to_string(),
         n => format!("{n} tasks"),
@@ -505,7 +511,7 @@ pub fn render(layout: &Layout, opts: &RenderOptions<'_>) -> Markup {
     html! {
         svg xmlns="http://www.w3.org/2000/svg" class="task-graph" role=(role)
             aria-label=(label) viewBox=(view_box) width=(layout.width)
-            height=(layout.height) data-glyphs=(glyphs) {
+            height=(layout.height) data-glyphs=(glyphs) data-words=(words) {
             @if opts.embed_style {
                 style { (PreEscaped(GRAPH_CSS)) }
             }
@@ -548,6 +554,9 @@ fn node(n: &PlacedNode) -> Markup {
         g id=(element_id(&t.id)) class=(class(t.state)) data-task=(t.id)
             data-state=(t.state.as_str()) {
             title { (title(t)) }
+            @if !t.description.is_empty() {
+                desc { (t.description) }
+            }
             rect x=(n.x) y=(n.y) width=(NODE_W) height=(NODE_H) rx="6"
                 fill="#fff" stroke="#6b7280" {}
             text class="glyph" x=(n.x + 10) y=(n.y + 28) aria-hidden="true" { (glyph(t.state)) }
@@ -1076,6 +1085,7 @@ mod tests {
     fn a_node_says_its_state_in_class_glyph_words_and_title() {
         let mut t = tasks(&[("build", &[])]);
         t[0].state = TaskState::TimedOut;
+        t[0].description = "Build it".into();
         let l = layout(t).unwrap();
         let link = |id: &str| format!("/ui/runs/r1/tasks/{id}/log");
         let svg = render(
@@ -1089,18 +1099,14 @@ mod tests {
         .into_string();
         for want in [
             r#"<svg xmlns="http://www.w3.org/2000/svg" class="task-graph" role="group" aria-label="Task graph of workflow w: 1 task" viewBox="0 0 216 76""#,
-            r#"<a href="/ui/runs/r1/tasks/build/log"><g id="task-build" class="task state-timed_out" data-task="build" data-state="timed_out"><title>build: timed out</title>"#,
+            r#"<a href="/ui/runs/r1/tasks/build/log"><g id="task-build" class="task state-timed_out" data-task="build" data-state="timed_out"><title>build: timed out</title><desc>Build it</desc><rect "#,
             r#"<text class="glyph" x="26" y="44" aria-hidden="true">⌛</text>"#,
             r#"<text class="label" x="50" y="35">build</text><text class="state" x="50" y="51">timed out</text>"#,
-            r#""timed_out":"⌛""#,
+            // The maps the script reads, JSON in attributes.
+            "&quot;timed_out&quot;:&quot;⌛&quot;",
+            "&quot;timed_out&quot;:&quot;timed out&quot;",
         ] {
-            assert!(
-                svg.contains(&want.replace(
-                    "\"timed_out\":\"⌛\"",
-                    "&quot;timed_out&quot;:&quot;⌛&quot;"
-                )),
-                "{want}\n{svg}"
-            );
+            assert!(svg.contains(want), "{want}\n{svg}");
         }
         assert!(!svg.contains("<style"));
         // Without links the drawing is one image.
