@@ -1152,8 +1152,9 @@ impl Browser {
     pub async fn start(test: &str) -> Browser {
         use std::os::unix::process::CommandExt as _;
         let port = free_port();
-        let driver_log = File::create(std::env::temp_dir().join(format!("chromedriver-{port}.log")))
-            .expect("chromedriver log");
+        let driver_log =
+            File::create(std::env::temp_dir().join(format!("chromedriver-{port}.log")))
+                .expect("chromedriver log");
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             // Its own process group, so Chromium goes with it on drop.
@@ -1187,6 +1188,8 @@ impl Browser {
                 ],
             }),
         );
+        // The workspace's rustls provider (ring), for every client here.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = fantoccini::ClientBuilder::rustls()
             .expect("rustls")
             .capabilities(caps)
@@ -1224,6 +1227,18 @@ impl Browser {
             .text()
             .await
             .expect("element text")
+    }
+
+    /// The text of the first element `css` selects once there is one (a
+    /// page still loading), up to 10 s.
+    pub async fn wait_text(&self, css: &str) -> String {
+        wait_for(css, Duration::from_secs(10), || async {
+            match self.client.find(fantoccini::Locator::Css(css)).await {
+                Ok(e) => e.text().await.ok(),
+                Err(_) => None,
+            }
+        })
+        .await
     }
 
     /// How many elements `css` selects.

@@ -37,7 +37,11 @@ fn add_user(cluster: &Cluster, name: &str, role: &str) -> String {
     use std::io::Write;
     writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     password
 }
 
@@ -140,7 +144,10 @@ async fn dashboard_in_a_real_browser() {
     form.set_by_name("username", "admin").await.unwrap();
     form.set_by_name("password", "wrong").await.unwrap();
     form.submit().await.unwrap();
-    assert_eq!(b.text("[role=alert]").await, "wrong username or password");
+    assert_eq!(
+        b.wait_text("[role=alert]").await,
+        "wrong username or password"
+    );
     b.screenshot("login-refused").await;
 
     // The admin logs in: the overview counts the fleet.
@@ -155,7 +162,11 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(b.text("[data-count=revoked] dd").await, "0");
     assert!(b.text("#fleet-stop + p").await.contains("active"));
     assert_eq!(b.text(".who .user").await, "admin");
-    assert_eq!(b.count("nav[aria-label=Main] a").await, 2, "only pages that exist");
+    assert_eq!(
+        b.count("nav[aria-label=Main] a").await,
+        2,
+        "only pages that exist"
+    );
     b.screenshot("overview").await;
     let admin_cookie = session_cookie(&b).await;
 
@@ -199,7 +210,8 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(b.count("#agents tbody tr").await, 2);
     b.screenshot("agents").await;
     // Filtered by a target: only what it selects.
-    b.goto(&format!("{url}/ui/agents?target={}", agent.id)).await;
+    b.goto(&format!("{url}/ui/agents?target={}", agent.id))
+        .await;
     assert_eq!(b.count("#agents tbody tr").await, 1);
     // Paginated on the server.
     b.goto(&format!("{url}/ui/agents?limit=1&page=2")).await;
@@ -241,9 +253,17 @@ async fn dashboard_in_a_real_browser() {
         .unwrap()
         .unwrap();
     let drain = format!("{url}/ui/agents/{}/drain", agent.id);
-    assert_eq!(post_form(&drain, &viewer_cookie, &[("reason", "x")]).await, 403);
     assert_eq!(
-        post_form(&drain, &viewer_cookie, &[("csrf", &viewer_csrf), ("reason", "x")]).await,
+        post_form(&drain, &viewer_cookie, &[("reason", "x")]).await,
+        403
+    );
+    assert_eq!(
+        post_form(
+            &drain,
+            &viewer_cookie,
+            &[("csrf", &viewer_csrf), ("reason", "x")]
+        )
+        .await,
         403
     );
     assert_eq!(cluster.agent(&agent.id).dispatch, DispatchState::Active);
@@ -253,7 +273,10 @@ async fn dashboard_in_a_real_browser() {
     // the form on the agent's page drains it.
     browser_login(&b, &url, "admin", ADMIN_PASSWORD).await;
     let admin_cookie = session_cookie(&b).await;
-    assert_eq!(post_form(&drain, &admin_cookie, &[("reason", "x")]).await, 403);
+    assert_eq!(
+        post_form(&drain, &admin_cookie, &[("reason", "x")]).await,
+        403
+    );
     assert_eq!(
         post_form(&drain, &admin_cookie, &[("csrf", &viewer_csrf)]).await,
         403,
@@ -268,12 +291,20 @@ async fn dashboard_in_a_real_browser() {
         .send_keys("kernel update")
         .await
         .unwrap();
-    click_to(
-        &b,
-        "button[value=drain]",
-        &format!("/ui/agents/{}", agent.id),
-    )
+    b.client
+        .find(Locator::Css("button[value=drain]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // The form answers with the agent's page again.
+    let main = wait_for("the agent draining", Duration::from_secs(10), || async {
+        let t = b.wait_text("main").await;
+        t.contains("draining").then_some(t)
+    })
     .await;
+    assert_eq!(b.path().await, format!("/ui/agents/{}", agent.id), "{main}");
     let shown = b.text("#dispatch").await;
     assert!(shown.contains("draining"), "{shown}");
     assert!(shown.contains("drained by admin: kernel update"), "{shown}");
@@ -281,7 +312,7 @@ async fn dashboard_in_a_real_browser() {
     b.screenshot("agent-drained").await;
     // The drain is audited like the API's.
     let audit: Vec<serde_json::Value> =
-        cluster.cli_json(&["audit", "list", "--action", "/ui/agents", "-o", "json"]);
+        cluster.cli_json(&["audit", "list", "--action", "/ui/agents"]);
     let ok: Vec<_> = audit.iter().filter(|e| e["outcome"] == "ok").collect();
     assert_eq!(ok.len(), 1, "{audit:?}");
     assert_eq!(ok[0]["action"], "agent.drain", "{audit:?}");
@@ -289,7 +320,12 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(ok[0]["target"], format!("agent:{}", agent.id), "{audit:?}");
     assert_eq!(ok[0]["request"], "POST /ui/agents/{id}/drain", "{audit:?}");
     // The refused ones are there too, as refused.
-    assert!(audit.iter().any(|e| e["actor"] == "vera" && e["outcome"] == "refused"), "{audit:?}");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["actor"] == "vera" && e["outcome"] == "refused"),
+        "{audit:?}"
+    );
     no_dialog(&b).await;
 }
 
@@ -393,10 +429,15 @@ async fn login_and_overview_over_http_on_each_backend() {
         assert_eq!(still.status(), 200);
         // The login is in the audit log, like the API's.
         let audit: Vec<serde_json::Value> =
-            cluster.cli_json(&["audit", "list", "--action", "/ui/login", "-o", "json"]);
+            cluster.cli_json(&["audit", "list", "--action", "/ui/login"]);
         let outcomes: Vec<_> = audit
             .iter()
-            .map(|e| (e["action"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+            .map(|e| {
+                (
+                    e["action"].as_str().unwrap(),
+                    e["outcome"].as_str().unwrap(),
+                )
+            })
             .collect();
         assert!(outcomes.contains(&("user.login", "ok")), "{audit:?}");
         assert!(outcomes.contains(&("user.login", "refused")), "{audit:?}");

@@ -240,8 +240,15 @@ fn back(id: &str) -> Response {
     Redirect::to(&format!("/ui/agents/{}", urlencode(id))).into_response()
 }
 
+/// One path segment, percent-encoded (ids are safe already; this keeps
+/// it so).
 fn urlencode(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// `POST /ui/agents/{id}/drain`.
@@ -272,7 +279,8 @@ pub async fn stop(
         force: form.checked("force"),
     };
     crate::routes::agents::stop(&state, &user.auth, &audit, &id, &req).await?;
-    Ok(back(&id))
+    let a = crate::routes::agents::load(&state, &id).await?;
+    Ok(back(&a.id))
 }
 
 /// `POST /ui/agents/{id}/resume`.
