@@ -1140,7 +1140,7 @@ impl Default for TestPki {
 /// `scripts/test` installs when missing. Both processes end on drop.
 pub struct Browser {
     pub client: fantoccini::Client,
-    driver: Child,
+    _driver: Driver,
     _profile: tempfile::TempDir,
     /// Where `screenshot` saves PNGs (target/ui-screenshots/TEST).
     pub shots: PathBuf,
@@ -1163,6 +1163,7 @@ impl Browser {
             .stdout(driver_log.try_clone().expect("log"))
             .stderr(driver_log)
             .spawn()
+            .map(Driver)
             .expect("start chromedriver (apt-get install chromium chromium-driver)");
         let profile = tempfile::tempdir().expect("profile dir");
         let url = format!("http://127.0.0.1:{port}");
@@ -1207,7 +1208,7 @@ impl Browser {
         std::fs::create_dir_all(&shots).expect("screenshot dir");
         Browser {
             client,
-            driver,
+            _driver: driver,
             _profile: profile,
             shots,
         }
@@ -1269,15 +1270,18 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
+/// chromedriver, in its own process group; killed with the Chromium it
+/// started on drop (also when a test fails while starting the browser).
+struct Driver(Child);
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        // chromedriver and the Chromium it started, all of its group.
         #[allow(unsafe_code)]
-        // SAFETY: kill(2) on the group of a child this struct started.
+        // SAFETY: kill(2) on the process group of a child we started.
         unsafe {
-            libc::kill(-(self.driver.id() as libc::pid_t), libc::SIGKILL);
+            libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL);
         }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -102,7 +102,7 @@ pub async fn page(State(state): State<AppState>, user: UiUser) -> Result<Markup,
                     tbody {
                         @for j in &failed {
                             tr {
-                                th scope="row" { a href={ "/ui/jobs/" (j.id) } { code { (j.id) } } }
+                                th scope="row" { (super::widgets::job_link(&j.id)) }
                                 td { (j.action) }
                                 td { (state_badge(j.state.as_str())) }
                                 td { (j.created_by) }

@@ -24,6 +24,16 @@ pub fn state_badge(state: &str) -> Markup {
     }
 }
 
+/// A job's id, linked to its page once the jobs pages exist (`NAV`).
+pub fn job_link(id: &str) -> Markup {
+    let ready = super::layout::NAV
+        .iter()
+        .any(|i| i.section == super::layout::Section::Jobs && i.ready);
+    html! {
+        @if ready { a href={ "/ui/jobs/" (id) } { code { (id) } } } @else { code { (id) } }
+    }
+}
+
 /// `?page=&limit=` of a paginated page.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct PageQuery {
