@@ -462,6 +462,23 @@ mod tests {
     }
 
     #[test]
+    fn csrf_tokens_belong_to_one_session_and_one_key() {
+        let key = SigningKey::from_bytes(&[7; 32]).unwrap();
+        let other_key = SigningKey::from_bytes(&[8; 32]).unwrap();
+        let (a, b) = (hash_token("drv_s_a"), hash_token("drv_s_b"));
+        let t = key.csrf_token(&a);
+        assert_eq!(t.len(), 64);
+        assert!(key.csrf_valid(&a, &t));
+        assert!(!key.csrf_valid(&b, &t), "another session's token");
+        assert!(!other_key.csrf_valid(&a, &t), "another server key");
+        assert!(!key.csrf_valid(&a, ""));
+        assert!(!key.csrf_valid(&a, "zz"));
+        assert!(!key.csrf_valid(&a, &t[..62]));
+        // Not the refresh-token successor of the same input.
+        assert!(!key.successor_refresh_token(&a).contains(&t));
+    }
+
+    #[test]
     fn passwords_verify_only_themselves() {
         let h = hash_password("correct horse").unwrap();
         assert!(verify_password("correct horse", &h));

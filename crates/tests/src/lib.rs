@@ -1189,10 +1189,9 @@ impl Browser {
                 ],
             }),
         );
-        // The workspace's rustls provider (ring), for every client here.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = fantoccini::ClientBuilder::rustls()
-            .expect("rustls")
+        // chromedriver speaks plain HTTP on loopback.
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = fantoccini::ClientBuilder::new(connector)
             .capabilities(caps)
             .connect(&url)
             .await
