@@ -25,10 +25,12 @@ fn no_redirects() -> reqwest::Client {
 }
 
 /// Adds a user with the CLI; returns the password.
-fn add_user(cluster: &Cluster, name: &str, role: &str) -> String {
+fn add_user(cluster: &Cluster, name: &str, role: &str, extra: &[&str]) -> String {
     let password = format!("{name}-password-long");
+    let mut args = vec!["users", "add", name, "--role", role, "--password-stdin"];
+    args.extend(extra);
     let mut child = cluster
-        .cli_command(&["users", "add", name, "--role", role, "--password-stdin"])
+        .cli_command(&args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -131,7 +133,7 @@ async fn dashboard_in_a_real_browser() {
         ))
         .await;
     assert_eq!(changed, 1);
-    let viewer_password = add_user(&cluster, "vera", "viewer");
+    let viewer_password = add_user(&cluster, "vera", "viewer", &[]);
 
     let b = Browser::start("dashboard").await;
 
@@ -329,11 +331,21 @@ async fn dashboard_in_a_real_browser() {
     no_dialog(&b).await;
 }
 
-/// Logs in through the form over HTTP; returns the Set-Cookie header.
+/// Logs in through the form over HTTP as the admin.
 async fn form_login(url: &str, origin: Option<&str>, password: &str) -> reqwest::Response {
+    form_login_as(url, origin, "admin", password).await
+}
+
+/// Logs in through the form over HTTP.
+async fn form_login_as(
+    url: &str,
+    origin: Option<&str>,
+    user: &str,
+    password: &str,
+) -> reqwest::Response {
     let mut req = no_redirects()
         .post(format!("{url}/ui/login"))
-        .form(&[("username", "admin"), ("password", password)]);
+        .form(&[("username", user), ("password", password)]);
     if let Some(o) = origin {
         req = req.header("Origin", o);
     }
@@ -397,6 +409,15 @@ async fn login_and_overview_over_http_on_each_backend() {
             html.contains("<dd><a href=\"/ui/agents?status=online\">1</a></dd>"),
             "{backend:?}: {html}"
         );
+        // An unknown page is an HTML 404 with the same headers.
+        let missing = no_redirects()
+            .get(format!("{url}/ui/nope"))
+            .header("Cookie", format!("drover_session={cookie}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), 404);
+        assert!(missing.headers().contains_key("content-security-policy"));
         // The stylesheet and script come with a long cache life and an ETag.
         let css = no_redirects()
             .get(format!("{url}/ui/static/app.css"))
@@ -441,5 +462,49 @@ async fn login_and_overview_over_http_on_each_backend() {
             .collect();
         assert!(outcomes.contains(&("user.login", "ok")), "{audit:?}");
         assert!(outcomes.contains(&("user.login", "refused")), "{audit:?}");
+
+        // Operators: controls only on agents in their scope, and a POST
+        // on one outside it is refused even with a valid CSRF token.
+        let page = format!("{url}/ui/agents/{}", agent.id);
+        let drain = format!("{page}/drain");
+        for (name, scope, allowed) in [
+            ("otto", "role=elsewhere", false),
+            ("olga", agent.id.as_str(), true),
+        ] {
+            let password = add_user(&cluster, name, "operator", &["--scope-target", scope]);
+            let resp = form_login_as(&url, None, name, &password).await;
+            assert_eq!(resp.status(), 303, "{name}");
+            let set = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+            let cookie = set
+                .split(';')
+                .next()
+                .unwrap()
+                .trim_start_matches("drover_session=")
+                .to_owned();
+            let html = no_redirects()
+                .get(&page)
+                .header("Cookie", format!("drover_session={cookie}"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let csrf = html
+                .split("name=\"csrf\" value=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap()
+                .to_owned();
+            assert_eq!(html.contains("value=\"drain\""), allowed, "{name}: {html}");
+            let status = post_form(&drain, &cookie, &[("csrf", &csrf)]).await;
+            let want = if allowed {
+                DispatchState::Draining
+            } else {
+                DispatchState::Active
+            };
+            assert_eq!(status, if allowed { 303 } else { 403 }, "{name}");
+            assert_eq!(cluster.agent(&agent.id).dispatch, want, "{name}");
+        }
     }
 }

@@ -45,6 +45,10 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/agents/{id}/stop", post(agents::stop))
         .route("/ui/agents/{id}/resume", post(agents::resume))
         .route("/ui/static/{file}", get(assets::serve))
+        .route(
+            "/ui/{*rest}",
+            get(|| async { error::UiError::not_found("no such page") }),
+        )
         .layer(axum::middleware::from_fn(headers::secure))
         .route("/", get(|| async { Redirect::to("/ui/") }))
         .with_state(state)
