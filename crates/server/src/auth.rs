@@ -200,6 +200,29 @@ impl SigningKey {
         })
     }
 
+    /// The dashboard's CSRF token for a session: an HMAC of the session
+    /// token's hash, so it needs no storage and dies with the session. The
+    /// message is prefixed apart from every other use of the key.
+    pub fn csrf_token(&self, session_hash: &str) -> String {
+        hex::encode(self.csrf_mac(session_hash).finalize().into_bytes())
+    }
+
+    /// Whether `presented` is the CSRF token of this session (compared in
+    /// constant time).
+    pub fn csrf_valid(&self, session_hash: &str, presented: &str) -> bool {
+        match hex::decode(presented) {
+            Ok(bytes) => self.csrf_mac(session_hash).verify_slice(&bytes).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    fn csrf_mac(&self, session_hash: &str) -> Hmac<Sha256> {
+        let mut mac = self.successor.clone();
+        mac.update(b"drover/ui-csrf/v1\0");
+        mac.update(session_hash.as_bytes());
+        mac
+    }
+
     /// The refresh token that succeeds `token` when it is rotated. Derived
     /// rather than random so that a token presented again, because the
     /// answer to its rotation was lost, gets the same successor on any
@@ -354,63 +377,72 @@ impl FromRequestParts<AppState> for UserAuth {
         if let Some(user) = parts.extensions.get::<UserAuth>() {
             return Ok(user.clone());
         }
-        let token = bearer(parts)?;
-        let found = state.store.user_token_by_hash(&hash_token(token)).await?;
-        let Some((t, user)) = found else {
-            return Err(ApiError::unauthorized(
-                ErrorCode::Unauthorized,
-                "unknown token: log in again",
-            ));
-        };
-        if t.revoked_at.is_some() {
-            return Err(ApiError::unauthorized(
-                ErrorCode::Unauthorized,
-                "token was revoked",
-            ));
-        }
-        if t.expires_at.is_some_and(|e| e <= Utc::now()) {
-            return Err(ApiError::unauthorized(
-                ErrorCode::TokenExpired,
-                "token expired: run drover login again",
-            ));
-        }
-        crate::routes::audit::Audit::set_actor(parts, &user.username);
-        if let Err(limited) = state.limiter.check(&user.id, &t.id) {
-            state.metrics.rate_limited(limited.limit);
-            crate::routes::audit::Audit::skip_call(
-                parts,
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-            );
-            return Err(ApiError::rate_limited(
-                format!(
-                    "too many requests for this {}: retry after the Retry-After header",
-                    limited.limit
-                ),
-                limited.retry_after,
-            ));
-        }
-        if user.disabled_at.is_some() {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                ErrorCode::UserDisabled,
-                format!("user '{}' is disabled", user.username),
-            ));
-        }
-        let role = match t.role {
-            Some(r) if !r.at_least(user.role) => r,
-            _ => user.role,
-        };
-        let auth = UserAuth {
-            limits: crate::access::Limits::of(&user.scope, &t.scope),
-            user_id: user.id,
-            username: user.username,
-            role,
-            token_id: t.id,
-            token_scope: t.scope,
-        };
-        parts.extensions.insert(auth.clone());
-        Ok(auth)
+        let token = bearer(parts)?.to_owned();
+        authenticate_user(parts, state, &token).await
     }
+}
+
+/// Checks a user's token (a session or an API token) the way every
+/// request is checked — known, not revoked, not expired, rate limits, the
+/// user not disabled — and notes the user for the audit entry. The API
+/// presents it as a bearer token, the dashboard as its session cookie.
+pub async fn authenticate_user(
+    parts: &mut Parts,
+    state: &AppState,
+    token: &str,
+) -> Result<UserAuth, ApiError> {
+    let found = state.store.user_token_by_hash(&hash_token(token)).await?;
+    let Some((t, user)) = found else {
+        return Err(ApiError::unauthorized(
+            ErrorCode::Unauthorized,
+            "unknown token: log in again",
+        ));
+    };
+    if t.revoked_at.is_some() {
+        return Err(ApiError::unauthorized(
+            ErrorCode::Unauthorized,
+            "token was revoked",
+        ));
+    }
+    if t.expires_at.is_some_and(|e| e <= Utc::now()) {
+        return Err(ApiError::unauthorized(
+            ErrorCode::TokenExpired,
+            "token expired: run drover login again",
+        ));
+    }
+    crate::routes::audit::Audit::set_actor(parts, &user.username);
+    if let Err(limited) = state.limiter.check(&user.id, &t.id) {
+        state.metrics.rate_limited(limited.limit);
+        crate::routes::audit::Audit::skip_call(parts, axum::http::StatusCode::TOO_MANY_REQUESTS);
+        return Err(ApiError::rate_limited(
+            format!(
+                "too many requests for this {}: retry after the Retry-After header",
+                limited.limit
+            ),
+            limited.retry_after,
+        ));
+    }
+    if user.disabled_at.is_some() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            ErrorCode::UserDisabled,
+            format!("user '{}' is disabled", user.username),
+        ));
+    }
+    let role = match t.role {
+        Some(r) if !r.at_least(user.role) => r,
+        _ => user.role,
+    };
+    let auth = UserAuth {
+        limits: crate::access::Limits::of(&user.scope, &t.scope),
+        user_id: user.id,
+        username: user.username,
+        role,
+        token_id: t.id,
+        token_scope: t.scope,
+    };
+    parts.extensions.insert(auth.clone());
+    Ok(auth)
 }
 
 #[cfg(test)]
@@ -427,6 +459,23 @@ mod tests {
         assert_eq!(a.len(), 6 + 43);
         assert_eq!(hash_token(&a).len(), 64);
         assert_ne!(hash_token(&a), hash_token(&b));
+    }
+
+    #[test]
+    fn csrf_tokens_belong_to_one_session_and_one_key() {
+        let key = SigningKey::from_bytes(&[7; 32]).unwrap();
+        let other_key = SigningKey::from_bytes(&[8; 32]).unwrap();
+        let (a, b) = (hash_token("drv_s_a"), hash_token("drv_s_b"));
+        let t = key.csrf_token(&a);
+        assert_eq!(t.len(), 64);
+        assert!(key.csrf_valid(&a, &t));
+        assert!(!key.csrf_valid(&b, &t), "another session's token");
+        assert!(!other_key.csrf_valid(&a, &t), "another server key");
+        assert!(!key.csrf_valid(&a, ""));
+        assert!(!key.csrf_valid(&a, "zz"));
+        assert!(!key.csrf_valid(&a, &t[..62]));
+        // Not the refresh-token successor of the same input.
+        assert!(!key.successor_refresh_token(&a).contains(&t));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod state;
 pub mod tasks;
 pub mod throttle;
 pub mod tls;
+pub mod ui;
 pub mod vault;
 pub mod webhooks;
 pub mod workflow;
@@ -428,6 +429,7 @@ pub fn app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let max_body = state.config.max_body_bytes;
     api.merge(routes::system::router())
+        .merge(ui::router(state.clone()))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -1134,3 +1134,153 @@ impl Default for TestPki {
         TestPki::new()
     }
 }
+
+/// A headless Chromium driven through chromedriver (WebDriver), for the
+/// dashboard tests: Debian's `chromium` and `chromium-driver`, which
+/// `scripts/test` installs when missing. Both processes end on drop.
+pub struct Browser {
+    pub client: fantoccini::Client,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+    /// Where `screenshot` saves PNGs (target/ui-screenshots/TEST).
+    pub shots: PathBuf,
+}
+
+impl Browser {
+    /// Starts chromedriver on a free loopback port and a headless Chromium
+    /// with a fresh profile; `test` names the screenshot folder.
+    pub async fn start(test: &str) -> Browser {
+        use std::os::unix::process::CommandExt as _;
+        let port = free_port();
+        let driver_log =
+            File::create(std::env::temp_dir().join(format!("chromedriver-{port}.log")))
+                .expect("chromedriver log");
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            // Its own process group, so Chromium goes with it on drop.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(driver_log.try_clone().expect("log"))
+            .stderr(driver_log)
+            .spawn()
+            .map(Driver)
+            .expect("start chromedriver (apt-get install chromium chromium-driver)");
+        let profile = tempfile::tempdir().expect("profile dir");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_for("chromedriver", Duration::from_secs(20), || {
+            let req = http.get(format!("{url}/status")).send();
+            async move { req.await.ok().filter(|r| r.status().is_success()) }
+        })
+        .await;
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".to_owned(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-background-networking",
+                    "--disable-dev-shm-usage",
+                    "--disable-gpu",
+                    "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            }),
+        );
+        // chromedriver speaks plain HTTP on loopback.
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = fantoccini::ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("start a Chromium session");
+        let exe = std::env::current_exe().expect("current exe");
+        // target/debug/deps/ui-xxxx -> target/ui-screenshots/TEST
+        let shots = exe
+            .ancestors()
+            .nth(3)
+            .expect("target dir")
+            .join("ui-screenshots")
+            .join(test);
+        std::fs::create_dir_all(&shots).expect("screenshot dir");
+        Browser {
+            client,
+            _driver: driver,
+            _profile: profile,
+            shots,
+        }
+    }
+
+    /// Opens `url` and waits for the page.
+    pub async fn goto(&self, url: &str) {
+        self.client.goto(url).await.expect("open page");
+    }
+
+    /// The text of the first element `css` selects.
+    pub async fn text(&self, css: &str) -> String {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+            .text()
+            .await
+            .expect("element text")
+    }
+
+    /// The text of the first element `css` selects once there is one (a
+    /// page still loading), up to 10 s.
+    pub async fn wait_text(&self, css: &str) -> String {
+        wait_for(css, Duration::from_secs(10), || async {
+            match self.client.find(fantoccini::Locator::Css(css)).await {
+                Ok(e) => e.text().await.ok(),
+                Err(_) => None,
+            }
+        })
+        .await
+    }
+
+    /// How many elements `css` selects.
+    pub async fn count(&self, css: &str) -> usize {
+        self.client
+            .find_all(fantoccini::Locator::Css(css))
+            .await
+            .expect("find elements")
+            .len()
+    }
+
+    /// The path of the page shown.
+    pub async fn path(&self) -> String {
+        self.client
+            .current_url()
+            .await
+            .expect("current url")
+            .path()
+            .to_owned()
+    }
+
+    /// Saves a PNG of the page as NAME.png; returns its path.
+    pub async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let path = self.shots.join(format!("{name}.png"));
+        std::fs::write(&path, png).expect("write screenshot");
+        path
+    }
+}
+
+/// chromedriver, in its own process group; killed with the Chromium it
+/// started on drop (also when a test fails while starting the browser).
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on the process group of a child we started.
+        unsafe {
+            libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

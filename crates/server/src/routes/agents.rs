@@ -86,7 +86,7 @@ pub fn to_api(state: &AppState, a: AgentRecord, now: DateTime<Utc>) -> Agent {
     }
 }
 
-async fn load(state: &AppState, id_or_prefix: &str) -> Result<AgentRecord, ApiError> {
+pub(crate) async fn load(state: &AppState, id_or_prefix: &str) -> Result<AgentRecord, ApiError> {
     let id = state.store.resolve_agent_id(id_or_prefix).await?;
     state
         .store
@@ -325,9 +325,23 @@ async fn drain_agent(
     req: Option<ApiJson<DrainAgentRequest>>,
 ) -> Result<Json<Agent>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
-    super::fleet::check_reason(req.reason.as_deref())?;
-    audit.note("reason", req.reason.as_deref().unwrap_or_default());
-    let a = load(&state, &id).await?;
+    let a = drain(&state, &user, &audit, &id, req.reason.as_deref()).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Drains an agent for `user` (an operator whose scope holds it); returns
+/// it as it is now. Shared by the API and the dashboard.
+pub(crate) async fn drain(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+    reason: Option<&str>,
+) -> Result<AgentRecord, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
+    super::fleet::check_reason(reason)?;
+    audit.note("reason", reason.unwrap_or_default());
+    let a = load(state, id).await?;
     audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     if a.dispatch == DispatchState::Stopped {
@@ -337,14 +351,13 @@ async fn drain_agent(
             format!("agent {} is stopped; resume it first", a.id),
         ));
     }
-    let reason = dispatch_reason("drained", &user.username, req.reason.as_deref());
+    let reason = dispatch_reason("drained", &user.username, reason);
     state
         .store
         .set_agent_dispatch(&a.id, DispatchState::Draining, Some(&reason))
         .await?;
     tracing::info!(by = %user.username, agent = %a.id, %reason, "agent drained");
-    let a = load(&state, &a.id).await?;
-    Ok(Json(to_api(&state, a, Utc::now())))
+    load(state, &a.id).await
 }
 
 /// Let a drained or stopped agent take work again.
@@ -360,7 +373,20 @@ async fn resume_agent(
     audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Agent>, ApiError> {
-    let a = load(&state, &id).await?;
+    let a = resume(&state, &user, &audit, &id).await?;
+    Ok(Json(to_api(&state, a, Utc::now())))
+}
+
+/// Lets an agent take work again, for `user` (an operator whose scope
+/// holds it); returns it as it is now. Shared by the API and the dashboard.
+pub(crate) async fn resume(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+) -> Result<AgentRecord, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
+    let a = load(state, id).await?;
     audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     state
@@ -368,8 +394,7 @@ async fn resume_agent(
         .set_agent_dispatch(&a.id, DispatchState::Active, None)
         .await?;
     tracing::info!(by = %user.username, agent = %a.id, "agent resumed");
-    let a = load(&state, &a.id).await?;
-    Ok(Json(to_api(&state, a, Utc::now())))
+    load(state, &a.id).await
 }
 
 /// Stop an agent: it is given no new work, and what it runs is cancelled —
@@ -390,12 +415,25 @@ async fn stop_agent(
     req: Option<ApiJson<StopRequest>>,
 ) -> Result<Json<StopResponse>, ApiError> {
     let req = req.map(|ApiJson(r)| r).unwrap_or_default();
+    stop(&state, &user, &audit, &id, &req).await.map(Json)
+}
+
+/// Stops an agent for `user` (an operator whose scope holds it). Shared
+/// by the API and the dashboard.
+pub(crate) async fn stop(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+    req: &StopRequest,
+) -> Result<StopResponse, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
     super::fleet::check_reason(req.reason.as_deref())?;
     audit.note("reason", req.reason.as_deref().unwrap_or_default());
     if req.force {
         audit.note("force", "true");
     }
-    let a = load(&state, &id).await?;
+    let a = load(state, id).await?;
     audit.target(format!("agent:{}", a.id));
     user.check_agent(&a)?;
     let verb = if req.force {
@@ -406,9 +444,9 @@ async fn stop_agent(
     let reason = dispatch_reason(verb, &user.username, req.reason.as_deref());
     let stopped = state.store.stop_agent(&a.id, req.force, &reason).await?;
     tracing::warn!(by = %user.username, agent = %a.id, force = req.force, attempts = stopped.attempts.len(), "agent stopped");
-    Ok(Json(StopResponse {
+    Ok(StopResponse {
         cancelled: stopped.attempts.len() as u64,
         agents: u64::from(!stopped.attempts.is_empty()),
-        fleet: super::fleet::status(&state).await?,
-    }))
+        fleet: super::fleet::status(state).await?,
+    })
 }

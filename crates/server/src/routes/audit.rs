@@ -229,11 +229,16 @@ async fn list_audit(
 /// True for calls that change state and are made by people: every
 /// non-GET call of the API, and enrollment, but not the agents' routine
 /// traffic (polls, output, leases, results, heartbeats, refreshes), which
-/// has its own records.
+/// has its own records. The dashboard's forms (`/ui/...`) are audited
+/// like the API calls they stand for.
 fn audited(method: &Method, path: &str) -> bool {
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
-        || !path.starts_with("/api/v1/")
-    {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return false;
+    }
+    if path.starts_with("/ui/") {
+        return true;
+    }
+    if !path.starts_with("/api/v1/") {
         return false;
     }
     !path.starts_with("/api/v1/agent/") || path == "/api/v1/agent/enroll"
@@ -244,16 +249,15 @@ fn audited(method: &Method, path: &str) -> bool {
 /// call names no object), from the route and the path. Handlers that
 /// create an object name it afterwards (`Audit::target`).
 fn describe(method: &Method, route: &str, path: &str) -> (String, String) {
-    let route: Vec<&str> = route
-        .trim_start_matches("/api/v1/")
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
-    let values: Vec<&str> = path
-        .trim_start_matches("/api/v1/")
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let strip = |p: &str| -> String {
+        p.strip_prefix("/api/v1/")
+            .or_else(|| p.strip_prefix("/ui/"))
+            .unwrap_or(p)
+            .to_owned()
+    };
+    let (route, path) = (strip(route), strip(path));
+    let route: Vec<&str> = route.split('/').filter(|s| !s.is_empty()).collect();
+    let values: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let segments: Vec<(&str, Option<&str>)> = route
         .iter()
         .enumerate()
@@ -268,6 +272,9 @@ fn describe(method: &Method, route: &str, path: &str) -> (String, String) {
     // Calls whose words read better than the generic ones.
     match (method.as_str(), route.join("/").as_str()) {
         ("POST", "actions") => return ("action.apply".into(), "catalog".into()),
+        // The dashboard's login and logout, named like the API's.
+        ("POST", "login") => return ("user.login".into(), "user".into()),
+        ("POST", "logout") => return ("user.logout".into(), "user".into()),
         ("PATCH", "agents/{id}/labels") => {
             let id = values.get(1).copied().unwrap_or("");
             return (
@@ -475,7 +482,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Audit {
 }
 
 fn outcome(status: StatusCode) -> &'static str {
-    if status.is_success() {
+    // A dashboard form answers a redirect when it worked.
+    if status.is_success() || status.is_redirection() {
         "ok"
     } else if status.is_client_error() {
         "refused"

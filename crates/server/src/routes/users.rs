@@ -74,9 +74,16 @@ async fn whoami(State(state): State<AppState>, by: UserAuth) -> Result<Json<Whoa
     responses((status = 200, body = TokenView), (status = 401, body = ErrorBody, description = "No valid user token"))
 )]
 async fn logout(State(state): State<AppState>, by: UserAuth) -> Result<Json<TokenView>, ApiError> {
+    end_session(&state, &by).await?;
+    presented(&state, &by).await.map(Json)
+}
+
+/// Revokes the token `by` presented, from its next request on (the API's
+/// logout and the dashboard's).
+pub(crate) async fn end_session(state: &AppState, by: &UserAuth) -> Result<(), ApiError> {
     state.store.revoke_token(&by.token_id, Utc::now()).await?;
     tracing::info!(user = %by.username, token = %by.token_id, "logged out");
-    presented(&state, &by).await.map(Json)
+    Ok(())
 }
 
 /// Logs and audits the start of a lockout (once per lockout, not per
@@ -131,7 +138,7 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 
 /// A login that failed: an API error, or the throttle's refusal (429 or
 /// 503, with Retry-After).
-enum LoginError {
+pub(crate) enum LoginError {
     Api(ApiError),
     Refused(Refused),
 }
@@ -153,6 +160,29 @@ fn refused_status(r: Refused) -> StatusCode {
     match r {
         Refused::Locked { .. } => StatusCode::TOO_MANY_REQUESTS,
         Refused::Busy => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl LoginError {
+    /// The status the API answers.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            LoginError::Api(e) => e.status,
+            LoginError::Refused(r) => refused_status(*r),
+        }
+    }
+
+    /// What the user is told.
+    pub(crate) fn message(&self) -> String {
+        match self {
+            LoginError::Api(e) => e.message.clone(),
+            LoginError::Refused(Refused::Locked { .. }) => {
+                "too many failed logins for this account or address: try again later".to_owned()
+            }
+            LoginError::Refused(Refused::Busy) => {
+                "too many logins at once: try again in a moment".to_owned()
+            }
+        }
     }
 }
 
@@ -207,6 +237,18 @@ async fn login(
     audit: Audit,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Json<LoginResponse>, LoginError> {
+    password_login(&state, peer, &audit, req).await.map(Json)
+}
+
+/// Checks a user name and password and opens a session: the throttle
+/// (lockouts, with their audit entries), argon2, a session token stored as
+/// its hash. Shared by the API's login and the dashboard's.
+pub(crate) async fn password_login(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    audit: &Audit,
+    req: LoginRequest,
+) -> Result<LoginResponse, LoginError> {
     if req.username.len() > MAX_USERNAME_BYTES {
         return Err(
             ApiError::invalid(format!("username: longer than {MAX_USERNAME_BYTES} bytes")).into(),
@@ -264,7 +306,7 @@ async fn login(
         }
         _ => {
             for lockout in attempt.finish(false) {
-                record_lockout(&state, &req.username, &lockout).await;
+                record_lockout(state, &req.username, &lockout).await;
             }
             tracing::info!(username = ?req.username, %address, "failed login");
             return Err(ApiError::unauthorized(
@@ -294,10 +336,10 @@ async fn login(
         )
         .await?;
     tracing::info!(username = %user.username, "user logged in");
-    Ok(Json(LoginResponse {
+    Ok(LoginResponse {
         token,
         expires_at,
         username: user.username,
         role: user.role,
-    }))
+    })
 }
