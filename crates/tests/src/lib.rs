@@ -547,6 +547,30 @@ impl Cluster {
         cmd
     }
 
+    /// Adds a user with `drover users add NAME --role ROLE --password-stdin
+    /// EXTRA…`; returns the password (NAME-password-long).
+    pub fn add_user(&self, name: &str, role: &str, extra: &[&str]) -> String {
+        use std::io::Write as _;
+        let password = format!("{name}-password-long");
+        let mut args = vec!["users", "add", name, "--role", role, "--password-stdin"];
+        args.extend(extra);
+        let mut child = self
+            .cli_command(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start drover users add");
+        writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write the password");
+        let out = child.wait_with_output().expect("drover users add");
+        assert!(
+            out.status.success(),
+            "users add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        password
+    }
+
     /// Runs the CLI and returns its output, whatever the exit status.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_command(args).output().expect("run drover")
@@ -1260,6 +1284,59 @@ impl Browser {
             .to_owned()
     }
 
+    /// Logs in through the login form of the server at `url`; waits for
+    /// the overview.
+    pub async fn login(&self, url: &str, user: &str, password: &str) {
+        self.goto(&format!("{url}/ui/login")).await;
+        let form = self
+            .client
+            .form(fantoccini::Locator::Css("form.login"))
+            .await
+            .expect("the login form");
+        form.set_by_name("username", user).await.expect("username");
+        form.set_by_name("password", password)
+            .await
+            .expect("password");
+        form.submit().await.expect("submit the login form");
+        wait_for("the overview", Duration::from_secs(10), || async {
+            (self.path().await == "/ui/").then_some(())
+        })
+        .await;
+    }
+
+    /// Clicks the element `css` and waits until the page path is `path`.
+    pub async fn click_to(&self, css: &str, path: &str) {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+            .click()
+            .await
+            .expect("click");
+        wait_for(path, Duration::from_secs(10), || async {
+            (self.path().await == path).then_some(())
+        })
+        .await;
+    }
+
+    /// The value of the session cookie Chromium holds.
+    pub async fn session_cookie(&self) -> String {
+        self.client
+            .get_named_cookie("drover_session")
+            .await
+            .expect("the session cookie")
+            .value()
+            .to_owned()
+    }
+
+    /// Fails if a dialog is open (a script ran, e.g. an XSS payload).
+    pub async fn no_dialog(&self) {
+        assert!(
+            self.client.get_alert_text().await.is_err(),
+            "a dialog opened: a script ran"
+        );
+    }
+
     /// Saves a PNG of the page as NAME.png; returns its path.
     pub async fn screenshot(&self, name: &str) -> PathBuf {
         let png = self.client.screenshot().await.expect("screenshot");
@@ -1283,4 +1360,21 @@ impl Drop for Driver {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A POST of a dashboard form with the session cookie `cookie`, redirects
+/// not followed; returns the status.
+pub async fn post_ui_form(url: &str, cookie: &str, fields: &[(&str, &str)]) -> u16 {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+        .post(url)
+        .header("Cookie", format!("drover_session={cookie}"))
+        .form(fields)
+        .send()
+        .await
+        .expect("POST the form")
+        .status()
+        .as_u16()
 }

@@ -184,24 +184,7 @@ async fn login(cluster: &Cluster, user: &str, password: &str) -> String {
 
 /// Adds a user with the CLI and logs them in.
 async fn add_user(cluster: &Cluster, name: &str, role: &str, extra: &[&str]) -> String {
-    let password = format!("{name}-password-long");
-    let mut args = vec!["users", "add", name, "--role", role, "--password-stdin"];
-    args.extend(extra);
-    let mut child = cluster
-        .cli_command(&args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "users add {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let password = cluster.add_user(name, role, extra);
     login(cluster, name, &password).await
 }
 

@@ -24,59 +24,8 @@ fn no_redirects() -> reqwest::Client {
         .unwrap()
 }
 
-/// Adds a user with the CLI; returns the password.
-fn add_user(cluster: &Cluster, name: &str, role: &str, extra: &[&str]) -> String {
-    let password = format!("{name}-password-long");
-    let mut args = vec!["users", "add", name, "--role", role, "--password-stdin"];
-    args.extend(extra);
-    let mut child = cluster
-        .cli_command(&args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    password
-}
-
-/// Logs in through the login form; waits for the overview.
-async fn browser_login(b: &Browser, url: &str, user: &str, password: &str) {
-    b.goto(&format!("{url}/ui/login")).await;
-    let form = b.client.form(Locator::Css("form.login")).await.unwrap();
-    form.set_by_name("username", user).await.unwrap();
-    form.set_by_name("password", password).await.unwrap();
-    form.submit().await.unwrap();
-    wait_for("the overview", Duration::from_secs(10), || async {
-        (b.path().await == "/ui/").then_some(())
-    })
-    .await;
-}
-
-/// Clicks the button `css` and waits until the page path is `path`.
-async fn click_to(b: &Browser, css: &str, path: &str) {
-    b.client
-        .find(Locator::Css(css))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_for(path, Duration::from_secs(10), || async {
-        (b.path().await == path).then_some(())
-    })
-    .await;
-}
-
-/// The session cookie Chromium holds.
-async fn session_cookie(b: &Browser) -> String {
+/// The session cookie Chromium holds, checked for its flags.
+async fn checked_session_cookie(b: &Browser) -> String {
     let c = b.client.get_named_cookie("drover_session").await.unwrap();
     assert_eq!(c.http_only(), Some(true), "{c}");
     assert_eq!(
@@ -86,26 +35,6 @@ async fn session_cookie(b: &Browser) -> String {
     );
     assert_eq!(c.path(), Some("/"), "{c}");
     c.value().to_owned()
-}
-
-/// A POST of a form with a cookie; returns the status.
-async fn post_form(url: &str, cookie: &str, fields: &[(&str, &str)]) -> u16 {
-    no_redirects()
-        .post(url)
-        .header("Cookie", format!("drover_session={cookie}"))
-        .form(fields)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
-async fn no_dialog(b: &Browser) {
-    assert!(
-        b.client.get_alert_text().await.is_err(),
-        "a dialog opened: a script ran"
-    );
 }
 
 #[tokio::test]
@@ -133,7 +62,7 @@ async fn dashboard_in_a_real_browser() {
         ))
         .await;
     assert_eq!(changed, 1);
-    let viewer_password = add_user(&cluster, "vera", "viewer", &[]);
+    let viewer_password = cluster.add_user("vera", "viewer", &[]);
 
     let b = Browser::start("dashboard").await;
 
@@ -153,7 +82,7 @@ async fn dashboard_in_a_real_browser() {
     b.screenshot("login-refused").await;
 
     // The admin logs in: the overview counts the fleet.
-    browser_login(&b, &url, "admin", ADMIN_PASSWORD).await;
+    b.login(&url, "admin", ADMIN_PASSWORD).await;
     let online = cluster
         .agents()
         .iter()
@@ -170,7 +99,7 @@ async fn dashboard_in_a_real_browser() {
         "only pages that exist"
     );
     b.screenshot("overview").await;
-    let admin_cookie = session_cookie(&b).await;
+    let admin_cookie = checked_session_cookie(&b).await;
 
     // Every dashboard answer carries the CSP and friends.
     let resp = no_redirects()
@@ -208,7 +137,7 @@ async fn dashboard_in_a_real_browser() {
     );
     assert_eq!(b.count("main script").await, 0);
     assert!(!b.client.source().await.unwrap().contains(XSS));
-    no_dialog(&b).await;
+    b.no_dialog().await;
     assert_eq!(b.count("#agents tbody tr").await, 2);
     b.screenshot("agents").await;
     // Filtered by a target: only what it selects.
@@ -221,12 +150,12 @@ async fn dashboard_in_a_real_browser() {
     assert!(b.text(".pagination").await.contains("2–2 of 2"));
     b.goto(&format!("{url}/ui/agents/{xss_id}")).await;
     assert_eq!(b.text("h1").await, format!("Agent {XSS}"));
-    no_dialog(&b).await;
+    b.no_dialog().await;
     b.screenshot("agent-xss").await;
 
     // Logging out ends the session on the server: the old cookie leads
     // to the login page again.
-    click_to(&b, ".who button", "/ui/login").await;
+    b.click_to(".who button", "/ui/login").await;
     let resp = no_redirects()
         .get(format!("{url}/ui/"))
         .header("Cookie", format!("drover_session={admin_cookie}"))
@@ -238,13 +167,13 @@ async fn dashboard_in_a_real_browser() {
 
     // A viewer sees the agent but no controls, and forged POSTs are
     // refused whether they carry the viewer's CSRF token or none.
-    browser_login(&b, &url, "vera", &viewer_password).await;
+    b.login(&url, "vera", &viewer_password).await;
     b.goto(&format!("{url}/ui/agents/{}", agent.id)).await;
     assert!(b.text("#dispatch").await.contains("active"));
     assert_eq!(b.count("#controls").await, 0);
     assert_eq!(b.count("button[value=drain]").await, 0);
     b.screenshot("agent-as-viewer").await;
-    let viewer_cookie = session_cookie(&b).await;
+    let viewer_cookie = checked_session_cookie(&b).await;
     let viewer_csrf = b
         .client
         .find(Locator::Css("input[name=csrf]"))
@@ -256,11 +185,11 @@ async fn dashboard_in_a_real_browser() {
         .unwrap();
     let drain = format!("{url}/ui/agents/{}/drain", agent.id);
     assert_eq!(
-        post_form(&drain, &viewer_cookie, &[("reason", "x")]).await,
+        post_ui_form(&drain, &viewer_cookie, &[("reason", "x")]).await,
         403
     );
     assert_eq!(
-        post_form(
+        post_ui_form(
             &drain,
             &viewer_cookie,
             &[("csrf", &viewer_csrf), ("reason", "x")]
@@ -269,18 +198,18 @@ async fn dashboard_in_a_real_browser() {
         403
     );
     assert_eq!(cluster.agent(&agent.id).dispatch, DispatchState::Active);
-    click_to(&b, ".who button", "/ui/login").await;
+    b.click_to(".who button", "/ui/login").await;
 
     // The admin: a POST without the session's CSRF token is refused too;
     // the form on the agent's page drains it.
-    browser_login(&b, &url, "admin", ADMIN_PASSWORD).await;
-    let admin_cookie = session_cookie(&b).await;
+    b.login(&url, "admin", ADMIN_PASSWORD).await;
+    let admin_cookie = checked_session_cookie(&b).await;
     assert_eq!(
-        post_form(&drain, &admin_cookie, &[("reason", "x")]).await,
+        post_ui_form(&drain, &admin_cookie, &[("reason", "x")]).await,
         403
     );
     assert_eq!(
-        post_form(&drain, &admin_cookie, &[("csrf", &viewer_csrf)]).await,
+        post_ui_form(&drain, &admin_cookie, &[("csrf", &viewer_csrf)]).await,
         403,
         "another session's token"
     );
@@ -328,7 +257,7 @@ async fn dashboard_in_a_real_browser() {
             .any(|e| e["actor"] == "vera" && e["outcome"] == "refused"),
         "{audit:?}"
     );
-    no_dialog(&b).await;
+    b.no_dialog().await;
 }
 
 /// Logs in through the form over HTTP as the admin.
@@ -439,7 +368,7 @@ async fn login_and_overview_over_http_on_each_backend() {
         assert_eq!(again.status(), 304);
 
         // Logging out without the CSRF token does not log out.
-        let status = post_form(&format!("{url}/ui/logout"), &cookie, &[]).await;
+        let status = post_ui_form(&format!("{url}/ui/logout"), &cookie, &[]).await;
         assert_eq!(status, 403, "{backend:?}");
         let still = no_redirects()
             .get(format!("{url}/ui/"))
@@ -471,7 +400,7 @@ async fn login_and_overview_over_http_on_each_backend() {
             ("otto", "role=elsewhere", false),
             ("olga", agent.id.as_str(), true),
         ] {
-            let password = add_user(&cluster, name, "operator", &["--scope-target", scope]);
+            let password = cluster.add_user(name, "operator", &["--scope-target", scope]);
             let resp = form_login_as(&url, None, name, &password).await;
             assert_eq!(resp.status(), 303, "{name}");
             let set = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -497,7 +426,7 @@ async fn login_and_overview_over_http_on_each_backend() {
                 .unwrap()
                 .to_owned();
             assert_eq!(html.contains("value=\"drain\""), allowed, "{name}: {html}");
-            let status = post_form(&drain, &cookie, &[("csrf", &csrf)]).await;
+            let status = post_ui_form(&drain, &cookie, &[("csrf", &csrf)]).await;
             let want = if allowed {
                 DispatchState::Draining
             } else {
