@@ -11,6 +11,7 @@
 mod cluster;
 mod dag;
 mod stats;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -32,7 +33,8 @@ use crate::stats::summarize;
 #[command(version)]
 struct Args {
     /// Which scenario to run: s1 (dispatch latency), s2 (throughput), s3
-    /// (100-task layered workflow DAG) or all.
+    /// (100-task layered workflow DAG) or all of those three; or ui (the
+    /// dashboard's agents and jobs pages at fleet size, run on its own).
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,
     /// Run the server against this database instead of SQLite in a temp dir,
@@ -58,6 +60,15 @@ struct Args {
     /// S3: measured runs of the DAG per action (`noop`, then `true`).
     #[arg(long, default_value_t = 5)]
     s3_runs: usize,
+    /// ui: agents enrolled (through the agent API, with one heartbeat each).
+    #[arg(long, default_value_t = 1000)]
+    ui_agents: usize,
+    /// ui: jobs submitted (queued on those agents, which never poll).
+    #[arg(long, default_value_t = 10_000)]
+    ui_jobs: usize,
+    /// ui: timed GETs of each page.
+    #[arg(long, default_value_t = 30)]
+    ui_reps: usize,
     /// Slots of each agent (its `capacity`).
     #[arg(long, default_value_t = 8)]
     capacity: u32,
@@ -87,6 +98,7 @@ enum Scenario {
     S2,
     S3,
     All,
+    Ui,
 }
 
 impl Scenario {
@@ -166,7 +178,7 @@ async fn run(args: &Args) -> Result<Value> {
         },
     });
 
-    let raw = if args.raw_spawns > 0 {
+    let raw = if args.raw_spawns > 0 && args.scenario != Scenario::Ui {
         eprintln!(
             "raw fork/exec: {} sequential spawns of /bin/true",
             args.raw_spawns
@@ -202,6 +214,20 @@ async fn run(args: &Args) -> Result<Value> {
         token: cluster.token.clone(),
     };
     api.apply_true_action().await?;
+    if args.scenario == Scenario::Ui {
+        let sizes = ui::Sizes {
+            agents: args.ui_agents,
+            jobs: args.ui_jobs,
+            reps: args.ui_reps.max(1),
+        };
+        report["ui_pages"] = ui::run(&api.http, &api.url, &api.token, &sizes).await?;
+        let server = cluster::memory(cluster.server_pid())?;
+        report["memory"] = json!({
+            "server_peak_rss_kib": server.peak_kib,
+            "server_rss_kib_at_end": server.rss_kib,
+        });
+        return Ok(report);
+    }
 
     let agents = if args.scenario.s2() || args.scenario.s3() {
         args.s2_agents

@@ -9,6 +9,24 @@ use crate::auth::{labels_from_json, labels_to_json};
 use crate::tx::{on_tx, Tx};
 use crate::{from_ms, on_pool, on_write, to_ms, Error, Result, Store};
 
+/// An agent's health, as the store can select it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentHealth {
+    Online,
+    Stale,
+    Offline,
+    Revoked,
+}
+
+/// The moments that divide online from stale from offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCut {
+    /// Seen at or after this: online.
+    pub online_since: DateTime<Utc>,
+    /// Seen at or after this (and before `online_since`): stale.
+    pub stale_since: DateTime<Utc>,
+}
+
 /// An agent as stored.
 #[derive(Debug, Clone)]
 pub struct AgentRecord {
@@ -443,6 +461,54 @@ impl Store {
         );
         let rows: Vec<AgentRow> = on_pool!(self, p => sqlx::query_as(&sql).fetch_all(p).await)?;
         rows.into_iter().map(AgentRecord::try_from).collect()
+    }
+
+    /// One page of agents (oldest enrollment first), optionally only those
+    /// in one health state, and how many there are in all: health as
+    /// `count_agents` counts it (online if seen at or after
+    /// `health.online_since`, stale if at or after `health.stale_since`).
+    pub async fn page_agents(
+        &self,
+        only: Option<AgentHealth>,
+        health: HealthCut,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<AgentRecord>, i64)> {
+        let cond = match only {
+            None => "",
+            Some(AgentHealth::Online) => " AND revoked_at IS NULL AND last_seen_at >= $1",
+            Some(AgentHealth::Stale) => {
+                " AND revoked_at IS NULL AND last_seen_at < $1 AND last_seen_at >= $2"
+            }
+            Some(AgentHealth::Offline) => {
+                " AND revoked_at IS NULL AND (last_seen_at IS NULL OR last_seen_at < $2)"
+            }
+            Some(AgentHealth::Revoked) => " AND revoked_at IS NOT NULL",
+        };
+        // Both thresholds are always bound; `$1 = $1` keeps PostgreSQL
+        // from refusing a parameter the condition does not use.
+        let base = format!("FROM agents WHERE removed_at IS NULL AND ($1 = $1 AND $2 = $2){cond}");
+        let (online, stale) = (to_ms(health.online_since), to_ms(health.stale_since));
+        let count_sql = format!("SELECT COUNT(*) {base}");
+        let total: i64 = on_pool!(self, p => sqlx::query_scalar(&count_sql)
+            .bind(online)
+            .bind(stale)
+            .fetch_one(p)
+            .await)?;
+        let sql =
+            format!("SELECT {AGENT_COLUMNS} {base} ORDER BY enrolled_at, id LIMIT $3 OFFSET $4");
+        let rows: Vec<AgentRow> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(online)
+            .bind(stale)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(p)
+            .await)?;
+        let agents = rows
+            .into_iter()
+            .map(AgentRecord::try_from)
+            .collect::<Result<_>>()?;
+        Ok((agents, total))
     }
 
     /// Resolves a full agent id or a unique prefix of one (at least 4

@@ -35,7 +35,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Connection, PgPool, SqlitePool};
 
 pub use agents::{
-    AgentCounts, AgentRecord, EnrollOutcome, NewAgent, RefreshOutcome, RefreshRotation,
+    AgentCounts, AgentHealth, AgentRecord, EnrollOutcome, HealthCut, NewAgent, RefreshOutcome,
+    RefreshRotation,
 };
 pub use auth::{
     BootstrapToken, NewBootstrapToken, NewUserToken, TokenListing, User, UserChange, UserToken,

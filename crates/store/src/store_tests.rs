@@ -509,6 +509,68 @@ async fn heartbeat_revocation_and_counts() {
 }
 
 #[tokio::test]
+async fn agents_page_in_sql_by_health() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let now = Utc::now();
+        let inv = Inventory::default();
+        let mut ids = Vec::new();
+        for i in 0..7 {
+            let a = enrolled(&store, &format!("page-{i}")).await;
+            // 0, 3, 6 online; 1, 4 stale; 2, 5 never seen (offline).
+            let seen = match i % 3 {
+                0 => Some(now),
+                1 => Some(now - Duration::seconds(60)),
+                _ => None,
+            };
+            if let Some(at) = seen {
+                assert!(store.record_heartbeat(&a.id, "s1", &inv, at).await.unwrap());
+            }
+            ids.push(a.id);
+        }
+        store.revoke_agent(&ids[6], "gone", now).await.unwrap();
+        let cut = HealthCut {
+            online_since: now - Duration::seconds(30),
+            stale_since: now - Duration::seconds(90),
+        };
+        let (all, total) = store.page_agents(None, cut, 0, 100).await.unwrap();
+        assert_eq!(total, 7, "{backend}");
+        let order: Vec<_> = all.iter().map(|a| a.id.clone()).collect();
+        assert_eq!(order, ids, "{backend}: oldest enrollment first");
+        let (page, total) = store.page_agents(None, cut, 5, 5).await.unwrap();
+        assert_eq!((page.len(), total), (2, 7), "{backend}");
+        assert_eq!(page[0].id, ids[5], "{backend}");
+        let st = &store;
+        let pick = |h| async move {
+            let (rows, total) = st.page_agents(Some(h), cut, 0, 100).await.unwrap();
+            assert_eq!(rows.len() as i64, total);
+            rows.into_iter().map(|a| a.id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            pick(AgentHealth::Online).await,
+            [ids[0].clone(), ids[3].clone()],
+            "{backend}"
+        );
+        assert_eq!(
+            pick(AgentHealth::Stale).await,
+            [ids[1].clone(), ids[4].clone()],
+            "{backend}"
+        );
+        assert_eq!(
+            pick(AgentHealth::Offline).await,
+            [ids[2].clone(), ids[5].clone()],
+            "{backend}"
+        );
+        assert_eq!(
+            pick(AgentHealth::Revoked).await,
+            [ids[6].clone()],
+            "{backend}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn labels_and_id_prefixes() {
     for backend in BACKENDS {
         let db = TestDb::new(backend).await;

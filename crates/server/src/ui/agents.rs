@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use drover_proto::api::{AgentStatus, DispatchState, Role, StopRequest};
-use drover_store::AgentRecord;
+use drover_store::{AgentHealth, AgentRecord};
 use maud::{html, Markup};
 use serde::Deserialize;
 
@@ -67,31 +67,66 @@ pub async fn list(
         .as_deref()
         .and_then(|s| AgentStatus::ALL.into_iter().find(|a| a.as_str() == s));
     let mut problem = None;
-    let mut agents = match target {
-        None => state.store.list_agents().await?,
-        Some(t) => match crate::selector::Selector::parse(t) {
-            Err(e) => {
-                problem = Some(format!("target: {e}"));
-                Vec::new()
-            }
-            Ok(_) => match crate::domain::matching_agents(&state.store, t).await {
-                Ok(agents) => agents,
-                Err(crate::domain::Error::Target(_)) => Vec::new(),
-                Err(e) => return Err(crate::error::ApiError::from(e).into()),
-            },
-        },
+    let page_q = PageQuery {
+        page: q.page,
+        limit: q.limit,
     };
-    if let Some(s) = status {
-        agents.retain(|a| health(&state, a) == s);
-    }
-    let paging = Paging::new(
-        &PageQuery {
-            page: q.page,
-            limit: q.limit,
-        },
-        agents.len(),
-    );
-    let shown = &agents[paging.range()];
+    let (agents, paging) = match target {
+        // The whole fleet: paged in SQL.
+        None => {
+            let now = Utc::now();
+            let cut = drover_store::HealthCut {
+                online_since: now - state.config.stale_after,
+                stale_since: now - state.config.offline_after,
+            };
+            let only = status.map(|s| match s {
+                AgentStatus::Online => AgentHealth::Online,
+                AgentStatus::Stale => AgentHealth::Stale,
+                AgentStatus::Offline => AgentHealth::Offline,
+                AgentStatus::Revoked => AgentHealth::Revoked,
+            });
+            // The page asked for; past the end, the last one (a second
+            // query, only then).
+            let asked = Paging::new(&page_q, usize::MAX);
+            let at = |p: Paging| {
+                (
+                    i64::try_from(p.range().start).unwrap_or(i64::MAX),
+                    i64::try_from(p.limit).unwrap_or(0),
+                )
+            };
+            let (offset, limit) = at(asked);
+            let (mut rows, total) = state.store.page_agents(only, cut, offset, limit).await?;
+            let paging = Paging::new(&page_q, usize::try_from(total).unwrap_or(0));
+            if paging.page != asked.page {
+                let (offset, limit) = at(paging);
+                rows = state.store.page_agents(only, cut, offset, limit).await?.0;
+            }
+            (rows, paging)
+        }
+        // A selector is matched in memory (docs/SELECTORS.md), then paged.
+        Some(t) => {
+            let mut agents = match crate::selector::Selector::parse(t) {
+                Err(e) => {
+                    problem = Some(format!("target: {e}"));
+                    Vec::new()
+                }
+                Ok(_) => match crate::domain::matching_agents(&state.store, t).await {
+                    Ok(agents) => agents,
+                    Err(crate::domain::Error::Target(_)) => Vec::new(),
+                    Err(e) => return Err(crate::error::ApiError::from(e).into()),
+                },
+            };
+            if let Some(s) = status {
+                agents.retain(|a| health(&state, a) == s);
+            }
+            let paging = Paging::new(&page_q, agents.len());
+            let range = paging.range();
+            agents.truncate(range.end);
+            agents.drain(..range.start);
+            (agents, paging)
+        }
+    };
+    let shown = &agents;
     let mut keep = Vec::new();
     if let Some(t) = target {
         keep.push(("target", t));

@@ -72,7 +72,7 @@ impl Paging {
 
     /// The index range of this page's rows.
     pub fn range(&self) -> std::ops::Range<usize> {
-        let start = (self.page - 1) * self.limit;
+        let start = (self.page - 1).saturating_mul(self.limit);
         start.min(self.total)..(start + self.limit).min(self.total)
     }
 }
