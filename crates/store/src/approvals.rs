@@ -210,6 +210,31 @@ impl Store {
         self.with_votes(rows).await
     }
 
+    /// A page of the pending requests (`pending`) or of the decided ones
+    /// (every other state), newest first, and how many there are in all.
+    pub async fn page_approvals(
+        &self,
+        pending: bool,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<Approval>, i64)> {
+        let which = "(($1 AND state = 'pending') OR (NOT $1 AND state <> 'pending'))";
+        let sql = format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE {which} \
+             ORDER BY requested_at DESC, id LIMIT $2 OFFSET $3"
+        );
+        let rows: Vec<ApprovalRow> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(pending)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(p)
+            .await)?;
+        let count = format!("SELECT COUNT(*) FROM approvals WHERE {which}");
+        let total: i64 =
+            on_pool!(self, p => sqlx::query_scalar(&count).bind(pending).fetch_one(p).await)?;
+        Ok((self.with_votes(rows).await?, total))
+    }
+
     /// One request by id or a unique prefix of one.
     pub async fn approval(&self, id: &str) -> Result<Option<Approval>> {
         let id = match self.resolve_id("approvals", "approval", id).await {

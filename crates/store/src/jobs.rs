@@ -377,6 +377,8 @@ pub struct AuditFilter {
     /// The target or its start, e.g. `job:01J` or `agent:`.
     pub target: Option<String>,
     pub since: Option<DateTime<Utc>>,
+    /// Only entries older than this id (keyset paging, newest first).
+    pub before: Option<i64>,
     pub limit: i64,
 }
 
@@ -1522,6 +1524,7 @@ impl Store {
                    FROM audit WHERE ($1 IS NULL OR actor = $1) \
                    AND ($2 IS NULL OR LOWER(action) LIKE $2 OR LOWER(request) LIKE $2) AND ($3 IS NULL OR at >= $3) \
                    AND ($4 IS NULL OR target LIKE $4 ESCAPE '\\') \
+                   AND ($6 IS NULL OR id < $6) \
                    ORDER BY id DESC LIMIT $5";
         // Case-insensitive on both engines (SQLite's LIKE is, PostgreSQL's
         // is not).
@@ -1543,6 +1546,7 @@ impl Store {
             .bind(f.since.map(to_ms))
             .bind(&target)
             .bind(f.limit)
+            .bind(f.before)
             .fetch_all(p)
             .await)?)
     }

@@ -2368,3 +2368,135 @@ mod tx {
         }
     }
 }
+
+/// The dashboard's pages: pending and decided requests a page at a time,
+/// the audit log a page at a time (keyset by id).
+mod pages {
+    use super::*;
+    use crate::approvals::NewApproval;
+    use crate::jobs::{AuditEntry, AuditFilter};
+    use drover_proto::approvals::ApprovalState;
+
+    #[tokio::test]
+    async fn approvals_are_paged_pending_apart_from_decided() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let agent = enrolled(&store, "a1").await.id;
+            let argv = vec!["/bin/true".to_owned()];
+            let sandbox = drover_proto::sandbox::Sandbox::default_process();
+            let retry = drover_proto::jobs::RetryPolicy::default();
+            let reasons = vec!["action 'true' is protected (true)".to_owned()];
+            let mut jobs = Vec::new();
+            for _ in 0..3 {
+                let id = store
+                    .create_job(
+                        crate::jobs::NewJob {
+                            action: "true",
+                            action_hash: "h",
+                            target: "*",
+                            params_json: "{}",
+                            argv: &argv,
+                            env: &std::collections::BTreeMap::new(),
+                            timeout_ms: 1000,
+                            kill_grace_ms: 100,
+                            retry: &retry,
+                            created_by: "alice",
+                            agent_ids: std::slice::from_ref(&agent),
+                            artifacts: &[],
+                            sandbox: &sandbox,
+                            workspace: None,
+                            approval: Some(&NewApproval {
+                                spec_hash: "x",
+                                spec: "{}",
+                                reasons: &reasons,
+                                approvers_needed: 1,
+                                requested_by: "alice",
+                                expires_at: Utc::now() + Duration::hours(1),
+                            }),
+                        },
+                        Utc::now(),
+                    )
+                    .await
+                    .unwrap();
+                jobs.push(id);
+            }
+            let first = store.approval_of(&jobs[0]).await.unwrap().unwrap();
+            assert_eq!(
+                store
+                    .reject(&first.id, "bob", "no", Utc::now())
+                    .await
+                    .unwrap(),
+                None
+            );
+            let (page, total) = store.page_approvals(true, 0, 1).await.unwrap();
+            assert_eq!((page.len(), total), (1, 2), "{backend}");
+            assert_eq!(page[0].state, ApprovalState::Pending);
+            let (rest, _) = store.page_approvals(true, 1, 10).await.unwrap();
+            assert_eq!(rest.len(), 1);
+            assert_ne!(rest[0].id, page[0].id, "{backend}: pages do not overlap");
+            let (decided, total) = store.page_approvals(false, 0, 10).await.unwrap();
+            assert_eq!(total, 1, "{backend}");
+            assert_eq!(decided[0].id, first.id);
+            assert_eq!(decided[0].state, ApprovalState::Rejected);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_paged_by_id() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            for i in 0..5 {
+                let target = format!("job:{i}");
+                store
+                    .audit(
+                        &AuditEntry {
+                            actor: if i % 2 == 0 { "alice" } else { "bob" },
+                            action: "job.create",
+                            target: &target,
+                            status: 201,
+                            outcome: "ok",
+                            ..AuditEntry::default()
+                        },
+                        Utc::now(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            let page = |before, actor: Option<&str>| {
+                let store = &store;
+                let actor = actor.map(str::to_owned);
+                async move {
+                    store
+                        .list_audit(&AuditFilter {
+                            actor,
+                            before,
+                            limit: 2,
+                            ..AuditFilter::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r.target)
+                        .collect::<Vec<_>>()
+                }
+            };
+            assert_eq!(page(None, None).await, ["job:4", "job:3"], "{backend}");
+            let all = store
+                .list_audit(&AuditFilter {
+                    limit: 10,
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            let third = all[2].id;
+            assert_eq!(page(Some(third), None).await, ["job:1", "job:0"]);
+            assert_eq!(
+                page(Some(third), Some("alice")).await,
+                ["job:0"],
+                "{backend}: filters hold across pages"
+            );
+        }
+    }
+}

@@ -81,26 +81,31 @@ async fn show_action(
     _user: UserAuth,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Action>, ApiError> {
+    Ok(Json(one(&state, &name).await?))
+}
+
+/// One action, the built-in `noop` included; 404 when there is none.
+pub(crate) async fn one(state: &AppState, name: &str) -> Result<Action, ApiError> {
     if name == NOOP {
         let spec = noop_spec();
-        return Ok(Json(Action {
+        return Ok(Action {
             hash: spec_hash(&spec),
             spec,
             updated_at: chrono::DateTime::<Utc>::UNIX_EPOCH,
-        }));
+        });
     }
-    let rec = state.store.action(&name).await?.ok_or_else(|| {
+    let rec = state.store.action(name).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "action '{name}' not found: see drover actions list"
         ))
     })?;
     let spec: ActionSpec =
         serde_json::from_str(&rec.spec).map_err(|e| ApiError::internal("reading an action", &e))?;
-    Ok(Json(Action {
+    Ok(Action {
         spec,
         hash: rec.hash,
         updated_at: drover_store::time_from_ms(rec.updated_at),
-    }))
+    })
 }
 
 /// Remove an action. Jobs made from it keep what they run; a run not yet
@@ -258,6 +263,12 @@ async fn list_actions(
     State(state): State<AppState>,
     _user: UserAuth,
 ) -> Result<Json<Vec<Action>>, ApiError> {
+    Ok(Json(all(&state).await?))
+}
+
+/// Every action, the built-in `noop` first (the API's list and the
+/// dashboard's catalog).
+pub(crate) async fn all(state: &AppState) -> Result<Vec<Action>, ApiError> {
     let noop = noop_spec();
     let mut out = vec![Action {
         hash: spec_hash(&noop),
@@ -273,5 +284,5 @@ async fn list_actions(
             updated_at: drover_store::time_from_ms(rec.updated_at),
         });
     }
-    Ok(Json(out))
+    Ok(out)
 }

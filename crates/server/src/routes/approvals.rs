@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
+use drover_proto::api::Role;
 use drover_proto::approvals::{
     Approval, ApprovalState, DecideRequest, ProtectRequest, Protection, ProtectionKind,
     MAX_APPROVERS, MAX_REASON_BYTES,
@@ -140,7 +141,7 @@ async fn approval_events(
     Ok(Sse::new(feed).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
 }
 
-async fn load(state: &AppState, id: &str) -> Result<Approval, ApiError> {
+pub(crate) async fn load(state: &AppState, id: &str) -> Result<Approval, ApiError> {
     state
         .store
         .approval(id)
@@ -186,12 +187,40 @@ async fn approve(
     ApiPath(id): ApiPath<String>,
     req: Option<ApiJson<DecideRequest>>,
 ) -> Result<Json<Approval>, ApiError> {
-    if let Some(ApiJson(r)) = &req {
-        check_reason(r.reason.as_deref())?;
-        audit.note("reason", r.reason.as_deref().unwrap_or_default());
-    }
-    let a = load(&state, &id).await?;
-    note_approval(&audit, &a);
+    let reason = req.as_ref().and_then(|ApiJson(r)| r.reason.as_deref());
+    Ok(Json(approve_as(&state, &user, &audit, &id, reason).await?))
+}
+
+/// Whether `user` may approve `a` at all: an operator or admin who did
+/// not ask for it (four eyes: nobody approves their own request). The
+/// dashboard shows its Approve form by this; `approve_as` decides.
+pub fn may_approve(user: &UserAuth, a: &Approval) -> bool {
+    user.role.at_least(Role::Operator)
+        && a.state == ApprovalState::Pending
+        && a.requested_by != user.username
+}
+
+/// Whether `user` may reject `a`: an operator or admin (the requester
+/// too: rejecting their own request withdraws it).
+pub fn may_reject(user: &UserAuth, a: &Approval) -> bool {
+    user.role.at_least(Role::Operator) && a.state == ApprovalState::Pending
+}
+
+/// One approval vote of `user` on request `id`, with an optional comment;
+/// returns the request as it is now. Shared by the API and the dashboard,
+/// so roles, four eyes, the hash binding and the audit apply alike.
+pub(crate) async fn approve_as(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+    reason: Option<&str>,
+) -> Result<Approval, ApiError> {
+    user.require(Role::Operator)?;
+    check_reason(reason)?;
+    audit.note("reason", reason.unwrap_or_default());
+    let a = load(state, id).await?;
+    note_approval(audit, &a);
     match state.store.approve(&a.id, &user.username, Utc::now()).await? {
         Vote::Granted => {
             tracing::info!(approval = %a.id, by = %user.username, "approval granted")
@@ -225,7 +254,7 @@ async fn approve(
             )))
         }
     }
-    Ok(Json(load(&state, &a.id).await?))
+    load(state, &a.id).await
 }
 
 /// Names the request decided and the work it holds in the audit entry.
@@ -269,16 +298,29 @@ async fn reject(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<DecideRequest>,
 ) -> Result<Json<Approval>, ApiError> {
-    check_reason(req.reason.as_deref())?;
-    let reason = req
-        .reason
-        .as_deref()
+    Ok(Json(
+        reject_as(&state, &user, &audit, &id, req.reason.as_deref()).await?,
+    ))
+}
+
+/// Rejects request `id` for `user`, with a reason (required); returns the
+/// request as it is now. Shared by the API and the dashboard.
+pub(crate) async fn reject_as(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+    reason: Option<&str>,
+) -> Result<Approval, ApiError> {
+    user.require(Role::Operator)?;
+    check_reason(reason)?;
+    let reason = reason
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .ok_or_else(|| ApiError::invalid("reason: a rejection needs a reason"))?;
     audit.note("reason", reason);
-    let a = load(&state, &id).await?;
-    note_approval(&audit, &a);
+    let a = load(state, id).await?;
+    note_approval(audit, &a);
     if let Some(s) = state
         .store
         .reject(&a.id, &user.username, reason, Utc::now())
@@ -291,7 +333,7 @@ async fn reject(
         )));
     }
     tracing::info!(approval = %a.id, by = %user.username, %reason, "approval rejected");
-    Ok(Json(load(&state, &a.id).await?))
+    load(state, &a.id).await
 }
 
 /// The protection rules.

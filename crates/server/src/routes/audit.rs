@@ -50,11 +50,7 @@ async fn verify_audit(
     State(state): State<AppState>,
     Admin(_user): Admin,
 ) -> Result<Json<AuditVerification>, ApiError> {
-    let v = state.store.verify_audit().await?;
-    if let Some(b) = &v.broken {
-        state.metrics.audit_verify_failed();
-        tracing::error!(row = b.row(), problem = %b, checked = v.count, "the audit log's hash chain is broken");
-    }
+    let v = verify(&state).await?;
     Ok(Json(AuditVerification {
         ok: v.broken.is_none(),
         count: v.count,
@@ -66,6 +62,19 @@ async fn verify_audit(
             message: b.to_string(),
         }),
     }))
+}
+
+/// Walks the chain, counting and logging a break. Shared by the API and
+/// the dashboard.
+pub(crate) async fn verify(
+    state: &AppState,
+) -> Result<drover_store::audit::Verification, ApiError> {
+    let v = state.store.verify_audit().await?;
+    if let Some(b) = &v.broken {
+        state.metrics.audit_verify_failed();
+        tracing::error!(row = b.row(), problem = %b, checked = v.count, "the audit log's hash chain is broken");
+    }
+    Ok(v)
 }
 
 /// Export formats.
@@ -200,6 +209,7 @@ async fn list_audit(
             action: q.action,
             target: q.target,
             since: q.since,
+            before: None,
             limit: q.limit.unwrap_or(100).clamp(1, 1000),
         })
         .await?;

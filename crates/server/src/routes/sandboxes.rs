@@ -99,6 +99,12 @@ async fn list_sandboxes(
     State(state): State<AppState>,
     _user: UserAuth,
 ) -> Result<Json<Vec<SandboxEntry>>, ApiError> {
+    Ok(Json(all(&state).await?))
+}
+
+/// Every sandbox profile, the built-in `process` first (the API's list
+/// and the dashboard's catalog).
+pub(crate) async fn all(state: &AppState) -> Result<Vec<SandboxEntry>, ApiError> {
     let builtin = Sandbox::default_process();
     let mut out = vec![SandboxEntry {
         hash: spec_hash(&builtin),
@@ -116,5 +122,5 @@ async fn list_sandboxes(
             updated_at: drover_store::time_from_ms(rec.updated_at),
         });
     }
-    Ok(Json(out))
+    Ok(out)
 }

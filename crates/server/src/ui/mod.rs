@@ -15,7 +15,10 @@
 //! (pagination, `state_badge`).
 
 pub mod agents;
+pub mod approvals;
 pub mod assets;
+pub mod audit;
+pub mod catalog;
 pub mod csrf;
 pub mod error;
 pub mod headers;
@@ -44,6 +47,14 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/agents/{id}/drain", post(agents::drain))
         .route("/ui/agents/{id}/stop", post(agents::stop))
         .route("/ui/agents/{id}/resume", post(agents::resume))
+        .route("/ui/approvals", get(approvals::list))
+        .route("/ui/approvals/{id}", get(approvals::detail))
+        .route("/ui/approvals/{id}/approve", post(approvals::approve))
+        .route("/ui/approvals/{id}/reject", post(approvals::reject))
+        .route("/ui/audit", get(audit::list))
+        .route("/ui/audit/verify", get(audit::verify))
+        .route("/ui/catalog", get(catalog::page))
+        .route("/ui/catalog/actions/{name}", get(catalog::action))
         .route("/ui/static/{file}", get(assets::serve))
         .route(
             "/ui/{*rest}",

@@ -10,10 +10,12 @@ use serde::Deserialize;
 /// a class for its colour: never colour alone.
 pub fn state_badge(state: &str) -> Markup {
     let (icon, tone) = match state {
-        "online" | "active" | "succeeded" | "ok" => ("●", "good"),
-        "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" => ("◐", "warn"),
+        "online" | "active" | "succeeded" | "ok" | "approved" => ("●", "good"),
+        "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" | "pending" => {
+            ("◐", "warn")
+        }
         "running" => ("▶", "busy"),
-        "offline" | "cancelled" | "lost" => ("○", "off"),
+        "offline" | "cancelled" | "lost" | "expired" | "superseded" => ("○", "off"),
         "revoked" | "stopped" | "failed" | "timed_out" | "rejected" => ("✕", "bad"),
         _ => ("•", "off"),
     };
