@@ -11,6 +11,7 @@ mod logtext;
 mod ops;
 mod output;
 mod profile;
+mod scripts;
 mod secrets;
 mod serve;
 mod users;
@@ -217,6 +218,8 @@ enum Command {
     Audit(Client<jobs::AuditCommand>),
     /// The secrets vault: set, list, rm, rotate-master-key.
     Secrets(Client<secrets::SecretsCommand>),
+    /// The scripts library: add, list, show and diff versions.
+    Scripts(Client<scripts::ScriptsCommand>),
     /// Print a shell completion script: drover completions bash > /etc/bash_completion.d/drover.
     Completions(docs::CompletionsArgs),
     /// Write man pages (drover.1 and one per subcommand) into a directory.
@@ -348,6 +351,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Workflow(c) => workflow::workflow(&c.client.target(&root), c.command).await,
         Command::Webhooks(c) => workflow::webhooks(&c.client.target(&root), c.command).await,
         Command::Secrets(c) => secrets::secrets(&c.client.target(&root), c.command).await,
+        Command::Scripts(c) => scripts::scripts(&c.client.target(&root), c.command).await,
         Command::Completions(args) => docs::completions(&mut command(), args),
         Command::Man(args) => docs::man(command(), args),
         Command::Version => {

@@ -2500,3 +2500,72 @@ mod pages {
         }
     }
 }
+
+#[tokio::test]
+async fn script_versions_are_immutable_and_found_by_prefix() {
+    use crate::scripts::NewScript;
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let t0 = Utc::now();
+        let add = |sha: &'static str, content: &'static str, at| NewScript {
+            name: "motd",
+            sha256: sha,
+            content,
+            interpreter: "/bin/sh",
+            by: "ada",
+            now: at,
+        };
+        let mut tx = store.begin().await.unwrap();
+        let (v1, new) = tx
+            .add_script(&add("aaaa1111", "echo one\n", t0))
+            .await
+            .unwrap();
+        assert!(new, "{backend}");
+        assert_eq!(v1.size, 9);
+        // The same content again: the version there is, unchanged.
+        let (again, new) = tx
+            .add_script(&add("aaaa1111", "echo one\n", t0 + Duration::seconds(5)))
+            .await
+            .unwrap();
+        assert!(!new, "{backend}");
+        assert_eq!(again, v1, "{backend}");
+        tx.add_script(&add("aaaa2222", "echo two\n", t0 + Duration::seconds(1)))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+
+        let versions = store.script_versions("motd").await.unwrap();
+        let hashes: Vec<_> = versions.iter().map(|v| v.sha256.as_str()).collect();
+        assert_eq!(hashes, ["aaaa2222", "aaaa1111"], "{backend}: newest first");
+        let listed = store.list_scripts().await.unwrap();
+        assert_eq!(listed.len(), 1, "{backend}");
+        assert_eq!((listed[0].0.sha256.as_str(), listed[0].1), ("aaaa2222", 2));
+        assert_eq!(
+            store.resolve_script_version("motd", "aaaa2").await.unwrap(),
+            "aaaa2222"
+        );
+        assert!(matches!(
+            store.resolve_script_version("motd", "aaaa").await,
+            Err(Error::Ambiguous { .. })
+        ));
+        assert!(matches!(
+            store.resolve_script_version("motd", "bbbb").await,
+            Err(Error::NotFound { .. })
+        ));
+        let (rec, content) = store
+            .script_content("motd", "aaaa1111")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (rec.sha256.as_str(), content.as_str()),
+            ("aaaa1111", "echo one\n")
+        );
+        assert!(store
+            .script_content("nope", "aaaa1111")
+            .await
+            .unwrap()
+            .is_none());
+    }
+}

@@ -93,6 +93,14 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/api/v1/actions", Rule::Viewer),
     ("GET", "/api/v1/actions/{name}", Rule::Viewer),
     ("DELETE", "/api/v1/actions/{name}", Rule::Admin),
+    ("POST", "/api/v1/scripts", Rule::Admin),
+    ("GET", "/api/v1/scripts", Rule::Viewer),
+    ("GET", "/api/v1/scripts/{name}", Rule::Viewer),
+    (
+        "GET",
+        "/api/v1/scripts/{name}/versions/{version}",
+        Rule::Viewer,
+    ),
     ("GET", "/api/v1/sandboxes", Rule::Viewer),
     ("DELETE", "/api/v1/sandboxes/{name}", Rule::Admin),
     ("GET", "/api/v1/fleet", Rule::Viewer),
@@ -194,6 +202,7 @@ async fn add_user(cluster: &Cluster, name: &str, role: &str, extra: &[&str]) -> 
 fn concrete(path: &str) -> String {
     path.replace("{id}", "0123456789abcdef0123")
         .replace("{name}", "nosuch")
+        .replace("{version}", "latest")
 }
 
 #[tokio::test]

@@ -282,6 +282,7 @@ fn describe(method: &Method, route: &str, path: &str) -> (String, String) {
     // Calls whose words read better than the generic ones.
     match (method.as_str(), route.join("/").as_str()) {
         ("POST", "actions") => return ("action.apply".into(), "catalog".into()),
+        ("POST", "scripts") => return ("script.add".into(), "script".into()),
         // The dashboard's login and logout, named like the API's.
         ("POST", "login") => return ("user.login".into(), "user".into()),
         ("POST", "logout") => return ("user.logout".into(), "user".into()),

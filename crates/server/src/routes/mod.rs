@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod fleet;
 pub mod jobs;
 pub mod sandboxes;
+pub mod scripts;
 pub mod secrets;
 pub mod system;
 pub mod tokens;
@@ -42,6 +43,7 @@ use crate::state::AppState;
         (name = "workflows", description = "Durable workflow runs, their events and artifacts"),
         (name = "webhooks", description = "Notifications when runs end"),
         (name = "secrets", description = "The secrets vault: values go in, never out"),
+        (name = "scripts", description = "The scripts library: immutable versions named by their SHA-256"),
     )
 )]
 struct ApiDoc;
@@ -85,6 +87,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(workflows::router())
         .merge(webhooks::router())
         .merge(secrets::router())
+        .merge(scripts::router())
 }
 
 /// Adds the error answers every operation can really give, with the
