@@ -95,7 +95,7 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(b.text(".who .user").await, "admin");
     assert_eq!(
         b.count("nav[aria-label=Main] a").await,
-        2,
+        3,
         "only pages that exist"
     );
     b.screenshot("overview").await;

@@ -19,6 +19,7 @@ pub mod assets;
 pub mod csrf;
 pub mod error;
 pub mod headers;
+pub mod jobs;
 pub mod layout;
 pub mod login;
 pub mod overview;
@@ -44,6 +45,11 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/agents/{id}/drain", post(agents::drain))
         .route("/ui/agents/{id}/stop", post(agents::stop))
         .route("/ui/agents/{id}/resume", post(agents::resume))
+        .route("/ui/jobs", get(jobs::list).post(jobs::create))
+        .route("/ui/jobs/new", get(jobs::new))
+        .route("/ui/jobs/{id}", get(jobs::detail))
+        .route("/ui/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/ui/jobs/{id}/events", get(jobs::events))
         .route("/ui/static/{file}", get(assets::serve))
         .route(
             "/ui/{*rest}",
