@@ -1552,6 +1552,158 @@ impl Store {
     }
 }
 
+/// Filters of `page_jobs`; `None` is no filter.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    /// The action's exact name.
+    pub action: Option<String>,
+    /// The user who submitted it, exactly.
+    pub created_by: Option<String>,
+    /// The start of its id (case-insensitive).
+    pub id_prefix: Option<String>,
+}
+
+/// How many agents and attempts a job has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptCounts {
+    pub agents: i64,
+    pub attempts: i64,
+    /// Attempts that ended succeeded.
+    pub succeeded: i64,
+}
+
+impl Store {
+    /// One page of jobs, newest first, and how many match in all: the
+    /// dashboard's list. Only the filters given become SQL conditions, so
+    /// the unfiltered page walks the `(created_at, id)` index.
+    pub async fn page_jobs(
+        &self,
+        f: &JobFilter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<JobRecord>, i64)> {
+        let mut binds: Vec<String> = Vec::new();
+        let mut conditions: Vec<String> = Vec::new();
+        let mut add = |column: &str, op: &str, value: String| {
+            binds.push(value);
+            conditions.push(format!("{column} {op} ${}", binds.len()));
+        };
+        if let Some(s) = f.state {
+            add("state", "=", s.as_str().to_owned());
+        }
+        if let Some(a) = &f.action {
+            add("action", "=", a.clone());
+        }
+        if let Some(u) = &f.created_by {
+            add("created_by", "=", u.clone());
+        }
+        if let Some(p) = &f.id_prefix {
+            add(
+                "id",
+                "LIKE",
+                format!("{}%", like_escape(&p.to_ascii_lowercase())),
+            );
+            if let Some(c) = conditions.last_mut() {
+                c.push_str(" ESCAPE '\\'");
+            }
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let n = binds.len();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
+        let count = format!("SELECT COUNT(*) FROM jobs {filter}");
+        let rows: Vec<JobRow> = on_pool!(self, p => {
+            let mut q = sqlx::query_as(&sql);
+            for b in &binds {
+                q = q.bind(b);
+            }
+            q.bind(limit.max(0)).bind(offset.max(0)).fetch_all(p).await
+        })?;
+        let total: i64 = on_pool!(self, p => {
+            let mut q = sqlx::query_scalar(&count);
+            for b in &binds {
+                q = q.bind(b);
+            }
+            q.fetch_one(p).await
+        })?;
+        let jobs = rows
+            .into_iter()
+            .map(JobRecord::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        Ok((jobs, total))
+    }
+
+    /// Agents and attempts of each of these jobs (absent: none).
+    pub async fn attempt_counts(
+        &self,
+        job_ids: &[String],
+    ) -> Result<std::collections::HashMap<String, AttemptCounts>> {
+        if job_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let sql = format!(
+            "SELECT job_id, COUNT(DISTINCT agent_id), COUNT(*), \
+             SUM(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END) \
+             FROM attempts WHERE job_id {} GROUP BY job_id",
+            in_json(self.backend(), 1)
+        );
+        let ids = to_json(job_ids);
+        let rows: Vec<(String, i64, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(&sql).bind(&ids).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, agents, attempts, succeeded)| {
+                (
+                    id,
+                    AttemptCounts {
+                        agents,
+                        attempts,
+                        succeeded,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The latest `limit` attempts handed to an agent, newest first.
+    pub async fn attempts_of_agent(
+        &self,
+        agent_id: &str,
+        limit: i64,
+    ) -> Result<Vec<AttemptRecord>> {
+        let sql = format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE agent_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT $2"
+        );
+        let rows: Vec<AttemptRow> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(agent_id)
+            .bind(limit.max(0))
+            .fetch_all(p)
+            .await)?;
+        rows.into_iter().map(AttemptRecord::try_from).collect()
+    }
+}
+
+/// `s` with LIKE's wildcards and the escape character escaped (`\`).
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// JSON text of a value stored as text; these types always serialize.
 pub(crate) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())

@@ -2569,3 +2569,153 @@ async fn script_versions_are_immutable_and_found_by_prefix() {
             .is_none());
     }
 }
+
+/// The dashboard's job list and an agent's recent attempts.
+mod ui_pages {
+    use super::*;
+    use crate::jobs::*;
+    use drover_proto::jobs::{JobState, RetryPolicy};
+    use drover_proto::sandbox::Sandbox;
+    use std::collections::BTreeMap;
+
+    async fn job_at(
+        store: &Store,
+        agents: &[String],
+        action: &str,
+        by: &str,
+        at: chrono::DateTime<Utc>,
+    ) -> String {
+        let argv = vec!["/bin/true".to_owned()];
+        store
+            .create_job(
+                NewJob {
+                    action,
+                    action_hash: "h",
+                    target: "*",
+                    params_json: "{}",
+                    argv: &argv,
+                    env: &BTreeMap::new(),
+                    timeout_ms: 1000,
+                    kill_grace_ms: 100,
+                    retry: &RetryPolicy::default(),
+                    created_by: by,
+                    agent_ids: agents,
+                    artifacts: &[],
+                    sandbox: &Sandbox::default_process(),
+                    workspace: None,
+                    approval: None,
+                },
+                at,
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn jobs_are_paged_newest_first_with_filters_and_a_total() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let a = enrolled(&store, "agent-a").await;
+            let b = enrolled(&store, "agent-b").await;
+            let both = vec![a.id.clone(), b.id.clone()];
+            let t0 = Utc::now() - Duration::hours(1);
+            // 25 jobs: every fifth is "deploy" by "olga", the rest "echo"
+            // by "admin"; ids in creation order.
+            let mut ids = Vec::new();
+            for i in 0..25 {
+                let (action, by) = if i % 5 == 0 {
+                    ("deploy", "olga")
+                } else {
+                    ("echo", "admin")
+                };
+                let agents = if i == 24 { &both[..] } else { &both[..1] };
+                ids.push(job_at(&store, agents, action, by, t0 + Duration::seconds(i)).await);
+            }
+            store
+                .cancel_job(&ids[3], "by test", Utc::now())
+                .await
+                .unwrap();
+
+            let all = JobFilter::default();
+            let (page, total) = store.page_jobs(&all, 0, 10).await.unwrap();
+            assert_eq!(total, 25, "{backend}");
+            let got: Vec<&str> = page.iter().map(|j| j.id.as_str()).collect();
+            let want: Vec<&str> = ids.iter().rev().take(10).map(String::as_str).collect();
+            assert_eq!(got, want, "{backend}: newest first");
+            let (page3, total) = store.page_jobs(&all, 20, 10).await.unwrap();
+            assert_eq!((page3.len(), total), (5, 25), "{backend}: the last page");
+            assert_eq!(page3[4].id, ids[0], "{backend}");
+            let (past, total) = store.page_jobs(&all, 100, 10).await.unwrap();
+            assert_eq!((past.len(), total), (0, 25), "{backend}");
+
+            let deploys = JobFilter {
+                action: Some("deploy".to_owned()),
+                ..Default::default()
+            };
+            let (page, total) = store.page_jobs(&deploys, 0, 2).await.unwrap();
+            assert_eq!((page.len(), total), (2, 5), "{backend}");
+            assert!(page.iter().all(|j| j.action == "deploy"));
+            let by_olga = JobFilter {
+                created_by: Some("olga".to_owned()),
+                action: Some("echo".to_owned()),
+                ..Default::default()
+            };
+            assert_eq!(store.page_jobs(&by_olga, 0, 50).await.unwrap().1, 0);
+            let cancelled = JobFilter {
+                state: Some(JobState::Cancelled),
+                ..Default::default()
+            };
+            let (page, total) = store.page_jobs(&cancelled, 0, 50).await.unwrap();
+            assert_eq!(total, 1, "{backend}");
+            assert_eq!(page[0].id, ids[3]);
+            let queued = JobFilter {
+                state: Some(JobState::Queued),
+                created_by: Some("admin".to_owned()),
+                ..Default::default()
+            };
+            assert_eq!(store.page_jobs(&queued, 0, 50).await.unwrap().1, 19);
+            // An id prefix, in any case; LIKE's wildcards are literal.
+            let prefix = JobFilter {
+                id_prefix: Some(ids[7][..30].to_ascii_uppercase()),
+                ..Default::default()
+            };
+            let (page, total) = store.page_jobs(&prefix, 0, 50).await.unwrap();
+            assert_eq!(total, 1, "{backend}");
+            assert_eq!(page[0].id, ids[7]);
+            for wild in ["%", "_", "\\"] {
+                let f = JobFilter {
+                    id_prefix: Some(wild.to_owned()),
+                    ..Default::default()
+                };
+                assert_eq!(store.page_jobs(&f, 0, 50).await.unwrap().1, 0, "{wild}");
+            }
+
+            let counts = store
+                .attempt_counts(&[ids[24].clone(), ids[0].clone(), "nope".to_owned()])
+                .await
+                .unwrap();
+            assert_eq!(counts[&ids[24]].agents, 2, "{backend}");
+            assert_eq!(counts[&ids[24]].attempts, 2);
+            assert_eq!(counts[&ids[0]].attempts, 1);
+            assert_eq!(counts[&ids[0]].succeeded, 0);
+            assert!(!counts.contains_key("nope"));
+            assert!(store.attempt_counts(&[]).await.unwrap().is_empty());
+
+            // Agent a holds an attempt of every job, b of the last one.
+            let recent = store.attempts_of_agent(&a.id, 20).await.unwrap();
+            assert_eq!(recent.len(), 20, "{backend}");
+            assert_eq!(recent[0].job_id, ids[24], "{backend}: newest first");
+            assert_eq!(recent[19].job_id, ids[5]);
+            assert!(recent.iter().all(|r| r.agent_id == a.id));
+            let of_b = store.attempts_of_agent(&b.id, 20).await.unwrap();
+            assert_eq!(of_b.len(), 1);
+            assert_eq!(of_b[0].job_id, ids[24]);
+            assert!(store
+                .attempts_of_agent("nobody", 20)
+                .await
+                .unwrap()
+                .is_empty());
+        }
+    }
+}

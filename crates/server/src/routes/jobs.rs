@@ -51,6 +51,22 @@ async fn submit_job(
     audit: Audit,
     ApiJson(req): ApiJson<SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
+    let job = submit(&state, &user, &audit, &req, StatusCode::CREATED).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Submits a job for `user` (an operator whose scope holds the action and
+/// the agents): checks, approval request, the job and its audit entry in
+/// one commit; `answer` is the status the caller answers with when it
+/// worked (the audit entry's). Shared by the API and the dashboard.
+pub(crate) async fn submit(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    req: &SubmitJobRequest,
+    answer: StatusCode,
+) -> Result<Job, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
     // Noted first: a refused job's entry says what was asked for too.
     audit.note("action", &req.action);
     audit.note("selector", &req.target);
@@ -96,11 +112,11 @@ async fn submit_job(
     }
     let mut tx = state.store.begin().await?;
     tx.insert_job(&id, &new_job, None, None, Utc::now()).await?;
-    audit.write(&mut tx, StatusCode::CREATED).await?;
+    audit.write(&mut tx, answer).await?;
     tx.commit().await?;
     let (spec, sandbox, agents) = (&job, &job.sandbox, &job.agents);
     tracing::info!(job = %id, action = %spec.action, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
-    Ok((StatusCode::CREATED, Json(load_job(&state, &id).await?)))
+    load_job(state, &id).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -218,20 +234,40 @@ async fn job_logs(
     let id = state.store.resolve_job_id(&id).await?;
     let after = q.after.unwrap_or(0).max(0);
     let limit = q.limit.unwrap_or(500).clamp(1, 5000);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    Ok(Json(
+        follow_logs(&state, &id, after, limit, wait, false).await?,
+    ))
+}
+
+/// The output of job `id` (a full id) after cursor `after`: at once when
+/// there is some or the job has ended, else once some arrives or `wait`
+/// is over; with `wake_on_change`, also as soon as anything about the job
+/// changed (its state, an attempt's), so that a follower can tell. Shared
+/// by the API's logs and the dashboard's live job page.
+pub(crate) async fn follow_logs(
+    state: &AppState,
+    id: &str,
+    after: i64,
+    limit: i64,
+    wait: Duration,
+    wake_on_change: bool,
+) -> Result<LogPage, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
     let mut events = state.hub.subscribe();
+    let mut changed = false;
     loop {
         // Read the state first: output stored before the job ended is then
         // certainly in the page that follows.
         let final_state = state
             .store
-            .job(&id)
+            .job(id)
             .await?
             .map(|j| j.state.is_final())
             .unwrap_or(true);
-        let records = state.store.logs_after(&id, after, limit).await?;
-        if !records.is_empty() || final_state || tokio::time::Instant::now() >= deadline {
+        let records = state.store.logs_after(id, after, limit).await?;
+        if !records.is_empty() || final_state || changed || tokio::time::Instant::now() >= deadline
+        {
             let next = records.last().map(|r| r.id).unwrap_or(after);
             let complete = final_state && (records.len() as i64) < limit;
             let chunks = records
@@ -247,15 +283,15 @@ async fn job_logs(
                     data: r.data,
                 })
                 .collect();
-            return Ok(Json(LogPage {
+            return Ok(LogPage {
                 chunks,
                 next,
                 complete,
-            }));
+            });
         }
         tokio::select! {
-            _ = wait_for_job(&mut events, &id, deadline) => {}
-            _ = state.shutdown.cancelled() => return Ok(Json(LogPage { chunks: Vec::new(), next: after, complete: false })),
+            woke = wait_for_job(&mut events, id, deadline) => changed = woke && wake_on_change,
+            _ = state.shutdown.cancelled() => return Ok(LogPage { chunks: Vec::new(), next: after, complete: false }),
         }
     }
 }
@@ -275,9 +311,28 @@ async fn cancel_job(
     audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Job>, ApiError> {
-    let id = state.store.resolve_job_id(&id).await?;
+    Ok(Json(cancel(&state, &user, &audit, &id, None).await?))
+}
+
+/// Cancels job `id` (or a unique prefix) for `user` (an operator whose
+/// scope holds its action and agents), with an optional reason; a job
+/// that has ended is a conflict (409). Shared by the API and the
+/// dashboard.
+pub(crate) async fn cancel(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+    reason: Option<&str>,
+) -> Result<Job, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
+    super::fleet::check_reason(reason)?;
+    if let Some(r) = reason {
+        audit.note("reason", r);
+    }
+    let id = state.store.resolve_job_id(id).await?;
     audit.target(format!("job:{id}"));
-    let job = load_job(&state, &id).await?;
+    let job = load_job(state, &id).await?;
     if !user.limits.is_everywhere() {
         let agents: Vec<String> = job.attempts.iter().map(|a| a.agent_id.clone()).collect();
         domain::Jobs::new(&state.store)
@@ -296,10 +351,13 @@ async fn cancel_job(
             ),
         ));
     }
-    let reason = format!("cancelled by {}", user.username);
+    let reason = match reason {
+        Some(r) => format!("cancelled by {}: {r}", user.username),
+        None => format!("cancelled by {}", user.username),
+    };
     let agents = state.store.cancel_job(&id, &reason, Utc::now()).await?;
     tracing::info!(job = %id, by = %user.username, running = agents.len(), "job cancel requested");
-    Ok(Json(load_job(&state, &id).await?))
+    load_job(state, &id).await
 }
 
 /// A job with its attempts and the reasons of whatever still waits.

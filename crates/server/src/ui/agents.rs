@@ -204,6 +204,7 @@ pub async fn detail(
     let a = crate::routes::agents::load(&state, &id).await?;
     let title = format!("Agent {}", a.hostname);
     let controls = may_control(&user, &a) && a.revoked_at.is_none();
+    let recent = super::jobs::recent_attempts(&state, &a.id).await?;
     let action = |verb: &str| format!("/ui/agents/{}/{verb}", a.id);
     let content = html! {
         dl.facts {
@@ -241,6 +242,7 @@ pub async fn detail(
                 },
             }
         }
+        (recent)
         @if controls {
             section aria-labelledby="controls-h" #controls {
                 h2 #controls-h { "Dispatch controls" }

@@ -55,7 +55,7 @@ pub const NAV: &[NavItem] = &[
         label: "Jobs",
         href: "/ui/jobs",
         role: Role::Viewer,
-        ready: false,
+        ready: true,
     },
     NavItem {
         section: Section::Workflows,

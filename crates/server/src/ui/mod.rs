@@ -22,6 +22,7 @@ pub mod catalog;
 pub mod csrf;
 pub mod error;
 pub mod headers;
+pub mod jobs;
 pub mod layout;
 pub mod login;
 pub mod overview;
@@ -55,6 +56,11 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/audit/verify", get(audit::verify))
         .route("/ui/catalog", get(catalog::page))
         .route("/ui/catalog/actions/{name}", get(catalog::action))
+        .route("/ui/jobs", get(jobs::list).post(jobs::create))
+        .route("/ui/jobs/new", get(jobs::new))
+        .route("/ui/jobs/{id}", get(jobs::detail))
+        .route("/ui/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/ui/jobs/{id}/events", get(jobs::events))
         .route("/ui/static/{file}", get(assets::serve))
         .route(
             "/ui/{*rest}",

@@ -9,20 +9,24 @@ use serde::Deserialize;
 /// A state as an icon (hidden from screen readers), its name as text, and
 /// a class for its colour: never colour alone.
 pub fn state_badge(state: &str) -> Markup {
-    let (icon, tone) = match state {
-        "online" | "active" | "succeeded" | "ok" | "approved" => ("●", "good"),
-        "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" | "pending" => {
-            ("◐", "warn")
-        }
-        "running" => ("▶", "busy"),
-        "offline" | "cancelled" | "lost" | "expired" | "superseded" => ("○", "off"),
-        "revoked" | "stopped" | "failed" | "timed_out" | "rejected" => ("✕", "bad"),
-        _ => ("•", "off"),
-    };
+    let (icon, tone) = badge_look(state);
     html! {
         span class={ "badge badge-" (tone) } data-state=(state) {
             span.icon aria-hidden="true" { (icon) } " " (state.replace('_', " "))
         }
+    }
+}
+
+/// The icon and colour class (`badge-TONE`) of a state's badge; the live
+/// pages' script gets them from the server too.
+pub fn badge_look(state: &str) -> (&'static str, &'static str) {
+    match state {
+        "online" | "active" | "succeeded" | "ok" | "approved" => ("●", "good"),
+        "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" | "pending" => ("◐", "warn"),
+        "running" => ("▶", "busy"),
+        "offline" | "cancelled" | "lost" | "expired" | "superseded" => ("○", "off"),
+        "revoked" | "stopped" | "failed" | "timed_out" | "rejected" => ("✕", "bad"),
+        _ => ("•", "off"),
     }
 }
 
