@@ -24,6 +24,7 @@ pub mod login;
 pub mod overview;
 pub mod session;
 pub mod widgets;
+pub mod workflows;
 
 use axum::response::Redirect;
 use axum::routing::{get, post};
@@ -44,6 +45,12 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/agents/{id}/drain", post(agents::drain))
         .route("/ui/agents/{id}/stop", post(agents::stop))
         .route("/ui/agents/{id}/resume", post(agents::resume))
+        .route("/ui/workflows", get(workflows::list))
+        .route("/ui/workflows/runs/{id}", get(workflows::detail))
+        .route("/ui/workflows/runs/{id}/cancel", post(workflows::cancel))
+        .route("/ui/workflows/runs/{id}/events", get(workflows::events))
+        .route("/ui/workflows/runs/{id}/tasks/{task}", get(workflows::task))
+        .route("/ui/artifacts/{id}", get(workflows::artifact))
         .route("/ui/static/{file}", get(assets::serve))
         .route(
             "/ui/{*rest}",

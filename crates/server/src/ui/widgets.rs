@@ -9,18 +9,24 @@ use serde::Deserialize;
 /// A state as an icon (hidden from screen readers), its name as text, and
 /// a class for its colour: never colour alone.
 pub fn state_badge(state: &str) -> Markup {
-    let (icon, tone) = match state {
+    let (icon, tone) = badge_parts(state);
+    html! {
+        span class={ "badge badge-" (tone) } data-state=(state) {
+            span.icon aria-hidden="true" { (icon) } " " (state.replace('_', " "))
+        }
+    }
+}
+
+/// A state's icon and colour class suffix, as [`state_badge`] draws them
+/// (also handed to scripts that redraw a badge live).
+pub fn badge_parts(state: &str) -> (&'static str, &'static str) {
+    match state {
         "online" | "active" | "succeeded" | "ok" => ("●", "good"),
         "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" => ("◐", "warn"),
         "running" => ("▶", "busy"),
         "offline" | "cancelled" | "lost" => ("○", "off"),
         "revoked" | "stopped" | "failed" | "timed_out" | "rejected" => ("✕", "bad"),
         _ => ("•", "off"),
-    };
-    html! {
-        span class={ "badge badge-" (tone) } data-state=(state) {
-            span.icon aria-hidden="true" { (icon) } " " (state.replace('_', " "))
-        }
     }
 }
 
