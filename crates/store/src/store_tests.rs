@@ -1649,6 +1649,129 @@ mod workflows {
             assert_eq!((list[0].size, list[0].sha256.as_str()), (4, "bb"));
         }
     }
+
+    /// A page of runs: newest first, filtered by state and workflow name
+    /// in SQL, with the total that matches and each run's task counts.
+    #[tokio::test]
+    async fn runs_are_paged_and_filtered_in_sql() {
+        for backend in BACKENDS {
+            let db = TestDb::new(backend).await;
+            let store = db.open().await;
+            let t0 = Utc::now();
+            let mut ids = Vec::new();
+            // Five runs: deploy x3, build x2, one second apart.
+            for (i, name) in ["deploy", "build", "deploy", "build", "deploy"]
+                .into_iter()
+                .enumerate()
+            {
+                let tasks = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+                let id = store
+                    .create_run(
+                        NewRun {
+                            name,
+                            def_hash: "h1",
+                            def_body: "{}",
+                            inputs: &BTreeMap::new(),
+                            created_by: "admin",
+                            deadline: None,
+                            tasks: &tasks,
+                            workspace: false,
+                            scope: None,
+                            approval: None,
+                        },
+                        t0 + Duration::seconds(i as i64),
+                    )
+                    .await
+                    .unwrap();
+                ids.push(id);
+            }
+            // The second deploy ran one task and failed.
+            store
+                .set_task_state(&ids[2], "a", TaskState::Succeeded, None, None, t0)
+                .await
+                .unwrap();
+            store
+                .finish_run(
+                    &ids[2],
+                    RunState::Failed,
+                    Some("x"),
+                    &[],
+                    WorkspaceEnd::None,
+                    t0,
+                )
+                .await
+                .unwrap();
+
+            let all = RunFilter::default();
+            let (page, total) = store.page_runs(&all, 0, 2).await.unwrap();
+            assert_eq!(total, 5, "{backend}");
+            let got: Vec<&str> = page.iter().map(|r| r.run.id.as_str()).collect();
+            assert_eq!(
+                got,
+                [ids[4].as_str(), ids[3].as_str()],
+                "{backend}: newest first"
+            );
+            let (page, total) = store.page_runs(&all, 4, 2).await.unwrap();
+            assert_eq!((page.len(), total), (1, 5), "{backend}: the last page");
+            assert_eq!(page[0].run.id, ids[0], "{backend}");
+            let (page, total) = store.page_runs(&all, 10, 2).await.unwrap();
+            assert_eq!((page.len(), total), (0, 5), "{backend}: past the end");
+
+            let deploys = RunFilter {
+                name: Some("deploy"),
+                ..RunFilter::default()
+            };
+            let (page, total) = store.page_runs(&deploys, 1, 10).await.unwrap();
+            assert_eq!(total, 3, "{backend}");
+            let got: Vec<&str> = page.iter().map(|r| r.run.id.as_str()).collect();
+            assert_eq!(got, [ids[2].as_str(), ids[0].as_str()], "{backend}");
+            assert_eq!(
+                (page[0].tasks_done, page[0].tasks_total),
+                (1, 3),
+                "{backend}"
+            );
+            assert_eq!(
+                (page[1].tasks_done, page[1].tasks_total),
+                (0, 3),
+                "{backend}"
+            );
+
+            let failed = RunFilter {
+                state: Some(RunState::Failed),
+                ..RunFilter::default()
+            };
+            let (page, total) = store.page_runs(&failed, 0, 10).await.unwrap();
+            assert_eq!(total, 1, "{backend}");
+            assert_eq!(page[0].run.id, ids[2], "{backend}");
+            assert_eq!(page[0].run.state, RunState::Failed, "{backend}");
+            let both = RunFilter {
+                state: Some(RunState::Failed),
+                name: Some("build"),
+            };
+            let (page, total) = store.page_runs(&both, 0, 10).await.unwrap();
+            assert_eq!((page.len(), total), (0, 0), "{backend}");
+            let running = RunFilter {
+                state: Some(RunState::Running),
+                name: Some("build"),
+            };
+            assert_eq!(
+                store.page_runs(&running, 0, 10).await.unwrap().1,
+                2,
+                "{backend}"
+            );
+
+            // The latest event's number: one per created run, one per
+            // task change, one for the end.
+            let seq = store.run_event_seq(&ids[2]).await.unwrap().unwrap();
+            let events = store.events_after(&ids[2], 0, 100).await.unwrap();
+            assert_eq!(events.last().map(|e| e.id), Some(seq), "{backend}");
+            assert_eq!(
+                store.run_event_seq("nope").await.unwrap(),
+                None,
+                "{backend}"
+            );
+        }
+    }
 }
 
 mod fleet {

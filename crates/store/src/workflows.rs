@@ -131,6 +131,32 @@ impl TryFrom<RunRow> for RunRecord {
     }
 }
 
+/// Which runs [`Store::page_runs`] shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunFilter<'a> {
+    pub state: Option<RunState>,
+    /// The workflow's name, exactly.
+    pub name: Option<&'a str>,
+}
+
+/// A run in a list, with how many of its tasks have ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run: RunRecord,
+    pub tasks_total: i64,
+    /// Tasks in a final state (succeeded, failed, timed out, cancelled,
+    /// skipped).
+    pub tasks_done: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunSummaryRow {
+    #[sqlx(flatten)]
+    run: RunRow,
+    tasks_total: i64,
+    tasks_done: i64,
+}
+
 /// A task of a run, with the state of its job when it has one.
 #[derive(Debug, Clone)]
 pub struct TaskRecord {
@@ -908,6 +934,79 @@ impl Store {
             }
         };
         rows.into_iter().map(RunRecord::try_from).collect()
+    }
+
+    /// One page of runs, newest first, with how many match `filter` in
+    /// all: `LIMIT`/`OFFSET` and a `COUNT` in SQL, and each run's task
+    /// counts from the (run, task) primary key.
+    pub async fn page_runs(
+        &self,
+        filter: &RunFilter<'_>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<RunSummary>, i64)> {
+        let mut conds = Vec::new();
+        if filter.state.is_some() {
+            conds.push(format!("state = ${}", conds.len() + 1));
+        }
+        if filter.name.is_some() {
+            conds.push(format!("name = ${}", conds.len() + 1));
+        }
+        let where_ = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        let n = conds.len();
+        let count_sql = format!("SELECT COUNT(*) FROM workflow_runs{where_}");
+        let sql = format!(
+            "SELECT {RUN_COLUMNS}, \
+             (SELECT COUNT(*) FROM workflow_tasks t WHERE t.run_id = workflow_runs.id) AS tasks_total, \
+             (SELECT COUNT(*) FROM workflow_tasks t WHERE t.run_id = workflow_runs.id \
+              AND t.state IN {FINAL_TASK_STATES}) AS tasks_done \
+             FROM workflow_runs{where_} ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
+        let state = filter.state.map(RunState::as_str);
+        let total: i64 = on_pool!(self, p => {
+            let mut q = sqlx::query_scalar(&count_sql);
+            if let Some(s) = state {
+                q = q.bind(s);
+            }
+            if let Some(name) = filter.name {
+                q = q.bind(name);
+            }
+            q.fetch_one(p).await
+        })?;
+        let rows: Vec<RunSummaryRow> = on_pool!(self, p => {
+            let mut q = sqlx::query_as(&sql);
+            if let Some(s) = state {
+                q = q.bind(s);
+            }
+            if let Some(name) = filter.name {
+                q = q.bind(name);
+            }
+            q.bind(limit.max(0)).bind(offset.max(0)).fetch_all(p).await
+        })?;
+        let runs = rows
+            .into_iter()
+            .map(|r| {
+                Ok(RunSummary {
+                    run: RunRecord::try_from(r.run)?,
+                    tasks_total: r.tasks_total,
+                    tasks_done: r.tasks_done,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((runs, total))
+    }
+
+    /// The number of the run's latest event (0: none), for a reader that
+    /// shows the run as it is now and then follows what changes.
+    pub async fn run_event_seq(&self, run_id: &str) -> Result<Option<i64>> {
+        let sql = "SELECT event_seq FROM workflow_runs WHERE id = $1";
+        Ok(on_pool!(self, p => sqlx::query_scalar(sql).bind(run_id).fetch_optional(p).await)?)
     }
 
     /// Runs not yet ended.

@@ -161,6 +161,14 @@ async fn submit_run(
     Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?)))
 }
 
+/// Whether `user` may cancel a run `created_by` submitted: an operator (or admin) without a
+/// scope, or a scoped one who submitted it. The dashboard shows its
+/// cancel form by this; [`cancel`] enforces it.
+pub(crate) fn may_stop(user: &UserAuth, created_by: &str) -> bool {
+    user.role.at_least(drover_proto::api::Role::Operator)
+        && (user.limits.is_everywhere() || created_by == user.username)
+}
+
 /// A scoped operator stops only the runs it submitted; anyone else
 /// acting as operator stops any run.
 async fn check_run_owner(state: &AppState, user: &UserAuth, id: &str) -> Result<(), ApiError> {
@@ -172,7 +180,7 @@ async fn check_run_owner(state: &AppState, user: &UserAuth, id: &str) -> Result<
         .run(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("run '{id}' not found")))?;
-    if run.created_by == user.username {
+    if may_stop(user, &run.created_by) {
         return Ok(());
     }
     Err(ApiError::forbidden(format!(
@@ -370,7 +378,7 @@ fn run_view(r: RunRecord, tasks: Vec<TaskRun>, def: Option<&WorkflowDef>) -> Run
     }
 }
 
-async fn definition_of(state: &AppState, hash: &str) -> Result<WorkflowDef, ApiError> {
+pub(crate) async fn definition_of(state: &AppState, hash: &str) -> Result<WorkflowDef, ApiError> {
     let body = state
         .store
         .definition(hash)
@@ -471,15 +479,34 @@ async fn cancel_run(
     audit: Audit,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Run>, ApiError> {
-    let id = state.store.resolve_run_id(&id).await?;
+    Ok(Json(cancel(&state, &user, &audit, &id, None).await?))
+}
+
+/// Cancels run `id` (or a unique prefix) for `user`: the API's route and
+/// the dashboard's form both come here, so the role, the scope rule
+/// ([`may_stop`]) and the audit apply alike. `reason`, when given, is
+/// noted in the audit and the log.
+pub(crate) async fn cancel(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    id: &str,
+    reason: Option<&str>,
+) -> Result<Run, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
+    super::fleet::check_reason(reason)?;
+    let id = state.store.resolve_run_id(id).await?;
     audit.target(format!("run:{id}"));
-    check_run_owner(&state, &user, &id).await?;
+    if let Some(r) = reason {
+        audit.note("reason", r);
+    }
+    check_run_owner(state, user, &id).await?;
     if !state
         .store
         .request_run_cancel(&id, &user.username, Utc::now())
         .await?
     {
-        let run = load_run(&state, &id).await?;
+        let run = load_run(state, &id).await?;
         if run.state.is_final() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -487,10 +514,10 @@ async fn cancel_run(
                 format!("run {id} has ended ({})", run.state.as_str()),
             ));
         }
-        return Ok(Json(run));
+        return Ok(run);
     }
-    tracing::info!(run = %id, by = %user.username, "run cancel requested");
-    Ok(Json(load_run(&state, &id).await?))
+    tracing::info!(run = %id, by = %user.username, reason = reason.unwrap_or_default(), "run cancel requested");
+    load_run(state, &id).await
 }
 
 /// Remove the workspace of an ended run that was kept (`keep_workspace`)
@@ -618,9 +645,15 @@ async fn download_artifact(
     _user: UserAuth,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
+    artifact_download(&state, &id).await
+}
+
+/// The answer carrying artifact `id`'s content, for the API and the
+/// dashboard.
+pub(crate) async fn artifact_download(state: &AppState, id: &str) -> Result<Response, ApiError> {
     let a = state
         .store
-        .artifact(&id)
+        .artifact(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("artifact '{id}' not found")))?;
     let stream = state
@@ -657,7 +690,9 @@ struct StreamQuery {
     after: Option<i64>,
 }
 
-fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> Result<i64, ApiError> {
+/// Where a stream resumes: after `Last-Event-ID` when the client sent one
+/// (a reconnecting `EventSource` does), else after `after`.
+pub(crate) fn resume_point(headers: &HeaderMap, after: Option<i64>) -> Result<i64, ApiError> {
     if let Some(v) = headers.get("last-event-id") {
         let s = v
             .to_str()
@@ -667,7 +702,7 @@ fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> Result<i64, ApiError> {
             .parse()
             .map_err(|_| ApiError::invalid(format!("Last-Event-ID '{s}' is not a number")));
     }
-    Ok(q.after.unwrap_or(0).max(0))
+    Ok(after.unwrap_or(0).max(0))
 }
 
 /// A run's events from `after` on, ending after the event that ends the
@@ -737,15 +772,26 @@ async fn run_events(
     ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = state.store.resolve_run_id(&id).await?;
-    let after = resume_point(&headers, &q)?;
-    let stream = event_feed(state, id, after).map(|ev| {
+    let after = resume_point(&headers, q.after)?;
+    Ok(event_sse(state, id, after))
+}
+
+/// Run `run_id`'s events after `after` as server-sent events (`id`,
+/// `event` = kind, `data` = the JSON `RunEvent`), ending with the run:
+/// the API's stream and the dashboard's.
+pub(crate) fn event_sse(
+    state: AppState,
+    run_id: String,
+    after: i64,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = event_feed(state, run_id, after).map(|ev| {
         let data = serde_json::to_string(&ev).unwrap_or_default();
         Ok(Event::default()
             .id(ev.id.to_string())
             .event(ev.kind.clone())
             .data(data))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 /// The same events over a WebSocket: one JSON `RunEvent` per text message;
@@ -777,7 +823,7 @@ async fn run_ws(
         )
     })?;
     let id = state.store.resolve_run_id(&id).await?;
-    let after = resume_point(&headers, &q)?;
+    let after = resume_point(&headers, q.after)?;
     Ok(ws.on_upgrade(move |socket| stream_ws(socket, state, id, after)))
 }
 

@@ -31,7 +31,13 @@ fn asset(body: &'static str, content_type: &'static str) -> Asset {
 
 pub fn css() -> &'static Asset {
     static A: OnceLock<Asset> = OnceLock::new();
-    A.get_or_init(|| asset(CSS, "text/css; charset=utf-8"))
+    // The task graph's colours by state live with the graph's drawing
+    // (`workflow::graph::GRAPH_CSS`); built once, kept for the process.
+    A.get_or_init(|| {
+        let body: &'static str =
+            Box::leak(format!("{CSS}\n{}", crate::workflow::graph::GRAPH_CSS).into_boxed_str());
+        asset(body, "text/css; charset=utf-8")
+    })
 }
 
 pub fn js() -> &'static Asset {

@@ -62,7 +62,7 @@ pub const NAV: &[NavItem] = &[
         label: "Workflows",
         href: "/ui/workflows",
         role: Role::Viewer,
-        ready: false,
+        ready: true,
     },
     NavItem {
         section: Section::Approvals,

@@ -28,6 +28,7 @@ pub mod login;
 pub mod overview;
 pub mod session;
 pub mod widgets;
+pub mod workflows;
 
 use axum::response::Redirect;
 use axum::routing::{get, post};
@@ -61,6 +62,12 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/jobs/{id}", get(jobs::detail))
         .route("/ui/jobs/{id}/cancel", post(jobs::cancel))
         .route("/ui/jobs/{id}/events", get(jobs::events))
+        .route("/ui/workflows", get(workflows::list))
+        .route("/ui/workflows/runs/{id}", get(workflows::detail))
+        .route("/ui/workflows/runs/{id}/cancel", post(workflows::cancel))
+        .route("/ui/workflows/runs/{id}/events", get(workflows::events))
+        .route("/ui/workflows/runs/{id}/tasks/{task}", get(workflows::task))
+        .route("/ui/artifacts/{id}", get(workflows::artifact))
         .route("/ui/static/{file}", get(assets::serve))
         .route(
             "/ui/{*rest}",
