@@ -2741,7 +2741,7 @@ mod ui_pages {
             let store = db.open().await;
             let a = enrolled(&store, "agent-a").await;
             let b = enrolled(&store, "agent-b").await;
-            let both = vec![a.id.clone(), b.id.clone()];
+            let both = [a.id.clone(), b.id.clone()];
             let t0 = Utc::now() - Duration::hours(1);
             // 25 jobs: every fifth is "deploy" by "olga", the rest "echo"
             // by "admin"; ids in creation order.

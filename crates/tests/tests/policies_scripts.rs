@@ -29,8 +29,7 @@ async fn scripts_are_immutable_versions_named_by_their_hash() {
         let v2 = "#!/bin/sh\necho 'hello'\necho two\n";
 
         std::fs::write(&file, v1).unwrap();
-        let added: Value =
-            cluster.cli_json(&["scripts", "add", "motd", "-f", file_s, "-o", "json"]);
+        let added: Value = cluster.cli_json(&["scripts", "add", "motd", "-f", file_s]);
         assert_eq!(added["created"], true, "{backend}: {added}");
         assert_eq!(added["version"]["sha256"], sha(v1));
         assert_eq!(added["version"]["interpreter"], "/bin/sh");
@@ -60,11 +59,11 @@ async fn scripts_are_immutable_versions_named_by_their_hash() {
         let text = cluster.cli_ok(&["scripts", "add", "motd", "-f", file_s]);
         assert!(text.contains(&format!("added motd@{}", sha(v2))), "{text}");
 
-        let list: Vec<Value> = cluster.cli_json(&["scripts", "list", "-o", "json"]);
+        let list: Vec<Value> = cluster.cli_json(&["scripts", "list"]);
         assert_eq!(list.len(), 1, "{list:?}");
         assert_eq!(list[0]["versions"], 2);
         assert_eq!(list[0]["latest"]["sha256"], sha(v2));
-        let versions: Vec<Value> = cluster.cli_json(&["scripts", "show", "motd", "-o", "json"]);
+        let versions: Vec<Value> = cluster.cli_json(&["scripts", "show", "motd"]);
         let hashes: Vec<&str> = versions
             .iter()
             .map(|v| v["sha256"].as_str().unwrap())
@@ -146,7 +145,7 @@ async fn scripts_are_immutable_versions_named_by_their_hash() {
             assert_eq!(status, 422, "{answer}");
             assert!(answer.to_string().contains(want), "{want}: {answer}");
         }
-        let list: Vec<Value> = cluster.cli_json(&["scripts", "list", "-o", "json"]);
+        let list: Vec<Value> = cluster.cli_json(&["scripts", "list"]);
         assert_eq!(list.len(), 1, "nothing was added: {list:?}");
 
         // Only admins add; viewers read.
@@ -181,8 +180,7 @@ async fn scripts_are_immutable_versions_named_by_their_hash() {
         assert_eq!(listed.status(), 200);
 
         // Each upload is audited with its version; the refused ones too.
-        let audit: Vec<Value> =
-            cluster.cli_json(&["audit", "list", "--action", "script.add", "-o", "json"]);
+        let audit: Vec<Value> = cluster.cli_json(&["audit", "list", "--action", "script.add"]);
         let added: Vec<&Value> = audit.iter().filter(|e| e["status"] == 201).collect();
         assert_eq!(added.len(), 2, "{audit:#?}");
         for e in &added {

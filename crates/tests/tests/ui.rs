@@ -95,8 +95,8 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(b.text(".who .user").await, "admin");
     assert_eq!(
         b.count("nav[aria-label=Main] a").await,
-        6,
-        "only pages that exist (overview, agents, jobs, approvals, audit, catalog)"
+        7,
+        "only pages that exist (overview, agents, jobs, workflows, approvals, audit, catalog)"
     );
     b.screenshot("overview").await;
     let admin_cookie = checked_session_cookie(&b).await;

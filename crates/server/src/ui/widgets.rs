@@ -22,7 +22,9 @@ pub fn state_badge(state: &str) -> Markup {
 pub fn badge_look(state: &str) -> (&'static str, &'static str) {
     match state {
         "online" | "active" | "succeeded" | "ok" | "approved" => ("●", "good"),
-        "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" | "pending" => ("◐", "warn"),
+        "stale" | "draining" | "queued" | "dispatched" | "awaiting_approval" | "pending" => {
+            ("◐", "warn")
+        }
         "running" => ("▶", "busy"),
         "offline" | "cancelled" | "lost" | "expired" | "superseded" => ("○", "off"),
         "revoked" | "stopped" | "failed" | "timed_out" | "rejected" => ("✕", "bad"),
