@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod labels;
 pub mod limits;
 pub mod metrics_text;
+pub mod policies;
 pub mod sandbox;
 pub mod scripts;
 pub mod secrets;

@@ -2842,3 +2842,153 @@ mod ui_pages {
         }
     }
 }
+
+#[tokio::test]
+async fn policies_forces_runs_and_groups() {
+    use crate::jobs::Upsert;
+    use crate::policies::{ForceRecord, GroupRecord, PolicyRunRecord, RunFilter};
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let now = Utc::now();
+        let up = store.upsert_policy("motd", "{}", "h1", "ada", now);
+        assert_eq!(up.await.unwrap(), Upsert::Created, "{backend}");
+        let again = store.upsert_policy("motd", "{}", "h1", "ada", now);
+        assert_eq!(again.await.unwrap(), Upsert::Unchanged);
+        let changed = store.upsert_policy("motd", "{\"a\":1}", "h2", "bob", now);
+        assert_eq!(changed.await.unwrap(), Upsert::Updated);
+        let p = store.policy("motd").await.unwrap().unwrap();
+        assert_eq!((p.hash.as_str(), p.updated_by.as_str()), ("h2", "bob"));
+        assert_eq!(store.list_policies().await.unwrap().len(), 1);
+
+        store
+            .add_force(&ForceRecord {
+                id: "f1".into(),
+                policy: "motd".into(),
+                target: Some("group=web".into()),
+                created_by: "ada".into(),
+                created_at: now,
+            })
+            .await
+            .unwrap();
+        let forces = store.forces_since(now - Duration::hours(1)).await.unwrap();
+        assert_eq!(forces.len(), 1, "{backend}");
+        assert!(store
+            .forces_since(now + Duration::seconds(1))
+            .await
+            .unwrap()
+            .is_empty());
+
+        let agent = enrolled(&store, "a1").await.id;
+        let run = |id: &str, outcome: &str, at: chrono::DateTime<Utc>| PolicyRunRecord {
+            id: id.into(),
+            agent_id: String::new(),
+            policy: "motd".into(),
+            version: "abcdef".into(),
+            trigger: "schedule".into(),
+            outcome: outcome.into(),
+            exit_code: Some(if outcome == "succeeded" { 0 } else { 1 }),
+            started_at: at,
+            finished_at: at + Duration::milliseconds(20),
+            duration_ms: 20,
+            output: "out".into(),
+            error: None,
+            received_at: at,
+        };
+        let t0 = now - Duration::minutes(10);
+        let runs = [
+            run("r1", "succeeded", t0),
+            run("r2", "failed", t0 + Duration::minutes(1)),
+            run("r3", "succeeded", t0 + Duration::minutes(2)),
+        ];
+        assert_eq!(
+            store.record_policy_runs(&agent, &runs, now).await.unwrap(),
+            3
+        );
+        // Delivered again (the answer was lost): stored once.
+        assert_eq!(
+            store.record_policy_runs(&agent, &runs, now).await.unwrap(),
+            0,
+            "{backend}"
+        );
+        let (page, total) = store
+            .page_policy_runs(&RunFilter::default(), 0, 2)
+            .await
+            .unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["r3", "r2"]
+        );
+        assert_eq!(
+            page[0].started_at.timestamp_millis(),
+            runs[2].started_at.timestamp_millis()
+        );
+        let failed = RunFilter {
+            outcome: Some("failed".into()),
+            version: Some("abc".into()),
+            agent_id: Some(agent.clone()),
+            since: Some(t0),
+            ..RunFilter::default()
+        };
+        let (page, total) = store.page_policy_runs(&failed, 0, 10).await.unwrap();
+        assert_eq!((page.len(), total), (1, 1), "{backend}");
+        let (_, none) = store
+            .page_policy_runs(
+                &RunFilter {
+                    until: Some(t0),
+                    ..RunFilter::default()
+                },
+                0,
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(none, 0);
+
+        store.touch_desired_poll(&agent, now, 5_000).await.unwrap();
+        let counts = store
+            .agent_run_counts(&agent, now - Duration::hours(24))
+            .await
+            .unwrap();
+        assert_eq!((counts.runs, counts.failures), (3, 1), "{backend}");
+        assert_eq!(
+            counts.last_success_at.map(|t| t.timestamp_millis()),
+            Some(runs[2].finished_at.timestamp_millis())
+        );
+        assert_eq!(
+            counts.last_poll_at.map(|t| t.timestamp_millis()),
+            Some(now.timestamp_millis())
+        );
+
+        store
+            .set_group(&GroupRecord {
+                name: "web".into(),
+                poll_interval_ms: Some(10_000),
+                updated_by: "ada".into(),
+                updated_at: now,
+            })
+            .await
+            .unwrap();
+        store
+            .set_group(&GroupRecord {
+                name: "web".into(),
+                poll_interval_ms: Some(2_000),
+                updated_by: "ada".into(),
+                updated_at: now,
+            })
+            .await
+            .unwrap();
+        let groups = store.list_groups().await.unwrap();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].poll_interval_ms, Some(2_000), "{backend}");
+
+        assert!(store.delete_policy("motd").await.unwrap());
+        assert!(!store.delete_policy("motd").await.unwrap());
+        assert!(store
+            .forces_since(now - Duration::hours(1))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
