@@ -19,6 +19,7 @@ mod error;
 pub mod fleet;
 pub mod jobs;
 pub mod notify;
+pub mod schedules;
 pub mod scripts;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
