@@ -18,6 +18,7 @@ pub mod labels;
 pub mod limits;
 pub mod metrics_text;
 pub mod sandbox;
+pub mod schedules;
 pub mod scripts;
 pub mod secrets;
 pub mod signing;

@@ -484,6 +484,22 @@ impl Audit {
     }
 }
 
+impl Audit {
+    /// The entry of work the server does by itself for `actor` (a
+    /// schedule's slot): `action` and `request` as an API call would have
+    /// them, `source` naming what did it (`schedule NAME`). Written only
+    /// through [`Audit::write`], in the transaction of the change.
+    pub(crate) fn internal(actor: &str, action: &str, request: &str, source: &str) -> Audit {
+        Audit(Some(Arc::new(Mutex::new(Call {
+            action: action.to_owned(),
+            request: request.to_owned(),
+            source: source.to_owned(),
+            actor: Some(actor.to_owned()),
+            ..Call::default()
+        }))))
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Audit {
     type Rejection = std::convert::Infallible;
 
