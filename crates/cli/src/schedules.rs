@@ -49,7 +49,11 @@ pub enum SchedulesCommand {
         #[arg(long)]
         timezone: Option<String>,
         /// The action to run at each slot (see drover actions list).
-        #[arg(long, conflicts_with = "workflow", required_unless_present = "workflow")]
+        #[arg(
+            long,
+            conflicts_with = "workflow",
+            required_unless_present = "workflow"
+        )]
         action: Option<String>,
         /// Which agents the action runs on (like drover run --target).
         #[arg(long, requires = "action")]
@@ -233,7 +237,9 @@ pub async fn schedules(target: &Target, cmd: SchedulesCommand) -> anyhow::Result
                         })
                         .collect();
                     output::table(
-                        &["SCHEDULE", "CRON", "STARTS", "NEXT", "OVERLAP", "MISSED", "BY"],
+                        &[
+                            "SCHEDULE", "CRON", "STARTS", "NEXT", "OVERLAP", "MISSED", "BY",
+                        ],
                         &rows,
                     );
                 }

@@ -173,7 +173,9 @@ impl Work {
     pub fn from_record(rec: &ScheduleRecord) -> Result<Work, String> {
         let bad = |e: serde_json::Error| format!("schedule '{}': stored spec: {e}", rec.name);
         match rec.kind.as_str() {
-            "action" => serde_json::from_str(&rec.spec).map(Work::Action).map_err(bad),
+            "action" => serde_json::from_str(&rec.spec)
+                .map(Work::Action)
+                .map_err(bad),
             "workflow" => serde_json::from_str(&rec.spec)
                 .map(Work::Workflow)
                 .map_err(bad),
@@ -305,8 +307,15 @@ async fn fire(state: &AppState, rec: &ScheduleRecord, slot: &Firing<'_>) -> Resu
     }
     let started = match &work {
         Work::Action(req) => {
-            crate::routes::jobs::submit_as(state, &user, &audit, req, StatusCode::CREATED, Some(slot))
-                .await
+            crate::routes::jobs::submit_as(
+                state,
+                &user,
+                &audit,
+                req,
+                StatusCode::CREATED,
+                Some(slot),
+            )
+            .await
         }
         Work::Workflow(req) => {
             crate::routes::workflows::start_run(state, &user, &audit, req, Some(slot)).await
@@ -340,9 +349,10 @@ async fn cancel_previous(state: &AppState, user: &UserAuth, rec: &ScheduleRecord
             "POST /api/v1/jobs/{id}/cancel",
             &source,
         );
-        crate::routes::jobs::cancel(state, user, &audit, id, Some(&reason))
+        let done = crate::routes::jobs::cancel(state, user, &audit, id, Some(&reason))
             .await
-            .map(|_| ())
+            .map(|_| ());
+        audited(state, &audit, done).await
     } else if let Some(id) = target.strip_prefix("run:") {
         let audit = Audit::internal(
             &rec.created_by,
@@ -350,16 +360,37 @@ async fn cancel_previous(state: &AppState, user: &UserAuth, rec: &ScheduleRecord
             "POST /api/v1/workflows/runs/{id}/cancel",
             &source,
         );
-        crate::routes::workflows::cancel(state, user, &audit, id, Some(&reason))
+        let done = crate::routes::workflows::cancel(state, user, &audit, id, Some(&reason))
             .await
-            .map(|_| ())
+            .map(|_| ());
+        audited(state, &audit, done).await
     } else {
         Ok(())
     };
     match cancelled {
-        Ok(()) => tracing::info!(schedule = %rec.name, previous = %target, "previous slot's work cancelled"),
-        Err(e) => tracing::debug!(schedule = %rec.name, previous = %target, error = %e.message, "previous slot's work not cancelled"),
+        Ok(()) => {
+            tracing::info!(schedule = %rec.name, previous = %target, "previous slot's work cancelled")
+        }
+        Err(e) => {
+            tracing::debug!(schedule = %rec.name, previous = %target, error = %e.message, "previous slot's work not cancelled")
+        }
     }
+}
+
+/// Writes `audit` for a call that ended `done`, and hands `done` back.
+async fn audited(
+    state: &AppState,
+    audit: &Audit,
+    done: Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    let status = match &done {
+        Ok(()) => StatusCode::OK,
+        Err(e) => e.status,
+    };
+    if let Err(e) = audit.write_alone(&state.store, status).await {
+        tracing::warn!(error = %e, "audit entry of a schedule's cancel not written");
+    }
+    done
 }
 
 /// How late a slot may fire and still be on time.
@@ -376,7 +407,13 @@ async fn due(state: &AppState, rec: &ScheduleRecord, now: DateTime<Utc>) -> Resu
     let clock = Clock::parse(&rec.cron, &rec.timezone)
         .map_err(|e| ApiError::internal("reading a schedule's clock", &e))?;
     let missed = Missed::parse(&rec.missed).unwrap_or_default();
-    let plan = plan(&clock, next_slot, now, grace(state.config.schedule_tick), missed);
+    let plan = plan(
+        &clock,
+        next_slot,
+        now,
+        grace(state.config.schedule_tick),
+        missed,
+    );
     if let Some((slot_at, missed)) = plan.fire {
         let firing = Firing {
             schedule: &rec.name,

@@ -131,7 +131,8 @@ impl Tx {
     /// creation time and its slots, unpausing it); returns whether it is
     /// new.
     pub async fn put_schedule(&mut self, s: &NewSchedule<'_>) -> Result<bool> {
-        let sql = "INSERT INTO schedules (name, kind, spec, cron, timezone, overlap, missed, paused, \
+        let sql =
+            "INSERT INTO schedules (name, kind, spec, cron, timezone, overlap, missed, paused, \
                    scope, created_by, created_at, updated_at, next_slot) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $10, $11) \
                    ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, spec = excluded.spec, \
@@ -166,7 +167,8 @@ impl Tx {
         next_slot: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let sql = "UPDATE schedules SET paused = $2, next_slot = $3, updated_at = $4 WHERE name = $1";
+        let sql =
+            "UPDATE schedules SET paused = $2, next_slot = $3, updated_at = $4 WHERE name = $1";
         let n = on_tx!(self, c => sqlx::query(sql)
             .bind(name)
             .bind(i64::from(paused))
@@ -259,7 +261,8 @@ impl Store {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<bool> {
-        let sql = "UPDATE schedules SET next_slot = $3 WHERE name = $1 AND next_slot = $2 AND paused = 0";
+        let sql =
+            "UPDATE schedules SET next_slot = $3 WHERE name = $1 AND next_slot = $2 AND paused = 0";
         let n = crate::on_write!(self, c => sqlx::query(sql)
             .bind(name)
             .bind(to_ms(from))

@@ -2873,12 +2873,18 @@ async fn a_schedule_slot_is_claimed_once() {
             now: t0 + Duration::seconds(1),
             ..new
         };
-        assert!(!tx.put_schedule(&replaced).await.unwrap(), "{backend}: replaced");
+        assert!(
+            !tx.put_schedule(&replaced).await.unwrap(),
+            "{backend}: replaced"
+        );
         tx.commit().await.unwrap();
         let rec = store.schedule("nightly").await.unwrap().unwrap();
         assert_eq!((rec.overlap.as_str(), rec.paused), ("queue", false));
         assert_eq!(rec.created_at.timestamp_millis(), t0.timestamp_millis());
-        assert!(store.due_schedules(t0).await.unwrap().is_empty(), "{backend}");
+        assert!(
+            store.due_schedules(t0).await.unwrap().is_empty(),
+            "{backend}"
+        );
         assert_eq!(store.due_schedules(slot).await.unwrap().len(), 1);
 
         let claim = SlotClaim {
@@ -2901,9 +2907,15 @@ async fn a_schedule_slot_is_claimed_once() {
         assert!(!tx.claim_slot(&claim).await.unwrap(), "{backend}: second");
         tx.commit().await.unwrap();
         let later = slot + Duration::seconds(60);
-        assert!(store.advance_schedule("nightly", slot, later).await.unwrap());
+        assert!(store
+            .advance_schedule("nightly", slot, later)
+            .await
+            .unwrap());
         assert!(
-            !store.advance_schedule("nightly", slot, later).await.unwrap(),
+            !store
+                .advance_schedule("nightly", slot, later)
+                .await
+                .unwrap(),
             "{backend}: moved already"
         );
         let last = store.last_started_slot("nightly").await.unwrap().unwrap();
@@ -2911,14 +2923,24 @@ async fn a_schedule_slot_is_claimed_once() {
         assert_eq!(store.schedule_slots("nightly", 10).await.unwrap().len(), 1);
 
         let mut tx = store.begin().await.unwrap();
-        assert!(tx.set_schedule_paused("nightly", true, None, t0).await.unwrap());
+        assert!(tx
+            .set_schedule_paused("nightly", true, None, t0)
+            .await
+            .unwrap());
         tx.commit().await.unwrap();
-        assert!(store.due_schedules(later).await.unwrap().is_empty(), "{backend}: paused");
+        assert!(
+            store.due_schedules(later).await.unwrap().is_empty(),
+            "{backend}: paused"
+        );
         assert_eq!(store.earliest_slot().await.unwrap(), None);
         let mut tx = store.begin().await.unwrap();
         assert!(tx.delete_schedule("nightly").await.unwrap());
         assert!(!tx.delete_schedule("nightly").await.unwrap());
         tx.commit().await.unwrap();
-        assert!(store.schedule_slots("nightly", 10).await.unwrap().is_empty());
+        assert!(store
+            .schedule_slots("nightly", 10)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

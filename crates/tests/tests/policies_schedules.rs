@@ -362,3 +362,96 @@ async fn two_servers_fire_each_slot_exactly_once() {
     );
     drop(replica);
 }
+
+#[tokio::test]
+async fn workflow_schedules_start_runs_and_overlap_cancel_replaces_the_previous_job() {
+    for backend in BACKENDS {
+        let (cluster, agent) = cluster_with_agent(backend).await;
+        let file = cluster.dir.path().join("greet.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "name: greet\ninputs:\n  who: {{default: world}}\ntasks:\n  - id: hello\n    \
+                 action: echo\n    target: {}\n    params: {{message: \"hello ${{{{ inputs.who }}}}\"}}\n",
+                agent.id
+            ),
+        )
+        .unwrap();
+        // A bad input is refused naming it; nothing is stored.
+        let out = cluster.cli(&[
+            "schedules",
+            "add",
+            "greet",
+            "--cron",
+            "*/2 * * * * *",
+            "--workflow",
+            file.to_str().unwrap(),
+            "--input",
+            "whom=x",
+        ]);
+        assert!(!out.status.success(), "{backend}");
+        assert!(stderr(&out).contains("whom"), "{backend}: {}", stderr(&out));
+        let saved: Value = cluster.cli_json(&[
+            "schedules",
+            "add",
+            "greet",
+            "--cron",
+            "*/2 * * * * *",
+            "--workflow",
+            file.to_str().unwrap(),
+            "--input",
+            "who=cron",
+        ]);
+        assert_eq!(saved["kind"], "workflow", "{backend}: {saved}");
+        let got = wait_slots(&cluster, "greet", "a run of greet", 1).await;
+        let target = started(&got)[0]["target"].as_str().unwrap().to_owned();
+        let id = target.strip_prefix("run:").expect("a run").to_owned();
+        let run: Value = wait_for("the run to end", Duration::from_secs(20), || {
+            let run: Value = cluster.cli_json(&["workflow", "status", &id]);
+            async move { (run["state"] != "running").then_some(run) }
+        })
+        .await;
+        assert_eq!(run["state"], "succeeded", "{backend}: {run}");
+        assert_eq!(run["inputs"]["who"], "cron");
+        assert_eq!(run["created_by"], "admin");
+        cluster.cli_ok(&["schedules", "rm", "greet"]);
+
+        // Overlap cancel: each slot cancels the job of the one before.
+        cluster.cli_ok(&[
+            "schedules",
+            "add",
+            "restart",
+            "--cron",
+            "*/2 * * * * *",
+            "--action",
+            "sleep",
+            "--target",
+            &agent.id,
+            "--param",
+            "seconds=30",
+            "--overlap",
+            "cancel",
+        ]);
+        let got = wait_slots(&cluster, "restart", "two slots of restart", 2).await;
+        cluster.cli_ok(&["schedules", "pause", "restart"]);
+        let mut fired = started(&got);
+        fired.sort_by_key(|s| s["slot_at"].as_str().unwrap().to_owned());
+        let first = fired[0]["target"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("job:")
+            .unwrap();
+        let job = cluster.wait_job(first, Duration::from_secs(20)).await;
+        assert_eq!(
+            job.state,
+            drover_proto::jobs::JobState::Cancelled,
+            "{backend}"
+        );
+        let audit: Vec<Value> = cluster.cli_json(&["audit", "list", "--action", "job.cancel"]);
+        assert!(
+            audit.iter().any(|e| e["source"] == "schedule restart"),
+            "{backend}: {audit:?}"
+        );
+        cluster.cli_ok(&["schedules", "rm", "restart"]);
+    }
+}

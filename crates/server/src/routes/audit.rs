@@ -498,6 +498,23 @@ impl Audit {
             ..Call::default()
         }))))
     }
+
+    /// Writes the entry in a transaction of its own, unless it was written
+    /// with the change already: for server work calling code whose entry
+    /// the middleware would write after the answer.
+    pub(crate) async fn write_alone(
+        &self,
+        store: &drover_store::Store,
+        status: StatusCode,
+    ) -> Result<(), StoreError> {
+        let written = self.0.as_ref().and_then(|c| lock(c).written);
+        if written.is_some() {
+            return Ok(());
+        }
+        let mut tx = store.begin().await?;
+        self.write(&mut tx, status).await?;
+        tx.commit().await.map(drop)
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Audit {

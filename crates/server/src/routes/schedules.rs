@@ -220,9 +220,17 @@ async fn show_schedule(
     for s in state.store.schedule_slots(&name, SHOWN_SLOTS).await? {
         let target = s.target.as_deref().unwrap_or_default();
         let now = if let Some(id) = target.strip_prefix("job:") {
-            state.store.job(id).await?.map(|j| j.state.as_str().to_owned())
+            state
+                .store
+                .job(id)
+                .await?
+                .map(|j| j.state.as_str().to_owned())
         } else if let Some(id) = target.strip_prefix("run:") {
-            state.store.run(id).await?.map(|r| r.state.as_str().to_owned())
+            state
+                .store
+                .run(id)
+                .await?
+                .map(|r| r.state.as_str().to_owned())
         } else {
             None
         };
