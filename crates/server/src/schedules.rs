@@ -260,6 +260,7 @@ async fn record(
         return Ok(false);
     }
     if let Some((audit, status)) = audit {
+        audit.target(format!("schedule:{}", slot.schedule));
         audit.note("error", detail);
         audit.write(&mut tx, status).await?;
     }
