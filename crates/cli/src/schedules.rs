@@ -135,8 +135,13 @@ fn what(s: &Schedule) -> String {
 }
 
 fn print_one(s: &Schedule, verb: &str) {
+    let verb = if verb.is_empty() {
+        String::new()
+    } else {
+        format!("{verb} ")
+    };
     println!(
-        "{verb} schedule {} ({}, cron '{}' {}, next {})",
+        "{verb}schedule {} ({}, cron '{}' {}, next {})",
         s.name,
         what(s),
         s.cron,
