@@ -220,7 +220,9 @@ pub struct RunArgs {
     output: Output,
 }
 
-fn parse_params(pairs: &[String]) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+pub(crate) fn parse_params(
+    pairs: &[String],
+) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
     let mut out = BTreeMap::new();
     for p in pairs {
         let (k, v) = p

@@ -11,6 +11,7 @@ mod logtext;
 mod ops;
 mod output;
 mod profile;
+mod schedules;
 mod scripts;
 mod secrets;
 mod serve;
@@ -220,6 +221,9 @@ enum Command {
     Secrets(Client<secrets::SecretsCommand>),
     /// The scripts library: add, list, show and diff versions.
     Scripts(Client<scripts::ScriptsCommand>),
+    /// Server-side schedules: start an action or a workflow on a cron
+    /// clock; add, list, show, pause, resume, rm.
+    Schedules(Client<schedules::SchedulesCommand>),
     /// Print a shell completion script: drover completions bash > /etc/bash_completion.d/drover.
     Completions(docs::CompletionsArgs),
     /// Write man pages (drover.1 and one per subcommand) into a directory.
@@ -352,6 +356,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Webhooks(c) => workflow::webhooks(&c.client.target(&root), c.command).await,
         Command::Secrets(c) => secrets::secrets(&c.client.target(&root), c.command).await,
         Command::Scripts(c) => scripts::scripts(&c.client.target(&root), c.command).await,
+        Command::Schedules(c) => schedules::schedules(&c.client.target(&root), c.command).await,
         Command::Completions(args) => docs::completions(&mut command(), args),
         Command::Man(args) => docs::man(command(), args),
         Command::Version => {

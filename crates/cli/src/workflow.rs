@@ -146,7 +146,7 @@ fn run_path(id: &str) -> anyhow::Result<String> {
     Ok(format!("/workflows/runs/{id}"))
 }
 
-fn parse_inputs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn parse_inputs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for pair in pairs {
         let (k, v) = pair

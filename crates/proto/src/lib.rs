@@ -19,6 +19,7 @@ pub mod limits;
 pub mod metrics_text;
 pub mod policies;
 pub mod sandbox;
+pub mod schedules;
 pub mod scripts;
 pub mod secrets;
 pub mod signing;

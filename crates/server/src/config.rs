@@ -58,6 +58,11 @@ pub struct ServerArgs {
     /// and get the same successor; 0s turns it off [default: 5m].
     #[arg(long, env = "DROVER_AGENT_REFRESH_GRACE", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub agent_refresh_grace: Option<Duration>,
+    /// Longest the schedules engine sleeps between looks at the schedules
+    /// (it wakes sooner for a due slot); a slot later than this plus 2s
+    /// counts as missed [default: 2s].
+    #[arg(long, env = "DROVER_SCHEDULE_TICK", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub schedule_tick: Option<Duration>,
     /// Lifetime of a `drover login` session [default: 12h].
     #[arg(long, env = "DROVER_SESSION_TTL", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub session_ttl: Option<Duration>,
@@ -221,6 +226,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     agent_refresh_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    schedule_tick: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     session_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     approval_ttl: Option<Duration>,
@@ -280,6 +287,8 @@ pub struct ServerConfig {
     pub agent_refresh_ttl: Duration,
     /// See `ServerArgs::agent_refresh_grace`.
     pub agent_refresh_grace: Duration,
+    /// See `ServerArgs::schedule_tick`.
+    pub schedule_tick: Duration,
     pub session_ttl: Duration,
     /// See `ServerArgs::approval_ttl`.
     pub approval_ttl: Duration,
@@ -466,6 +475,10 @@ impl ServerConfig {
                 .agent_refresh_grace
                 .or(file.agent_refresh_grace)
                 .unwrap_or(Duration::from_secs(5 * 60)),
+            schedule_tick: args
+                .schedule_tick
+                .or(file.schedule_tick)
+                .unwrap_or(Duration::from_secs(2)),
             session_ttl: args
                 .session_ttl
                 .or(file.session_ttl)
@@ -629,6 +642,11 @@ impl ServerConfig {
         }
         if self.agent_refresh_ttl < self.agent_access_ttl {
             return bad("agent_refresh_ttl must be at least agent_access_ttl");
+        }
+        if self.schedule_tick < Duration::from_millis(50)
+            || self.schedule_tick > Duration::from_secs(60)
+        {
+            return bad("schedule_tick must be between 50ms and 60s");
         }
         if self.agent_refresh_grace > Duration::from_secs(3600) {
             return bad("agent_refresh_grace must be at most 1h");

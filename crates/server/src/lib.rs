@@ -23,6 +23,7 @@ pub mod private;
 pub mod ratelimit;
 pub mod routes;
 pub mod sandboxes;
+pub mod schedules;
 pub mod sealing;
 pub mod selector;
 pub mod state;
@@ -316,6 +317,7 @@ impl Server {
             TaskKind::Webhooks,
             webhooks::run(self.state.clone(), self.state.shutdown.clone()),
         );
+        tasks.spawn(TaskKind::Schedules, schedules::run(self.state.clone()));
         if let Some(listener) = self.state.store.listen().await? {
             tasks.spawn(TaskKind::Hub, hear_replicas(self.state.clone(), listener));
         }

@@ -9,6 +9,7 @@
 //! | `reaper` | turns attempts whose lease ran out into `lost`, retries them | stops at once |
 //! | `engine` | moves workflow runs forward | stops between passes |
 //! | `webhooks` | sends due webhook deliveries | stops between deliveries |
+//! | `schedules` | fires the slots of server-side schedules | stops between slots |
 //! | `hub` | (PostgreSQL) hears other replicas' commits and wakes local waiters | stops at once |
 //!
 //! An error inside a task (a failed query, a refused delivery) is the
@@ -26,6 +27,7 @@ pub enum TaskKind {
     Reaper,
     Engine,
     Webhooks,
+    Schedules,
     Hub,
 }
 
@@ -35,6 +37,7 @@ impl TaskKind {
             TaskKind::Reaper => "reaper",
             TaskKind::Engine => "engine",
             TaskKind::Webhooks => "webhooks",
+            TaskKind::Schedules => "schedules",
             TaskKind::Hub => "hub",
         }
     }

@@ -20,6 +20,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod notify;
 pub mod policies;
+pub mod schedules;
 pub mod scripts;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -2992,3 +2992,105 @@ async fn policies_forces_runs_and_groups() {
             .is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_schedule_slot_is_claimed_once() {
+    use crate::schedules::{NewSchedule, SlotClaim};
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let store = db.open().await;
+        let t0 = Utc::now();
+        let slot = t0 + Duration::seconds(10);
+        let new = NewSchedule {
+            name: "nightly",
+            kind: "action",
+            spec: r#"{"action":"echo"}"#,
+            cron: "0 3 * * *",
+            timezone: "UTC",
+            overlap: "skip",
+            missed: "skip",
+            scope: None,
+            by: "ada",
+            next_slot: Some(slot),
+            now: t0,
+        };
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.put_schedule(&new).await.unwrap(), "{backend}: new");
+        tx.commit().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let replaced = NewSchedule {
+            overlap: "queue",
+            now: t0 + Duration::seconds(1),
+            ..new
+        };
+        assert!(
+            !tx.put_schedule(&replaced).await.unwrap(),
+            "{backend}: replaced"
+        );
+        tx.commit().await.unwrap();
+        let rec = store.schedule("nightly").await.unwrap().unwrap();
+        assert_eq!((rec.overlap.as_str(), rec.paused), ("queue", false));
+        assert_eq!(rec.created_at.timestamp_millis(), t0.timestamp_millis());
+        assert!(
+            store.due_schedules(t0).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert_eq!(store.due_schedules(slot).await.unwrap().len(), 1);
+
+        let claim = SlotClaim {
+            schedule: "nightly",
+            slot_at: slot,
+            outcome: "started",
+            target: Some("job:1"),
+            detail: "",
+            missed: 0,
+            now: slot,
+        };
+        // A claim rolled back leaves the slot free.
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.claim_slot(&claim).await.unwrap());
+        drop(tx);
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.claim_slot(&claim).await.unwrap(), "{backend}: first");
+        tx.commit().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        assert!(!tx.claim_slot(&claim).await.unwrap(), "{backend}: second");
+        tx.commit().await.unwrap();
+        let later = slot + Duration::seconds(60);
+        assert!(store
+            .advance_schedule("nightly", slot, later)
+            .await
+            .unwrap());
+        assert!(
+            !store
+                .advance_schedule("nightly", slot, later)
+                .await
+                .unwrap(),
+            "{backend}: moved already"
+        );
+        let last = store.last_started_slot("nightly").await.unwrap().unwrap();
+        assert_eq!(last.target.as_deref(), Some("job:1"));
+        assert_eq!(store.schedule_slots("nightly", 10).await.unwrap().len(), 1);
+
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx
+            .set_schedule_paused("nightly", true, None, t0)
+            .await
+            .unwrap());
+        tx.commit().await.unwrap();
+        assert!(
+            store.due_schedules(later).await.unwrap().is_empty(),
+            "{backend}: paused"
+        );
+        assert_eq!(store.earliest_slot().await.unwrap(), None);
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.delete_schedule("nightly").await.unwrap());
+        assert!(!tx.delete_schedule("nightly").await.unwrap());
+        tx.commit().await.unwrap();
+        assert!(store
+            .schedule_slots("nightly", 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}

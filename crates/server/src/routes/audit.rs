@@ -484,6 +484,39 @@ impl Audit {
     }
 }
 
+impl Audit {
+    /// The entry of work the server does by itself for `actor` (a
+    /// schedule's slot): `action` and `request` as an API call would have
+    /// them, `source` naming what did it (`schedule NAME`). Written only
+    /// through [`Audit::write`], in the transaction of the change.
+    pub(crate) fn internal(actor: &str, action: &str, request: &str, source: &str) -> Audit {
+        Audit(Some(Arc::new(Mutex::new(Call {
+            action: action.to_owned(),
+            request: request.to_owned(),
+            source: source.to_owned(),
+            actor: Some(actor.to_owned()),
+            ..Call::default()
+        }))))
+    }
+
+    /// Writes the entry in a transaction of its own, unless it was written
+    /// with the change already: for server work calling code whose entry
+    /// the middleware would write after the answer.
+    pub(crate) async fn write_alone(
+        &self,
+        store: &drover_store::Store,
+        status: StatusCode,
+    ) -> Result<(), StoreError> {
+        let written = self.0.as_ref().and_then(|c| lock(c).written);
+        if written.is_some() {
+            return Ok(());
+        }
+        let mut tx = store.begin().await?;
+        self.write(&mut tx, status).await?;
+        tx.commit().await.map(drop)
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Audit {
     type Rejection = std::convert::Infallible;
 

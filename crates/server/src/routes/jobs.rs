@@ -66,6 +66,26 @@ pub(crate) async fn submit(
     req: &SubmitJobRequest,
     answer: StatusCode,
 ) -> Result<Job, ApiError> {
+    match submit_as(state, user, audit, req, answer, None).await? {
+        Some(id) => load_job(state, &id).await,
+        None => Err(ApiError::internal(
+            "submitting a job",
+            &"a job without a slot was not created",
+        )),
+    }
+}
+
+/// [`submit`], optionally for a schedule's slot: the slot is claimed in
+/// the job's transaction, and `None` means another server process has it
+/// (no job is created). Answers the new job's id.
+pub(crate) async fn submit_as(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    req: &SubmitJobRequest,
+    answer: StatusCode,
+    slot: Option<&crate::schedules::Firing<'_>>,
+) -> Result<Option<String>, ApiError> {
     user.require(drover_proto::api::Role::Operator)?;
     // Noted first: a refused job's entry says what was asked for too.
     audit.note("action", &req.action);
@@ -111,12 +131,17 @@ pub(crate) async fn submit(
         audit.note("approval", "required");
     }
     let mut tx = state.store.begin().await?;
+    if let Some(slot) = slot {
+        if !tx.claim_slot(&slot.claim(&format!("job:{id}"))).await? {
+            return Ok(None);
+        }
+    }
     tx.insert_job(&id, &new_job, None, None, Utc::now()).await?;
     audit.write(&mut tx, answer).await?;
     tx.commit().await?;
     let (spec, sandbox, agents) = (&job, &job.sandbox, &job.agents);
     tracing::info!(job = %id, action = %spec.action, sandbox = %sandbox.name(), agents = agents.len(), by = %user.username, "job submitted");
-    load_job(state, &id).await
+    Ok(Some(id))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

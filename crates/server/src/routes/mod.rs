@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod fleet;
 pub mod jobs;
 pub mod sandboxes;
+pub mod schedules;
 pub mod scripts;
 pub mod secrets;
 pub mod system;
@@ -44,6 +45,7 @@ use crate::state::AppState;
         (name = "webhooks", description = "Notifications when runs end"),
         (name = "secrets", description = "The secrets vault: values go in, never out"),
         (name = "scripts", description = "The scripts library: immutable versions named by their SHA-256"),
+        (name = "schedules", description = "Server-side schedules: actions and workflows started on a cron clock"),
     )
 )]
 struct ApiDoc;
@@ -88,6 +90,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(webhooks::router())
         .merge(secrets::router())
         .merge(scripts::router())
+        .merge(schedules::router())
 }
 
 /// Adds the error answers every operation can really give, with the

@@ -68,18 +68,28 @@ async fn submit_run(
     audit: Audit,
     ApiJson(req): ApiJson<SubmitRunRequest>,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
-    let source = req.source.as_deref().unwrap_or("definition");
-    let text = match &req.definition {
-        serde_json::Value::String(s) => s.clone(),
-        obj @ serde_json::Value::Object(_) => serde_json::to_string_pretty(obj)
-            .map_err(|e| ApiError::internal("encoding the definition", &e))?,
-        _ => {
-            return Err(ApiError::invalid(
-                "definition must be YAML or JSON text, or a JSON object",
-            ))
-        }
-    };
-    let parsed = def::parse(&text, source).map_err(ApiError::invalid)?;
+    match start_run(&state, &user, &audit, &req, None).await? {
+        Some(id) => Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?))),
+        None => Err(ApiError::internal(
+            "starting a run",
+            &"a run without a slot was not created",
+        )),
+    }
+}
+
+/// Checks and starts a run for `user` (an operator whose scope holds every
+/// task's action), the run and its audit entry in one commit; for a
+/// schedule's slot, the slot is claimed in that commit too, and `None`
+/// means another server process has it. Answers the new run's id.
+pub(crate) async fn start_run(
+    state: &AppState,
+    user: &UserAuth,
+    audit: &Audit,
+    req: &SubmitRunRequest,
+    slot: Option<&crate::schedules::Firing<'_>>,
+) -> Result<Option<String>, ApiError> {
+    user.require(drover_proto::api::Role::Operator)?;
+    let (parsed, inputs) = check_run(state, user, req).await?;
     let active = state.store.count_running_runs().await?;
     if u64::try_from(active).unwrap_or(0) >= state.config.max_active_runs {
         return Err(ApiError::new(
@@ -91,26 +101,6 @@ async fn submit_run(
             ),
         ));
     }
-    let egress = crate::egress::EgressPolicy::new(&state.config.webhook_allow);
-    for (i, hook) in parsed.def.webhooks.iter().enumerate() {
-        egress
-            .check_url(&hook.url)
-            .map_err(|e| ApiError::invalid(format!("{source}: webhooks[{i}]: {e}")))?;
-    }
-    check_actions(&state, &parsed).await?;
-    for task in &parsed.def.tasks {
-        if !user.limits.allows_action(&task.action) {
-            return Err(ApiError::forbidden(format!(
-                "{}: task '{}': action '{}' is outside your scope ({})",
-                parsed.task_at[&task.id],
-                task.id,
-                task.action,
-                user.limits.describe()
-            )));
-        }
-    }
-    check_sandboxes(&state, &parsed).await?;
-    let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
     let (body, hash) = def::canonical(&parsed.def);
     let now = Utc::now();
     // Every run ends: one that waits for ever (on an offline agent, …)
@@ -133,10 +123,16 @@ async fn submit_run(
     )
     .await?;
     let approval = request.as_ref().map(|r| r.as_new());
-    let id = state
-        .store
+    audit.note("workflow", &parsed.def.name);
+    audit.note("definition", &hash);
+    if request.is_some() {
+        audit.note("approval", "required");
+    }
+    // The run, the slot (for a schedule) and the audit entry in one commit.
+    let mut tx = state.store.begin().await?;
+    let id = tx
         .create_run(
-            NewRun {
+            &NewRun {
                 name: &parsed.def.name,
                 def_hash: &hash,
                 def_body: &body,
@@ -151,14 +147,59 @@ async fn submit_run(
             now,
         )
         .await?;
-    audit.target(format!("run:{id}"));
-    audit.note("workflow", &parsed.def.name);
-    audit.note("definition", &hash);
-    if request.is_some() {
-        audit.note("approval", "required");
+    if let Some(slot) = slot {
+        if !tx.claim_slot(&slot.claim(&format!("run:{id}"))).await? {
+            return Ok(None);
+        }
     }
+    audit.target(format!("run:{id}"));
+    audit.write(&mut tx, StatusCode::CREATED).await?;
+    tx.commit().await?;
     tracing::info!(run = %id, workflow = %parsed.def.name, tasks = task_ids.len(), by = %user.username, "run submitted");
-    Ok((StatusCode::CREATED, Json(load_run(&state, &id).await?)))
+    Ok(Some(id))
+}
+
+/// The part of [`start_run`] that changes nothing: parses the definition
+/// and checks it, its actions, the user's scope, its sandboxes and inputs.
+/// Schedules check theirs with it when they are made.
+pub(crate) async fn check_run(
+    state: &AppState,
+    user: &UserAuth,
+    req: &SubmitRunRequest,
+) -> Result<(Parsed, BTreeMap<String, String>), ApiError> {
+    let source = req.source.as_deref().unwrap_or("definition");
+    let text = match &req.definition {
+        serde_json::Value::String(s) => s.clone(),
+        obj @ serde_json::Value::Object(_) => serde_json::to_string_pretty(obj)
+            .map_err(|e| ApiError::internal("encoding the definition", &e))?,
+        _ => {
+            return Err(ApiError::invalid(
+                "definition must be YAML or JSON text, or a JSON object",
+            ))
+        }
+    };
+    let parsed = def::parse(&text, source).map_err(ApiError::invalid)?;
+    let egress = crate::egress::EgressPolicy::new(&state.config.webhook_allow);
+    for (i, hook) in parsed.def.webhooks.iter().enumerate() {
+        egress
+            .check_url(&hook.url)
+            .map_err(|e| ApiError::invalid(format!("{source}: webhooks[{i}]: {e}")))?;
+    }
+    check_actions(state, &parsed).await?;
+    for task in &parsed.def.tasks {
+        if !user.limits.allows_action(&task.action) {
+            return Err(ApiError::forbidden(format!(
+                "{}: task '{}': action '{}' is outside your scope ({})",
+                parsed.task_at[&task.id],
+                task.id,
+                task.action,
+                user.limits.describe()
+            )));
+        }
+    }
+    check_sandboxes(state, &parsed).await?;
+    let inputs = resolve_inputs(&parsed.def, &req.inputs).map_err(ApiError::invalid)?;
+    Ok((parsed, inputs))
 }
 
 /// Whether `user` may cancel a run `created_by` submitted: an operator (or admin) without a
