@@ -22,6 +22,10 @@ pub const MAX_RUN_OUTPUT: usize = 64 * 1024;
 pub const FORCE_TTL: Duration = Duration::from_secs(3600);
 /// Poll interval of agents whose group sets none.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// Most reports in one `POST /api/v1/agent/policy-runs`.
+pub const MAX_RUN_BATCH: usize = 100;
+/// Longest `error` of a run report, in bytes.
+pub const MAX_RUN_ERROR: usize = 4096;
 
 /// The file `drover policies apply -f` reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -428,6 +432,14 @@ pub struct PolicyRunReport {
 #[serde(deny_unknown_fields)]
 pub struct PolicyRunBatch {
     pub runs: Vec<PolicyRunReport>,
+}
+
+/// The answer to a batch: how many reports were new (a report the server
+/// had already is not stored again).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PolicyRunsStored {
+    pub stored: u64,
 }
 
 /// A run in the history (`GET /api/v1/policies/history`).
