@@ -368,6 +368,23 @@ pub struct DesiredPolicy {
     pub timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<Sandbox>,
+    /// The server's Ed25519 signature (hex) of `signing_message()`, made
+    /// with the key that signs assignments: an agent that knows that key
+    /// runs nothing whose signature does not verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl DesiredPolicy {
+    /// The bytes the signature covers: the policy without its signature.
+    pub fn signing_message(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature = None;
+        let mut out = b"drover-policy-v1\0".to_vec();
+        // Serializing plain structs, strings and sorted maps cannot fail.
+        out.extend(serde_json::to_vec(&unsigned).unwrap_or_default());
+        out
+    }
 }
 
 /// `GET /api/v1/agent/desired`: what the agent runs by itself. `etag` is

@@ -92,6 +92,8 @@ pub enum Error {
         "it expired at {expires_at_ms} ms and the agent's clock says {now_ms} ms (do the clocks agree?)"
     )]
     Expired { expires_at_ms: i64, now_ms: i64 },
+    #[error("the policy (what runs, its script's content, timing or sandbox) is not what the server signed")]
+    Policy,
     #[error("{0} cannot be encoded: {1}")]
     Encode(&'static str, String),
     #[error("'{0}' is not an Ed25519 public key (64 hex digits)")]
@@ -311,6 +313,11 @@ impl Signer {
         Ok(to_hex(&self.key.sign(&msg).to_bytes()))
     }
 
+    /// The signature (hex) of any message (a desired policy's).
+    pub fn sign_bytes(&self, msg: &[u8]) -> String {
+        to_hex(&self.key.sign(msg).to_bytes())
+    }
+
     /// Seals a fully built assignment (secrets already in its environment)
     /// with its job's spec signature. A job stored without one (created
     /// before assignments were signed) gets no seal: an agent that knows
@@ -335,6 +342,13 @@ impl Signer {
         });
         Ok(())
     }
+}
+
+/// Checks a signature (hex) made by `Signer::sign_bytes`.
+pub fn verify_bytes(key: &VerifyingKey, msg: &[u8], signature: &str) -> Result<(), Error> {
+    let sig = from_hex::<64>(signature).ok_or(Error::Malformed("signature"))?;
+    key.verify_strict(msg, &Signature::from_bytes(&sig))
+        .map_err(|_| Error::Policy)
 }
 
 /// The agent's side: checks both signatures of an assignment with the
